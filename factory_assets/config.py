@@ -1,0 +1,38 @@
+"""Runtime settings read from the environment *when called*, never at import time.
+
+Everything a process needs to find the others lives under the factory home
+(`FACTORY_HOME`, default `<project>/.factory`): the embedded MongoDB's data and
+its discovery file, local datasets, local models.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DATABASE = "smart_factory"
+# Not 27017: a developer's own mongod often listens there.
+DEFAULT_EMBEDDED_PORT = 27117
+# MongoDB's BSON document limit is 16 MiB; keep headroom for the other fields.
+DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024 - 512 * 1024
+
+
+def project_root() -> Path:
+    """The checkout holding pyproject.toml when installed editable, else the cwd."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").exists():
+        return here
+    return Path.cwd()
+
+
+def factory_home() -> Path:
+    env = os.environ.get("FACTORY_HOME")
+    return Path(env).expanduser().resolve() if env else project_root() / ".factory"
+
+
+def database_name() -> str:
+    return os.environ.get("MONGODB_DATABASE") or DEFAULT_DATABASE
+
+
+def max_image_bytes() -> int:
+    value = os.environ.get("FACTORY_MAX_IMAGE_BYTES")
+    return int(value) if value else DEFAULT_MAX_IMAGE_BYTES

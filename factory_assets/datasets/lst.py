@@ -1,0 +1,78 @@
+"""SageMaker image-classification ``.lst`` manifests (``multi_label=1``).
+
+A line is ``index<TAB>blue<TAB>red<TAB>white<TAB>relative/path.jpeg``: one-hot
+labels in class order, the path relative to the split's image folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory_assets.vision.classes import CLASSES
+
+
+class ManifestError(ValueError):
+    """A bad manifest line; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class LstRow:
+    index: int
+    labels: tuple[int, ...]
+    path: str
+
+    @property
+    def present(self) -> dict[str, bool]:
+        return {c: bool(v) for c, v in zip(CLASSES, self.labels)}
+
+
+def read_lst(path: Path, image_dir: Path | None = None, n_classes: int = len(CLASSES)) -> list[LstRow]:
+    """Parse and validate a manifest. With ``image_dir``, every path must exist inside it."""
+    path = Path(path)
+    rows: list[LstRow] = []
+    seen: dict[int, int] = {}
+    root = Path(image_dir).resolve() if image_dir is not None else None
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) != n_classes + 2:
+            raise ManifestError(f"{where}: expected {n_classes + 2} tab-separated columns "
+                                f"(index, {', '.join(CLASSES)}, path), found {len(cols)}")
+        try:
+            index = int(cols[0])
+        except ValueError:
+            raise ManifestError(f"{where}: index {cols[0]!r} is not an integer") from None
+        if index in seen:
+            raise ManifestError(f"{where}: duplicate index {index} (first on line {seen[index]})")
+        seen[index] = lineno
+        labels = []
+        for name, value in zip(CLASSES, cols[1:-1]):
+            value = value.strip()
+            if value not in ("0", "1", "0.0", "1.0"):
+                raise ManifestError(f"{where}: label {name}={value!r} is not 0 or 1")
+            labels.append(int(float(value)))
+        rel = cols[-1].strip()
+        if not rel:
+            raise ManifestError(f"{where}: empty image path")
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise ManifestError(f"{where}: image path {rel!r} escapes the dataset folder")
+        if root is not None:
+            full = (root / rel).resolve()
+            if root not in full.parents:
+                raise ManifestError(f"{where}: image path {rel!r} escapes the dataset folder")
+            if not full.is_file():
+                raise ManifestError(f"{where}: image {rel!r} does not exist in {root}")
+        rows.append(LstRow(index, tuple(labels), rel))
+    return rows
+
+
+def format_lst(rows: list[LstRow]) -> str:
+    return "".join(f"{r.index}\t" + "\t".join(str(v) for v in r.labels) + f"\t{r.path}\n" for r in rows)
+
+
+def write_lst(path: Path, rows: list[LstRow]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_lst(rows), encoding="utf-8")

@@ -1,0 +1,73 @@
+"""``factory-assets ingest mqtt|dir|video``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _ingestor(args):
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.storage.mongo import connect
+
+    return Ingestor(connect(), camera_id=args.camera_id, factory_id=args.factory_id,
+                    max_image_bytes=args.max_image_bytes)
+
+
+def _summary(summary: dict) -> int:
+    print("summary: " + json.dumps(summary), flush=True)
+    return 0
+
+
+def _mqtt(args) -> int:
+    from factory_assets.ingest.mqtt import MqttIngester
+
+    ingester = MqttIngester(_ingestor(args), args.url, client_id=args.client_id,
+                            progress_every=args.progress_every)
+    print(f"ingesting from {args.url} (Ctrl-C to stop)", flush=True)
+    return _summary(ingester.run_forever(duration=args.duration))
+
+
+def _dir(args) -> int:
+    from factory_assets.ingest.files import ingest_dir
+
+    return _summary(ingest_dir(_ingestor(args), Path(args.path), watch=args.watch, duration=args.duration))
+
+
+def _video(args) -> int:
+    from factory_assets.ingest.files import ingest_video
+
+    return _summary(ingest_video(_ingestor(args), args.source, fps=args.fps, max_frames=args.max_frames))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ingest", help="camera frames and factory messages -> MongoDB")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    common = dict(camera_id=None, factory_id="factory-1")
+
+    def add_common(q, camera_id):
+        q.add_argument("--camera-id", default=camera_id)
+        q.add_argument("--factory-id", default=common["factory_id"])
+        q.add_argument("--max-image-bytes", type=int, default=None,
+                       help="quarantine larger images (default 16 MB minus headroom)")
+
+    q = kinds.add_parser("mqtt", help="subscribe to the factory's MQTT broker (i/cam, i/bme680, i/ldr, f/i/#...)")
+    q.add_argument("--url", default="mqtt://127.0.0.1:1883")
+    q.add_argument("--client-id", default=None)
+    q.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    q.add_argument("--progress-every", type=float, default=5.0)
+    add_common(q, "txt-cam")
+    q.set_defaults(func=_mqtt)
+
+    q = kinds.add_parser("dir", help="JPEG/PNG files under a folder (recursive)")
+    q.add_argument("path")
+    q.add_argument("--watch", action="store_true", help="keep polling for new files")
+    q.add_argument("--duration", type=float, default=None)
+    add_common(q, "folder")
+    q.set_defaults(func=_dir)
+
+    q = kinds.add_parser("video", help="a video file or RTSP stream, sampled with OpenCV")
+    q.add_argument("source", metavar="PATH_OR_RTSP_URL")
+    q.add_argument("--fps", type=float, default=1.0)
+    q.add_argument("--max-frames", type=int, default=None)
+    add_common(q, "video")
+    q.set_defaults(func=_video)

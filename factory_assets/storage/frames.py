@@ -1,0 +1,278 @@
+"""Frame documents in ``factory_camera`` and the cursor that never skips one.
+
+One document per frame::
+
+    {ts, received_at, camera_id, factory_id, content_type, width, height,
+     sha256, size, image: BinData, source: {...}, seq}
+
+Why ``seq`` and not ``_id``: ObjectIds minted by several ingest processes are
+not monotonic, and a counter value allocated before an insert can become
+visible *after* a higher one. A reader that remembered "the highest value I
+saw" would then skip the slower frame forever.
+
+The protocol (works on any MongoDB: no transactions or change streams):
+
+1. A writer allocates a block of sequence numbers with a compare-and-swap on
+   the ``counters`` document, and in the same atomic update registers the block
+   as *pending* (``pending: [{lo, hi, at, owner}]``).
+2. It inserts its frames with those numbers (duplicates simply leave holes).
+3. It removes its pending entry.
+
+A reader first reads the counter document: every number below the lowest
+pending block is settled (its insert committed before the release, which
+happened before the read). It then reads frames with ``cursor < seq <=
+horizon`` in order. So the cursor (an int) only ever moves over settled
+numbers. A writer that dies between 1 and 3 leaves a pending block; after
+``lease_seconds`` readers reap it. If a writer still alive finds its lease
+reaped it re-sequences its frames past the horizon, so nothing is lost.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable
+
+from pymongo import ReturnDocument
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+DEFAULT_LEASE_SECONDS = 120.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def parse_ts(value) -> datetime:
+    """Capture time as an aware UTC datetime: accepts datetime, ISO-8601 strings
+    (``Z`` or offset; naive means UTC) and epoch seconds/milliseconds."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, bool):
+        raise ValueError(f"not a timestamp: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = value / 1000.0 if value > 1e11 else float(value)
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.endswith("Z") or text.endswith("z"):
+            text = text[:-1] + "+00:00"
+        dt = datetime.fromisoformat(text)
+        return dt.astimezone(timezone.utc) if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    raise ValueError(f"not a timestamp: {value!r}")
+
+
+def build_frame(image: bytes, *, ts: datetime, camera_id: str, factory_id: str, content_type: str,
+                width: int, height: int, source: dict, received_at: datetime | None = None) -> dict:
+    from bson import Binary
+
+    return {
+        # BSON dates have millisecond precision: truncate now so identity is stable.
+        "ts": ts.replace(microsecond=ts.microsecond // 1000 * 1000),
+        "received_at": received_at or utcnow(),
+        "camera_id": camera_id,
+        "factory_id": factory_id,
+        "content_type": content_type,
+        "width": width,
+        "height": height,
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "size": len(image),
+        "image": Binary(image),
+        "source": source,
+    }
+
+
+# -- reading any frame document, including the original project's ---------------
+
+def frame_image_bytes(doc: dict) -> bytes:
+    """The image bytes of a frame: ``image`` (BinData) or the original's ``data``
+    (a ``data:image/jpeg;base64,...`` string)."""
+    if doc.get("image") is not None:
+        return bytes(doc["image"])
+    data = doc.get("data")
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    if isinstance(data, str):
+        from factory_assets.vision.decode import parse_data_url
+
+        return parse_data_url(data)[1]
+    raise KeyError(f"frame {doc.get('_id')} has neither 'image' nor 'data'")
+
+
+def frame_ts(doc: dict) -> datetime:
+    return parse_ts(doc["ts"])
+
+
+# -- the sequence --------------------------------------------------------------
+
+@dataclass
+class Allocation:
+    lo: int
+    hi: int
+    owner: str
+    at: datetime = field(default_factory=utcnow)
+
+    def entry(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "owner": self.owner, "at": self.at}
+
+
+class FrameSequence:
+    """Allocation and settlement of ``seq`` numbers for one collection."""
+
+    def __init__(self, fdb, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        self.fdb = fdb
+        self.key = f"seq:{fdb.names.frames}"
+        self.lease_seconds = lease_seconds
+        self.owner = uuid.uuid4().hex
+
+    def allocate(self, n: int) -> Allocation:
+        if n < 1:
+            raise ValueError("allocate at least one number")
+        counters = self.fdb.counters
+        while True:  # compare-and-swap; retries only under contention
+            doc = counters.find_one({"_id": self.key}) or {}
+            current = doc.get("next", 0)
+            alloc = Allocation(current + 1, current + n, self.owner)
+            if doc:
+                result = counters.update_one({"_id": self.key, "next": current},
+                                             {"$set": {"next": alloc.hi}, "$push": {"pending": alloc.entry()}})
+                if result.modified_count == 1:
+                    return alloc
+            else:
+                try:
+                    counters.insert_one({"_id": self.key, "next": alloc.hi, "pending": [alloc.entry()]})
+                    return alloc
+                except DuplicateKeyError:
+                    pass
+
+    def release(self, alloc: Allocation) -> bool:
+        """Settle a block; False when a reader reaped it as expired meanwhile."""
+        result = self.fdb.counters.update_one(
+            {"_id": self.key, "pending": {"$elemMatch": {"lo": alloc.lo, "owner": alloc.owner}}},
+            {"$pull": {"pending": {"lo": alloc.lo, "owner": alloc.owner}}})
+        return result.modified_count == 1
+
+    def horizon(self, now: datetime | None = None) -> int:
+        """The highest seq below which every number is settled (inserted or a hole)."""
+        doc = self.fdb.counters.find_one({"_id": self.key})
+        if not doc:
+            return 0
+        now = now or utcnow()
+        live, expired = [], []
+        for entry in doc.get("pending", []):
+            at = parse_ts(entry["at"])
+            (expired if (now - at).total_seconds() > self.lease_seconds else live).append(entry)
+        for entry in expired:  # a writer died between allocate and release
+            self.fdb.counters.update_one({"_id": self.key},
+                                         {"$pull": {"pending": {"lo": entry["lo"], "owner": entry["owner"]}}})
+        if live:
+            return min(e["lo"] for e in live) - 1
+        return int(doc.get("next", 0))
+
+
+@dataclass
+class InsertResult:
+    inserted: int = 0
+    duplicates: int = 0
+    inserted_ids: list = field(default_factory=list)
+
+
+def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) -> InsertResult:
+    """Insert frame documents with sequence numbers; duplicates are counted, not stored."""
+    if not docs:
+        return InsertResult()
+    seq = sequence or FrameSequence(fdb)
+    alloc = seq.allocate(len(docs))
+    for i, doc in enumerate(docs):
+        doc["seq"] = alloc.lo + i
+        doc.pop("_id", None)
+    result = InsertResult()
+    failed: set[int] = set()
+    try:
+        fdb.frames.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        for err in exc.details.get("writeErrors", []):
+            if err.get("code") != 11000:
+                raise
+            failed.add(err["index"])
+    finally:
+        released = seq.release(alloc)
+    result.inserted_ids = [d["_id"] for i, d in enumerate(docs) if i not in failed]
+    result.inserted = len(result.inserted_ids)
+    result.duplicates = len(failed)
+    if not released and result.inserted_ids:
+        # Our lease expired and a reader may already have passed these numbers:
+        # move the frames past the horizon so they are read, not skipped.
+        resequence(fdb, result.inserted_ids, seq)
+    return result
+
+
+def resequence(fdb, ids: list, sequence: FrameSequence) -> None:
+    alloc = sequence.allocate(len(ids))
+    try:
+        for i, _id in enumerate(ids):
+            fdb.frames.update_one({"_id": _id}, {"$set": {"seq": alloc.lo + i}})
+    finally:
+        sequence.release(alloc)
+
+
+def assign_missing_seqs(fdb, limit: int = 1000, sequence: FrameSequence | None = None) -> int:
+    """Give frames written by other tools (the original project, mongoimport) a seq
+    so the cursor sees them too. Returns how many were sequenced."""
+    ids = [d["_id"] for d in fdb.frames.find({"seq": {"$exists": False}}, {"_id": 1}).sort("_id", 1).limit(limit)]
+    if ids:
+        seq = sequence or FrameSequence(fdb)
+        alloc = seq.allocate(len(ids))
+        try:
+            for i, _id in enumerate(ids):
+                fdb.frames.update_one({"_id": _id, "seq": {"$exists": False}}, {"$set": {"seq": alloc.lo + i}})
+        finally:
+            seq.release(alloc)
+    return len(ids)
+
+
+@dataclass
+class FramePage:
+    frames: list[dict]
+    cursor: int  # pass back as ``after`` next time
+    horizon: int
+
+    @property
+    def has_more(self) -> bool:
+        return self.cursor < self.horizon
+
+
+def read_frames_after(fdb, after: int, limit: int = 100, projection: dict | None = None,
+                      sequence: FrameSequence | None = None) -> FramePage:
+    """The next settled frames after cursor ``after``, oldest first."""
+    seq = sequence or FrameSequence(fdb)
+    horizon = seq.horizon()
+    if horizon <= after:
+        return FramePage([], after, horizon)
+    frames = list(fdb.frames.find({"seq": {"$gt": after, "$lte": horizon}}, projection)
+                  .sort("seq", 1).limit(limit))
+    cursor = frames[-1]["seq"] if len(frames) == limit else horizon
+    return FramePage(frames, cursor, horizon)
+
+
+def day_query(day_start: datetime, day_end: datetime) -> dict:
+    """Frames captured in [start, end): ``ts`` as a date or, in original documents, an ISO string."""
+    iso_lo = day_start.strftime("%Y-%m-%dT%H:%M:%S")
+    iso_hi = day_end.strftime("%Y-%m-%dT%H:%M:%S")
+    return {"$or": [{"ts": {"$gte": day_start, "$lt": day_end}},
+                    {"ts": {"$gte": iso_lo, "$lt": iso_hi, "$type": "string"}}]}
+
+
+def iter_frames(fdb, query: dict, projection: dict | None = None) -> Iterable[dict]:
+    return fdb.frames.find(query, projection).sort([("ts", 1), ("_id", 1)])
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,43 @@
+"""The quarantine (``error_handling``): bad input kept with the reason, never dropped.
+
+One document per distinct bad payload and source: a re-delivered or re-ingested
+bad payload increments ``count`` instead of adding a document.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import datetime, timezone
+
+PREVIEW_BYTES = 2048
+
+
+def _preview(payload: bytes | str | None) -> tuple[str | None, str | None]:
+    if payload is None:
+        return None, None
+    if isinstance(payload, str):
+        return payload[:PREVIEW_BYTES], "text"
+    head = payload[:PREVIEW_BYTES]
+    try:
+        return head.decode("utf-8"), "text"
+    except UnicodeDecodeError:
+        return base64.b64encode(head).decode("ascii"), "base64"
+
+
+def quarantine(fdb, *, reason: str, message: str, source: dict, payload: bytes | str | None = None,
+               topic: str | None = None) -> str:
+    """Record one bad input; returns its fingerprint."""
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else (payload or b"")
+    source_key = "|".join(f"{k}={source[k]}" for k in sorted(source) if k in ("kind", "topic", "path", "url"))
+    fingerprint = hashlib.sha256(reason.encode() + b"\0" + source_key.encode() + b"\0" + raw).hexdigest()
+    preview, encoding = _preview(payload)
+    now = datetime.now(timezone.utc)
+    fdb.quarantine.update_one(
+        {"fingerprint": fingerprint},
+        {"$setOnInsert": {"fingerprint": fingerprint, "reason": reason, "error": message,
+                          "source": source, "topic": topic, "received_at": now,
+                          "payload_size": len(raw), "payload_preview": preview,
+                          "payload_encoding": encoding, "payload_truncated": len(raw) > PREVIEW_BYTES},
+         "$set": {"last_seen_at": now}, "$inc": {"count": 1}},
+        upsert=True)
+    return fingerprint
