@@ -1,0 +1,3 @@
+from factory_assets.defs.camera.assets import raw_frames
+
+assets = [raw_frames]

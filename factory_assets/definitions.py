@@ -1,0 +1,26 @@
+"""The Dagster code location: every domain's assets, checks, sensors and schedules,
+with resources bound once here."""
+from __future__ import annotations
+
+import dagster as dg
+
+from factory_assets.defs import camera
+from factory_assets.defs.resources import MongoResource
+
+DOMAINS = [camera]
+
+
+def _collect(attr: str) -> list:
+    return [item for domain in DOMAINS for item in getattr(domain, attr, [])]
+
+
+defs = dg.Definitions(
+    assets=_collect("assets"),
+    asset_checks=_collect("asset_checks"),
+    sensors=_collect("sensors"),
+    schedules=_collect("schedules"),
+    jobs=_collect("jobs"),
+    resources={
+        "mongo": MongoResource(),
+    },
+)
