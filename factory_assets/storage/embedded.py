@@ -103,7 +103,7 @@ class EmbeddedMongo:
         self.state_file.unlink(missing_ok=True)
         if port is None:
             port = int(os.environ.get("FACTORY_MONGODB_PORT", config.DEFAULT_EMBEDDED_PORT))
-            if not _port_free(port):
+            if port and not _port_free(port):
                 port = 0  # the default is taken (another project?): let the OS choose
         elif port and not _port_free(port):
             raise EmbeddedMongoError(f"port {port} is already in use on 127.0.0.1")

@@ -1,0 +1,175 @@
+"""``factory-assets up``: the whole stack in one command, stopped cleanly by Ctrl-C.
+
+Starts (in order) the embedded MongoDB (unless MONGODB_URI is set), an MQTT
+broker, the MQTT ingester, the simulated factory, the inference server, the live
+twin updater and ``dagster dev``. Each child runs in its own process group; on
+Ctrl-C / SIGTERM they are stopped in reverse order (SIGTERM, then SIGKILL after
+a grace period), and the embedded MongoDB is stopped if this command started it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factory_assets import config
+
+
+def free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    ready_port: int | None = None  # wait until this TCP port accepts connections
+    env: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def dagster_home() -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or config.factory_home() / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    yaml = home / "dagster.yaml"
+    if not yaml.exists():
+        yaml.write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int) -> list[Service]:
+    py = sys.executable
+    cli = [py, "-m", "factory_assets.cli"]
+    mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
+    services = [
+        Service("mqtt-broker", [py, "-m", "factory_assets.ingest.broker", "--port", str(mqtt_port)], mqtt_port),
+        Service("ingester", cli + ["ingest", "mqtt", "--url", mqtt_url]),
+        Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", str(fps), "--seed", str(seed)]),
+    ]
+    services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
+    services.append(Service("dagster", [py, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
+                                        "-p", str(dagster_port)], dagster_port,
+                            env={"DAGSTER_HOME": str(dagster_home())}))
+    return services
+
+
+def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Service]:
+    """Services of later domains (inference server, live twin updater) when present."""
+    import importlib.util
+
+    services = []
+    if importlib.util.find_spec("factory_assets.serving.server"):
+        services.append(Service("inference-server", cli + ["serve", "--endpoint", "factory-stock",
+                                                           "--port", str(serve_port)], serve_port))
+    if importlib.util.find_spec("factory_assets.twin.live"):
+        services.append(Service("twin-updater", cli + ["twin", "live", "--endpoint-url",
+                                                       f"http://127.0.0.1:{serve_port}"]))
+    return services
+
+
+def stop_all(services: list[Service], grace: float = 10.0) -> None:
+    for svc in reversed(services):
+        if svc.proc and svc.proc.poll() is None:
+            try:
+                os.killpg(svc.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for svc in reversed(services):
+        if not svc.proc:
+            continue
+        try:
+            svc.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"[up] {svc.name} did not stop in {grace:.0f}s; killing it", flush=True)
+            try:
+                os.killpg(svc.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            svc.proc.wait()
+        print(f"[up] stopped {svc.name}", flush=True)
+
+
+def up(args) -> int:
+    from factory_assets.storage.embedded import EmbeddedMongo
+    from factory_assets.storage.mongo import redact_uri
+
+    os.chdir(config.project_root())
+    env = dict(os.environ)
+    started_db = False
+    embedded = EmbeddedMongo()
+    if not env.get("MONGODB_URI"):
+        started_db = not embedded.status().running
+        status = embedded.start()
+        env["MONGODB_URI"] = status.uri
+        print(f"[up] embedded MongoDB: {status.uri}", flush=True)
+    else:
+        print(f"[up] MongoDB: {redact_uri(env['MONGODB_URI'])}", flush=True)
+    services = build_services(free_port(args.mqtt_port), args.port, free_port(args.serve_port), args.fps, args.seed)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        for svc in services:
+            svc.proc = subprocess.Popen(svc.argv, env={**env, **svc.env}, start_new_session=True,
+                                        stdin=subprocess.DEVNULL)
+            print(f"[up] started {svc.name} (pid {svc.proc.pid})", flush=True)
+            if svc.ready_port and not _wait_port(svc.ready_port, 60, svc.proc):
+                raise RuntimeError(f"{svc.name} did not come up on port {svc.ready_port}")
+        print(f"[up] Dagster UI: http://127.0.0.1:{args.port}  (Ctrl-C stops everything)", flush=True)
+        while not stopping:
+            for svc in services:
+                if svc.proc.poll() is not None:
+                    raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}")
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        print(f"[up] {exc}; stopping", flush=True)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_all(services)
+        if started_db and not args.keep_db:
+            embedded.stop()
+            print("[up] stopped embedded MongoDB", flush=True)
+    return code
+
+
+def register(sub) -> None:
+    p = sub.add_parser("up", help="run the whole stack (what `make run` does)")
+    p.add_argument("--port", type=int, default=3000, help="Dagster UI port")
+    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--serve-port", type=int, default=8080)
+    p.add_argument("--fps", type=float, default=2.0, help="simulated camera frames per second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-db", action="store_true", help="leave the embedded MongoDB running on exit")
+    p.set_defaults(func=up)
