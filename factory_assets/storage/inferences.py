@@ -1,0 +1,50 @@
+"""``inferences``: one document per frame and model version.
+
+Written by the live twin updater and by the ``stock_inferences`` batch asset;
+the unique (frame_id, model_version) key makes both idempotent and lets them
+share work: a frame the live path inferred is not inferred again by a run.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pymongo import ASCENDING, DESCENDING
+
+_indexed: set = set()
+
+
+def ensure_inference_indexes(fdb) -> None:
+    key = (id(fdb.db.client), fdb.db.name, fdb.names.inferences)
+    if key in _indexed:
+        return
+    fdb.inferences.create_index([("frame_id", ASCENDING), ("model_version", ASCENDING)], unique=True,
+                                name="frame_model")
+    fdb.inferences.create_index([("frame_ts", DESCENDING)], name="frame_ts")
+    fdb.inferences.create_index([("frame_seq", ASCENDING)], name="frame_seq")
+    _indexed.add(key)
+
+
+def build_inference(frame: dict, *, probabilities: dict, thresholds: dict, model_version: str,
+                    latency_ms: float, source: str) -> dict:
+    from factory_assets.storage.frames import frame_ts
+
+    present = {c: bool(p >= thresholds.get(c, 0.5)) for c, p in probabilities.items()}
+    return {"frame_id": frame["_id"], "frame_seq": frame.get("seq"), "frame_ts": frame_ts(frame),
+            "camera_id": frame.get("camera_id"), "factory_id": frame.get("factory_id", "factory-1"),
+            "model_version": model_version, "probabilities": probabilities, "present": present,
+            "thresholds": thresholds, "latency_ms": round(float(latency_ms), 3), "source": source,
+            "created_at": datetime.now(timezone.utc)}
+
+
+def record_inference(fdb, doc: dict) -> bool:
+    """Store one inference; False when that frame was already inferred by that model."""
+    ensure_inference_indexes(fdb)
+    result = fdb.inferences.update_one({"frame_id": doc["frame_id"], "model_version": doc["model_version"]},
+                                       {"$setOnInsert": doc}, upsert=True)
+    return result.upserted_id is not None
+
+
+def inferred_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
+    ensure_inference_indexes(fdb)
+    return {d["frame_id"] for d in fdb.inferences.find({"frame_id": {"$in": frame_ids},
+                                                         "model_version": model_version}, {"frame_id": 1})}

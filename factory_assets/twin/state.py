@@ -1,0 +1,89 @@
+"""The digital twin's state model (pure: no MongoDB, no Dagster).
+
+In the style of AWS IoT Device Shadow / Eclipse Ditto:
+``observed`` comes from vision (per colour presence and probability, with the
+frame and model it came from), ``reported`` from the factory controller's
+``f/i/stock`` (per slot A1..C3), and ``delta`` lists where they disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+COLOURS = ("blue", "red", "white")
+SLOTS = tuple(f"{row}{col}" for row in "ABC" for col in "123")
+TYPE_TO_COLOUR = {"BLUE": "blue", "RED": "red", "WHITE": "white"}
+
+
+@dataclass(frozen=True)
+class Observation:
+    factory_id: str
+    frame_id: object
+    frame_ts: datetime
+    model_version: str
+    probabilities: dict
+    present: dict
+    thresholds: dict
+    source: str = "live"  # live | batch | schedule
+    frame_seq: int | None = None
+
+    @classmethod
+    def from_inference(cls, doc: dict, source: str | None = None) -> "Observation":
+        return cls(factory_id=doc.get("factory_id") or "factory-1", frame_id=doc["frame_id"],
+                   frame_ts=doc["frame_ts"], model_version=doc["model_version"],
+                   probabilities=doc["probabilities"], present=doc["present"], thresholds=doc["thresholds"],
+                   source=source or doc.get("source", "batch"), frame_seq=doc.get("frame_seq"))
+
+
+@dataclass(frozen=True)
+class Reported:
+    factory_id: str
+    ts: datetime
+    slots: dict  # slot -> "BLUE" | "RED" | "WHITE" | None
+    message_id: str | None = None
+
+    @property
+    def present(self) -> dict:
+        return reported_presence(self.slots)
+
+
+def reported_from_stock(payload: dict, ts: datetime, factory_id: str = "factory-1",
+                        message_id: str | None = None) -> Reported:
+    """A ``f/i/stock`` payload -> per-slot stock (unknown slots stay None)."""
+    slots: dict = {s: None for s in SLOTS}
+    for item in payload.get("stockItems") or []:
+        loc = (item or {}).get("location")
+        if loc not in slots:
+            continue
+        wp = item.get("workpiece")
+        slots[loc] = (wp or {}).get("type") if wp else None
+    return Reported(factory_id, ts, slots, message_id)
+
+
+def reported_presence(slots: dict) -> dict:
+    types = {t for t in slots.values() if t}
+    return {c: any(TYPE_TO_COLOUR.get(t) == c for t in types) for c in COLOURS}
+
+
+def compute_delta(observed_present: dict | None, reported_present: dict | None) -> dict:
+    """Colours where vision and the controller disagree."""
+    if not observed_present or not reported_present:
+        return {}
+    return {c: {"observed": observed_present[c], "reported": reported_present[c]}
+            for c in COLOURS if observed_present.get(c) != reported_present.get(c)}
+
+
+@dataclass
+class TwinView:
+    """A read-only view of the twin document for rendering and metadata."""
+
+    factory_id: str
+    version: int
+    observed: dict = field(default_factory=dict)
+    reported: dict = field(default_factory=dict)
+    delta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "TwinView":
+        return cls(doc["_id"], doc.get("version", 0), doc.get("observed") or {}, doc.get("reported") or {},
+                   doc.get("delta") or {})

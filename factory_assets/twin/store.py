@@ -1,0 +1,153 @@
+"""Writing the twin to MongoDB in both shapes, never regressing to an older frame.
+
+``digital_twin`` (one document per factory) is updated with optimistic
+concurrency: read, decide, then ``update_one({_id, version: v}, ...)``; a
+concurrent writer makes the update match nothing and we retry on fresh state.
+An observation from a frame older than the one the twin already shows is
+rejected, whatever order runs finish in. The original shape
+(``sagemaker_stock_inference``, ``_partition: "DTPartition"``) is written with
+the same guard on ``ts``. Every change of state is appended to ``twin_history``.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pymongo.errors import DuplicateKeyError
+
+from factory_assets.storage.frames import parse_ts
+from factory_assets.twin.state import COLOURS, Observation, Reported, compute_delta
+
+LEGACY_PARTITION = "DTPartition"
+MAX_RETRIES = 50
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _is_newer_observation(current: dict | None, obs: Observation) -> bool:
+    if not current or "frame_ts" not in current:
+        return True
+    cur_ts = parse_ts(current["frame_ts"])
+    if obs.frame_ts != cur_ts:
+        return obs.frame_ts > cur_ts
+    # Same frame time: only a re-inference of that frame by another model may replace it.
+    return current.get("frame_id") == obs.frame_id and current.get("model_version") != obs.model_version
+
+
+def _cas(fdb, factory_id: str, build) -> tuple[bool, dict | None]:
+    """Apply ``build(doc) -> (new_fields | None)`` with a version compare-and-swap."""
+    for _ in range(MAX_RETRIES):
+        doc = fdb.twin.find_one({"_id": factory_id})
+        fields = build(doc)
+        if fields is None:
+            return False, doc
+        version = (doc or {}).get("version", 0)
+        fields["updated_at"] = _now()
+        fields["version"] = version + 1
+        if doc is None:
+            try:
+                fdb.twin.insert_one({"_id": factory_id, "factory_id": factory_id, **_nest(fields)})
+            except DuplicateKeyError:
+                continue
+        else:
+            if fdb.twin.update_one({"_id": factory_id, "version": version}, {"$set": fields}).modified_count != 1:
+                continue
+        return True, {**(doc or {"_id": factory_id}), **_nest(fields)}
+    raise RuntimeError(f"twin {factory_id}: too much write contention")
+
+
+def _nest(fields: dict) -> dict:
+    """{"metadata.observed": x} -> {"metadata": {"observed": x}} for inserts."""
+    out: dict = {}
+    for key, value in fields.items():
+        head, _, tail = key.partition(".")
+        if tail:
+            out.setdefault(head, {})[tail] = value
+        else:
+            out[key] = value
+    return out
+
+
+def apply_observation(fdb, obs: Observation) -> bool:
+    """Update the twin from one inference; False when the twin already shows a newer frame."""
+    now = _now()
+    changed_colours: list[str] = []
+
+    def build(doc):
+        current = (doc or {}).get("observed")
+        if not _is_newer_observation(current, obs):
+            return None
+        observed = {"frame_id": obs.frame_id, "frame_ts": obs.frame_ts, "frame_seq": obs.frame_seq,
+                    "model_version": obs.model_version, "source": obs.source, "updated_at": now}
+        meta = dict(((doc or {}).get("metadata") or {}).get("observed") or {})
+        changed_colours.clear()
+        for c in COLOURS:
+            observed[c] = {"present": bool(obs.present[c]), "probability": float(obs.probabilities[c]),
+                           "threshold": float(obs.thresholds.get(c, 0.5))}
+            if not current or (current.get(c) or {}).get("present") != observed[c]["present"]:
+                changed_colours.append(c)
+                meta[c] = {"ts": obs.frame_ts, "changed_at": now}
+            elif c in meta:
+                meta[c] = {**meta[c], "ts": obs.frame_ts}
+            else:
+                meta[c] = {"ts": obs.frame_ts, "changed_at": now}
+        reported = (doc or {}).get("reported") or {}
+        return {"observed": observed, "metadata.observed": meta,
+                "delta": compute_delta({c: observed[c]["present"] for c in COLOURS}, reported.get("present"))}
+
+    applied, new_doc = _cas(fdb, obs.factory_id, build)
+    if not applied:
+        return False
+    _write_legacy(fdb, obs)
+    if changed_colours:
+        fdb.twin_history.insert_one({
+            "factory_id": obs.factory_id, "version": new_doc["version"], "at": now, "kind": "observed",
+            "changed": changed_colours, "present": {c: bool(obs.present[c]) for c in COLOURS},
+            "frame_id": obs.frame_id, "frame_ts": obs.frame_ts, "model_version": obs.model_version,
+            "source": obs.source, "delta": new_doc.get("delta", {})})
+    return True
+
+
+def apply_reported(fdb, rep: Reported) -> bool:
+    """Update the twin from a stock report; False when a newer report is already applied."""
+    now = _now()
+    changed_slots: list[str] = []
+
+    def build(doc):
+        current = (doc or {}).get("reported") or {}
+        if current.get("ts") and parse_ts(current["ts"]) >= rep.ts:
+            return None
+        old_slots = current.get("slots") or {}
+        changed_slots[:] = [s for s, t in rep.slots.items() if old_slots.get(s) != t or not current]
+        meta = dict(((doc or {}).get("metadata") or {}).get("reported") or {})
+        for s in rep.slots:
+            meta[s] = {"ts": rep.ts, "changed_at": now if s in changed_slots else (meta.get(s) or {}).get("changed_at", now)}
+        observed = (doc or {}).get("observed") or {}
+        observed_present = {c: observed[c]["present"] for c in COLOURS} if observed else None
+        return {"reported": {"slots": rep.slots, "present": rep.present, "ts": rep.ts,
+                             "message_id": rep.message_id, "updated_at": now},
+                "metadata.reported": meta, "delta": compute_delta(observed_present, rep.present)}
+
+    applied, new_doc = _cas(fdb, rep.factory_id, build)
+    if applied and changed_slots:
+        fdb.twin_history.insert_one({"factory_id": rep.factory_id, "version": new_doc["version"], "at": now,
+                                     "kind": "reported", "changed": changed_slots, "slots": rep.slots,
+                                     "ts": rep.ts, "delta": new_doc.get("delta", {})})
+    return applied
+
+
+def _write_legacy(fdb, obs: Observation) -> None:
+    """The original shape the Unity twin's Realm schema reads, guarded on ``ts``."""
+    fields = {"ts": obs.frame_ts, "is_present": {c: bool(obs.present[c]) for c in COLOURS}}
+    coll = fdb.twin_legacy
+    result = coll.update_one({"_partition": LEGACY_PARTITION, "ts": {"$lte": obs.frame_ts}}, {"$set": fields})
+    if result.matched_count == 0 and coll.count_documents({"_partition": LEGACY_PARTITION}, limit=1) == 0:
+        try:
+            coll.insert_one({"_partition": LEGACY_PARTITION, **fields})
+        except DuplicateKeyError:
+            pass
+
+
+def get_twin(fdb, factory_id: str = "factory-1") -> dict | None:
+    return fdb.twin.find_one({"_id": factory_id})
