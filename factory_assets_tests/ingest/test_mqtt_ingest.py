@@ -1,0 +1,74 @@
+"""The MQTT ingester against a real amqtt broker started by the test."""
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from factory_assets.ingest.broker import start_broker
+from factory_assets.ingest.mqtt import MqttIngester
+from factory_assets.ingest.service import Ingestor
+from factory_assets.storage.frames import wait_until
+from factory_assets_tests.helpers import cam_payload, jpeg_bytes, stock_payload
+
+
+@pytest.fixture
+def broker():
+    with start_broker() as b:
+        yield b
+
+
+def publisher(broker) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.reconnect_delay_set(0.1, 1)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client
+
+
+def publish_frames(client, start: int, n: int):
+    for i in range(start, start + n):
+        ts = f"2026-11-23T10:{i // 60:02d}:{i % 60:02d}.000Z"
+        client.publish("i/cam", cam_payload(jpeg_bytes(seed=i), ts), qos=1).wait_for_publish(5)
+
+
+def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_losing_good_frames(fdb, broker):
+    ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
+    try:
+        assert ingester.connected.wait(10)
+        time.sleep(0.3)  # subscription settles
+        pub = publisher(broker)
+        publish_frames(pub, 0, 10)
+        for bad in (b"{not json", cam_payload(jpeg_bytes()[:300]), b'{"ts": "2026-11-23T10:00:00Z"}'):
+            pub.publish("i/cam", bad, qos=1).wait_for_publish(5)
+        pub.publish("f/i/stock", stock_payload("2026-11-23T10:00:00Z", {"A1": "RED"}), qos=1).wait_for_publish(5)
+        pub.publish("i/ldr", b'{"ts": "2026-11-23T10:00:00Z", "br": 80}', qos=1).wait_for_publish(5)
+        publish_frames(pub, 10, 10)
+        assert wait_until(lambda: fdb.frames.count_documents({}) == 20 and fdb.quarantine.count_documents({}) == 3
+                          and fdb.sensors.count_documents({}) == 1, timeout=20)
+        assert fdb.mqtt.find_one({"topic": "f/i/stock"})["payload"]["stockItems"][0]["location"] == "A1"
+        pub.loop_stop()
+    finally:
+        summary = ingester.stop()
+    assert summary["frames"] == 20 and summary["quarantined"] == 3
+
+
+def test_the_ingester_reconnects_after_a_broker_restart_and_keeps_ingesting(fdb, broker):
+    ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
+    try:
+        assert ingester.connected.wait(10)
+        time.sleep(0.3)
+        pub = publisher(broker)
+        publish_frames(pub, 0, 5)
+        assert wait_until(lambda: fdb.frames.count_documents({}) == 5, timeout=10)
+        pub.loop_stop()
+        pub.disconnect()
+        broker.restart()
+        assert wait_until(lambda: ingester.connects >= 2 and ingester.connected.is_set(), timeout=20)
+        time.sleep(0.3)
+        pub = publisher(broker)
+        publish_frames(pub, 5, 5)
+        assert wait_until(lambda: fdb.frames.count_documents({}) == 10, timeout=15)
+        pub.loop_stop()
+    finally:
+        ingester.stop()
+    assert sorted(d["seq"] for d in fdb.frames.find()) == list(range(1, 11))
