@@ -2,19 +2,10 @@
 import time
 
 import paho.mqtt.client as mqtt
-import pytest
-
-from factory_assets.ingest.broker import start_broker
 from factory_assets.ingest.mqtt import MqttIngester
 from factory_assets.ingest.service import Ingestor
 from factory_assets.storage.frames import wait_until
 from factory_assets_tests.helpers import cam_payload, jpeg_bytes, stock_payload
-
-
-@pytest.fixture
-def broker():
-    with start_broker() as b:
-        yield b
 
 
 def publisher(broker) -> mqtt.Client:
@@ -31,7 +22,8 @@ def publish_frames(client, start: int, n: int):
         client.publish("i/cam", cam_payload(jpeg_bytes(seed=i), ts), qos=1).wait_for_publish(5)
 
 
-def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_losing_good_frames(fdb, broker):
+def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_losing_good_frames(fdb, mqtt_broker):
+    broker = mqtt_broker
     ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
     try:
         assert ingester.connected.wait(10)
@@ -52,7 +44,8 @@ def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_
     assert summary["frames"] == 20 and summary["quarantined"] == 3
 
 
-def test_the_ingester_reconnects_after_a_broker_restart_and_keeps_ingesting(fdb, broker):
+def test_the_ingester_reconnects_after_a_broker_restart_and_keeps_ingesting(fdb, mqtt_broker):
+    broker = mqtt_broker
     ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
     try:
         assert ingester.connected.wait(10)
