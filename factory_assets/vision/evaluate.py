@@ -1,0 +1,45 @@
+"""Evaluating a stock model on one split of a dataset (default: ``valid``)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from factory_assets.vision.classes import CLASSES
+from factory_assets.vision.model import StockModel
+from factory_assets.vision.train import label_metrics, load_image, read_split
+
+
+def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict:
+    """Per-label accuracy, exact match, per-class precision/recall/f1/accuracy and
+    confusion counts (tp, fp, tn, fn) of ``model`` on ``split``, with the model's
+    own thresholds."""
+    image_dir, rows = read_split(Path(dataset_dir), split)
+    images = [load_image(image_dir / r.path) for r in rows]
+    y = np.array([r.labels for r in rows], dtype=int)
+    t0 = time.perf_counter()
+    proba = model.predict_proba(images)
+    elapsed = time.perf_counter() - t0
+    t = np.array([model.thresholds[c] for c in CLASSES])
+    pred = (proba >= t).astype(int)
+    out = label_metrics(pred, y)
+    out.update({
+        "split": split,
+        "dataset": str(dataset_dir),
+        "model_version": model.version,
+        "thresholds": dict(model.thresholds),
+        "classes": list(CLASSES),
+        "precision": {c: out["per_class"][c]["precision"] for c in CLASSES},
+        "recall": {c: out["per_class"][c]["recall"] for c in CLASSES},
+        "f1": {c: out["per_class"][c]["f1"] for c in CLASSES},
+        "accuracy": {c: out["per_class"][c]["accuracy"] for c in CLASSES},
+        "confusion": {c: {k: out["per_class"][c][k] for k in ("tp", "fp", "tn", "fn")} for c in CLASSES},
+        "predict_ms_per_image": 1000.0 * elapsed / max(len(images), 1),
+        "images": [
+            {"path": r.path, "labels": list(r.labels), "proba": [round(float(p), 4) for p in proba[i]],
+             "predicted": pred[i].tolist()}
+            for i, r in enumerate(rows)
+        ],
+    })
+    return out
