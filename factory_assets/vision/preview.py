@@ -37,3 +37,34 @@ def grid_png(images: list[bytes], captions: list[str] | None = None, cols: int =
     rows = [np.hstack(cells[r:r + cols]) for r in range(0, len(cells), cols)]
     ok, buf = cv2.imencode(".png", np.vstack(rows))
     return buf.tobytes()
+
+
+def confusion_png(confusion: dict[str, dict[str, int]]) -> bytes:
+    """One 2x2 confusion matrix per class (rows: truth yes/no, columns: predicted yes/no)."""
+    import cv2
+    import numpy as np
+
+    classes = list(confusion)
+    cell = 44
+    width = 20 + len(classes) * (2 * cell + 40)
+    img = np.full((2 * cell + 60, width, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for k, name in enumerate(classes):
+        c = confusion[name]
+        x0 = 20 + k * (2 * cell + 40)
+        cv2.putText(img, name, (x0, 18), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cells = [[c.get("tp", 0), c.get("fn", 0)], [c.get("fp", 0), c.get("tn", 0)]]
+        total = max(sum(sum(r) for r in cells), 1)
+        for i in range(2):
+            for j in range(2):
+                v = cells[i][j]
+                good = i == j
+                shade = int(255 - 180 * v / total)
+                color = (shade, 255, shade) if good else (shade, shade, 255)
+                y, x = 28 + i * cell, x0 + j * cell
+                cv2.rectangle(img, (x, y), (x + cell, y + cell), color, -1)
+                cv2.rectangle(img, (x, y), (x + cell, y + cell), (120, 120, 120), 1)
+                cv2.putText(img, str(v), (x + 14, y + 28), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, "pred yes | no", (x0, 2 * cell + 46), font, 0.35, (80, 80, 80), 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", img)
+    return buf.tobytes()
