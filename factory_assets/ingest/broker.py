@@ -29,6 +29,7 @@ import time
 
 HOST = "127.0.0.1"
 READY_PREFIX = "listening "
+SHUTDOWN_TIMEOUT_S = 3.0
 
 
 def broker_config(port: int, host: str = HOST) -> dict:
@@ -70,10 +71,15 @@ async def _serve(port: int, host: str, parent_pid: int | None) -> None:
     if watcher:
         watcher.cancel()
     print(f"broker on port {actual_port}: shutting down", file=sys.stderr, flush=True)
+    server.close()  # accept no new connection while the sessions are being closed
     try:
-        await asyncio.wait_for(broker.shutdown(), timeout=10)
+        # amqtt's shutdown sometimes hangs in a session's handler when a client disconnects at
+        # the same moment (seen with 0.12.1); the process exits anyway and asyncio.run() cancels
+        # what is left, so the sockets are closed either way.
+        await asyncio.wait_for(broker.shutdown(), timeout=SHUTDOWN_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - we are exiting anyway
-        print(f"broker shutdown incomplete: {exc!r}", file=sys.stderr, flush=True)
+        print(f"broker shutdown incomplete after {SHUTDOWN_TIMEOUT_S}s ({exc!r}); exiting anyway",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

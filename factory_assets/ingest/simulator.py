@@ -218,8 +218,8 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
 
     from factory_assets.ingest.mqtt import parse_mqtt_url
 
-    if fps <= 0:
-        raise ValueError("fps must be > 0")
+    if fps <= 0 or stock_interval_s <= 0 or sensor_interval_s <= 0:
+        raise ValueError("fps, stock_interval_s and sensor_interval_s must be > 0")
     host, port = parse_mqtt_url(mqtt_url)
     stop_event = stop_event or threading.Event()
     result = SimulationResult()
@@ -248,11 +248,24 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                          client_id=client_id or f"factory-sim-{camera_id}-{time.time_ns() % 10**9:x}")
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
+    # QoS 1 messages not acknowledged by the broker yet (to flush at the end). Never hold
+    # our lock while calling paho: paho calls on_publish holding its own message mutex.
+    unacked: set[int] = set()
+    acked_early: set[int] = set()  # acknowledged before publish() returned
+    unacked_lock = threading.Lock()
+
+    def on_acked(client, userdata, mid, reason_code=None, properties=None):
+        with unacked_lock:
+            if mid in unacked:
+                unacked.discard(mid)
+            else:
+                acked_early.add(mid)
+
+    client.on_publish = on_acked
     client.reconnect_delay_set(min_delay=1, max_delay=2)
     client.max_queued_messages_set(1000)  # bounded memory while the broker is away
     client.connect_async(host, port, keepalive=30)
     client.loop_start()
-    pending = []  # MQTTMessageInfo of QoS 1 messages, to flush at the end
     t0 = time.monotonic()
 
     try:
@@ -265,10 +278,13 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
 
         def publish(topic: str, payload: dict, qos: int, stock: dict) -> None:
             info = client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=qos)
-            if qos:
-                pending.append(info)
-                if len(pending) > 200:
-                    del pending[: len(pending) - 200]
+            # QoS 1 while disconnected: rc is NO_CONN but paho keeps the message and sends it
+            # after reconnecting (up to max_queued_messages, then rc is QUEUE_SIZE: dropped)
+            with unacked_lock:
+                if info.mid in acked_early:
+                    acked_early.discard(info.mid)
+                elif qos and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    unacked.add(info.mid)
             if on_publish is not None:
                 on_publish(topic, payload, stock)
 
@@ -331,9 +347,8 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                         f"dropped={result.dropped_frames} stock={_stock_line(stock)}")
         # let the last QoS 1 messages reach the broker (bounded wait)
         deadline = time.monotonic() + 5.0
-        for info in pending:
-            while not info.is_published() and time.monotonic() < deadline and connected.is_set():
-                time.sleep(0.01)
+        while unacked and connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         finishing.set()
         result.elapsed_s = time.monotonic() - t0

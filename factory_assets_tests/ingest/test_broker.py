@@ -1,0 +1,113 @@
+"""The amqtt broker the tests and ``make run`` use: a real subprocess on 127.0.0.1."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from factory_assets.ingest.broker import port_accepts, start_broker
+from factory_assets_tests.fixtures.mqtt import MqttRecorder, mqtt_broker  # noqa: F401
+
+
+def publish_and_wait(url: str, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0) -> None:
+    import paho.mqtt.client as mqtt
+
+    from factory_assets.ingest.mqtt import parse_mqtt_url
+
+    host, port = parse_mqtt_url(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=qos).wait_for_publish(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_the_broker_listens_on_127_0_0_1_at_the_port_in_its_url(mqtt_broker):
+    assert mqtt_broker.url == f"mqtt://127.0.0.1:{mqtt_broker.port}"
+    assert mqtt_broker.port > 0
+    assert port_accepts(mqtt_broker.port)
+
+
+def test_an_anonymous_client_can_publish_and_another_receives_it(mqtt_broker):
+    with MqttRecorder(mqtt_broker.url) as rec:
+        publish_and_wait(mqtt_broker.url, "f/i/stock", b'{"ts":"2026-11-23T10:00:00.000Z"}')
+        assert rec.wait_until(lambda: rec.count("f/i/stock") == 1, 5)
+    assert rec.on("f/i/stock")[0][0] == b'{"ts":"2026-11-23T10:00:00.000Z"}'
+
+
+def test_a_20_megabyte_payload_passes_through_the_broker(mqtt_broker):
+    payload = bytes(range(256)) * (20 * 1024 * 1024 // 256)
+    with MqttRecorder(mqtt_broker.url) as rec:
+        publish_and_wait(mqtt_broker.url, "i/cam", payload, timeout=30)
+        assert rec.wait_until(lambda: rec.count("i/cam") == 1, 30)
+    assert rec.on("i/cam")[0][0] == payload
+
+
+def test_the_broker_publishes_no_sys_topics(mqtt_broker):
+    with MqttRecorder(mqtt_broker.url, topics=("$SYS/#",)) as rec:
+        time.sleep(1.5)
+    assert rec.messages == []
+
+
+def test_restart_keeps_the_port_and_subscribers_get_messages_again(mqtt_broker):
+    port = mqtt_broker.port
+    with MqttRecorder(mqtt_broker.url) as rec:
+        mqtt_broker.restart()
+        assert mqtt_broker.port == port and mqtt_broker.running
+        assert rec.wait_until(lambda: rec.subscriptions >= 2, 10), "the subscriber never got back in"
+        publish_and_wait(mqtt_broker.url, "i/ldr", b"{}")
+        assert rec.wait_until(lambda: rec.count("i/ldr") == 1, 5)
+
+
+def test_stop_terminates_the_process_cleanly_and_frees_the_port():
+    broker = start_broker()
+    proc = broker.proc
+    broker.stop()
+    assert proc.returncode == 0
+    assert not broker.running
+    assert not port_accepts(broker.port)
+    broker.close()
+
+
+def test_start_broker_on_a_given_port_uses_that_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with start_broker(port) as broker:
+        assert broker.port == port
+        assert port_accepts(port)
+    assert not port_accepts(port)
+
+
+def test_a_second_broker_on_a_busy_port_fails_with_the_reason(mqtt_broker):
+    from factory_assets.ingest.broker import BrokerError
+
+    with pytest.raises(BrokerError, match="did not start"):
+        start_broker(mqtt_broker.port, startup_timeout=10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_module_runs_in_the_foreground_until_a_signal_and_exits_cleanly(sig):
+    proc = subprocess.Popen([sys.executable, "-m", "factory_assets.ingest.broker", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening mqtt://127.0.0.1:")
+        url = line.split()[1]
+        with MqttRecorder(url) as rec:  # a connected client does not prevent the shutdown
+            publish_and_wait(url, "i/bme680", b"{}")
+            assert rec.wait_until(lambda: rec.count("i/bme680") == 1, 5)
+            proc.send_signal(sig)
+            assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "shutting down" in proc.stderr.read()
