@@ -41,7 +41,8 @@ class FeatureConfig:
     pool: int = 3  # max filter over cells (odd); 1 disables it
     blue_b: float = 10.0  # blue evidence starts at b* < -blue_b
     blue_l: float = 45.0  # ... on pixels with L* above this
-    red_a: float = 8.0  # red evidence: a* - max(b*, 0) above this
+    red_a: float = 4.0  # red evidence: a* - red_yellow * max(b*, 0) above this
+    red_yellow: float = 1.0  # how much yellow (orange rack parts) counts against red
     white_l: float = 65.0  # white evidence: L* above this ...
     white_chroma: float = 15.0  # ... fading out as chroma grows by this much
     align: bool = True
@@ -95,7 +96,7 @@ def evidence_maps(small: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
     chroma = np.sqrt(a * a + b * b)
     blue = np.clip((-b - cfg.blue_b) / 15.0, 0, 1) * np.clip((L - cfg.blue_l) / 20.0, 0, 1)
-    red = np.clip((a - np.maximum(b, 0) - cfg.red_a) / 15.0, 0, 1) * np.clip((L - 30.0) / 20.0, 0, 1)
+    red = np.clip((a - cfg.red_yellow * np.maximum(b, 0) - cfg.red_a) / 15.0, 0, 1) * np.clip((L - 30.0) / 20.0, 0, 1)
     white = np.clip((L - cfg.white_l) / 20.0, 0, 1) * np.clip(1.0 - (chroma - 5.0) / cfg.white_chroma, 0, 1)
     return np.stack([blue, red, white], axis=-1).astype(np.float32)
 
@@ -122,7 +123,9 @@ def estimate_shift(reference: np.ndarray, grad: np.ndarray) -> tuple[float, floa
     (dx, dy), _response = cv2.phaseCorrelate(reference.copy(), grad.copy(), _hann())
     if abs(dx) > WORK_SIZE[0] / 4 or abs(dy) > WORK_SIZE[1] / 4:
         return 0.0, 0.0
-    return float(dx), float(dy)
+    # Quantised to 1/64 px: OpenCV's DFT differs in the last bits with its
+    # threading state, and features must be bit-for-bit reproducible.
+    return round(dx * 64) / 64, round(dy * 64) / 64
 
 
 def build_reference(images: list[np.ndarray]) -> np.ndarray:

@@ -191,7 +191,17 @@ def label_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
 def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[str], seed: int = 0,
                     config: FeatureConfig | None = None, n_augment: int | None = None,
                     keep: float = 0.5) -> tuple[StockModel, dict]:
-    """Fit on in-memory frames. Returns the model and the training/CV metrics."""
+    """Fit on in-memory frames. Returns the model and the training/CV metrics.
+
+    BLAS runs single-threaded: multi-threaded reductions may sum in a different
+    order from run to run, and the same seed must give the same model."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _fit_stock_model(images, labels, groups, seed, config, n_augment, keep)
+
+
+def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> tuple[StockModel, dict]:
     cfg = config or FeatureConfig()
     labels = np.asarray(labels, dtype=int).reshape(len(images), len(CLASSES))
     n = len(images)
@@ -229,9 +239,15 @@ def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[s
     thresholds = {}
     for i, c in enumerate(CLASSES):
         thresholds[c] = choose_threshold(oof[have, i], Y[have, i]) if have.any() else 0.5
+    # Rounded so that last-bit differences of multi-threaded BLAS sums cannot
+    # change the artifact: the same data and seed give the same model version.
+    thresholds = {c: round(t, 4) for c, t in thresholds.items()}
     t_arr = np.array([thresholds[c] for c in CLASSES])
 
     weights, calib = fit_filters(X, Y, cfg, keep)
+    weights = np.round(weights, 5).astype(np.float32)
+    calib = np.round(calib, 5)
+    reference = np.round(reference, 4).astype(np.float32)
     train_time = time.perf_counter() - t0
     sel = have & original
     metrics = {

@@ -1,0 +1,88 @@
+"""Benchmark of the local stock model on the real Fischertechnik photos.
+
+Prints one JSON object: training seconds, per-label accuracy and exact match on
+the validation split, per-image predict time (JPEG bytes -> probabilities).
+With ``--simulated N`` it also times training on N simulated frames (augmented
+copies of the training photos). If the shared dataset is absent, prints a JSON
+message saying so and exits 0.
+
+    .venv/bin/python benchmarks/train_eval.py [--dataset DIR] [--seed 0] [--simulated 5000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "fischertechnik-warehouse"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default=str(DEFAULT_DATASET))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--simulated", type=int, default=0, help="also time training on N simulated frames")
+    args = ap.parse_args(argv)
+    dataset = Path(args.dataset)
+    if not (dataset / "train-annots" / "train.lst").is_file():
+        print(json.dumps({"skipped": True, "reason": f"dataset absent: {dataset.resolve()}"}))
+        return 0
+
+    import numpy as np
+
+    from factory_assets.vision.evaluate import evaluate
+    from factory_assets.vision.features import augment
+    from factory_assets.vision.train import LocalTrainer, fit_stock_model, load_image, read_split, scene_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = LocalTrainer().train(dataset, Path(tmp) / "model", seed=args.seed)
+        train_s = time.perf_counter() - t0
+    model = result.model
+    report = evaluate(model, dataset, split="valid")
+
+    image_dir, rows = read_split(dataset, "valid")
+    blobs = [(image_dir / r.path).read_bytes() for r in rows]
+    for b in blobs:  # warm-up
+        model.predict_proba_bytes(b)
+    times = []
+    for _ in range(20):
+        for b in blobs:
+            t = time.perf_counter()
+            model.predict_proba_bytes(b)
+            times.append(1000 * (time.perf_counter() - t))
+    out = {
+        "model_version": model.version,
+        "seed": args.seed,
+        "train_seconds": round(train_s, 3),
+        "n_train_images": result.metrics["n_images"],
+        "cv_out_of_fold": {k: result.metrics["cv"]["out_of_fold"][k] for k in ("per_label_accuracy", "exact_match")},
+        "valid_per_label_accuracy": report["per_label_accuracy"],
+        "valid_exact_match": report["exact_match"],
+        "valid_per_class_accuracy": report["accuracy"],
+        "thresholds": model.thresholds,
+        "predict_ms_per_image_p50": round(statistics.median(times), 3),
+        "predict_ms_per_image_p95": round(float(np.percentile(times, 95)), 3),
+    }
+    if args.simulated:
+        tdir, trows = read_split(dataset, "train")
+        base = [load_image(tdir / r.path) for r in trows]
+        rng = np.random.default_rng(args.seed)
+        idx = rng.integers(0, len(base), args.simulated)
+        frames = [augment(base[i], rng) for i in idx]
+        labels = np.array([trows[i].labels for i in idx])
+        groups = [scene_of(trows[i].path) for i in idx]
+        t0 = time.perf_counter()
+        _, sim_metrics = fit_stock_model(frames, labels, groups, seed=args.seed)
+        out["simulated"] = {"n_frames": args.simulated, "train_seconds": round(time.perf_counter() - t0, 2),
+                            "n_augment_per_image": sim_metrics["n_augment_per_image"]}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
