@@ -61,7 +61,8 @@ def dagster_home() -> Path:
     return home
 
 
-def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int) -> list[Service]:
+def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
+                   dagster: bool = True) -> list[Service]:
     py = sys.executable
     cli = [py, "-m", "factory_assets.cli"]
     mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
@@ -71,6 +72,8 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
         Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", str(fps), "--seed", str(seed)]),
     ]
     services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
+    if not dagster:
+        return services
     services.append(Service("dagster", [py, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
                                         "-p", str(dagster_port)], dagster_port,
                             env={"DAGSTER_HOME": str(dagster_home())}))
@@ -129,7 +132,8 @@ def up(args) -> int:
         print(f"[up] embedded MongoDB: {status.uri}", flush=True)
     else:
         print(f"[up] MongoDB: {redact_uri(env['MONGODB_URI'])}", flush=True)
-    services = build_services(free_port(args.mqtt_port), args.port, free_port(args.serve_port), args.fps, args.seed)
+    services = build_services(free_port(args.mqtt_port), args.port, free_port(args.serve_port), args.fps, args.seed,
+                              dagster=not args.no_dagster)
     stopping = False
 
     def on_signal(signum, frame):
@@ -171,5 +175,6 @@ def register(sub) -> None:
     p.add_argument("--serve-port", type=int, default=8080)
     p.add_argument("--fps", type=float, default=2.0, help="simulated camera frames per second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-dagster", action="store_true", help="everything but dagster dev")
     p.add_argument("--keep-db", action="store_true", help="leave the embedded MongoDB running on exit")
     p.set_defaults(func=up)
