@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from factory_assets.defs import camera
+from factory_assets.defs import camera, models, twin
+from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
 from factory_assets.defs.resources import MongoResource
 
-DOMAINS = [camera]
+DOMAINS = [camera, models, twin]
 
 
 def _collect(attr: str) -> list:
@@ -22,5 +23,7 @@ defs = dg.Definitions(
     jobs=_collect("jobs"),
     resources={
         "mongo": MongoResource(),
+        "endpoint": EndpointResource(),
+        "model_policy": ModelPolicyResource(),
     },
 )

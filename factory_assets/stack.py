@@ -132,7 +132,10 @@ def up(args) -> int:
         print(f"[up] embedded MongoDB: {status.uri}", flush=True)
     else:
         print(f"[up] MongoDB: {redact_uri(env['MONGODB_URI'])}", flush=True)
-    services = build_services(free_port(args.mqtt_port), args.port, free_port(args.serve_port), args.fps, args.seed,
+    serve_port = free_port(args.serve_port)
+    # Dagster's EndpointResource and the live updater must reach the same server.
+    env["FACTORY_ENDPOINT_URL"] = f"http://127.0.0.1:{serve_port}"
+    services = build_services(free_port(args.mqtt_port), args.port, serve_port, args.fps, args.seed,
                               dagster=not args.no_dagster)
     stopping = False
 
