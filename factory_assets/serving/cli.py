@@ -1,0 +1,99 @@
+"""``factory-assets serve`` and ``factory-assets endpoint status|set|rollback``."""
+from __future__ import annotations
+
+import json
+
+DEFAULT_ENDPOINT = "factory-stock"
+
+
+def _serve(args) -> int:
+    import signal
+    import threading
+
+    from factory_assets.serving.server import serve
+
+    if not args.model and not args.endpoint:
+        args.endpoint = DEFAULT_ENDPOINT
+    server = serve(args.host, args.port, model_dir=args.model, endpoint_name=args.endpoint,
+                   poll_seconds=args.poll, access_log=args.access_log)
+    source = f"model {args.model}" if args.model else f"endpoint {args.endpoint!r} from the registry"
+    print(f"serving {source} on {server.url} (/ping, /invocations, /endpoints/NAME/invocations)", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    print(f"summary: requests={server.requests} errors={server.errors} swaps={server.slot.swaps}", flush=True)
+    return 0
+
+
+def _endpoint_view(doc: dict | None) -> dict:
+    if not doc:
+        return {}
+    return {k: doc.get(k) for k in ("name", "model_version", "served_version", "status", "url",
+                                    "previous_versions", "updated_at")}
+
+
+def _status(args) -> int:
+    from factory_assets.storage.models import get_endpoint, list_models
+    from factory_assets.storage.mongo import connect
+
+    fdb = connect()
+    doc = get_endpoint(fdb, args.name)
+    out = {"endpoint": _endpoint_view(doc) or f"no endpoint named {args.name} yet",
+           "models": [{"version": m["_id"], "passed_checks": m.get("passed_checks"),
+                       "per_label_accuracy": ((m.get("metrics") or {}).get("valid") or {}).get("per_label_accuracy"),
+                       "dataset_version": m.get("dataset_version"), "created_at": m.get("created_at")}
+                      for m in list_models(fdb, args.limit)]}
+    print(json.dumps(out, default=str, indent=2))
+    return 0
+
+
+def _set(args) -> int:
+    from factory_assets.storage.models import set_endpoint_version
+    from factory_assets.storage.mongo import connect
+
+    doc = set_endpoint_version(connect(), args.name, args.version, require_passed=not args.force)
+    print(json.dumps(_endpoint_view(doc), default=str))
+    return 0
+
+
+def _rollback(args) -> int:
+    from factory_assets.storage.models import rollback_endpoint
+    from factory_assets.storage.mongo import connect
+
+    doc = rollback_endpoint(connect(), args.name)
+    print(f"endpoint {args.name}: {doc.get('rolled_back_from')} -> {doc.get('model_version')} "
+          "(the server swaps once it has loaded it)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="SageMaker-compatible inference server (/ping, /invocations)",
+                       description="Serve the stock model over the SageMaker inference-container contract.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="MODEL_DIR", help="serve this model folder (fixed)")
+    src.add_argument("--endpoint", metavar="NAME",
+                     help=f"follow this endpoint's model version in MongoDB (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between endpoint document checks")
+    p.add_argument("--access-log", action="store_true")
+    p.set_defaults(func=_serve)
+
+    e = sub.add_parser("endpoint", help="inspect or change which model version an endpoint serves")
+    actions = e.add_subparsers(dest="action", required=True)
+    for name, func, helptext in (("status", _status, "the endpoint and the registered models"),
+                                 ("rollback", _rollback, "return to the previously deployed version")):
+        q = actions.add_parser(name, help=helptext)
+        q.add_argument("--name", default=DEFAULT_ENDPOINT)
+        if name == "status":
+            q.add_argument("--limit", type=int, default=10)
+        q.set_defaults(func=func)
+    q = actions.add_parser("set", help="deploy a registered model version")
+    q.add_argument("version")
+    q.add_argument("--name", default=DEFAULT_ENDPOINT)
+    q.add_argument("--force", action="store_true", help="deploy even if the model failed its checks")
+    q.set_defaults(func=_set)

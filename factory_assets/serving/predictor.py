@@ -1,0 +1,228 @@
+"""One ``Predictor`` interface for every place that needs a prediction.
+
+``HttpEndpointPredictor`` talks to our SageMaker-compatible server
+(``factory-assets serve``), ``SageMakerRuntimePredictor`` to a SageMaker
+endpoint through boto3's ``sagemaker-runtime`` (``endpoint_url`` can point it at
+any compatible server, ours included), ``InProcessPredictor`` runs a model in the
+calling process. They raise the same two errors, so callers decide once:
+``BadInput`` (the image was rejected: quarantine it, go on) and
+``EndpointUnavailable`` (retry later; never advance past the frame).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from factory_assets.vision.classes import CLASSES
+
+VERBOSE_JSON = "application/json;verbose"
+
+
+class EndpointUnavailable(RuntimeError):
+    """The endpoint could not answer (down, no model loaded, 5xx, timeout)."""
+
+
+class BadInput(ValueError):
+    """The endpoint rejected the request itself (undecodable image, wrong type, too large)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Prediction:
+    probabilities: list[float]  # in CLASSES order
+    model_version: str | None = None
+    latency_ms: float = 0.0
+    thresholds: dict | None = None
+    classes: tuple = CLASSES
+    present: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.present and self.thresholds:
+            self.present = {c: bool(p >= self.thresholds.get(c, 0.5))
+                            for c, p in zip(self.classes, self.probabilities)}
+
+    @property
+    def by_class(self) -> dict[str, float]:
+        return dict(zip(self.classes, self.probabilities))
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction: ...
+
+
+def parse_response(body: bytes | str, latency_ms: float, version_header: str | None = None) -> Prediction:
+    """A SageMaker image-classifier response: a JSON list of probabilities, or our
+    verbose object ``{"prediction": [...], "model_version": ..., "thresholds": {...}}``."""
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError) as exc:
+        raise EndpointUnavailable(f"endpoint returned non-JSON: {str(body)[:200]!r}") from exc
+    if isinstance(data, list):
+        probs, version, thresholds, classes = data, version_header, None, CLASSES
+    elif isinstance(data, dict) and isinstance(data.get("prediction"), list):
+        probs = data["prediction"]
+        version = data.get("model_version") or version_header
+        thresholds = data.get("thresholds")
+        classes = tuple(data.get("labels") or CLASSES)
+    else:
+        raise EndpointUnavailable(f"unexpected endpoint response: {str(body)[:200]!r}")
+    if len(probs) != len(CLASSES):
+        raise EndpointUnavailable(f"expected {len(CLASSES)} probabilities, got {len(probs)}")
+    return Prediction([float(p) for p in probs], version, latency_ms, thresholds, classes)
+
+
+class HttpEndpointPredictor:
+    """Our server over HTTP/1.1 keep-alive (one connection per thread)."""
+
+    def __init__(self, url: str, timeout: float = 10.0, retries: int = 1):
+        from urllib.parse import urlsplit
+
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"endpoint URL must be http(s)://host:port, got {url!r}")
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._path = (parts.path or "") + "/invocations"
+        self.timeout = timeout
+        self.retries = retries
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"HttpEndpointPredictor({self.url!r})"
+
+    def _conn(self, fresh: bool = False):
+        import http.client
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None or fresh:
+            if conn is not None:
+                conn.close()
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
+        import http.client
+
+        headers = {"Content-Type": content_type, "Accept": VERBOSE_JSON}
+        last_exc: Exception | None = None
+        for attempt in range(self.retries + 1):
+            started = time.perf_counter()
+            try:
+                conn = self._conn(fresh=attempt > 0)
+                conn.request("POST", self._path, body=image, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                # A kept-alive connection the server closed, or the server is down: retry once on a new one.
+                last_exc = exc
+                self._local.conn = None
+                continue
+            latency = (time.perf_counter() - started) * 1000
+            if resp.getheader("Connection", "").lower() == "close":
+                self._local.conn = None
+            if resp.status == 200:
+                return parse_response(body, latency, resp.getheader("X-Model-Version"))
+            message = _error_message(body)
+            if resp.status in (400, 413, 415):
+                raise BadInput(f"endpoint rejected the image ({resp.status}): {message}", resp.status)
+            raise EndpointUnavailable(f"endpoint {self.url} answered {resp.status}: {message}")
+        raise EndpointUnavailable(f"endpoint {self.url} unreachable: {last_exc}")
+
+    def ping(self) -> tuple[bool, str | None]:
+        import http.client
+
+        try:
+            conn = self._conn(fresh=True)
+            conn.request("GET", self._path.rsplit("/", 1)[0] + "/ping")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200, resp.getheader("X-Model-Version")
+        except (OSError, http.client.HTTPException):
+            self._local.conn = None
+            return False, None
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        return str(data.get("message") or data.get("error") or data)
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+class SageMakerRuntimePredictor:
+    """A SageMaker endpoint through boto3 ``sagemaker-runtime`` ``invoke_endpoint``."""
+
+    def __init__(self, endpoint_name: str, region: str = "us-east-1", endpoint_url: str | None = None,
+                 verbose: bool = True, client=None):
+        self.endpoint_name = endpoint_name
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.verbose = verbose
+        self._client = client
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SageMakerRuntimePredictor({self.endpoint_name!r}, region={self.region!r})"
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                self._client = boto3.client("sagemaker-runtime", region_name=self.region,
+                                            endpoint_url=self.endpoint_url,
+                                            config=Config(retries={"max_attempts": 2, "mode": "standard"},
+                                                          connect_timeout=5, read_timeout=30))
+            return self._client
+
+    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        started = time.perf_counter()
+        try:
+            resp = self.client.invoke_endpoint(EndpointName=self.endpoint_name, ContentType=content_type,
+                                               Accept=VERBOSE_JSON if self.verbose else "application/json",
+                                               Body=image)
+            body = resp["Body"].read()
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            message = exc.response.get("Error", {}).get("Message") or str(exc)
+            if status in (400, 413, 415):
+                raise BadInput(f"endpoint {self.endpoint_name} rejected the image ({status}): {message}",
+                               status) from exc
+            raise EndpointUnavailable(f"endpoint {self.endpoint_name}: {message}") from exc
+        except BotoCoreError as exc:
+            raise EndpointUnavailable(f"endpoint {self.endpoint_name} unreachable: {exc}") from exc
+        latency = (time.perf_counter() - started) * 1000
+        version = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-model-version")
+        return parse_response(body, latency, version)
+
+
+class InProcessPredictor:
+    """A ``StockModel`` in this process (CLI, tests of callers, batch scoring without a server)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
+        from factory_assets.vision.decode import ImageDecodeError
+
+        started = time.perf_counter()
+        try:
+            probs = self.model.predict_proba_bytes(image)
+        except (ImageDecodeError, ValueError) as exc:
+            raise BadInput(str(exc), 400) from exc
+        return Prediction(probs, self.model.version, (time.perf_counter() - started) * 1000,
+                          dict(self.model.thresholds), tuple(self.model.classes))

@@ -1,0 +1,159 @@
+"""Model registry and endpoints in MongoDB.
+
+``models``: one document per model version (``_id`` = version): dataset version,
+code version, metrics, thresholds, check results, created_at. The artifact lives
+in GridFS (bucket ``model_artifacts``, filename = version) so every process —
+inference server, Dagster run worker, CLI — can load it without a shared disk.
+
+``endpoints``: one document per endpoint ``name``: the configured
+``model_version``, the ``previous_versions`` it replaced (for rollback), the
+``served_version`` the server last reported, ``status`` and ``url``. The
+inference server follows ``model_version``; deploying is one conditional write.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+
+BUCKET = "model_artifacts"
+_indexed: set = set()
+
+
+class ModelNotFound(LookupError):
+    """No model with that version in the registry."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def ensure_model_indexes(fdb) -> None:
+    key = (id(fdb.db.client), fdb.db.name)
+    if key in _indexed:
+        return
+    fdb.models.create_index([("created_at", DESCENDING)], name="created_at")
+    fdb.models.create_index([("passed_checks", ASCENDING), ("created_at", DESCENDING)], name="passed_created")
+    fdb.endpoints.create_index([("name", ASCENDING)], unique=True, name="name")
+    _indexed.add(key)
+
+
+def _bucket(fdb):
+    import gridfs
+
+    return gridfs.GridFSBucket(fdb.db, bucket_name=BUCKET)
+
+
+def register_model(fdb, model, *, dataset_version: str | None, code_version: str | None,
+                   metrics: dict | None = None, trainer: str = "local") -> dict:
+    """Store a trained model (artifact in GridFS, document in ``models``). Idempotent:
+    the version is a content hash, so registering the same model twice stores one
+    artifact and refreshes its metrics."""
+    ensure_model_indexes(fdb)
+    version = model.version
+    bucket = _bucket(fdb)
+    existing = fdb.db[f"{BUCKET}.files"].find_one({"filename": version}, {"_id": 1})
+    if existing is None:
+        payload = model.to_bytes()
+        file_id = bucket.upload_from_stream(version, payload, metadata={"version": version})
+        size = len(payload)
+    else:
+        file_id = existing["_id"]
+        size = None
+    doc = {"version": version, "dataset_version": dataset_version, "code_version": code_version,
+           "thresholds": dict(model.thresholds), "classes": list(model.classes), "metrics": metrics or {},
+           "trainer": trainer, "artifact_id": file_id}
+    if size is not None:
+        doc["artifact_bytes"] = size
+    return fdb.models.find_one_and_update(
+        {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now(), "passed_checks": None}},
+        upsert=True, return_document=ReturnDocument.AFTER)
+
+
+def set_checks(fdb, version: str, passed: bool, checks: dict) -> None:
+    fdb.models.update_one({"_id": version}, {"$set": {"passed_checks": bool(passed), "checks": checks,
+                                                      "checked_at": _now()}})
+
+
+def get_model(fdb, version: str) -> dict | None:
+    return fdb.models.find_one({"_id": version})
+
+
+def load_model_bytes(fdb, version: str) -> bytes:
+    import gridfs
+
+    try:
+        return _bucket(fdb).open_download_stream_by_name(version).read()
+    except gridfs.errors.NoFile:
+        raise ModelNotFound(f"model {version!r} is not in the registry") from None
+
+
+def load_model(fdb, version: str):
+    from factory_assets.vision.model import StockModel
+
+    return StockModel.from_bytes(load_model_bytes(fdb, version))
+
+
+def latest_model(fdb, passed_checks: bool | None = True) -> dict | None:
+    query = {} if passed_checks is None else {"passed_checks": passed_checks}
+    return fdb.models.find_one(query, sort=[("created_at", DESCENDING), ("_id", DESCENDING)])
+
+
+def list_models(fdb, limit: int = 20) -> list[dict]:
+    return list(fdb.models.find({}, {"artifact_id": 0}).sort("created_at", DESCENDING).limit(limit))
+
+
+# ---------------------------------------------------------------------------
+# endpoints
+
+
+def get_endpoint(fdb, name: str) -> dict | None:
+    return fdb.endpoints.find_one({"name": name})
+
+
+def set_endpoint_version(fdb, name: str, version: str, *, url: str | None = None,
+                         require_passed: bool = True) -> dict:
+    """Point endpoint ``name`` at ``version`` (the server follows). The version it
+    replaces is pushed onto ``previous_versions`` for rollback."""
+    ensure_model_indexes(fdb)
+    model = get_model(fdb, version)
+    if model is None:
+        raise ModelNotFound(f"model {version!r} is not in the registry")
+    if require_passed and model.get("passed_checks") is False:
+        raise ValueError(f"model {version} failed its checks ({model.get('checks')}); refusing to deploy it")
+    current = get_endpoint(fdb, name) or {}
+    if current.get("model_version") == version:
+        return current
+    update: dict = {"$set": {"model_version": version, "status": "Updating", "updated_at": _now()},
+                    "$setOnInsert": {"created_at": _now()}}
+    if url:
+        update["$set"]["url"] = url
+    if current.get("model_version"):
+        update["$push"] = {"previous_versions": {"$each": [current["model_version"]], "$slice": -20}}
+    return fdb.endpoints.find_one_and_update({"name": name}, update, upsert=True,
+                                             return_document=ReturnDocument.AFTER)
+
+
+def rollback_endpoint(fdb, name: str) -> dict:
+    """Return endpoint ``name`` to the version it served before the current one."""
+    current = get_endpoint(fdb, name)
+    if not current or not current.get("previous_versions"):
+        raise ValueError(f"endpoint {name!r} has no previous version to roll back to")
+    previous = current["previous_versions"][-1]
+    return fdb.endpoints.find_one_and_update(
+        {"name": name, "model_version": current["model_version"]},
+        {"$set": {"model_version": previous, "status": "Updating", "updated_at": _now(),
+                  "rolled_back_from": current["model_version"]},
+         "$pop": {"previous_versions": 1}},
+        return_document=ReturnDocument.AFTER) or get_endpoint(fdb, name)
+
+
+def report_served(fdb, name: str, version: str | None, *, url: str | None = None) -> None:
+    """The server reports what it serves; ``InService`` once it serves the configured version."""
+    doc = get_endpoint(fdb, name) or {}
+    fields: dict = {"served_version": version, "served_at": _now()}
+    if url:
+        fields["server_url"] = url
+    if version and doc.get("model_version") == version:
+        fields["status"] = "InService"
+    fdb.endpoints.update_one({"name": name}, {"$set": fields})

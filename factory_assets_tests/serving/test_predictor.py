@@ -1,0 +1,90 @@
+"""The one Predictor interface: the same answers and the same two errors from every backend."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from factory_assets.serving.predictor import (BadInput, EndpointUnavailable, HttpEndpointPredictor,
+                                              InProcessPredictor, SageMakerRuntimePredictor)
+from factory_assets.serving.server import InferenceServer
+
+
+@pytest.fixture
+def server(trained_models):
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
+    srv.slot.swap(trained_models[0].model)
+    yield srv.start()
+    srv.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_sagemaker_and_in_process_predictors_agree(server, trained_models, sim_jpeg, aws_env):
+    model = trained_models[0].model
+    predictions = [HttpEndpointPredictor(server.url).predict(sim_jpeg),
+                   SageMakerRuntimePredictor("factory-stock", endpoint_url=server.url).predict(sim_jpeg),
+                   InProcessPredictor(model).predict(sim_jpeg)]
+    for p in predictions:
+        assert p.probabilities == pytest.approx(model.predict_proba_bytes(sim_jpeg), abs=1e-6)
+        assert p.model_version == model.version
+        assert p.thresholds == model.thresholds
+        assert p.present == {c: p.by_class[c] >= model.thresholds[c] for c in model.classes}
+        assert p.latency_ms > 0
+
+
+@pytest.mark.parametrize("make", ["http", "sagemaker", "inprocess"])
+def test_every_predictor_raises_bad_input_for_an_undecodable_image(server, trained_models, make, aws_env):
+    predictor = {"http": lambda: HttpEndpointPredictor(server.url),
+                 "sagemaker": lambda: SageMakerRuntimePredictor("factory-stock", endpoint_url=server.url),
+                 "inprocess": lambda: InProcessPredictor(trained_models[0].model)}[make]()
+    with pytest.raises(BadInput):
+        predictor.predict(b"definitely not a jpeg")
+
+
+@pytest.mark.parametrize("make", ["http", "sagemaker"])
+def test_a_server_that_is_down_is_endpoint_unavailable(make, sim_jpeg, aws_env):
+    url = f"http://127.0.0.1:{_free_port()}"
+    predictor = HttpEndpointPredictor(url, timeout=2) if make == "http" else \
+        SageMakerRuntimePredictor("factory-stock", endpoint_url=url)
+    with pytest.raises(EndpointUnavailable):
+        predictor.predict(sim_jpeg)
+
+
+def test_a_server_without_a_model_is_endpoint_unavailable_not_bad_input(sim_jpeg):
+    srv = InferenceServer("127.0.0.1", 0, log=lambda *_: None).start()
+    try:
+        with pytest.raises(EndpointUnavailable, match="503"):
+            HttpEndpointPredictor(srv.url).predict(sim_jpeg)
+    finally:
+        srv.stop()
+
+
+def test_the_http_predictor_recovers_after_the_server_restarts(trained_models, sim_jpeg):
+    # The kept-alive connection dies with the server; the next call must reconnect, not fail forever.
+    port = _free_port()
+    srv = InferenceServer("127.0.0.1", port, log=lambda *_: None)
+    srv.slot.swap(trained_models[0].model)
+    srv.start()
+    predictor = HttpEndpointPredictor(srv.url)
+    assert predictor.predict(sim_jpeg).model_version == trained_models[0].version
+    srv.stop()
+    with pytest.raises(EndpointUnavailable):
+        predictor.predict(sim_jpeg)
+    srv = InferenceServer("127.0.0.1", port, log=lambda *_: None)
+    srv.slot.swap(trained_models[1].model)
+    srv.start()
+    try:
+        assert predictor.predict(sim_jpeg).model_version == trained_models[1].version
+    finally:
+        srv.stop()
