@@ -134,6 +134,8 @@ class EndpointFollower(threading.Thread):
 
 class InferenceHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: with Nagle on, the client's delayed ACK adds ~40 ms.
+    disable_nagle_algorithm = True
     server_version = "factory-assets-serve"
     sys_version = ""
     server: "InferenceServer"
