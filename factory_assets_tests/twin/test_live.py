@@ -1,0 +1,146 @@
+"""The live twin updater against a real inference server and real MongoDB."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from factory_assets.ingest.simulator import FactorySimulator
+from factory_assets.serving.predictor import EndpointUnavailable, HttpEndpointPredictor
+from factory_assets.serving.server import InferenceServer
+from factory_assets.storage.frames import build_frame, insert_frames
+from factory_assets.twin.live import LiveTwinUpdater, load_cursor
+from factory_assets.twin.store import get_twin
+
+T0 = datetime(2026, 11, 24, 8, 0, tzinfo=timezone.utc)
+
+
+def present_of(stock: dict) -> dict:
+    kinds = {v for v in stock.values() if v}
+    return {c: c.upper() in kinds for c in ("blue", "red", "white")}
+
+
+def insert_sim_frames(fdb, n: int, seed: int = 5, start: datetime = T0, step_s: float = 1.0):
+    sim = FactorySimulator(seed=seed, change_every_s=4.0, start=start)
+    truth = {}
+    docs = []
+    for i in range(n):
+        ts = start + timedelta(seconds=i * step_s)
+        jpeg, stock = sim.frame(ts)
+        doc = build_frame(jpeg, ts=ts, camera_id="cam-1", factory_id="factory-1", content_type="image/jpeg",
+                          width=320, height=240, source={"kind": "test"})
+        docs.append(doc)
+        truth[ts] = present_of(stock)
+    insert_frames(fdb, docs)
+    return truth
+
+
+def test_the_updater_infers_every_new_frame_once_and_the_twin_shows_the_newest(fdb, model_server):
+    truth = insert_sim_frames(fdb, 30)
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    while updater.step():
+        pass
+    assert fdb.inferences.count_documents({}) == 30
+    assert load_cursor(fdb, "twin-live") == 30
+    agreement = [truth[d["frame_ts"]] == d["present"] for d in fdb.inferences.find()]
+    assert sum(agreement) / len(agreement) >= 0.9, "the simulated-frame model should read simulated frames"
+    twin = get_twin(fdb)
+    assert twin["observed"]["frame_ts"] == max(truth)
+    legacy = fdb.twin_legacy.find_one({"_partition": "DTPartition"})
+    assert legacy["ts"] == max(truth)
+    # a second updater (e.g. after a restart) resumes from the stored cursor: nothing is inferred twice
+    again = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    assert again.step() == 0 and fdb.inferences.count_documents({}) == 30
+
+
+def test_an_endpoint_outage_never_moves_the_cursor_past_an_uninferred_frame(fdb, trained_models):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    insert_sim_frames(fdb, 5)
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(f"http://127.0.0.1:{port}", timeout=2),
+                              log=lambda *_: None)
+    with pytest.raises(EndpointUnavailable):
+        updater.step()
+    assert updater.cursor == 0 and load_cursor(fdb, "twin-live") == 0
+    assert fdb.inferences.count_documents({}) == 0
+    srv = InferenceServer("127.0.0.1", port, log=lambda *_: None)
+    srv.slot.swap(trained_models[0].model)
+    srv.start()
+    try:
+        while updater.step():
+            pass
+    finally:
+        srv.stop()
+    assert fdb.inferences.count_documents({}) == 5 and updater.cursor == 5
+
+
+def test_a_corrupt_frame_is_quarantined_and_the_rest_of_the_batch_proceeds(fdb, model_server):
+    insert_sim_frames(fdb, 3)
+    # A frame that passed ingest but whose bytes are damaged in storage.
+    good = fdb.frames.find_one({"seq": 2})
+    fdb.frames.update_one({"_id": good["_id"]}, {"$set": {"image": b"\xff\xd8garbage"}})
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    while updater.step():
+        pass
+    assert updater.stats.rejected == 1 and updater.stats.inferred == 2
+    q = fdb.quarantine.find_one({"reason": "inference_rejected"})
+    assert q is not None and str(good["_id"]) in str(q)
+    assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
+
+
+def test_a_long_backlog_is_left_to_the_batch_path_so_the_twin_is_live_at_once(fdb, model_server):
+    insert_sim_frames(fdb, 40)
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), max_backlog=10, log=lambda *_: None)
+    while updater.step():
+        pass
+    assert updater.stats.skipped_to_batch == 30
+    assert fdb.inferences.count_documents({}) == 10
+    assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=39)
+
+
+def test_simulated_factory_to_twin_end_to_end_matches_the_ground_truth(fdb, mqtt_broker, model_server):
+    import threading
+
+    from factory_assets.ingest.mqtt import MqttIngester
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.ingest.simulator import run_simulation
+    from factory_assets.storage.frames import parse_ts, wait_until
+
+    ingester = MqttIngester(Ingestor(fdb), mqtt_broker.url, progress_every=0, log=lambda *_: None).start()
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    stop = threading.Event()
+    live = threading.Thread(target=updater.run, kwargs={"stop": stop})
+    truth: dict = {}
+
+    def on_publish(topic, payload, stock):
+        if topic == "i/cam":
+            truth[parse_ts(payload["ts"])] = stock
+
+    try:
+        assert ingester.connected.wait(10)
+        live.start()
+        time.sleep(0.3)
+        run_simulation(mqtt_broker.url, fps=10, max_frames=40, seed=11, change_every_s=1.0,
+                       stock_interval_s=0.5, on_publish=on_publish)
+        assert wait_until(lambda: fdb.inferences.count_documents({}) == 40, timeout=30)
+        last = max(truth)
+        assert wait_until(lambda: (get_twin(fdb) or {}).get("observed", {}).get("frame_ts") == last, timeout=10)
+    finally:
+        stop.set()
+        live.join(timeout=10)
+        ingester.stop()
+    inferences = list(fdb.inferences.find())
+    agreement = [present_of(truth[d["frame_ts"]]) == d["present"] for d in inferences]
+    assert sum(agreement) / len(agreement) >= 0.9
+    twin = get_twin(fdb)
+    # reported: the controller's last stock report, per slot, equals the simulator's stock
+    reported_slots = {slot: (v or {}).get("type") if isinstance(v, dict) else v
+                      for slot, v in twin["reported"]["slots"].items()}
+    assert reported_slots == truth[last]
+    legacy = fdb.twin_legacy.find_one({"_partition": "DTPartition"})
+    assert legacy["is_present"] == {c: twin["observed"][c]["present"] for c in ("blue", "red", "white")}
+    assert legacy["ts"] == last
