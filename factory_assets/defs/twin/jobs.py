@@ -1,9 +1,7 @@
 import dagster as dg
 
-from factory_assets.defs.partitions import daily_partitions
-
 stock_inference_job = dg.define_asset_job(
-    "stock_inference_job", selection=["stock_inferences"], partitions_def=daily_partitions,
+    "stock_inference_job", selection=["stock_inferences"],
     description="Infer the frames of a day that the deployed model has not seen yet.")
 
 twin_refresh_job = dg.define_asset_job(
@@ -12,6 +10,5 @@ twin_refresh_job = dg.define_asset_job(
 
 retrain_job = dg.define_asset_job(
     "retrain_job", selection=["labeled_images", "training_manifests", "stock_model", "model_endpoint"],
-    partitions_def=daily_partitions,
     description="labeled_images (the selected days) -> training_manifests -> stock_model -> model_endpoint. "
                 "Launch as a backfill over a date range; blocking checks keep a worse model off the endpoint.")

@@ -1,0 +1,211 @@
+"""The twin domain's Dagster layer with real MongoDB, a real inference server and
+real Dagster instances: sensors through build_sensor_context, assets through materialize."""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pytest
+
+from factory_assets.defs.models.resources import EndpointResource
+from factory_assets.defs.resources import MongoResource
+from factory_assets.defs.twin.assets import stock_inferences, twin_state
+from factory_assets.defs.twin.sensors import new_frames_sensor, twin_live_sensor
+from factory_assets.storage.frames import build_frame, insert_frames
+from factory_assets.storage.inferences import build_inference, record_inference
+from factory_assets.storage.models import register_model, report_served, set_checks, set_endpoint_version
+from factory_assets_tests.helpers import jpeg_bytes
+
+OLD = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
+
+
+def frame(ts: datetime, seed: int = 0, received_at: datetime | None = None) -> dict:
+    return build_frame(jpeg_bytes(seed=seed), ts=ts, camera_id="cam-1", factory_id="factory-1",
+                       content_type="image/jpeg", width=320, height=240, source={"kind": "test"},
+                       received_at=received_at or ts)
+
+
+def deploy(fdb, model) -> str:
+    register_model(fdb, model, dataset_version="d", code_version="c")
+    set_checks(fdb, model.version, True, {})
+    set_endpoint_version(fdb, "factory-stock", model.version)
+    report_served(fdb, "factory-stock", model.version)
+    return model.version
+
+
+@pytest.fixture
+def resources(mongo_uri, database_name, model_server):
+    return {"mongo": MongoResource(uri=mongo_uri, database=database_name),
+            "endpoint": EndpointResource(url=model_server.url)}
+
+
+def tick(resources, cursor=None, instance=None):
+    ctx = dg.build_sensor_context(cursor=cursor, resources=resources,
+                                  instance=instance or dg.DagsterInstance.ephemeral())
+    return new_frames_sensor(ctx)
+
+
+def mark_inferred(fdb, frames, version):
+    for f in frames:
+        record_inference(fdb, build_inference(f, probabilities={"blue": 0.9, "red": 0.1, "white": 0.1},
+                                              thresholds={"blue": 0.5, "red": 0.5, "white": 0.5},
+                                              model_version=version, latency_ms=1.0, source="test"))
+
+
+def test_the_sensor_skips_while_no_model_is_deployed(fdb, resources):
+    insert_frames(fdb, [frame(OLD)])
+    result = tick(resources)
+    assert isinstance(result, dg.SkipReason) and "No model deployed" in result.skip_message
+
+
+def test_uninferred_frames_get_one_run_per_day_with_a_deterministic_run_key(fdb, resources, trained_models):
+    version = deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(3)]
+                  + [frame(OLD + timedelta(days=1, minutes=i), seed=10 + i) for i in range(2)])
+    first, second = tick(resources), tick(resources)
+    keys = [(r.partition_key, r.run_key) for r in first.run_requests]
+    assert keys == [("2026-11-20", f"infer:{version}:2026-11-20:1"), ("2026-11-21", f"infer:{version}:2026-11-21:4")]
+    assert keys == [(r.partition_key, r.run_key) for r in second.run_requests]  # same frames, same keys
+    assert first.cursor == "0"  # nothing inferred yet: the cursor does not pass a single frame
+
+
+def test_frames_the_live_path_inferred_become_asset_events_and_move_the_cursor(fdb, resources, trained_models):
+    version = deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(4)])
+    mark_inferred(fdb, list(fdb.frames.find()), version)
+    result = tick(resources)
+    assert result.run_requests == [] and result.cursor == "4"
+    [event] = result.asset_events
+    assert event.asset_key == dg.AssetKey("stock_inferences") and event.partition == "2026-11-20"
+    assert event.metadata["frames"].value == 4
+
+
+def test_fresh_frames_are_left_to_the_live_updater_for_a_few_seconds(fdb, resources, trained_models):
+    deploy(fdb, trained_models[0].model)
+    now = datetime.now(timezone.utc)
+    insert_frames(fdb, [frame(now, received_at=now)])
+    result = tick(resources)
+    assert result.run_requests == [] and "left to the live updater" in result.skip_reason.skip_message
+    assert result.cursor == "0"
+
+
+def test_a_burst_from_two_concurrent_ingesters_is_covered_without_skipping_a_frame(fdb, resources, trained_models):
+    # The sensor ticks while two writers insert; runs are simulated by inferring what they requested.
+    version = deploy(fdb, trained_models[0].model)
+    stop = threading.Event()
+
+    def writer(offset):
+        i = 0
+        while not stop.is_set() and i < 150:
+            insert_frames(fdb, [frame(OLD + timedelta(seconds=offset + 2 * i), seed=offset + 2 * i)])
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    cursor = None
+    instance = dg.DagsterInstance.ephemeral()
+    while True:
+        writers_done = not any(t.is_alive() for t in threads)
+        result = tick(resources, cursor, instance)
+        requests = getattr(result, "run_requests", None) or []
+        for request in requests:
+            start = datetime.fromisoformat(request.partition_key).replace(tzinfo=timezone.utc)
+            mark_inferred(fdb, list(fdb.frames.find({"ts": {"$gte": start, "$lt": start + timedelta(days=1)},
+                                                    "seq": {"$exists": True}})), version)
+        cursor = result.cursor if isinstance(result, dg.SensorResult) else cursor
+        if writers_done and not requests:
+            break
+    for t in threads:
+        t.join()
+    assert fdb.frames.count_documents({}) == 300
+    assert fdb.inferences.count_documents({}) == 300
+    assert int(result.cursor) == 300
+
+
+def test_stock_inferences_infers_each_frame_of_the_day_once(fdb, resources, trained_models, mongo_uri, database_name):
+    version = deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(5)]
+                  + [frame(OLD + timedelta(days=1), seed=99)])
+    result = dg.materialize([stock_inferences], partition_key="2026-11-20", resources=resources)
+    md = result.asset_materializations_for_node("stock_inferences")[0].metadata
+    assert md["inferred_now"].value == 5 and md["frames"].value == 5
+    assert fdb.inferences.count_documents({"model_version": version}) == 5
+    again = dg.materialize([stock_inferences], partition_key="2026-11-20", resources=resources)
+    md = again.asset_materializations_for_node("stock_inferences")[0].metadata
+    assert md["inferred_now"].value == 0 and md["already_inferred"].value == 5
+    assert fdb.inferences.count_documents({}) == 5
+
+
+def test_a_range_backfill_of_stock_inferences_is_one_run_over_every_day(fdb, resources, trained_models):
+    deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(days=d), seed=d) for d in range(3)])
+    result = dg.materialize([stock_inferences], resources=resources,
+                            tags={"dagster/asset_partition_range_start": "2026-11-20",
+                                  "dagster/asset_partition_range_end": "2026-11-22"})
+    assert result.success and fdb.inferences.count_documents({}) == 3
+
+
+def test_stock_inferences_fails_clearly_when_the_endpoint_is_down(fdb, mongo_uri, database_name, trained_models):
+    import socket
+
+    deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD, seed=1)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = dg.materialize([stock_inferences], partition_key="2026-11-20", raise_on_error=False,
+                            resources={"mongo": MongoResource(uri=mongo_uri, database=database_name),
+                                       "endpoint": EndpointResource(url=f"http://127.0.0.1:{port}", timeout_seconds=1)})
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "Endpoint unavailable" in str(failure.event_specific_data.error)
+    assert fdb.inferences.count_documents({}) == 0
+
+
+def test_twin_state_shows_the_newest_frame_and_a_picture_of_the_rack(fdb, resources, trained_models):
+    version = deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(3)])
+    result = dg.materialize([twin_state], resources=resources)
+    md = result.asset_materializations_for_node("twin_state")[0].metadata
+    assert "data:image/png;base64," in md["twin"].value
+    assert md["model_version"].value == version
+    assert md["observed_frame_ts"].value.startswith("2026-11-20 09:02")
+
+
+def test_the_twin_never_regresses_when_an_older_frame_is_inferred_last(fdb, resources, trained_models):
+    # Out-of-order completion: the newest frame's inference lands first, then an older one.
+    from factory_assets.twin.state import Observation
+    from factory_assets.twin.store import apply_observation, get_twin
+
+    version = deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(2)])
+    older, newer = list(fdb.frames.find().sort("seq", 1))
+    mark_inferred(fdb, [newer], version)
+    apply_observation(fdb, Observation.from_inference(fdb.inferences.find_one({"frame_id": newer["_id"]}), "test"))
+    mark_inferred(fdb, [older], version)
+    assert not apply_observation(fdb, Observation.from_inference(
+        fdb.inferences.find_one({"frame_id": older["_id"]}), "test"))
+    assert get_twin(fdb)["observed"]["frame_id"] == newer["_id"]
+
+
+def test_the_live_sensor_reports_each_twin_change_once_with_its_provenance(fdb, resources, trained_models):
+    from factory_assets.twin.state import Observation
+    from factory_assets.twin.store import apply_observation
+
+    version = deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(2)])
+    frames = list(fdb.frames.find().sort("seq", 1))
+    for i, f in enumerate(frames):
+        record_inference(fdb, build_inference(f, probabilities={"blue": 0.9 if i else 0.1, "red": 0.1, "white": 0.1},
+                                              thresholds={"blue": 0.5, "red": 0.5, "white": 0.5},
+                                              model_version=version, latency_ms=1.0, source="live"))
+        apply_observation(fdb, Observation.from_inference(fdb.inferences.find_one({"frame_id": f["_id"]}), "live"))
+    ctx = dg.build_sensor_context(resources={"mongo": resources["mongo"]})
+    result = twin_live_sensor(ctx)
+    assert [e.metadata["frame_id"].value for e in result.asset_events] == [str(f["_id"]) for f in frames]
+    assert all(e.metadata["model_version"].value == version for e in result.asset_events)
+    assert "data:image/png;base64," in result.asset_events[-1].metadata["twin"].value
+    again = twin_live_sensor(dg.build_sensor_context(cursor=result.cursor, resources={"mongo": resources["mongo"]}))
+    assert not again.asset_events
