@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from factory_assets.defs import camera, models, twin
+from dagster_aws.s3 import S3Resource
+
+from factory_assets.defs import camera, datasets, models, twin
+from factory_assets.defs.datasets.resources import DatasetTargetResource
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
 from factory_assets.defs.resources import MongoResource
 
-DOMAINS = [camera, models, twin]
+DOMAINS = [camera, datasets, models, twin]
 
 
 def _collect(attr: str) -> list:
@@ -25,5 +28,8 @@ defs = dg.Definitions(
         "mongo": MongoResource(),
         "endpoint": EndpointResource(),
         "model_policy": ModelPolicyResource(),
+        "dataset_target": DatasetTargetResource(),
+        # region / endpoint from the environment (AWS_REGION, AWS_ENDPOINT_URL); credentials from the AWS chain
+        "s3": S3Resource(),
     },
 )

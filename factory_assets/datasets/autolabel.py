@@ -1,0 +1,92 @@
+"""Automatic labels from the factory controller's own stock reports (``f/i/stock``).
+
+A frame is labelled with the stock reported at or before its ``ts`` only when
+- that report is at most ``window_s`` older than the frame,
+- no stock change was reported within ``margin_s`` before or after the frame
+  (the robot is moving a workpiece: the picture may show either state), and
+- the controller has reported again at least ``margin_s`` after the frame, so a
+  change right after it cannot be missed (newest frames are labelled next time).
+The simulated factory, like the TXT controller, reports on every change and
+periodically in between.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from factory_assets.datasets.labels import label_doc, upsert_labels
+from factory_assets.vision.classes import CLASSES
+
+SLOTS = tuple(f"{r}{c}" for r in "ABC" for c in "123")
+
+
+@dataclass
+class AutoLabelSummary:
+    frames: int = 0
+    labelled: int = 0
+    unstable: int = 0       # taken while the stock changed
+    no_report: int = 0      # no report close enough before the frame
+    unconfirmed: int = 0    # too new: no report after it yet
+
+
+def slots_of(payload: dict) -> dict:
+    slots = {s: None for s in SLOTS}
+    for item in (payload or {}).get("stockItems") or []:
+        loc = (item or {}).get("location")
+        if loc in slots:
+            slots[loc] = ((item.get("workpiece") or {}).get("type") or None)
+            if slots[loc]:
+                slots[loc] = str(slots[loc]).upper()
+    return slots
+
+
+def present_of(slots: dict) -> dict:
+    kinds = {v for v in slots.values() if v}
+    return {c: c.upper() in kinds for c in CLASSES}
+
+
+def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, margin_s: float = 2.0,
+               factory_id: str | None = None) -> AutoLabelSummary:
+    from factory_assets.storage.frames import day_query, frame_ts
+
+    window, margin = timedelta(seconds=window_s), timedelta(seconds=margin_s)
+    query: dict = {"topic": "f/i/stock", "ts": {"$gte": start - window - margin, "$lt": end + window + margin}}
+    reports = []
+    for msg in fdb.mqtt.find(query, {"ts": 1, "payload": 1, "message_id": 1, "factory_id": 1}).sort("ts", 1):
+        if factory_id and msg.get("factory_id") not in (None, factory_id):
+            continue
+        if not isinstance(msg.get("payload"), dict) or not isinstance(msg.get("ts"), datetime):
+            continue
+        reports.append((msg["ts"], slots_of(msg["payload"]), msg.get("message_id") or str(msg["_id"])))
+    latest_report = fdb.mqtt.find_one({"topic": "f/i/stock"}, {"ts": 1}, sort=[("ts", -1)])
+    latest_ts = latest_report["ts"] if latest_report else None
+    # A change point: a report whose stock differs from the one before (the first is one too: unknown before).
+    changes = [ts for i, (ts, slots, _) in enumerate(reports) if i == 0 or slots != reports[i - 1][1]]
+    times = [r[0] for r in reports]
+    summary = AutoLabelSummary()
+    docs = []
+    frame_query = day_query(start, end)
+    frame_query["camera_id"] = {"$ne": "import"}
+    for frame in fdb.frames.find(frame_query, {"image": 0, "data": 0}):
+        summary.frames += 1
+        ts = frame_ts(frame)
+        i = bisect_right(times, ts) - 1
+        if i < 0 or ts - times[i] > window:
+            summary.no_report += 1
+            continue
+        if latest_ts is None or latest_ts < ts + margin:
+            summary.unconfirmed += 1
+            continue
+        if any(abs(c - ts) <= margin for c in changes[max(0, bisect_right(changes, ts - margin) - 1):]
+               if c <= ts + margin):
+            summary.unstable += 1
+            continue
+        report_ts, slots, message_id = reports[i]
+        docs.append(label_doc(frame, present_of(slots), "auto", slots=slots,
+                              provenance={"report_message_id": message_id, "report_ts": report_ts,
+                                          "window_s": window_s, "margin_s": margin_s}))
+    if docs:
+        upsert_labels(fdb, docs)
+    summary.labelled = len(docs)
+    return summary

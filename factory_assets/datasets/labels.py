@@ -1,0 +1,155 @@
+"""``labels``: what a frame shows, one document per frame and label source.
+
+Sources, each with its provenance, in priority order: ``manual`` (a person said
+so) beats ``import`` (an existing ``.lst`` dataset) beats ``auto`` (the
+controller's own ``f/i/stock`` reports). A frame's *effective* label is the one
+of its highest-priority source. Presence of a colour means any slot holds a
+workpiece of that type; the per-slot stock (A1..C3) is kept when known.
+"""
+from __future__ import annotations
+
+import csv
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bson import ObjectId
+from pymongo import ASCENDING, UpdateOne
+
+from factory_assets.vision.classes import CLASSES
+
+PRIORITY = {"manual": 3, "import": 2, "auto": 1}
+_indexed: set = set()
+
+
+class LabelError(ValueError):
+    """A label that cannot be stored (unknown frame, bad colour, bad CSV line)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def ensure_label_indexes(fdb) -> None:
+    key = (id(fdb.db.client), fdb.db.name)
+    if key in _indexed:
+        return
+    fdb.labels.create_index([("frame_id", ASCENDING), ("source", ASCENDING)], unique=True, name="frame_source")
+    fdb.labels.create_index([("frame_ts", ASCENDING)], name="frame_ts")
+    _indexed.add(key)
+
+
+def combination(present: dict) -> str:
+    """``'blue+white'``, or ``'empty'``: the label combination used for stratifying."""
+    names = [c for c in CLASSES if present.get(c)]
+    return "+".join(names) if names else "empty"
+
+
+def label_doc(frame: dict, present: dict, source: str, *, provenance: dict, slots: dict | None = None,
+              split: str | None = None) -> dict:
+    if source not in PRIORITY:
+        raise LabelError(f"unknown label source {source!r} (one of {', '.join(PRIORITY)})")
+    from factory_assets.storage.frames import frame_ts
+
+    doc = {"frame_id": frame["_id"], "frame_ts": frame_ts(frame), "frame_sha256": frame.get("sha256"),
+           "source": source, "priority": PRIORITY[source],
+           "present": {c: bool(present.get(c, False)) for c in CLASSES},
+           "provenance": provenance}
+    if slots is not None:
+        doc["slots"] = slots
+    if split is not None:
+        doc["split"] = split
+    return doc
+
+
+def upsert_labels(fdb, docs: list[dict]) -> dict:
+    """Store labels idempotently (one per frame and source). Returns counts."""
+    ensure_label_indexes(fdb)
+    if not docs:
+        return {"new": 0, "changed": 0, "unchanged": 0}
+    now = _now()
+    ops = [UpdateOne({"frame_id": d["frame_id"], "source": d["source"]},
+                     {"$set": {**d, "updated_at": now}, "$setOnInsert": {"created_at": now}}, upsert=True)
+           for d in docs]
+    result = fdb.labels.bulk_write(ops, ordered=False)
+    return {"new": result.upserted_count, "changed": result.modified_count,
+            "unchanged": len(docs) - result.upserted_count - result.modified_count}
+
+
+def effective_labels(fdb, start: datetime | None = None, end: datetime | None = None) -> list[dict]:
+    """One label per frame, its highest-priority source, ordered by frame time."""
+    ensure_label_indexes(fdb)
+    query: dict = {}
+    if start is not None or end is not None:
+        query["frame_ts"] = {k: v for k, v in (("$gte", start), ("$lt", end)) if v is not None}
+    best: dict = {}
+    for doc in fdb.labels.find(query):
+        cur = best.get(doc["frame_id"])
+        if cur is None or doc["priority"] > cur["priority"]:
+            best[doc["frame_id"]] = doc
+    return sorted(best.values(), key=lambda d: (d["frame_ts"], str(d["frame_id"])))
+
+
+# ---------------------------------------------------------------------------
+# manual labels
+
+
+def parse_present(text: str | None, empty: bool = False) -> dict:
+    if empty:
+        if text:
+            raise LabelError("--empty and --present exclude each other")
+        return {c: False for c in CLASSES}
+    if not text:
+        raise LabelError("say which colours are present (--present blue,red) or --empty")
+    names = [t.strip().lower() for t in text.replace(";", ",").split(",") if t.strip()]
+    unknown = [n for n in names if n not in CLASSES]
+    if unknown:
+        raise LabelError(f"unknown colour(s) {', '.join(unknown)}; classes are {', '.join(CLASSES)}")
+    return {c: c in names for c in CLASSES}
+
+
+def _find_frame(fdb, frame_id: str) -> dict:
+    try:
+        oid = ObjectId(frame_id)
+    except Exception:
+        raise LabelError(f"{frame_id!r} is not a frame id (24 hex characters)") from None
+    frame = fdb.frames.find_one({"_id": oid}, {"image": 0, "data": 0})
+    if frame is None:
+        raise LabelError(f"no frame with id {frame_id}")
+    return frame
+
+
+def label_manually(fdb, frame_id: str, present: dict, *, user: str | None = None, note: str | None = None) -> dict:
+    frame = _find_frame(fdb, frame_id)
+    doc = label_doc(frame, present, "manual", provenance={"user": user or "cli", "note": note, "at": _now()})
+    upsert_labels(fdb, [doc])
+    return doc
+
+
+def label_from_csv(fdb, path: Path, *, user: str | None = None) -> int:
+    """``frame_id,blue,red,white`` (0/1) or ``frame_id,present`` (``blue;red``, empty = none).
+    Every line is checked before anything is written; errors name the file and line."""
+    path = Path(path)
+    docs = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        if "frame_id" not in fields or not (set(CLASSES) <= set(fields) or "present" in fields):
+            raise LabelError(f"{path}:1: header must be frame_id,{','.join(CLASSES)} or frame_id,present")
+        for lineno, raw in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+            where = f"{path}:{lineno}"
+            try:
+                if set(CLASSES) <= set(row):
+                    bad = [c for c in CLASSES if row[c] not in ("0", "1")]
+                    if bad:
+                        raise LabelError(f"{', '.join(bad)} must be 0 or 1")
+                    present = {c: row[c] == "1" for c in CLASSES}
+                else:
+                    present = parse_present(row["present"], empty=not row["present"])
+                frame = _find_frame(fdb, row["frame_id"])
+            except LabelError as exc:
+                raise LabelError(f"{where}: {exc}") from None
+            docs.append(label_doc(frame, present, "manual",
+                                  provenance={"user": user or "cli", "file": str(path), "line": lineno, "at": _now()}))
+    upsert_labels(fdb, docs)
+    return len(docs)

@@ -1,0 +1,193 @@
+"""Training datasets in the exact layout of the original project and SageMaker's
+built-in image classifier (``multi_label=1``)::
+
+    all-imgs/  train-imgs/  valid-imgs/  train-annots/train.lst  valid-annots/valid.lst
+
+Splits are deterministic and sticky: imported labels keep the split their file
+gave; every other frame is assigned once (stratified by label combination, by a
+hash of its content) and the assignment is stored in ``dataset_splits``, so a
+frame never changes side when the dataset is rebuilt or new days are added.
+The dataset is written to a temporary folder and renamed into
+``<root>/<version>`` only when complete; the version is a content hash of the
+manifests and images. Each build is recorded in MongoDB ``datasets``.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from factory_assets.datasets.labels import combination, effective_labels
+from factory_assets.datasets.lst import LstRow, format_lst
+from factory_assets.vision.classes import CLASSES
+
+SPLITS_COLLECTION = "dataset_splits"
+VALID_EVERY = 5  # about one frame in five of each label combination goes to validation
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
+
+
+class DatasetBuildError(ValueError):
+    """The labelled frames do not make a usable dataset (e.g. an empty split)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _hash_key(label: dict) -> str:
+    return hashlib.sha256(f"{label.get('frame_sha256') or label['frame_id']}".encode()).hexdigest()
+
+
+def assign_splits(fdb, labels: list[dict]) -> dict:
+    """frame_id -> 'train' | 'valid', stored so it never changes afterwards."""
+    coll = fdb.db[SPLITS_COLLECTION]
+    ids = [lab["frame_id"] for lab in labels]
+    known = {d["_id"]: d["split"] for d in coll.find({"_id": {"$in": ids}})}
+    out = {}
+    imported = {}
+    for lab in labels:
+        if lab.get("split") in ("train", "valid"):  # the imported file's split always holds
+            out[lab["frame_id"]] = lab["split"]
+            if lab["frame_id"] not in known:
+                imported[lab["frame_id"]] = lab["split"]
+        elif lab["frame_id"] in known:
+            out[lab["frame_id"]] = known[lab["frame_id"]]
+    # New frames: per label combination, in hash order, every VALID_EVERY-th to valid, starting
+    # with the first when the combination has no valid frame yet (each combination is validated).
+    by_combo: dict[str, list[dict]] = {}
+    for lab in labels:
+        if lab["frame_id"] not in out and lab["frame_id"] not in imported:
+            by_combo.setdefault(combination(lab["present"]), []).append(lab)
+    new = dict(imported)
+    combo_of = {lab["frame_id"]: combination(lab["present"]) for lab in labels}
+    for combo, labs in by_combo.items():
+        n_valid = sum(1 for d in coll.find({"combination": combo, "split": "valid"}, {"_id": 1}).limit(1))
+        n_seen = coll.count_documents({"combination": combo})
+        for lab in sorted(labs, key=_hash_key):
+            n_seen += 1
+            to_valid = (n_valid == 0 and n_seen >= 2) or (n_seen % VALID_EVERY == 0)
+            new[lab["frame_id"]] = "valid" if to_valid else "train"
+            n_valid += to_valid
+    if new:
+        from pymongo import UpdateOne
+
+        coll.bulk_write([UpdateOne({"_id": frame_id}, {"$setOnInsert": {"split": split, "combination": combo_of[frame_id],
+                                                                        "assigned_at": _now()}}, upsert=True)
+                         for frame_id, split in new.items()], ordered=False)
+        # Two builds racing: whoever stored first wins, and both use that.
+        stored = {d["_id"]: d["split"] for d in coll.find({"_id": {"$in": list(new)}})}
+        for frame_id in new:
+            out.setdefault(frame_id, stored[frame_id])
+    return out
+
+
+@dataclass
+class BuiltDataset:
+    version: str
+    path: Path
+    counts: dict
+    doc: dict
+    reused: bool
+
+
+def _file_name(frame: dict, label: dict) -> str:
+    ext = EXTENSIONS.get(frame.get("content_type") or "image/jpeg", ".jpg")
+    src = (frame.get("source") or {}) if isinstance(frame.get("source"), dict) else {}
+    if frame.get("camera_id") == "import" and src.get("path"):
+        stem = Path(src["path"]).name
+        return f"{str(frame['_id'])[-8:]}-{stem}"
+    ts = label["frame_ts"].strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{ts}-{frame['_id']}{ext}"
+
+
+def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: datetime | None = None,
+                  days: list[str] | None = None) -> BuiltDataset:
+    """Write the dataset of the labelled frames in [start, end) (all when None)."""
+    from factory_assets.storage.frames import frame_image_bytes
+
+    labels = effective_labels(fdb, start, end)
+    if not labels:
+        raise DatasetBuildError("no labelled frames in the selected days: label some first "
+                                "(auto labels come from labeled_images, or import / label manually)")
+    splits = assign_splits(fdb, labels)
+    by_split = {s: [lab for lab in labels if splits[lab["frame_id"]] == s] for s in ("train", "valid")}
+    for split, labs in by_split.items():
+        if not labs:
+            raise DatasetBuildError(f"the {split} split would be empty ({len(labels)} labelled frames, "
+                                    f"all in the other split): label more frames or more label combinations")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        digest = hashlib.sha256()
+        counts: dict = {}
+        for split in ("train", "valid"):
+            img_dir, annots = staging / f"{split}-imgs", staging / f"{split}-annots"
+            img_dir.mkdir()
+            annots.mkdir()
+            (staging / "all-imgs").mkdir(exist_ok=True)
+            rows = []
+            ids = [lab["frame_id"] for lab in by_split[split]]
+            frames = {f["_id"]: f for f in fdb.frames.find({"_id": {"$in": ids}})}
+            for index, lab in enumerate(by_split[split], start=1):
+                frame = frames.get(lab["frame_id"])
+                if frame is None:
+                    raise DatasetBuildError(f"label {lab['_id']} ({lab['source']}) refers to frame "
+                                            f"{lab['frame_id']}, which does not exist")
+                data = frame_image_bytes(frame)
+                name = _file_name(frame, lab)
+                (img_dir / name).write_bytes(data)
+                (staging / "all-imgs" / name).write_bytes(data)
+                rows.append(LstRow(index, tuple(int(lab["present"][c]) for c in CLASSES), name))
+                digest.update(hashlib.sha256(data).digest())
+            text = format_lst(rows)
+            (annots / f"{split}.lst").write_text(text, encoding="utf-8")
+            digest.update(text.encode())
+            counts[split] = {"images": len(rows), **{c: sum(r.labels[i] for r in rows) for i, c in enumerate(CLASSES)}}
+        version = digest.hexdigest()[:16]
+        final = root / version
+        reused = final.exists()
+        if reused:
+            shutil.rmtree(staging)
+        else:
+            staging.rename(final)  # atomic on one filesystem: readers never see a half-written dataset
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    sources: dict = {}
+    combos: dict = {}
+    for lab in labels:
+        sources[lab["source"]] = sources.get(lab["source"], 0) + 1
+        combos[combination(lab["present"])] = combos.get(combination(lab["present"]), 0) + 1
+    doc = {"version": version, "path": str(final), "counts": counts, "sources": sources, "combinations": combos,
+           "days": days, "range": {"start": start, "end": end}, "built_at": _now()}
+    fdb.datasets.update_one({"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now()}}, upsert=True)
+    return BuiltDataset(version, final, counts, doc, reused)
+
+
+def record_upload(fdb, version: str, uri: str) -> None:
+    fdb.datasets.update_one({"_id": version}, {"$set": {"s3_uri": uri}})
+
+
+def current_dataset(fdb) -> dict | None:
+    """The most recently built dataset (``version``, local ``path``, counts, optional ``s3_uri``)."""
+    return fdb.datasets.find_one({}, sort=[("built_at", -1)])
+
+
+def upload_to_s3(client, local_dir: Path, bucket: str, prefix: str, version: str) -> str:
+    """Upload to ``s3://bucket/prefix/.staging-<version>/`` then copy into ``prefix/<version>/``
+    and delete the staging keys, so ``prefix/<version>/`` only ever holds a complete dataset."""
+    prefix = prefix.strip("/")
+    base = f"{prefix}/{version}" if prefix else version
+    staging = f"{prefix}/.staging-{version}" if prefix else f".staging-{version}"
+    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    for p in files:
+        client.upload_file(str(p), bucket, f"{staging}/{p.relative_to(local_dir).as_posix()}")
+    for p in files:
+        rel = p.relative_to(local_dir).as_posix()
+        client.copy_object(Bucket=bucket, Key=f"{base}/{rel}", CopySource={"Bucket": bucket, "Key": f"{staging}/{rel}"})
+        client.delete_object(Bucket=bucket, Key=f"{staging}/{rel}")
+    return f"s3://{bucket}/{base}/"

@@ -1,0 +1,135 @@
+"""Datasets domain: labelled frames per day and the SageMaker training manifests."""
+from typing import Optional
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from factory_assets.defs.datasets.resources import DatasetTargetResource
+from factory_assets.defs.metadata import partition_bounds, png_markdown, table_markdown
+from factory_assets.defs.partitions import daily_partitions
+from factory_assets.defs.resources import MongoResource
+
+PREVIEW_FRAMES = 8
+
+
+class LabeledImagesConfig(dg.Config):
+    window_seconds: float = 30.0  # a stock report at most this old labels a frame
+    margin_seconds: float = 2.0   # no stock change this close to the frame
+
+
+@dg.asset(
+    deps=["raw_frames"],
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="datasets",
+    kinds={"mongodb"},
+    owners=["team:factory-data"],
+)
+def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfig,
+                   mongo: MongoResource) -> dg.MaterializeResult:
+    """The labelled frames of the day(s) in MongoDB ``labels``: one document per frame
+    and label source (manual > import > auto). Materializing labels the day's frames
+    from the controller's ``f/i/stock`` reports where the stock was stable, then
+    reports counts per class, per source and per label combination, with a preview."""
+    from factory_assets.datasets.autolabel import auto_label
+    from factory_assets.datasets.labels import combination, effective_labels
+    from factory_assets.storage.frames import frame_image_bytes
+    from factory_assets.vision.classes import CLASSES
+    from factory_assets.vision.preview import grid_png
+
+    fdb = mongo.fdb()
+    start, end = partition_bounds(context)
+    summary = auto_label(fdb, start, end, window_s=config.window_seconds, margin_s=config.margin_seconds)
+    labels = effective_labels(fdb, start, end)
+    by_source: dict = {}
+    by_combo: dict = {}
+    for lab in labels:
+        by_source[lab["source"]] = by_source.get(lab["source"], 0) + 1
+        by_combo[combination(lab["present"])] = by_combo.get(combination(lab["present"]), 0) + 1
+    metadata = {
+        "labelled_frames": dg.MetadataValue.int(len(labels)),
+        "frames_seen_by_autolabel": dg.MetadataValue.int(summary.frames),
+        "auto_labelled_now": dg.MetadataValue.int(summary.labelled),
+        "skipped_unstable": dg.MetadataValue.int(summary.unstable),
+        "skipped_no_report": dg.MetadataValue.int(summary.no_report),
+        "skipped_unconfirmed": dg.MetadataValue.int(summary.unconfirmed),
+        "per_class": table_markdown(["class", "present", "absent"],
+                                    [[c, sum(lab["present"][c] for lab in labels),
+                                      sum(not lab["present"][c] for lab in labels)] for c in CLASSES]),
+        "per_source": table_markdown(["source", "frames"], sorted(by_source.items())),
+        "per_combination": table_markdown(["combination", "frames"], sorted(by_combo.items())),
+    }
+    if labels:
+        step = max(1, len(labels) // PREVIEW_FRAMES)
+        sample = labels[::step][:PREVIEW_FRAMES]
+        frames = {f["_id"]: f for f in fdb.frames.find({"_id": {"$in": [lab["frame_id"] for lab in sample]}})}
+        images, captions = [], []
+        for lab in sample:
+            if lab["frame_id"] in frames:
+                images.append(frame_image_bytes(frames[lab["frame_id"]]))
+                captions.append(f"{combination(lab['present'])} ({lab['source']})")
+        if images:
+            metadata["preview"] = png_markdown(grid_png(images, captions), "labelled frames")
+    return dg.MaterializeResult(metadata=metadata)
+
+
+class TrainingManifestsConfig(dg.Config):
+    from_day: Optional[str] = None  # YYYY-MM-DD; default: the run's partition range, else every labelled day
+    to_day: Optional[str] = None
+
+
+def selected_range(context: dg.AssetExecutionContext, config: TrainingManifestsConfig):
+    """[start, end) of the days to use: run config, else the run's partition (range), else all."""
+    from datetime import datetime, timedelta, timezone
+
+    tags = context.run.tags if context.run else {}
+    first = config.from_day or tags.get("dagster/asset_partition_range_start") or tags.get("dagster/partition")
+    last = config.to_day or tags.get("dagster/asset_partition_range_end") or tags.get("dagster/partition")
+    parse = lambda d: datetime.strptime(d, "%Y-%m-%d").replace(tzinfo=timezone.utc)  # noqa: E731
+    start = parse(first) if first else None
+    end = parse(last) + timedelta(days=1) if last else None
+    return start, end
+
+
+@dg.asset(
+    deps=[labeled_images],
+    group_name="datasets",
+    kinds={"python", "s3"},
+    owners=["team:factory-data"],
+)
+def training_manifests(context: dg.AssetExecutionContext, config: TrainingManifestsConfig, mongo: MongoResource,
+                       dataset_target: DatasetTargetResource, s3: S3Resource) -> dg.MaterializeResult:
+    """A training dataset in the exact layout SageMaker's image classifier and the
+    original project use (``train-imgs/``, ``valid-imgs/``, ``all-imgs/``,
+    ``train-annots/train.lst``, ``valid-annots/valid.lst``; class columns blue, red,
+    white), built from the labelled frames of the selected days. Deterministic, sticky
+    splits; written to a temporary folder and moved into place when complete; the
+    version is a content hash recorded in MongoDB ``datasets``."""
+    from factory_assets.datasets.manifests import build_dataset, record_upload, upload_to_s3
+    from factory_assets.vision.classes import CLASSES
+
+    fdb = mongo.fdb()
+    start, end = selected_range(context, config)
+    try:
+        built = build_dataset(fdb, dataset_target.root(), start=start, end=end)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    metadata = {
+        "dataset_version": dg.MetadataValue.text(built.version),
+        "path": dg.MetadataValue.path(str(built.path)),
+        "days": dg.MetadataValue.text(f"{start.date() if start else 'first'} .. "
+                                      f"{(end.date() if end else 'last')} (end exclusive)"),
+        "train_images": dg.MetadataValue.int(built.counts["train"]["images"]),
+        "valid_images": dg.MetadataValue.int(built.counts["valid"]["images"]),
+        "per_split_and_class": table_markdown(
+            ["split", "images", *CLASSES],
+            [[s, built.counts[s]["images"], *(built.counts[s][c] for c in CLASSES)] for s in ("train", "valid")]),
+        "reused_existing_version": dg.MetadataValue.bool(built.reused),
+    }
+    if dataset_target.s3_bucket:
+        uri = upload_to_s3(s3.get_client(), built.path, dataset_target.s3_bucket, dataset_target.s3_prefix,
+                           built.version)
+        record_upload(fdb, built.version, uri)
+        metadata["s3_uri"] = dg.MetadataValue.url(uri)
+    context.log.info(f"dataset {built.version}: {built.counts}")
+    return dg.MaterializeResult(metadata=metadata)
