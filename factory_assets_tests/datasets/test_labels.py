@@ -1,0 +1,140 @@
+"""Automatic labels from stock reports, manual labels, priorities and sticky splits."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from factory_assets.datasets.autolabel import auto_label, present_of
+from factory_assets.datasets.labels import LabelError, effective_labels, label_from_csv, label_manually
+from factory_assets.datasets.manifests import assign_splits, build_dataset
+from factory_assets.ingest.service import Ingestor
+from factory_assets.ingest.simulator import FactorySimulator
+
+T0 = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
+
+
+def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, change_every: float = 15.0):
+    """Frames every second and the controller's stock reports (on change and every 5 s),
+    ingested like MQTT messages. Returns ground truth per frame ts and the change times."""
+    sim = FactorySimulator(seed=seed, change_every_s=change_every, start=start)
+    ing = Ingestor(fdb)
+    truth, changes = {}, []
+    next_report = 0.0
+    for t in range(seconds):
+        ts = start + timedelta(seconds=t)
+        before = dict(sim.stock)
+        msg, stock = sim.camera_message(ts)
+        if stock != before or t == 0:
+            changes.append(ts)
+            ing.handle_mqtt("f/i/stock", __import__("json").dumps(sim.stock_message(ts)).encode())
+            next_report = t + 5
+        elif t >= next_report:
+            ing.handle_mqtt("f/i/stock", __import__("json").dumps(sim.stock_message(ts)).encode())
+            next_report = t + 5
+        ing.handle_mqtt("i/cam", __import__("json").dumps(msg).encode())
+        truth[ts] = present_of(stock)
+    ing.flush()
+    return truth, changes
+
+
+def test_auto_labels_match_the_ground_truth_and_skip_frames_taken_while_stock_changed(fdb):
+    truth, changes = simulate_day(fdb)
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1), window_s=30, margin_s=2)
+    labels = {lab["frame_ts"]: lab for lab in effective_labels(fdb)}
+    assert summary.labelled == len(labels) > 60
+    assert all(lab["present"] == truth[ts] for ts, lab in labels.items())
+    near_change = {ts for ts in truth for c in changes[1:] if abs((ts - c).total_seconds()) <= 2}
+    assert near_change and not (near_change & set(labels))
+    assert summary.unstable >= len(near_change)
+    assert all(set(lab["slots"]) == {f"{r}{c}" for r in "ABC" for c in "123"} for lab in labels.values())
+    # running again changes nothing
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert fdb.labels.count_documents({}) == len(labels)
+
+
+def test_frames_without_a_recent_report_or_not_yet_confirmed_are_not_labelled(fdb):
+    simulate_day(fdb, seconds=20)
+    fdb.mqtt.delete_many({"topic": "f/i/stock", "ts": {"$gt": T0 + timedelta(seconds=12)}})
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1), window_s=30, margin_s=2)
+    # the last report is at ~10 s: frames after 8 s have no report confirming them afterwards
+    assert summary.unconfirmed > 0
+    assert all(lab["frame_ts"] <= T0 + timedelta(seconds=10) for lab in effective_labels(fdb))
+
+
+def test_manual_beats_imported_beats_automatic(fdb):
+    simulate_day(fdb, seconds=30)
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    lab = effective_labels(fdb)[0]
+    frame_id = str(lab["frame_id"])
+    flipped = {c: not v for c, v in lab["present"].items()}
+    label_manually(fdb, frame_id, flipped, user="alice")
+    best = [d for d in effective_labels(fdb) if str(d["frame_id"]) == frame_id][0]
+    assert best["source"] == "manual" and best["present"] == flipped
+    assert fdb.labels.count_documents({"frame_id": lab["frame_id"]}) == 2  # the auto label is kept
+
+
+def test_manual_labels_refuse_unknown_frames_and_colours(fdb):
+    with pytest.raises(LabelError, match="no frame"):
+        label_manually(fdb, "0123456789abcdef01234567", {"blue": True})
+    from factory_assets.datasets.labels import parse_present
+
+    with pytest.raises(LabelError, match="unknown colour"):
+        parse_present("blue,green")
+
+
+def test_a_csv_with_one_bad_line_writes_nothing_and_names_the_line(fdb, tmp_path):
+    simulate_day(fdb, seconds=5)
+    ids = [str(f["_id"]) for f in fdb.frames.find({}, {"_id": 1})]
+    path = tmp_path / "labels.csv"
+    path.write_text(f"frame_id,blue,red,white\n{ids[0]},1,0,0\n{ids[1]},1,2,0\n")
+    with pytest.raises(LabelError, match=r"labels.csv:3: red must be 0 or 1"):
+        label_from_csv(fdb, path)
+    assert fdb.labels.count_documents({"source": "manual"}) == 0
+    path.write_text(f"frame_id,present\n{ids[0]},blue;white\n{ids[1]},\n")
+    assert label_from_csv(fdb, path) == 2
+    assert {tuple(sorted(c for c, v in d["present"].items() if v)) for d in fdb.labels.find({"source": "manual"})} \
+        == {("blue", "white"), ()}
+
+
+def test_splits_are_stratified_and_never_move_when_days_are_added(fdb, tmp_path):
+    simulate_day(fdb, seconds=300, change_every=10)
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    first = build_dataset(fdb, tmp_path / "ds")
+    before = {d["_id"]: d["split"] for d in fdb.db["dataset_splits"].find()}
+    combos = {}
+    for d in fdb.db["dataset_splits"].find():
+        combos.setdefault(d["combination"], set()).add(d["split"])
+    assert all("valid" in s for c, s in combos.items()
+               if fdb.db["dataset_splits"].count_documents({"combination": c}) >= 2)
+    again = build_dataset(fdb, tmp_path / "ds")
+    assert again.version == first.version
+    # a new day arrives
+    simulate_day(fdb, seconds=120, start=T0 + timedelta(days=1), seed=9)
+    auto_label(fdb, T0 + timedelta(days=1), T0 + timedelta(days=2))
+    build_dataset(fdb, tmp_path / "ds")
+    after = {d["_id"]: d["split"] for d in fdb.db["dataset_splits"].find()}
+    assert len(after) > len(before)
+    assert all(after[k] == v for k, v in before.items())
+    valid_share = sum(v == "valid" for v in after.values()) / len(after)
+    assert 0.1 < valid_share < 0.4
+
+
+def test_a_dataset_can_be_built_from_exactly_the_selected_days(fdb, tmp_path):
+    simulate_day(fdb, seconds=200, change_every=10)
+    simulate_day(fdb, seconds=200, start=T0 + timedelta(days=1), seed=8, change_every=10)
+    auto_label(fdb, T0, T0 + timedelta(days=2))
+    built = build_dataset(fdb, tmp_path / "ds", start=T0 + timedelta(days=1), end=T0 + timedelta(days=2))
+    n_day2 = len(effective_labels(fdb, T0 + timedelta(days=1), T0 + timedelta(days=2)))
+    assert built.counts["train"]["images"] + built.counts["valid"]["images"] == n_day2
+    assert n_day2 < len(effective_labels(fdb))
+
+
+def test_assign_splits_keeps_an_imported_split(fdb):
+    simulate_day(fdb, seconds=3)
+    frame = fdb.frames.find_one()
+    from factory_assets.datasets.labels import label_doc, upsert_labels
+
+    upsert_labels(fdb, [label_doc(frame, {"blue": True}, "import", split="valid", provenance={})])
+    labs = effective_labels(fdb)
+    assert assign_splits(fdb, labs)[frame["_id"]] == "valid"
