@@ -1,0 +1,152 @@
+"""datasets and models domains through dg.materialize with real MongoDB, a real
+inference server, and S3 served by moto in server mode on 127.0.0.1."""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import dagster as dg
+import pytest
+
+from factory_assets.defs.datasets.assets import labeled_images, training_manifests
+from factory_assets.defs.datasets.resources import DatasetTargetResource
+from factory_assets.defs.models.assets import model_endpoint, stock_model
+from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
+from factory_assets.defs.resources import MongoResource
+from factory_assets_tests.datasets.test_labels import T0, simulate_day
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def resources(mongo_uri, database_name, tmp_path, moto_s3, monkeypatch):
+    from dagster_aws.s3 import S3Resource
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return {"mongo": MongoResource(uri=mongo_uri, database=database_name),
+            "dataset_target": DatasetTargetResource(local_root=str(tmp_path / "datasets")),
+            "s3": S3Resource(endpoint_url=moto_s3, region_name="us-east-1")}
+
+
+def test_labeled_images_auto_labels_the_day_and_shows_counts_and_a_preview(fdb, resources):
+    simulate_day(fdb, seconds=60)
+    result = dg.materialize([labeled_images], partition_key=T0.strftime("%Y-%m-%d"), resources=resources)
+    md = result.asset_materializations_for_node("labeled_images")[0].metadata
+    assert md["labelled_frames"].value == md["auto_labelled_now"].value > 30
+    assert md["frames_seen_by_autolabel"].value == 60
+    assert "| auto |" in md["per_source"].value
+    assert "data:image/png;base64," in md["preview"].value
+
+
+def test_a_backfill_range_builds_manifests_from_exactly_those_days(fdb, resources):
+    for d in range(3):
+        simulate_day(fdb, seconds=150, start=T0 + timedelta(days=d), seed=d, change_every=10)
+    days = [(T0 + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(3)]
+    tags = {"dagster/asset_partition_range_start": days[1], "dagster/asset_partition_range_end": days[2]}
+    dg.materialize([labeled_images], resources=resources, tags=tags)
+    result = dg.materialize([labeled_images, training_manifests], resources=resources, tags=tags,
+                            selection=[training_manifests])
+    md = result.asset_materializations_for_node("training_manifests")[0].metadata
+    n_selected = fdb.labels.count_documents({"frame_ts": {"$gte": T0 + timedelta(days=1)}})
+    assert fdb.labels.count_documents({}) == n_selected  # day 0 was not labelled by this backfill
+    assert md["train_images"].value + md["valid_images"].value == n_selected
+    assert days[1] in md["days"].value
+
+
+def test_training_manifests_upload_to_s3_under_the_version(fdb, resources, tmp_path, moto_s3):
+    import boto3
+
+    simulate_day(fdb, seconds=150, change_every=10)
+    day = T0.strftime("%Y-%m-%d")
+    dg.materialize([labeled_images], partition_key=day, resources=resources)
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    client.create_bucket(Bucket="factory-training")
+    resources = {**resources, "dataset_target": DatasetTargetResource(local_root=str(tmp_path / "ds"),
+                                                                      s3_bucket="factory-training",
+                                                                      s3_prefix="warehouse")}
+    result = dg.materialize([training_manifests], resources=resources)
+    md = result.asset_materializations_for_node("training_manifests")[0].metadata
+    version = md["dataset_version"].value
+    assert md["s3_uri"].value == f"s3://factory-training/warehouse/{version}/"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="factory-training")["Contents"]}
+    assert f"warehouse/{version}/train-annots/train.lst" in keys
+    assert f"warehouse/{version}/valid-annots/valid.lst" in keys
+    assert not [k for k in keys if ".staging" in k]
+    body = client.get_object(Bucket="factory-training", Key=f"warehouse/{version}/train-annots/train.lst")["Body"].read()
+    assert body == (tmp_path / "ds" / version / "train-annots" / "train.lst").read_bytes()
+    assert fdb.datasets.find_one({"_id": version})["s3_uri"] == md["s3_uri"].value
+
+
+def _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources):
+    from factory_assets.datasets.importer import import_dataset
+
+    import_dataset(fdb, sim_dataset)
+    dg.materialize([training_manifests], resources=resources)
+
+
+def test_a_model_below_the_bar_is_registered_but_never_deployed(fdb, sim_dataset, tmp_path, resources,
+                                                                monkeypatch, model_server):
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources)
+    res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=1.01),
+           "endpoint": EndpointResource(url=model_server.url)}
+    result = dg.materialize([stock_model, model_endpoint], resources=res, raise_on_error=False)
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"per_label_accuracy_above_minimum": False, "no_regression_against_deployed_model": True}
+    assert fdb.models.count_documents({"passed_checks": False}) == 1
+    # the blocking check stopped model_endpoint from running
+    assert not result.asset_materializations_for_node("model_endpoint")
+    assert fdb.endpoints.count_documents({}) == 0
+
+
+def test_a_good_model_is_deployed_and_the_server_swaps_to_it(fdb, sim_dataset, tmp_path, resources, monkeypatch,
+                                                             mongo_uri, database_name):
+    from factory_assets.serving.server import InferenceServer
+
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources)
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
+    srv.follow(mongo_uri, database_name, poll_seconds=0.1)
+    srv.start()
+    try:
+        res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=0.5),
+               "endpoint": EndpointResource(url=srv.url)}
+        result = dg.materialize([stock_model, model_endpoint], resources=res)
+        md = result.asset_materializations_for_node("stock_model")[0].metadata
+        version = md["model_version"].value
+        assert "data:image/png;base64," in md["confusion"].value and "| blue |" in md["metrics"].value
+        ep = result.asset_materializations_for_node("model_endpoint")[0].metadata
+        assert ep["model_version"].value == version and ep["status"].value == "InService"
+        assert srv.slot.current.version == version
+        model_doc = fdb.models.find_one({"_id": version})
+        assert model_doc["passed_checks"] and model_doc["dataset_version"] and model_doc["code_version"]
+    finally:
+        srv.stop()
+
+
+def test_model_endpoint_fails_clearly_when_the_server_is_unreachable(fdb, trained_models, mongo_uri, database_name):
+    import socket
+
+    from factory_assets.storage.models import register_model, set_checks
+
+    register_model(fdb, trained_models[0].model, dataset_version="d", code_version="c")
+    set_checks(fdb, trained_models[0].version, True, {})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = dg.materialize([model_endpoint], raise_on_error=False, resources={
+        "mongo": MongoResource(uri=mongo_uri, database=database_name),
+        "endpoint": EndpointResource(url=f"http://127.0.0.1:{port}")})
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "cannot be reached" in str(failure.event_specific_data.error)
