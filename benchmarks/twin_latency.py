@@ -71,7 +71,7 @@ def main() -> None:
         env["MONGODB_URI"] = embedded.start(port=0).uri
     os.environ.update({k: env[k] for k in ("MONGODB_URI", "MONGODB_DATABASE", "FACTORY_HOME")})
     fdb = connect()
-    trained = LocalTrainer().train(write_simulated_dataset(home / "dataset", 150, 30, seed=1), home / "model", seed=0)
+    trained = LocalTrainer().train(write_simulated_dataset(home / "dataset", 400, 40, seed=1), home / "model", seed=0)
     register_model(fdb, trained.model, dataset_version="simulated", code_version=code_version(),
                    metrics=trained.metrics)
     mqtt_port, serve_port, ui_port = free_port(), free_port(), free_port()
