@@ -11,11 +11,8 @@ from factory_assets.serving.server import InferenceServer
 
 
 @pytest.fixture
-def server(trained_models):
-    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
-    srv.slot.swap(trained_models[0].model)
-    yield srv.start()
-    srv.stop()
+def server(model_server):
+    return model_server
 
 
 @pytest.fixture

@@ -12,12 +12,8 @@ from factory_assets.serving.server import MAX_PAYLOAD_BYTES, InferenceServer
 
 
 @pytest.fixture
-def server(trained_models):
-    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
-    srv.slot.swap(trained_models[0].model)
-    srv.start()
-    yield srv
-    srv.stop()
+def server(model_server):
+    return model_server
 
 
 @pytest.fixture

@@ -1,0 +1,41 @@
+"""``factory-assets retrain --from D --to D`` runs retrain_job on a Dagster instance."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from factory_assets.cli import main
+from factory_assets_tests.datasets.test_labels import T0, simulate_day
+
+
+def test_retrain_builds_from_exactly_the_days_given_and_deploys_only_a_model_that_passed(
+        fdb, tmp_path, monkeypatch, mongo_uri, database_name, capsys):
+    from factory_assets.serving.server import InferenceServer
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    simulate_day(fdb, seconds=100, seed=1, change_every=8)
+    simulate_day(fdb, seconds=400, start=T0 + timedelta(days=1), seed=2, change_every=8)
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
+    srv.follow(mongo_uri, database_name, poll_seconds=0.1)
+    srv.start()
+    monkeypatch.setenv("FACTORY_ENDPOINT_URL", srv.url)
+    day2 = (T0 + timedelta(days=1)).strftime("%Y-%m-%d")
+    try:
+        code = main(["retrain", "--from", day2, "--to", day2])
+    finally:
+        srv.stop()
+    out = capsys.readouterr().out
+    # only day 2 was labelled and used
+    assert fdb.labels.count_documents({"frame_ts": {"$lt": T0 + timedelta(days=1)}}) == 0
+    dataset = fdb.datasets.find_one()
+    n = dataset["counts"]["train"]["images"] + dataset["counts"]["valid"]["images"]
+    assert n == fdb.labels.count_documents({})
+    model = fdb.models.find_one()
+    assert model is not None and model["dataset_version"] == dataset["version"]
+    endpoint = fdb.endpoints.find_one({"name": "factory-stock"})
+    if model["passed_checks"]:
+        assert code == 0 and "deployed model" in out and endpoint["model_version"] == model["_id"]
+    else:
+        assert "failed a blocking check" in out and endpoint is None
+    assert list((tmp_path / "dagster_home").iterdir())  # the run is recorded on the instance
