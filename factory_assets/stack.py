@@ -69,7 +69,8 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     services = [
         Service("mqtt-broker", [py, "-m", "factory_assets.ingest.broker", "--port", str(mqtt_port)], mqtt_port),
         Service("ingester", cli + ["ingest", "mqtt", "--url", mqtt_url]),
-        Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", str(fps), "--seed", str(seed)]),
+        Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", str(fps), "--seed", str(seed),
+                                     "--change-every", "6"]),
     ]
     services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
     if not dagster:

@@ -55,6 +55,9 @@ class StockChange:
         return "store" if self.after is not None else "retrieve"
 
 
+FILL_CYCLE = 16  # stock changes from one fill-level peak to the next
+
+
 class FactorySimulator:
     """The true state of the simulated factory, evolving deterministically with ``seed``.
 
@@ -77,6 +80,8 @@ class FactorySimulator:
         self.factory_id = factory_id
         self._events = np.random.default_rng([self.seed, 1])  # stock evolution only
         self._env_phase = float(np.random.default_rng([self.seed, 2]).uniform(0, 2 * math.pi))
+        self._fill_phase = float(np.random.default_rng([self.seed, 4]).uniform(0, 2 * math.pi))
+        self._batch_type: str | None = None
         self.items: dict[str, dict | None] = {}
         for slot in SLOTS:
             if self._events.random() < initial_fill:
@@ -90,7 +95,10 @@ class FactorySimulator:
     # -- stock evolution -----------------------------------------------------------
     def _new_workpiece(self) -> dict:
         uid = "04" + self._events.bytes(6).hex()  # a 7-byte NFC UID, as on the real tags
-        return {"id": uid, "type": TYPES[int(self._events.integers(len(TYPES)))], "state": "RAW"}
+        # Raw material arrives in batches: mostly the colour of the current batch.
+        batch = getattr(self, "_batch_type", None)
+        kind = batch if batch and self._events.random() < 0.7 else TYPES[int(self._events.integers(len(TYPES)))]
+        return {"id": uid, "type": kind, "state": "RAW"}
 
     def _next_interval(self) -> float:
         return self.now + self.change_every_s * float(self._events.uniform(0.5, 1.5))
@@ -98,7 +106,14 @@ class FactorySimulator:
     def _change(self, t: float) -> StockChange:
         full = [s for s in SLOTS if self.items[s] is not None]
         empty = [s for s in SLOTS if self.items[s] is None]
-        store = bool(empty) and (not full or self._events.random() < 0.5)
+        # The fill level drifts between nearly empty and nearly full over FILL_CYCLE changes
+        # (orders drain the rack, deliveries refill it), so every mix of colours shows up.
+        k = len(self.changes)
+        if k % 6 == 0:
+            self._batch_type = TYPES[int(self._events.integers(len(TYPES)))]
+        target = 0.5 + 0.45 * math.sin(2 * math.pi * k / FILL_CYCLE + self._fill_phase)
+        p_store = float(np.clip(0.5 + 1.5 * (target - len(full) / len(SLOTS)), 0.05, 0.95))
+        store = bool(empty) and (not full or self._events.random() < p_store)
         slot = (empty if store else full)[int(self._events.integers(len(empty if store else full)))]
         before = self.items[slot]
         after = self._new_workpiece() if store else None
