@@ -147,6 +147,8 @@ class LiveTwinUpdater:
         return handled
 
     def run(self, stop=None, duration: float | None = None) -> LiveStats:
+        from pymongo.errors import PyMongoError
+
         from factory_assets.serving.predictor import EndpointUnavailable
 
         deadline = time.monotonic() + duration if duration else None
@@ -156,8 +158,12 @@ class LiveTwinUpdater:
             try:
                 handled = self.step()
                 backoff = 0.2
-            except EndpointUnavailable as exc:
-                self.log(f"live: endpoint unavailable ({exc}); retrying in {backoff:.1f}s")
+            except (EndpointUnavailable, PyMongoError) as exc:
+                # Endpoint or MongoDB restarting: nothing was skipped (the cursor only moves
+                # past stored inferences), so wait and resume from the stored cursor.
+                what = "endpoint" if isinstance(exc, EndpointUnavailable) else "MongoDB"
+                self.log(f"live: {what} unavailable ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                         f"retrying in {backoff:.1f}s")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

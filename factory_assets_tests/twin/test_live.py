@@ -144,3 +144,38 @@ def test_simulated_factory_to_twin_end_to_end_matches_the_ground_truth(fdb, mqtt
     legacy = fdb.twin_legacy.find_one({"_partition": "DTPartition"})
     assert legacy["is_present"] == {c: twin["observed"][c]["present"] for c in ("blue", "red", "white")}
     assert legacy["ts"] == last
+
+
+def test_the_updater_rides_out_a_mongodb_restart_without_skipping_or_duplicating(tmp_path, model_server):
+    # Its own embedded server, so stopping it does not disturb the other tests.
+    import threading
+
+    from factory_assets.storage.embedded import EmbeddedMongo
+    from factory_assets.storage.frames import wait_until
+    from factory_assets.storage.mongo import connect
+
+    embedded = EmbeddedMongo(tmp_path / "home")
+    uri = embedded.start(port=0).uri
+    port = int(uri.rsplit(":", 1)[1].split("/")[0])
+    try:
+        fdb = connect(uri, "restart_test")
+        insert_sim_frames(fdb, 5)
+        logs: list = []
+        updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=logs.append)
+        stop = threading.Event()
+        live = threading.Thread(target=updater.run, kwargs={"stop": stop})
+        live.start()
+        assert wait_until(lambda: fdb.inferences.count_documents({}) == 5, timeout=20)
+        embedded.stop()
+        # down for longer than the client's 10 s server selection timeout: the updater sees the error
+        assert wait_until(lambda: any("MongoDB unavailable" in m for m in logs), timeout=30)
+        embedded.start(port=port)
+        insert_sim_frames(fdb, 5, start=T0 + timedelta(minutes=1))
+        assert wait_until(lambda: fdb.inferences.count_documents({}) == 10, timeout=60)
+        stop.set()
+        live.join(timeout=20)
+        assert not live.is_alive()
+        assert load_cursor(fdb, "twin-live") == 10
+        assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(minutes=1, seconds=4)
+    finally:
+        embedded.stop()
