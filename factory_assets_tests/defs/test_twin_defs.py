@@ -209,3 +209,46 @@ def test_the_live_sensor_reports_each_twin_change_once_with_its_provenance(fdb, 
     assert "data:image/png;base64," in result.asset_events[-1].metadata["twin"].value
     again = twin_live_sensor(dg.build_sensor_context(cursor=result.cursor, resources={"mongo": resources["mongo"]}))
     assert not again.asset_events
+
+
+def _bootstrap_tick(resources):
+    from factory_assets.defs.twin.sensors import bootstrap_model_sensor
+
+    return bootstrap_model_sensor(dg.build_sensor_context(resources=resources,
+                                                          instance=dg.DagsterInstance.ephemeral()))
+
+
+def test_bootstrap_waits_for_varied_stock_then_requests_the_first_training_run(fdb, resources):
+    from factory_assets_tests.datasets.test_labels import T0, simulate_day
+
+    simulate_day(fdb, seconds=60, change_every=1000)  # one stock situation only
+    result = _bootstrap_tick(resources)
+    assert isinstance(result, dg.SkipReason) and "Waiting for data" in result.skip_message
+    simulate_day(fdb, seconds=600, start=T0 + timedelta(minutes=5), seed=3, change_every=6)
+    request = _bootstrap_tick(resources)
+    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("bootstrap:")
+
+
+def test_a_deployed_model_that_disagrees_with_the_controller_triggers_retraining(fdb, resources, trained_models):
+    from factory_assets_tests.datasets.test_labels import simulate_day
+
+    version = deploy(fdb, trained_models[0].model)
+    simulate_day(fdb, seconds=200, seed=3, change_every=6)
+    frames = list(fdb.frames.find().sort("seq", 1))
+    # inferences that agree with the controller: no retraining
+    from factory_assets.datasets.autolabel import auto_label
+
+    auto_label(fdb, OLD.replace(year=2000), OLD.replace(year=2100), margin_s=0)
+    truth = {lab["frame_id"]: lab["present"] for lab in fdb.labels.find()}
+    for f in frames:
+        if f["_id"] in truth:
+            record_inference(fdb, build_inference(f, probabilities={c: float(v) for c, v in truth[f["_id"]].items()},
+                                                  thresholds={"blue": 0.5, "red": 0.5, "white": 0.5},
+                                                  model_version=version, latency_ms=1.0, source="test"))
+    result = _bootstrap_tick(resources)
+    assert isinstance(result, dg.SkipReason)
+    assert "disagrees with the controller on 0% of its latest 100 frames" in result.skip_message
+    # the same frames seen by a model that never says red where red is stored
+    fdb.inferences.update_many({"present.red": True}, {"$set": {"present.red": False}})
+    request = _bootstrap_tick(resources)
+    assert isinstance(request, dg.RunRequest) and request.run_key.startswith(f"drift:{version}:")

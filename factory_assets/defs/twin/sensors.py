@@ -89,28 +89,72 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
     return dg.SensorResult(skip_reason=dg.SkipReason("The twin has not changed."), cursor=json.dumps(cursor))
 
 
+DRIFT_WINDOW = 100           # latest inferences compared with the controller's stock reports
+DRIFT_MAX_DISAGREEMENT = 0.2  # above this share, retrain on the newer labelled frames
+
+
+def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> tuple[float, int]:
+    """Share of the deployed model's latest ``n`` inferences whose presence differs
+    from the stock the controller reported at that frame's time (and how many were compared)."""
+    from bisect import bisect_right
+
+    from factory_assets.datasets.autolabel import present_of, slots_of
+
+    recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1})
+                  .sort("frame_ts", -1).limit(n))
+    if not recent:
+        return 0.0, 0
+    lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
+    first = fdb.mqtt.find_one({"topic": "f/i/stock", "ts": {"$lte": lo}}, sort=[("ts", -1)])
+    reports = ([first] if first else []) + list(fdb.mqtt.find({"topic": "f/i/stock", "ts": {"$gt": lo, "$lte": hi}})
+                                                 .sort("ts", 1))
+    times = [r["ts"] for r in reports]
+    compared = differing = 0
+    for inf in recent:
+        i = bisect_right(times, inf["frame_ts"]) - 1
+        if i < 0:
+            continue
+        compared += 1
+        differing += present_of(slots_of(reports[i]["payload"])) != inf["present"]
+    return (differing / compared if compared else 0.0), compared
+
+
 @dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource):
-    """On a fresh start there is no model: once the factory has reported enough
-    different stock situations and the camera delivered enough frames, train the first
-    model from automatic labels and deploy it, with no clicks. Retries with more data
-    (a new run key every 300 frames) when a model fails its checks."""
+    """Keeps a model on the endpoint with no clicks. On a fresh start (no model), once the
+    factory has reported enough different stock situations - every colour seen both in
+    stock and absent - and the camera delivered enough frames, it trains the first model
+    from automatic labels and deploys it. Afterwards, when the deployed model disagrees
+    with the controller's stock reports on more than 20% of its latest 100 frames (the
+    stock moved into situations it never saw), it retrains on the newer labelled frames.
+    A new run key every 300 frames, so a model that fails its checks is retried with more data."""
     from datetime import datetime, timezone
 
+    from factory_assets.datasets.autolabel import present_of, slots_of
+
     fdb = mongo.fdb()
-    if served_model_version(fdb, endpoint.name):
-        return dg.SkipReason("A model is deployed.")
     active = context.instance.get_runs(filters=dg.RunsFilter(job_name=retrain_job.name, statuses=[
         dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]), limit=1)
     if active:
         return dg.SkipReason("A retraining run is in progress.")
     frames = fdb.frames.estimated_document_count()
-    combos = set()
-    for msg in fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1).limit(500):
-        types = {((i or {}).get("workpiece") or {}).get("type") for i in msg["payload"].get("stockItems", [])}
-        combos.add(tuple(sorted(t for t in types if t)))
-    if frames < 120 or len(combos) < 4:
-        return dg.SkipReason(f"Waiting for data: {frames} frames, {len(combos)} distinct stock situations "
-                             "(need 120 and 4).")
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    deployed = served_model_version(fdb, endpoint.name)
+    if deployed:
+        share, compared = controller_disagreement(fdb, deployed)
+        if compared < DRIFT_WINDOW or share <= DRIFT_MAX_DISAGREEMENT:
+            return dg.SkipReason(f"Model {deployed} is deployed; it disagrees with the controller on "
+                                 f"{share:.0%} of its latest {compared} frames.")
+        return dg.RunRequest(run_key=f"drift:{deployed}:{frames // 300}", partition_key=today,
+                             tags={"factory/reason": f"disagrees with the controller on {share:.0%}"})
+    combos, seen = set(), {c: set() for c in ("blue", "red", "white")}
+    for msg in fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1).limit(500):
+        present = present_of(slots_of(msg.get("payload")))
+        combos.add(tuple(sorted(c for c, v in present.items() if v)))
+        for c, v in present.items():
+            seen[c].add(v)
+    both = sum(len(v) == 2 for v in seen.values())
+    if frames < 120 or len(combos) < 4 or both < 3:
+        return dg.SkipReason(f"Waiting for data: {frames} frames, {len(combos)} distinct stock situations, "
+                             f"{both} of 3 colours seen both in stock and absent (need 120, 4 and 3).")
     return dg.RunRequest(run_key=f"bootstrap:{frames // 300}", partition_key=today)
