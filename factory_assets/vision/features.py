@@ -39,10 +39,11 @@ GRAY_TARGET = 110.0
 class FeatureConfig:
     cell: int = 4  # pooling cell, in pixels of the 160x120 work image
     pool: int = 3  # max filter over cells (odd); 1 disables it
+    pools: tuple[int, ...] | None = None  # per-class override of ``pool`` (CLASSES order)
     blue_b: float = 10.0  # blue evidence starts at b* < -blue_b
     blue_l: float = 45.0  # ... on pixels with L* above this
     red_a: float = 4.0  # red evidence: a* - red_yellow * max(b*, 0) above this
-    red_yellow: float = 1.0  # how much yellow (orange rack parts) counts against red
+    red_yellow: float = 1.3  # how much yellow (orange rack parts) counts against red
     white_l: float = 65.0  # white evidence: L* above this ...
     white_chroma: float = 15.0  # ... fading out as chroma grows by this much
     align: bool = True
@@ -53,7 +54,12 @@ class FeatureConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if known.get("pools") is not None:
+            known["pools"] = tuple(int(p) for p in known["pools"])
         return cls(**known)
+
+    def class_pool(self, c: int) -> int:
+        return int(self.pools[c]) if self.pools else int(self.pool)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -145,28 +151,60 @@ def build_reference(images: list[np.ndarray]) -> np.ndarray:
     return (acc / len(grads)).astype(np.float32)
 
 
-def extract(img: np.ndarray, reference: np.ndarray | None, cfg: FeatureConfig,
-            extra_shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Features of one BGR frame: ``(3, n_cells)`` float32."""
+def pooled_evidence(img: np.ndarray, reference: np.ndarray | None, cfgs: list[FeatureConfig],
+                    extra_shift: tuple[float, float] = (0.0, 0.0)) -> list[np.ndarray]:
+    """Aligned evidence maps averaged into cells, ``(rows, cols, 3)`` float32, one per
+    config (the configs share the frame, its alignment and the cell size of ``cfgs[0]``)."""
     import cv2
 
     small = shrink(img)
-    maps = evidence_maps(small, cfg)
+    cfg0 = cfgs[0]
     dx, dy = (0.0, 0.0)
-    if cfg.align and reference is not None:
+    if cfg0.align and reference is not None:
         dx, dy = estimate_shift(reference, gradient_image(small))
     dx -= extra_shift[0]
     dy -= extra_shift[1]
-    if dx or dy:
-        m = np.float32([[1, 0, -dx], [0, 1, -dy]])
-        maps = cv2.warpAffine(maps, m, WORK_SIZE, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    rows, cols = cfg.grid
-    pooled = cv2.resize(maps, (cols, rows), interpolation=cv2.INTER_AREA)
-    if cfg.pool > 1:
-        pooled = cv2.dilate(pooled, np.ones((cfg.pool, cfg.pool), np.uint8))
-    v = pooled.reshape(-1, 3).T.astype(np.float32)
-    v = (v - v.mean(axis=1, keepdims=True)) / (v.std(axis=1, keepdims=True) + 0.02)
-    return v
+    rows, cols = cfg0.grid
+    out = []
+    for cfg in cfgs:
+        maps = evidence_maps(small, cfg)
+        if dx or dy:
+            m = np.float32([[1, 0, -dx], [0, 1, -dy]])
+            maps = cv2.warpAffine(maps, m, WORK_SIZE, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        out.append(cv2.resize(maps, (cols, rows), interpolation=cv2.INTER_AREA))
+    return out
+
+
+_KERNELS: dict[int, np.ndarray] = {}
+
+
+def finish(pooled: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Cell maps ``(rows, cols, 3)`` -> features ``(3, n_cells)``: per class a max filter
+    over ``class_pool(c)`` cells, then per-image standardisation of each map."""
+    import cv2
+
+    pools = [cfg.class_pool(c) for c in range(pooled.shape[2])]
+    if all(p == pools[0] for p in pools):
+        if pools[0] > 1:
+            k = _KERNELS.setdefault(pools[0], np.ones((pools[0], pools[0]), np.uint8))
+            pooled = cv2.dilate(pooled, k)
+        v = pooled.reshape(-1, pooled.shape[2]).T
+    else:
+        chans = []
+        for c, p in enumerate(pools):
+            ch = np.ascontiguousarray(pooled[..., c])
+            if p > 1:
+                ch = cv2.dilate(ch, _KERNELS.setdefault(p, np.ones((p, p), np.uint8)))
+            chans.append(ch.ravel())
+        v = np.stack(chans)
+    v = v.astype(np.float32)
+    return (v - v.mean(axis=1, keepdims=True)) / (v.std(axis=1, keepdims=True) + 0.02)
+
+
+def extract(img: np.ndarray, reference: np.ndarray | None, cfg: FeatureConfig,
+            extra_shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Features of one BGR frame: ``(3, n_cells)`` float32."""
+    return finish(pooled_evidence(img, reference, [cfg], extra_shift)[0], cfg)
 
 
 def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03) -> np.ndarray:
@@ -186,7 +224,9 @@ def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03
     dst += (rng.uniform(-perspective, perspective, (4, 2)) * (w, h)).astype(np.float32)
     p = cv2.getPerspectiveTransform(src, dst.astype(np.float32))
     out = cv2.warpPerspective(img, p, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    out = out.astype(np.float32) * (rng.uniform(0.5, 1.5) * rng.uniform(0.9, 1.1, 3)).astype(np.float32)
+    out = out.astype(np.float32) * (1.0 / 255.0)
+    out = np.power(out, np.float32(np.exp(rng.uniform(-0.4, 0.4))))  # gamma / tone curve
+    out = out * (255.0 * rng.uniform(0.5, 1.5) * rng.uniform(0.9, 1.1, 3)).astype(np.float32)
     mean = float(out.mean())
     out = (out - mean) * rng.uniform(0.75, 1.25) + mean
     out += rng.normal(0.0, 2.0, out.shape).astype(np.float32)

@@ -28,14 +28,14 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from factory_assets.vision.classes import CLASSES
-from factory_assets.vision.features import FeatureConfig, augment, build_reference, extract
+from factory_assets.vision.features import FeatureConfig, augment, build_reference, finish, pooled_evidence
 from factory_assets.vision.model import ARTIFACT_NAME, StockModel
 
 _VARIANT = re.compile(r"\s+-\s+[^-]+$")
@@ -188,10 +188,22 @@ def label_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
+# Hyper-parameters chosen per class by cross-validation on the train split:
+# white evidence thresholds (L*, chroma), max filter over cells, matched-filter cut.
+WHITE_CANDIDATES: tuple[tuple[float, float], ...] = ((65.0, 15.0), (50.0, 25.0))
+POOL_CANDIDATES: tuple[int, ...] = (3, 1)
+KEEP_CANDIDATES: tuple[float, ...] = (0.5, 0.7)
+
+
 def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[str], seed: int = 0,
                     config: FeatureConfig | None = None, n_augment: int | None = None,
-                    keep: float = 0.5) -> tuple[StockModel, dict]:
+                    keep: float | None = None) -> tuple[StockModel, dict]:
     """Fit on in-memory frames. Returns the model and the training/CV metrics.
+
+    With ``config`` and ``keep`` left as None, the white-evidence thresholds, the
+    per-class max filter and the per-class matched-filter cut are chosen by
+    cross-validation (held-out scenes, original frames and augmented copies count
+    half each); given explicitly, they are used as they are.
 
     BLAS runs single-threaded: multi-threaded reductions may sum in a different
     order from run to run, and the same seed must give the same model."""
@@ -201,8 +213,34 @@ def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[s
         return _fit_stock_model(images, labels, groups, seed, config, n_augment, keep)
 
 
+def _oof(X: np.ndarray, Y: np.ndarray, owner: np.ndarray, folds, grid, keep) -> np.ndarray:
+    """Out-of-fold probabilities of one class: X (n, n_cells), Y (n,)."""
+    oof = np.full(len(Y), np.nan)
+    for held in folds:
+        test = np.isin(owner, held)
+        if test.all():
+            continue
+        w, a, b = _fit_class(X[~test], Y[~test], grid, keep)
+        z = (X[test].astype(np.float64) @ w.astype(np.float64)) * a + b
+        oof[test] = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+    return oof
+
+
+def _cv_score(oof: np.ndarray, y: np.ndarray, original: np.ndarray) -> float:
+    have = ~np.isnan(oof)
+    if not have.any():
+        return 0.0
+    t = choose_threshold(oof[have], y[have])
+    ok = (oof >= t).astype(int) == y
+    parts = [ok[have & original].mean() if (have & original).any() else None,
+             ok[have & ~original].mean() if (have & ~original).any() else None]
+    parts = [p for p in parts if p is not None]
+    return float(np.mean(parts))
+
+
 def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> tuple[StockModel, dict]:
-    cfg = config or FeatureConfig()
+    select = config is None and keep is None
+    base = config or FeatureConfig()
     labels = np.asarray(labels, dtype=int).reshape(len(images), len(CLASSES))
     n = len(images)
     if n < 2:
@@ -212,29 +250,58 @@ def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> t
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     reference = build_reference(images)
-    feats, owner = [], []
+    if select:
+        cfgs = [replace(base, white_l=wl, white_chroma=wc, pools=None) for wl, wc in WHITE_CANDIDATES]
+    else:
+        cfgs = [base]
+    pooled = [[] for _ in cfgs]
+    owner = []
     for i, img in enumerate(images):
-        feats.append(extract(img, reference, cfg))
+        for k, p in enumerate(pooled_evidence(img, reference, cfgs)):
+            pooled[k].append(p)
         owner.append(i)
         for _ in range(n_augment):
             residual = tuple(rng.uniform(-2.0, 2.0, 2))  # what alignment leaves (perspective)
-            feats.append(extract(augment(img, rng), reference, cfg, extra_shift=residual))
+            for k, p in enumerate(pooled_evidence(augment(img, rng), reference, cfgs, extra_shift=residual)):
+                pooled[k].append(p)
             owner.append(i)
-    X = np.stack(feats)
+    pooled = [np.stack(p) for p in pooled]
     owner = np.array(owner)
     original = np.r_[True, owner[1:] != owner[:-1]]
     Y = labels[owner]
     t_feat = time.perf_counter() - t0
+    folds = _folds(groups, seed)
+
+    def class_features(k: int, c: int, pool: int) -> np.ndarray:
+        cfg = replace(cfgs[k], pool=pool, pools=None)
+        return np.stack([finish(p, cfg)[c] for p in pooled[k]])
+
+    selection = {}
+    if select:
+        for c, name in enumerate(CLASSES):
+            best = None
+            for k in (range(len(cfgs)) if name == "white" else [0]):
+                for pool in POOL_CANDIDATES:
+                    Xc = class_features(k, c, pool)
+                    for kp in KEEP_CANDIDATES:
+                        score = _cv_score(_oof(Xc, Y[:, c], owner, folds, base.grid, kp), Y[:, c], original)
+                        if best is None or score > best[0] + 1e-9:
+                            best = (score, k, pool, kp)
+            selection[name] = {"cv_score": round(best[0], 4), "white": list(WHITE_CANDIDATES[best[1]]),
+                               "pool": best[2], "keep": best[3]}
+        wk = WHITE_CANDIDATES.index(tuple(selection["white"]["white"]))
+        cfg = replace(cfgs[wk], pools=tuple(selection[c]["pool"] for c in CLASSES))
+        keeps = [selection[c]["keep"] for c in CLASSES]
+        src = [wk if c == "white" else 0 for c in CLASSES]
+    else:
+        cfg = base
+        keeps = [0.5 if keep is None else keep] * len(CLASSES)
+        src = [0] * len(CLASSES)
+    X = np.stack([np.stack([finish(p, cfg)[c] for p in pooled[src[c]]]) for c in range(len(CLASSES))], axis=1)
+    del pooled
 
     # out-of-fold probabilities (held-out scenes, their augmented copies included)
-    folds = _folds(groups, seed)
-    oof = np.full(Y.shape, np.nan)
-    for held in folds:
-        test = np.isin(owner, held)
-        if test.all():
-            continue
-        w, cal = fit_filters(X[~test], Y[~test], cfg, keep)
-        oof[test] = _proba(X[test], w, cal)
+    oof = np.stack([_oof(X[:, c], Y[:, c], owner, folds, cfg.grid, keeps[c]) for c in range(len(CLASSES))], axis=1)
     have = ~np.isnan(oof).any(axis=1)
     thresholds = {}
     for i, c in enumerate(CLASSES):
@@ -244,9 +311,13 @@ def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> t
     thresholds = {c: round(t, 4) for c, t in thresholds.items()}
     t_arr = np.array([thresholds[c] for c in CLASSES])
 
-    weights, calib = fit_filters(X, Y, cfg, keep)
-    weights = np.round(weights, 5).astype(np.float32)
-    calib = np.round(calib, 5)
+    weights, calib = [], []
+    for c in range(len(CLASSES)):
+        w, a, b = _fit_class(X[:, c], Y[:, c], cfg.grid, keeps[c])
+        weights.append(w)
+        calib.append((a, b))
+    weights = np.round(np.stack(weights), 5).astype(np.float32)
+    calib = np.round(np.array(calib), 5)
     reference = np.round(reference, 4).astype(np.float32)
     train_time = time.perf_counter() - t0
     sel = have & original
@@ -267,7 +338,8 @@ def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> t
         "thresholds": thresholds,
         "thresholds_source": "out-of-fold cross-validation on the train split",
         "feature_config": cfg.to_dict(),
-        "matched_filter_keep": keep,
+        "matched_filter_keep": dict(zip(CLASSES, keeps)),
+        "hyperparameter_selection": selection or None,
         "timing_seconds": {"features": round(t_feat, 3), "total": round(train_time, 3)},
     }
     model = StockModel(reference=reference, weights=weights, calibration=calib, thresholds=thresholds,
@@ -283,7 +355,7 @@ class LocalTrainer:
     """Trains on this machine with OpenCV + scikit-learn (no GPU, no downloads)."""
 
     def __init__(self, config: FeatureConfig | None = None, n_augment: int | None = None):
-        self.config = config or FeatureConfig()
+        self.config = config  # None: feature hyper-parameters chosen by cross-validation
         self.n_augment = n_augment
 
     def train(self, dataset_dir: Path, out_dir: Path, seed: int = 0) -> TrainResult:
