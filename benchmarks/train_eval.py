@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         "train_seconds": round(train_s, 3),
         "n_train_images": result.metrics["n_images"],
         "cv_out_of_fold": {k: result.metrics["cv"]["out_of_fold"][k] for k in ("per_label_accuracy", "exact_match")},
+        "cv_out_of_fold_augmented": {k: result.metrics["cv"]["out_of_fold_augmented"][k]
+                                     for k in ("per_label_accuracy", "exact_match")},
+        "hyperparameter_selection": result.metrics.get("hyperparameter_selection"),
         "valid_per_label_accuracy": report["per_label_accuracy"],
         "valid_exact_match": report["exact_match"],
         "valid_per_class_accuracy": report["accuracy"],

@@ -15,11 +15,14 @@ Method (``LocalTrainer``):
 3. per class, a spatial matched filter ``w = mean(features | present) -
    mean(features | absent)``, smoothed over the cell grid and cut to its strongest
    part, then a 1-D logistic regression of the label on ``<w, features>``;
-4. decision thresholds from *out-of-fold* probabilities: cross-validation that
+4. feature hyper-parameters per class (white-evidence thresholds, max filter
+   over cells, matched-filter cut) chosen by the cross-validation below, scored
+   half on held-out original frames and half on their augmented copies;
+5. decision thresholds from *out-of-fold* probabilities: cross-validation that
    holds out whole scenes (a scene is an image name without its `` - dark`` /
    `` - light`` style variant suffix), thresholds maximise out-of-fold accuracy
    (ties: closest to 0.5). The validation split plays no part in any choice.
-5. the final model is fitted on all training frames.
+6. the final model is fitted on all training frames.
 """
 from __future__ import annotations
 
@@ -398,9 +401,12 @@ balance, noise). The validation split was not used for training or thresholds.
 Frames are shrunk to 160x120, gray-world normalised and turned into three
 colour-evidence maps (blue: b* < 0; red: crimson a* minus yellow; white: bright,
 low chroma). The frame is aligned to a reference view by phase correlation of
-gradient images, maps are pooled into {model.config.cell}x{model.config.cell}-pixel cells with a
-{model.config.pool}x{model.config.pool} max filter and standardised. Per class, a spatial matched filter
-(mean present - mean absent) and a 1-D logistic calibration. Artifact:
+gradient images, maps are pooled into {model.config.cell}x{model.config.cell}-pixel cells with a per-class
+max filter ({", ".join(f"{c} {model.config.class_pool(i)}x{model.config.class_pool(i)}" for i, c in enumerate(model.classes))}) and standardised. Per class, a spatial matched filter
+(mean present - mean absent) and a 1-D logistic calibration. The white-evidence
+thresholds (L* > {model.config.white_l:g}, chroma scale {model.config.white_chroma:g}), the max-filter sizes and the
+matched-filter cuts ({", ".join(f"{c} {k:g}" for c, k in (metrics.get("matched_filter_keep") or {}).items())}) were chosen by the same
+cross-validation (original frames and augmented copies of held-out scenes). Artifact:
 `{ARTIFACT_NAME}` (numpy arrays + JSON, no pickle). Seed {metrics['seed']}.
 
 ## Cross-validation ({metrics['cv']['scheme']}, {metrics['cv']['n_folds']} folds)
