@@ -28,6 +28,7 @@ class AutoLabelSummary:
     unstable: int = 0       # taken while the stock changed
     no_report: int = 0      # no report close enough before the frame
     unconfirmed: int = 0    # too new: no report after it yet
+    withdrawn: int = 0      # auto labels removed: reports that arrived since show the stock was not stable
 
 
 def slots_of(payload: dict) -> dict:
@@ -65,7 +66,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
     changes = [ts for i, (ts, slots, _) in enumerate(reports) if i == 0 or slots != reports[i - 1][1]]
     times = [r[0] for r in reports]
     summary = AutoLabelSummary()
-    docs = []
+    docs, rejected = [], []
     frame_query = day_query(start, end)
     frame_query["camera_id"] = {"$ne": "import"}
     for frame in fdb.frames.find(frame_query, {"image": 0, "data": 0}):
@@ -74,6 +75,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
         i = bisect_right(times, ts) - 1
         if i < 0 or ts - times[i] > window:
             summary.no_report += 1
+            rejected.append(frame["_id"])
             continue
         if latest_ts is None or latest_ts < ts + margin:
             summary.unconfirmed += 1
@@ -81,6 +83,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
         if any(abs(c - ts) <= margin for c in changes[max(0, bisect_right(changes, ts - margin) - 1):]
                if c <= ts + margin):
             summary.unstable += 1
+            rejected.append(frame["_id"])
             continue
         report_ts, slots, message_id = reports[i]
         docs.append(label_doc(frame, present_of(slots), "auto", slots=slots,
@@ -88,5 +91,8 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
                                           "window_s": window_s, "margin_s": margin_s}))
     if docs:
         upsert_labels(fdb, docs)
+    for lo in range(0, len(rejected), 5000):
+        summary.withdrawn += fdb.labels.delete_many({"frame_id": {"$in": rejected[lo:lo + 5000]},
+                                                     "source": "auto"}).deleted_count
     summary.labelled = len(docs)
     return summary

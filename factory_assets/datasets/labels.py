@@ -82,10 +82,16 @@ def effective_labels(fdb, start: datetime | None = None, end: datetime | None = 
     if start is not None or end is not None:
         query["frame_ts"] = {k: v for k, v in (("$gte", start), ("$lt", end)) if v is not None}
     best: dict = {}
+    imported_split: dict = {}
     for doc in fdb.labels.find(query):
+        if doc.get("split") in ("train", "valid"):
+            imported_split[doc["frame_id"]] = doc["split"]
         cur = best.get(doc["frame_id"])
         if cur is None or doc["priority"] > cur["priority"]:
             best[doc["frame_id"]] = doc
+    for frame_id, split in imported_split.items():
+        # a person corrected an imported frame's label: the frame stays on its imported side
+        best[frame_id].setdefault("split", split)
     return sorted(best.values(), key=lambda d: (d["frame_ts"], str(d["frame_id"])))
 
 

@@ -14,6 +14,7 @@ manifests and images. Each build is recorded in MongoDB ``datasets``.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from factory_assets.vision.classes import CLASSES
 
 SPLITS_COLLECTION = "dataset_splits"
 VALID_EVERY = 5  # about one frame in five of each label combination goes to validation
+FETCH_BATCH = 200
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
 
@@ -84,6 +86,13 @@ def assign_splits(fdb, labels: list[dict]) -> dict:
     return out
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # all-imgs/ shares the bytes of train-imgs/ and valid-imgs/
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 @dataclass
 class BuiltDataset:
     version: str
@@ -130,19 +139,21 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
             annots.mkdir()
             (staging / "all-imgs").mkdir(exist_ok=True)
             rows = []
-            ids = [lab["frame_id"] for lab in by_split[split]]
-            frames = {f["_id"]: f for f in fdb.frames.find({"_id": {"$in": ids}})}
-            for index, lab in enumerate(by_split[split], start=1):
-                frame = frames.get(lab["frame_id"])
-                if frame is None:
-                    raise DatasetBuildError(f"label {lab['_id']} ({lab['source']}) refers to frame "
-                                            f"{lab['frame_id']}, which does not exist")
-                data = frame_image_bytes(frame)
-                name = _file_name(frame, lab)
-                (img_dir / name).write_bytes(data)
-                (staging / "all-imgs" / name).write_bytes(data)
-                rows.append(LstRow(index, tuple(int(lab["present"][c]) for c in CLASSES), name))
-                digest.update(hashlib.sha256(data).digest())
+            labs = by_split[split]
+            for lo in range(0, len(labs), FETCH_BATCH):  # bounded memory: images are fetched in batches
+                batch = labs[lo:lo + FETCH_BATCH]
+                frames = {f["_id"]: f for f in fdb.frames.find({"_id": {"$in": [lab["frame_id"] for lab in batch]}})}
+                for lab in batch:
+                    frame = frames.get(lab["frame_id"])
+                    if frame is None:
+                        raise DatasetBuildError(f"label {lab['_id']} ({lab['source']}) refers to frame "
+                                                f"{lab['frame_id']}, which does not exist")
+                    data = frame_image_bytes(frame)
+                    name = _file_name(frame, lab)
+                    (img_dir / name).write_bytes(data)
+                    _link_or_copy(img_dir / name, staging / "all-imgs" / name)
+                    rows.append(LstRow(len(rows) + 1, tuple(int(lab["present"][c]) for c in CLASSES), name))
+                    digest.update(hashlib.sha256(data).digest())
             text = format_lst(rows)
             (annots / f"{split}.lst").write_text(text, encoding="utf-8")
             digest.update(text.encode())

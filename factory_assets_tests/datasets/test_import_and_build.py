@@ -108,3 +108,16 @@ def test_a_label_for_a_frame_that_no_longer_exists_is_reported(fdb, small_datase
     with pytest.raises(DatasetBuildError, match="does not exist"):
         build_dataset(fdb, tmp_path / "datasets")
     assert [p for p in (tmp_path / "datasets").iterdir()] == []  # the staging folder was removed
+
+
+def test_fetching_images_in_small_batches_writes_the_same_dataset(fdb, small_dataset, tmp_path, monkeypatch):
+    import factory_assets.datasets.manifests as manifests
+
+    import_dataset(fdb, small_dataset)
+    whole = build_dataset(fdb, tmp_path / "a")
+    monkeypatch.setattr(manifests, "FETCH_BATCH", 3)
+    batched = build_dataset(fdb, tmp_path / "b")
+    assert batched.version == whole.version
+    for split in ("train", "valid"):
+        lst = f"{split}-annots/{split}.lst"
+        assert (batched.path / lst).read_bytes() == (whole.path / lst).read_bytes()

@@ -138,3 +138,29 @@ def test_assign_splits_keeps_an_imported_split(fdb):
     upsert_labels(fdb, [label_doc(frame, {"blue": True}, "import", split="valid", provenance={})])
     labs = effective_labels(fdb)
     assert assign_splits(fdb, labs)[frame["_id"]] == "valid"
+
+
+def test_an_auto_label_is_withdrawn_when_a_late_report_shows_the_stock_changed_around_the_frame(fdb):
+    simulate_day(fdb, seconds=30, change_every=1000)  # one stock situation throughout
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    frame_ts = T0 + timedelta(seconds=12)
+    assert any(lab["frame_ts"] == frame_ts for lab in effective_labels(fdb))
+    late = fdb.mqtt.find_one({"topic": "f/i/stock"}, sort=[("ts", 1)])
+    changed = {**late["payload"], "stockItems": [{**i, "workpiece": None} for i in late["payload"]["stockItems"]]}
+    fdb.mqtt.insert_one({"topic": "f/i/stock", "ts": frame_ts + timedelta(seconds=1), "payload": changed,
+                         "message_id": "late-change"})
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert summary.withdrawn >= 1
+    assert not any(lab["frame_ts"] == frame_ts for lab in effective_labels(fdb))
+
+
+def test_a_manual_correction_of_an_imported_frame_keeps_its_imported_split(fdb):
+    simulate_day(fdb, seconds=3)
+    frame = fdb.frames.find_one()
+    from factory_assets.datasets.labels import label_doc, upsert_labels
+
+    upsert_labels(fdb, [label_doc(frame, {"blue": True}, "import", split="valid", provenance={})])
+    label_manually(fdb, str(frame["_id"]), {"red": True}, user="bob")
+    best = [d for d in effective_labels(fdb) if d["frame_id"] == frame["_id"]][0]
+    assert best["source"] == "manual" and best["present"]["red"] and best["split"] == "valid"
+    assert assign_splits(fdb, [best])[frame["_id"]] == "valid"
