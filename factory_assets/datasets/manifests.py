@@ -114,10 +114,14 @@ def _file_name(frame: dict, label: dict) -> str:
 
 def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: datetime | None = None,
                   days: list[str] | None = None) -> BuiltDataset:
-    """Write the dataset of the labelled frames in [start, end) (all when None)."""
+    """Write the dataset of the labelled frames in [start, end) (all when None); with
+    ``days`` (``YYYY-MM-DD``, UTC), only frames captured on those days."""
     from factory_assets.storage.frames import frame_image_bytes
 
     labels = effective_labels(fdb, start, end)
+    if days is not None:
+        wanted = set(days)
+        labels = [lab for lab in labels if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
     if not labels:
         raise DatasetBuildError("no labelled frames in the selected days: label some first "
                                 "(auto labels come from labeled_images, or import / label manually)")
@@ -177,6 +181,22 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
            "days": days, "range": {"start": start, "end": end}, "built_at": _now()}
     fdb.datasets.update_one({"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now()}}, upsert=True)
     return BuiltDataset(version, final, counts, doc, reused)
+
+
+def dataset_digest(path: Path) -> str:
+    """Recompute a written dataset's version from its files (manifests and images),
+    exactly as ``build_dataset`` computes it; ``ManifestError`` when a manifest is bad."""
+    from factory_assets.datasets.lst import read_lst
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    for split in ("train", "valid"):
+        lst = path / f"{split}-annots" / f"{split}.lst"
+        image_dir = path / f"{split}-imgs"
+        for row in read_lst(lst, image_dir=image_dir):
+            digest.update(hashlib.sha256((image_dir / row.path).read_bytes()).digest())
+        digest.update(lst.read_text(encoding="utf-8").encode())
+    return digest.hexdigest()[:16]
 
 
 def record_upload(fdb, version: str, uri: str) -> None:

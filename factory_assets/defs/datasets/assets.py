@@ -53,6 +53,7 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
         "skipped_unstable": dg.MetadataValue.int(summary.unstable),
         "skipped_no_report": dg.MetadataValue.int(summary.no_report),
         "skipped_unconfirmed": dg.MetadataValue.int(summary.unconfirmed),
+        **{f"present_{c}": dg.MetadataValue.int(sum(lab["present"][c] for lab in labels)) for c in CLASSES},
         "per_class": table_markdown(["class", "present", "absent"],
                                     [[c, sum(lab["present"][c] for lab in labels),
                                       sum(not lab["present"][c] for lab in labels)] for c in CLASSES]),
@@ -78,17 +79,54 @@ class TrainingManifestsConfig(dg.Config):
     to_day: Optional[str] = None
 
 
-def selected_range(context: dg.AssetExecutionContext, config: TrainingManifestsConfig):
-    """[start, end) of the days to use: run config, else the run's partition (range), else all."""
+def _backfill_days(context: dg.AssetExecutionContext) -> Optional[list]:
+    """The labeled_images days targeted by the asset backfill this run belongs to: in a
+    backfill of labeled_images + training_manifests, the unpartitioned training_manifests
+    runs on its own after the partitioned runs, without partition tags."""
+    backfill_id = context.run.tags.get("dagster/backfill") if context.run else None
+    if not backfill_id:
+        return None
+    try:
+        backfill = context.instance.get_backfill(backfill_id)
+        if backfill is None:
+            return None
+        if backfill.is_asset_backfill:
+            data = backfill.asset_backfill_data or backfill.get_asset_backfill_data(
+                context.job_def.asset_layer.asset_graph)
+            keys = data.target_subset.get_partitions_subset(labeled_images.key).get_partition_keys()
+        else:
+            keys = backfill.partition_names or []
+        return sorted(keys) or None
+    except Exception as exc:  # noqa: BLE001 - Dagster internals; fall back to every labelled day
+        context.log.warning(f"could not read the days of backfill {backfill_id} ({exc}); using every labelled day")
+        return None
+
+
+def selected_days(context: dg.AssetExecutionContext, config: TrainingManifestsConfig):
+    """``(start, end, days)``: [start, end) of the days to use and, when the selection is
+    a set of days, the days. In order: run config, the run's partition range, its
+    partition, the asset backfill it belongs to; else every labelled day (None, None, None)."""
     from datetime import datetime, timedelta, timezone
+
+    def parse(d: str) -> datetime:
+        try:
+            return datetime.strptime(d, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise dg.Failure(f"{d!r} is not a day (YYYY-MM-DD)") from None
 
     tags = context.run.tags if context.run else {}
     first = config.from_day or tags.get("dagster/asset_partition_range_start") or tags.get("dagster/partition")
     last = config.to_day or tags.get("dagster/asset_partition_range_end") or tags.get("dagster/partition")
-    parse = lambda d: datetime.strptime(d, "%Y-%m-%d").replace(tzinfo=timezone.utc)  # noqa: E731
+    days = None
+    if not (first or last):
+        days = _backfill_days(context)
+        if days:
+            first, last = days[0], days[-1]
     start = parse(first) if first else None
     end = parse(last) + timedelta(days=1) if last else None
-    return start, end
+    if start and end and start >= end:
+        raise dg.Failure(f"from_day {first} is after to_day {last}")
+    return start, end, days
 
 
 @dg.asset(
@@ -109,15 +147,16 @@ def training_manifests(context: dg.AssetExecutionContext, config: TrainingManife
     from factory_assets.vision.classes import CLASSES
 
     fdb = mongo.fdb()
-    start, end = selected_range(context, config)
+    start, end, days = selected_days(context, config)
     try:
-        built = build_dataset(fdb, dataset_target.root(), start=start, end=end)
+        built = build_dataset(fdb, dataset_target.root(), start=start, end=end, days=days)
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
     metadata = {
         "dataset_version": dg.MetadataValue.text(built.version),
         "path": dg.MetadataValue.path(str(built.path)),
-        "days": dg.MetadataValue.text(f"{start.date() if start else 'first'} .. "
+        "days": dg.MetadataValue.text(", ".join(days) if days else
+                                      f"{start.date() if start else 'first'} .. "
                                       f"{(end.date() if end else 'last')} (end exclusive)"),
         "train_images": dg.MetadataValue.int(built.counts["train"]["images"]),
         "valid_images": dg.MetadataValue.int(built.counts["valid"]["images"]),
@@ -133,3 +172,31 @@ def training_manifests(context: dg.AssetExecutionContext, config: TrainingManife
         metadata["s3_uri"] = dg.MetadataValue.url(uri)
     context.log.info(f"dataset {built.version}: {built.counts}")
     return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(asset=training_manifests, blocking=True,
+                description="The written dataset re-parses (every .lst line valid, every image present), "
+                            "both splits are non-empty and its files hash to the recorded version.")
+def training_manifests_match_their_version(context: dg.AssetCheckExecutionContext,
+                                           mongo: MongoResource) -> dg.AssetCheckResult:
+    from pathlib import Path
+
+    from factory_assets.datasets.lst import ManifestError, read_lst
+    from factory_assets.datasets.manifests import dataset_digest
+
+    event = context.instance.get_latest_materialization_event(training_manifests.key)
+    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    if "path" not in metadata:
+        return dg.AssetCheckResult(passed=False, metadata={"problem": "no materialization with a path"})
+    path, version = Path(metadata["path"].value), metadata["dataset_version"].value
+    try:
+        sizes = {s: len(read_lst(path / f"{s}-annots" / f"{s}.lst", image_dir=path / f"{s}-imgs"))
+                 for s in ("train", "valid")}
+        actual = dataset_digest(path)
+    except (ManifestError, OSError) as exc:
+        return dg.AssetCheckResult(passed=False, metadata={"problem": str(exc)})
+    recorded = mongo.fdb().datasets.find_one({"_id": version}) is not None
+    passed = actual == version and all(sizes.values()) and recorded
+    return dg.AssetCheckResult(passed=passed, metadata={
+        "version": version, "hash_of_files": actual, "train_rows": sizes["train"], "valid_rows": sizes["valid"],
+        "recorded_in_datasets": recorded})

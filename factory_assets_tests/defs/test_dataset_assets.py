@@ -1,0 +1,160 @@
+"""labeled_images, training_manifests and their check through Dagster, with a real
+MongoDB (the embedded server of the fixtures) and real files."""
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from factory_assets.datasets.lst import read_lst
+from factory_assets.datasets.manifests import current_dataset
+from factory_assets.defs.datasets import asset_checks, assets
+from factory_assets.defs.datasets.assets import (labeled_images, training_manifests,
+                                                 training_manifests_match_their_version)
+from factory_assets.defs.datasets.resources import DatasetTargetResource
+from factory_assets.defs.partitions import daily_partitions
+from factory_assets.defs.resources import MongoResource
+from factory_assets_tests.datasets.test_labels import T0, simulate_day
+
+CHECK_KEY = dg.AssetCheckKey(training_manifests.key, "training_manifests_match_their_version")
+
+
+def _day(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%d")
+
+
+@pytest.fixture
+def resources(mongo_uri, database_name, tmp_path):
+    from dagster_aws.s3 import S3Resource
+
+    return {"mongo": MongoResource(uri=mongo_uri, database=database_name),
+            "dataset_target": DatasetTargetResource(local_root=str(tmp_path / "datasets")),
+            "s3": S3Resource(region_name="us-east-1")}  # unused: no bucket configured
+
+
+def _manifest_md(result) -> dict:
+    return result.asset_materializations_for_node("training_manifests")[0].metadata
+
+
+def test_a_daily_partitioned_job_with_the_unpartitioned_manifests_bootstraps_a_dataset_from_todays_stock_reports(
+        fdb, resources):
+    """The bootstrap path: a fresh factory, no labels and no model. A daily-partitioned job
+    (like retrain_job) for today auto-labels today's frames and builds both splits."""
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    simulate_day(fdb, seconds=240, start=today + timedelta(minutes=1), seed=3, change_every=10)
+    job = dg.define_asset_job("retrain_like", selection=["labeled_images", "training_manifests"],
+                              partitions_def=daily_partitions)
+    defs = dg.Definitions(assets=assets, asset_checks=asset_checks, jobs=[job], resources=resources)
+    result = defs.resolve_job_def("retrain_like").execute_in_process(partition_key=_day(today))
+    assert result.success
+    labelled = result.asset_materializations_for_node("labeled_images")[0].metadata
+    md = _manifest_md(result)
+    assert md["train_images"].value > 0 and md["valid_images"].value > 0
+    assert md["train_images"].value + md["valid_images"].value == labelled["labelled_frames"].value
+    dataset = current_dataset(fdb)
+    assert dataset["version"] == md["dataset_version"].value
+    root = Path(dataset["path"])
+    assert root.is_dir() and root.parent == Path(resources["dataset_target"].local_root)
+    assert len(read_lst(root / "valid-annots" / "valid.lst", image_dir=root / "valid-imgs")) \
+        == md["valid_images"].value
+    assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} \
+        == {"training_manifests_match_their_version": True}
+
+
+def test_run_config_days_take_precedence_over_the_runs_partition_tags(fdb, resources):
+    for d in range(2):
+        simulate_day(fdb, seconds=150, start=T0 + timedelta(days=d), seed=d, change_every=10)
+    dg.materialize([labeled_images], resources=resources,
+                   tags={"dagster/asset_partition_range_start": _day(T0),
+                         "dagster/asset_partition_range_end": _day(T0 + timedelta(days=1))})
+    day0 = fdb.labels.count_documents({"frame_ts": {"$lt": T0 + timedelta(days=1)}})
+    result = dg.materialize([training_manifests], resources=resources,
+                            tags={"dagster/partition": _day(T0 + timedelta(days=1))},
+                            run_config={"ops": {"training_manifests": {"config": {"from_day": _day(T0),
+                                                                                  "to_day": _day(T0)}}}})
+    md = _manifest_md(result)
+    assert md["train_images"].value + md["valid_images"].value == day0 < fdb.labels.count_documents({})
+    # without config and without tags: every labelled day
+    everything = _manifest_md(dg.materialize([training_manifests], resources=resources))
+    assert everything["train_images"].value + everything["valid_images"].value == fdb.labels.count_documents({})
+
+
+def test_the_manifests_of_a_single_partition_run_hold_only_that_day(fdb, resources):
+    for d in range(2):
+        simulate_day(fdb, seconds=150, start=T0 + timedelta(days=d), seed=d, change_every=10)
+    for d in range(2):
+        dg.materialize([labeled_images], partition_key=_day(T0 + timedelta(days=d)), resources=resources)
+    result = dg.materialize([training_manifests], resources=resources,
+                            tags={"dagster/partition": _day(T0 + timedelta(days=1))})
+    md = _manifest_md(result)
+    day1 = fdb.labels.count_documents({"frame_ts": {"$gte": T0 + timedelta(days=1)}})
+    assert md["train_images"].value + md["valid_images"].value == day1
+
+
+def test_after_an_asset_backfill_the_separate_manifests_run_uses_exactly_the_backfilled_days(fdb, resources):
+    """In an asset backfill of labeled_images + training_manifests, Dagster runs the
+    unpartitioned manifests on their own, tagged only with the backfill id."""
+    from factory_assets.storage.frames import utcnow
+
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    for d in range(4):
+        simulate_day(fdb, seconds=120, start=T0 + timedelta(days=d), seed=d, change_every=10)
+    chosen = [_day(T0 + timedelta(days=1)), _day(T0 + timedelta(days=3))]  # not contiguous
+    instance = dg.DagsterInstance.ephemeral()
+    for d in range(4):  # every day is labelled, only two are backfilled
+        dg.materialize([labeled_images], partition_key=_day(T0 + timedelta(days=d)), resources=resources,
+                       instance=instance)
+    graph = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id="bf1234", asset_graph=graph, partition_names=chosen,
+        asset_selection=[labeled_images.key, training_manifests.key], backfill_timestamp=time.time(),
+        tags={}, dynamic_partitions_store=instance, all_partitions=False, title=None, description=None,
+        run_config=None)
+    instance.add_backfill(backfill)
+    result = dg.materialize([training_manifests], resources=resources, instance=instance,
+                            tags={"dagster/backfill": "bf1234"})
+    md = _manifest_md(result)
+    expected = sum(fdb.labels.count_documents({"frame_ts": {"$gte": T0 + timedelta(days=d),
+                                                            "$lt": T0 + timedelta(days=d + 1)}}) for d in (1, 3))
+    assert md["train_images"].value + md["valid_images"].value == expected < fdb.labels.count_documents({})
+    assert md["days"].value == ", ".join(chosen)
+    assert current_dataset(fdb)["days"] == chosen
+    assert utcnow() - current_dataset(fdb)["built_at"] < timedelta(minutes=5)
+
+
+def test_the_manifest_check_fails_when_a_written_image_was_altered(fdb, resources):
+    simulate_day(fdb, seconds=150, change_every=10)
+    dg.materialize([labeled_images], partition_key=_day(T0), resources=resources)
+    instance = dg.DagsterInstance.ephemeral()
+    first = dg.materialize([training_manifests, training_manifests_match_their_version], resources=resources,
+                           instance=instance)
+    assert [e.passed for e in first.get_asset_check_evaluations()] == [True]
+    root = Path(_manifest_md(first)["path"].value)
+    victim = read_lst(root / "train-annots" / "train.lst")[0].path
+    (root / "train-imgs" / victim).unlink()
+    (root / "train-imgs" / victim).write_bytes(b"not the same picture")
+    again = dg.materialize([training_manifests, training_manifests_match_their_version], resources=resources,
+                           instance=instance, selection=dg.AssetSelection.checks(CHECK_KEY),
+                           raise_on_error=False)
+    evaluation = again.get_asset_check_evaluations()[0]
+    assert not evaluation.passed
+    assert evaluation.metadata["hash_of_files"].value != evaluation.metadata["version"].value
+
+
+def test_training_manifests_fail_clearly_when_the_selected_days_have_no_labels(fdb, resources):
+    result = dg.materialize([training_manifests], resources=resources, raise_on_error=False,
+                            tags={"dagster/partition": _day(T0)})
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "no labelled frames" in str(failure.event_specific_data.error)
+    assert fdb.datasets.count_documents({}) == 0
+
+
+def test_a_misspelt_day_in_the_run_config_is_refused(fdb, resources):
+    result = dg.materialize([training_manifests], resources=resources, raise_on_error=False,
+                            run_config={"ops": {"training_manifests": {"config": {"from_day": "2026-13-01"}}}})
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "is not a day" in str(failure.event_specific_data.error)
