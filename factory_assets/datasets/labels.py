@@ -13,12 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bson import ObjectId
-from pymongo import ASCENDING, UpdateOne
+from pymongo import UpdateOne
 
 from factory_assets.vision.classes import CLASSES
 
 PRIORITY = {"manual": 3, "import": 2, "auto": 1}
-_indexed: set = set()
 
 
 class LabelError(ValueError):
@@ -27,15 +26,6 @@ class LabelError(ValueError):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def ensure_label_indexes(fdb) -> None:
-    key = (id(fdb.db.client), fdb.db.name)
-    if key in _indexed:
-        return
-    fdb.labels.create_index([("frame_id", ASCENDING), ("source", ASCENDING)], unique=True, name="frame_source")
-    fdb.labels.create_index([("frame_ts", ASCENDING)], name="frame_ts")
-    _indexed.add(key)
 
 
 def combination(present: dict) -> str:
@@ -63,7 +53,6 @@ def label_doc(frame: dict, present: dict, source: str, *, provenance: dict, slot
 
 def upsert_labels(fdb, docs: list[dict]) -> dict:
     """Store labels idempotently (one per frame and source). Returns counts."""
-    ensure_label_indexes(fdb)
     if not docs:
         return {"new": 0, "changed": 0, "unchanged": 0}
     now = _now()
@@ -77,7 +66,6 @@ def upsert_labels(fdb, docs: list[dict]) -> dict:
 
 def effective_labels(fdb, start: datetime | None = None, end: datetime | None = None) -> list[dict]:
     """One label per frame, its highest-priority source, ordered by frame time."""
-    ensure_label_indexes(fdb)
     query: dict = {}
     if start is not None or end is not None:
         query["frame_ts"] = {k: v for k, v in (("$gte", start), ("$lt", end)) if v is not None}

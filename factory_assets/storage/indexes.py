@@ -24,4 +24,15 @@ def ensure_indexes(fdb) -> None:
     fdb.sensors.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
     fdb.quarantine.create_index([("fingerprint", ASCENDING)], unique=True, sparse=True, name="fingerprint")
     fdb.quarantine.create_index([("received_at", DESCENDING)], name="received_at")
+    # One inference per frame and model version: the live and batch paths share work through it.
+    fdb.inferences.create_index([("frame_id", ASCENDING), ("model_version", ASCENDING)], unique=True,
+                                name="frame_model")
+    fdb.inferences.create_index([("frame_ts", DESCENDING)], name="frame_ts")
+    fdb.inferences.create_index([("frame_seq", ASCENDING)], name="frame_seq")
+    # One label per frame and source (manual, import, auto).
+    fdb.labels.create_index([("frame_id", ASCENDING), ("source", ASCENDING)], unique=True, name="frame_source")
+    fdb.labels.create_index([("frame_ts", ASCENDING)], name="frame_ts")
+    fdb.models.create_index([("created_at", DESCENDING)], name="created_at")
+    fdb.models.create_index([("passed_checks", ASCENDING), ("created_at", DESCENDING)], name="passed_created")
+    fdb.endpoints.create_index([("name", ASCENDING)], unique=True, name="name")
     _done.add(key)

@@ -3,25 +3,11 @@
 Written by the live twin updater and by the ``stock_inferences`` batch asset;
 the unique (frame_id, model_version) key makes both idempotent and lets them
 share work: a frame the live path inferred is not inferred again by a run.
+Its indexes are created with the others in ``storage/indexes.py``.
 """
 from __future__ import annotations
 
 from datetime import datetime, timezone
-
-from pymongo import ASCENDING, DESCENDING
-
-_indexed: set = set()
-
-
-def ensure_inference_indexes(fdb) -> None:
-    key = (id(fdb.db.client), fdb.db.name, fdb.names.inferences)
-    if key in _indexed:
-        return
-    fdb.inferences.create_index([("frame_id", ASCENDING), ("model_version", ASCENDING)], unique=True,
-                                name="frame_model")
-    fdb.inferences.create_index([("frame_ts", DESCENDING)], name="frame_ts")
-    fdb.inferences.create_index([("frame_seq", ASCENDING)], name="frame_seq")
-    _indexed.add(key)
 
 
 def build_inference(frame: dict, *, probabilities: dict, thresholds: dict, model_version: str,
@@ -38,13 +24,11 @@ def build_inference(frame: dict, *, probabilities: dict, thresholds: dict, model
 
 def record_inference(fdb, doc: dict) -> bool:
     """Store one inference; False when that frame was already inferred by that model."""
-    ensure_inference_indexes(fdb)
     result = fdb.inferences.update_one({"frame_id": doc["frame_id"], "model_version": doc["model_version"]},
                                        {"$setOnInsert": doc}, upsert=True)
     return result.upserted_id is not None
 
 
 def inferred_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
-    ensure_inference_indexes(fdb)
     return {d["frame_id"] for d in fdb.inferences.find({"frame_id": {"$in": frame_ids},
                                                          "model_version": model_version}, {"frame_id": 1})}

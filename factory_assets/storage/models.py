@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import DESCENDING, ReturnDocument
 
 BUCKET = "model_artifacts"
-_indexed: set = set()
 
 
 class ModelNotFound(LookupError):
@@ -26,16 +25,6 @@ class ModelNotFound(LookupError):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def ensure_model_indexes(fdb) -> None:
-    key = (id(fdb.db.client), fdb.db.name)
-    if key in _indexed:
-        return
-    fdb.models.create_index([("created_at", DESCENDING)], name="created_at")
-    fdb.models.create_index([("passed_checks", ASCENDING), ("created_at", DESCENDING)], name="passed_created")
-    fdb.endpoints.create_index([("name", ASCENDING)], unique=True, name="name")
-    _indexed.add(key)
 
 
 def _bucket(fdb):
@@ -49,7 +38,6 @@ def register_model(fdb, model, *, dataset_version: str | None, code_version: str
     """Store a trained model (artifact in GridFS, document in ``models``). Idempotent:
     the version is a content hash, so registering the same model twice stores one
     artifact and refreshes its metrics."""
-    ensure_model_indexes(fdb)
     version = model.version
     bucket = _bucket(fdb)
     existing = fdb.db[f"{BUCKET}.files"].find_one({"filename": version}, {"_id": 1})
@@ -115,7 +103,6 @@ def set_endpoint_version(fdb, name: str, version: str, *, url: str | None = None
                          require_passed: bool = True) -> dict:
     """Point endpoint ``name`` at ``version`` (the server follows). The version it
     replaces is pushed onto ``previous_versions`` for rollback."""
-    ensure_model_indexes(fdb)
     model = get_model(fdb, version)
     if model is None:
         raise ModelNotFound(f"model {version!r} is not in the registry")
