@@ -67,17 +67,13 @@ def scan_dataset(root: Path) -> list[_Item]:
             raise DatasetImportError(str(exc)) from None
         if not rows:
             raise DatasetImportError(f"{lst}: the {split} split is empty")
-        lines = {}
-        for lineno, line in enumerate(lst.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                lines[int(line.split("\t", 1)[0])] = lineno
         for row in rows:
             path = image_dir / row.path
             data = path.read_bytes()
             try:
                 info = inspect_image(data)
             except ImageDecodeError as exc:
-                raise DatasetImportError(f"{lst}:{lines.get(row.index, '?')}: image {row.path!r} is not usable "
+                raise DatasetImportError(f"{lst}:{row.line}: image {row.path!r} is not usable "
                                          f"({exc.reason}: {exc})") from None
             mtime = datetime.fromtimestamp(int(path.stat().st_mtime), tz=timezone.utc)
             items.append(_Item(split, lst, row.index, row.labels, row.path, data, info.content_type,
@@ -94,22 +90,19 @@ def import_dataset(fdb, root: Path, *, dataset_name: str | None = None) -> Impor
     name = dataset_name or root.resolve().name
     summary = ImportSummary()
     shas = [hashlib.sha256(i.data).hexdigest() for i in items]
-    existing = {d["sha256"]: d for d in fdb.frames.find({"camera_id": IMPORT_CAMERA, "sha256": {"$in": shas}},
-                                                         {"image": 0})}
-    to_insert, pending = [], []
+    existing = {d["sha256"] for d in fdb.frames.find({"camera_id": IMPORT_CAMERA, "sha256": {"$in": shas}},
+                                                      {"sha256": 1})}
+    pending, seen = [], set(existing)
     for item, sha in zip(items, shas):
-        if sha in existing:
-            continue
-        doc = build_frame(item.data, ts=item.mtime, camera_id=IMPORT_CAMERA, factory_id="import",
-                          content_type=item.content_type, width=item.width, height=item.height,
-                          source={"kind": "import", "dataset": name, "path": f"{item.split}-imgs/{item.rel}"})
-        if doc["sha256"] in {d["sha256"] for d in pending}:
-            continue  # the same picture twice in the dataset: one frame, labelled by both rows' split order
-        pending.append(doc)
+        if sha in seen:
+            continue  # already imported, or the same picture twice in this dataset: one frame
+        seen.add(sha)
+        pending.append(build_frame(item.data, ts=item.mtime, camera_id=IMPORT_CAMERA, factory_id="import",
+                                   content_type=item.content_type, width=item.width, height=item.height,
+                                   source={"kind": "import", "dataset": name,
+                                           "path": f"{item.split}-imgs/{item.rel}"}))
     if pending:
-        to_insert = pending
-        result = insert_frames(fdb, to_insert)
-        summary.frames_new = result.inserted
+        summary.frames_new = insert_frames(fdb, pending).inserted
     frames = {d["sha256"]: d for d in fdb.frames.find({"camera_id": IMPORT_CAMERA, "sha256": {"$in": shas}},
                                                        {"image": 0})}
     summary.frames_existing = len(existing)

@@ -5,7 +5,7 @@ labels in class order, the path relative to the split's image folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from factory_assets.vision.classes import CLASSES
@@ -20,6 +20,7 @@ class LstRow:
     index: int
     labels: tuple[int, ...]
     path: str
+    line: int = field(default=0, compare=False)  # where it was read, for error messages
 
     @property
     def present(self) -> dict[str, bool]:
@@ -64,7 +65,7 @@ def read_lst(path: Path, image_dir: Path | None = None, n_classes: int = len(CLA
                 raise ManifestError(f"{where}: image path {rel!r} escapes the dataset folder")
             if not full.is_file():
                 raise ManifestError(f"{where}: image {rel!r} does not exist in {root}")
-        rows.append(LstRow(index, tuple(labels), rel))
+        rows.append(LstRow(index, tuple(labels), rel, lineno))
     return rows
 
 
