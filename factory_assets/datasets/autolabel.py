@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from factory_assets.datasets.labels import label_doc, upsert_labels
-from factory_assets.vision.classes import CLASSES
-
-SLOTS = tuple(f"{r}{c}" for r in "ABC" for c in "123")
+from factory_assets.twin.state import reported_presence, stock_slots
 
 
 @dataclass
@@ -29,22 +27,6 @@ class AutoLabelSummary:
     no_report: int = 0      # no report close enough before the frame
     unconfirmed: int = 0    # too new: no report after it yet
     withdrawn: int = 0      # auto labels removed: reports that arrived since show the stock was not stable
-
-
-def slots_of(payload: dict) -> dict:
-    slots = {s: None for s in SLOTS}
-    for item in (payload or {}).get("stockItems") or []:
-        loc = (item or {}).get("location")
-        if loc in slots:
-            slots[loc] = ((item.get("workpiece") or {}).get("type") or None)
-            if slots[loc]:
-                slots[loc] = str(slots[loc]).upper()
-    return slots
-
-
-def present_of(slots: dict) -> dict:
-    kinds = {v for v in slots.values() if v}
-    return {c: c.upper() in kinds for c in CLASSES}
 
 
 def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, margin_s: float = 2.0,
@@ -59,7 +41,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
             continue
         if not isinstance(msg.get("payload"), dict) or not isinstance(msg.get("ts"), datetime):
             continue
-        reports.append((msg["ts"], slots_of(msg["payload"]), msg.get("message_id") or str(msg["_id"])))
+        reports.append((msg["ts"], stock_slots(msg["payload"]), msg.get("message_id") or str(msg["_id"])))
     latest_report = fdb.mqtt.find_one({"topic": "f/i/stock"}, {"ts": 1}, sort=[("ts", -1)])
     latest_ts = latest_report["ts"] if latest_report else None
     # A change point: a report whose stock differs from the one before (the first is one too: unknown before).
@@ -86,7 +68,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
             rejected.append(frame["_id"])
             continue
         report_ts, slots, message_id = reports[i]
-        docs.append(label_doc(frame, present_of(slots), "auto", slots=slots,
+        docs.append(label_doc(frame, reported_presence(slots), "auto", slots=slots,
                               provenance={"report_message_id": message_id, "report_ts": report_ts,
                                           "window_s": window_s, "margin_s": margin_s}))
     if docs:

@@ -96,7 +96,7 @@ class FactorySimulator:
     def _new_workpiece(self) -> dict:
         uid = "04" + self._events.bytes(6).hex()  # a 7-byte NFC UID, as on the real tags
         # Raw material arrives in batches: mostly the colour of the current batch.
-        batch = getattr(self, "_batch_type", None)
+        batch = self._batch_type
         kind = batch if batch and self._events.random() < 0.7 else TYPES[int(self._events.integers(len(TYPES)))]
         return {"id": uid, "type": kind, "state": "RAW"}
 

@@ -47,17 +47,22 @@ class Reported:
         return reported_presence(self.slots)
 
 
-def reported_from_stock(payload: dict, ts: datetime, factory_id: str = "factory-1",
-                        message_id: str | None = None) -> Reported:
-    """A ``f/i/stock`` payload -> per-slot stock (unknown slots stay None)."""
+def stock_slots(payload: dict | None) -> dict:
+    """A ``f/i/stock`` payload -> slot -> workpiece type (``"BLUE"``...; unknown slots stay None)."""
     slots: dict = {s: None for s in SLOTS}
-    for item in payload.get("stockItems") or []:
+    for item in (payload or {}).get("stockItems") or []:
         loc = (item or {}).get("location")
         if loc not in slots:
             continue
-        wp = item.get("workpiece")
-        slots[loc] = (wp or {}).get("type") if wp else None
-    return Reported(factory_id, ts, slots, message_id)
+        kind = (item.get("workpiece") or {}).get("type")
+        slots[loc] = str(kind).upper() if kind else None
+    return slots
+
+
+def reported_from_stock(payload: dict, ts: datetime, factory_id: str = "factory-1",
+                        message_id: str | None = None) -> Reported:
+    """A ``f/i/stock`` payload -> the controller's reported stock."""
+    return Reported(factory_id, ts, stock_slots(payload), message_id)
 
 
 def reported_presence(slots: dict) -> dict:

@@ -5,11 +5,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from factory_assets.datasets.autolabel import auto_label, present_of
+from factory_assets.datasets.autolabel import auto_label
 from factory_assets.datasets.labels import LabelError, effective_labels, label_from_csv, label_manually
 from factory_assets.datasets.manifests import assign_splits, build_dataset
 from factory_assets.ingest.service import Ingestor
 from factory_assets.ingest.simulator import FactorySimulator
+from factory_assets.twin.state import reported_presence
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
 
@@ -33,7 +34,7 @@ def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, c
             ing.handle_mqtt("f/i/stock", __import__("json").dumps(sim.stock_message(ts)).encode())
             next_report = t + 5
         ing.handle_mqtt("i/cam", __import__("json").dumps(msg).encode())
-        truth[ts] = present_of(stock)
+        truth[ts] = reported_presence(stock)
     ing.flush()
     return truth, changes
 

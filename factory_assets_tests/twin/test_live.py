@@ -11,14 +11,10 @@ from factory_assets.serving.predictor import EndpointUnavailable, HttpEndpointPr
 from factory_assets.serving.server import InferenceServer
 from factory_assets.storage.frames import build_frame, insert_frames
 from factory_assets.twin.live import LiveTwinUpdater, load_cursor
+from factory_assets.twin.state import reported_presence
 from factory_assets.twin.store import get_twin
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=timezone.utc)
-
-
-def present_of(stock: dict) -> dict:
-    kinds = {v for v in stock.values() if v}
-    return {c: c.upper() in kinds for c in ("blue", "red", "white")}
 
 
 def insert_sim_frames(fdb, n: int, seed: int = 5, start: datetime = T0, step_s: float = 1.0):
@@ -31,7 +27,7 @@ def insert_sim_frames(fdb, n: int, seed: int = 5, start: datetime = T0, step_s: 
         doc = build_frame(jpeg, ts=ts, camera_id="cam-1", factory_id="factory-1", content_type="image/jpeg",
                           width=320, height=240, source={"kind": "test"})
         docs.append(doc)
-        truth[ts] = present_of(stock)
+        truth[ts] = reported_presence(stock)
     insert_frames(fdb, docs)
     return truth
 
@@ -134,7 +130,7 @@ def test_simulated_factory_to_twin_end_to_end_matches_the_ground_truth(fdb, mqtt
         live.join(timeout=10)
         ingester.stop()
     inferences = list(fdb.inferences.find())
-    agreement = [present_of(truth[d["frame_ts"]]) == d["present"] for d in inferences]
+    agreement = [reported_presence(truth[d["frame_ts"]]) == d["present"] for d in inferences]
     assert sum(agreement) / len(agreement) >= 0.9
     twin = get_twin(fdb)
     # reported: the controller's last stock report, per slot, equals the simulator's stock

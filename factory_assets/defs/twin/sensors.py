@@ -98,7 +98,7 @@ def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> t
     from the stock the controller reported at that frame's time (and how many were compared)."""
     from bisect import bisect_right
 
-    from factory_assets.datasets.autolabel import present_of, slots_of
+    from factory_assets.twin.state import reported_presence, stock_slots
 
     recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1})
                   .sort("frame_ts", -1).limit(n))
@@ -115,7 +115,7 @@ def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> t
         if i < 0:
             continue
         compared += 1
-        differing += present_of(slots_of(reports[i]["payload"])) != inf["present"]
+        differing += reported_presence(stock_slots(reports[i]["payload"])) != inf["present"]
     return (differing / compared if compared else 0.0), compared
 
 
@@ -130,7 +130,7 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
     A new run key every 300 frames, so a model that fails its checks is retried with more data."""
     from datetime import datetime, timezone
 
-    from factory_assets.datasets.autolabel import present_of, slots_of
+    from factory_assets.twin.state import reported_presence, stock_slots
 
     fdb = mongo.fdb()
     active = context.instance.get_runs(filters=dg.RunsFilter(job_name=retrain_job.name, statuses=[
@@ -149,7 +149,7 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
                              tags={"factory/reason": f"disagrees with the controller on {share:.0%}"})
     combos, seen = set(), {c: set() for c in ("blue", "red", "white")}
     for msg in fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1).limit(500):
-        present = present_of(slots_of(msg.get("payload")))
+        present = reported_presence(stock_slots(msg.get("payload")))
         combos.add(tuple(sorted(c for c, v in present.items() if v)))
         for c, v in present.items():
             seen[c].add(v)
