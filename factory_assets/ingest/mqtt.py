@@ -39,6 +39,7 @@ class MqttIngester:
         self._writer: threading.Thread | None = None
         self._client = None
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # set on SUBACK: from then on nothing published is missed
         self.connects = 0
 
     # -- paho callbacks (network thread) ----------------------------------------
@@ -46,14 +47,18 @@ class MqttIngester:
         if reason_code.is_failure:
             self.log(f"MQTT connect to {self.host}:{self.port} refused: {reason_code}")
             return
-        for topic in SUBSCRIPTIONS:
-            client.subscribe(topic, qos=1)
+        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
         self.connects += 1
         self.connected.set()
         self.log(f"MQTT connected to {self.host}:{self.port} (connection #{self.connects})")
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        if not any(rc.is_failure for rc in reason_codes):
+            self.subscribed.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         self.connected.clear()
+        self.subscribed.clear()
         if not self._stop.is_set():
             self.log(f"MQTT disconnected ({reason_code}); reconnecting")
 
@@ -98,6 +103,7 @@ class MqttIngester:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(min_delay=0.1, max_delay=2)
         self._client = client
         self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)

@@ -1,6 +1,4 @@
 """The MQTT ingester against a real amqtt broker started by the test."""
-import time
-
 import paho.mqtt.client as mqtt
 from factory_assets.ingest.mqtt import MqttIngester
 from factory_assets.ingest.service import Ingestor
@@ -26,8 +24,7 @@ def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_
     broker = mqtt_broker
     ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
     try:
-        assert ingester.connected.wait(10)
-        time.sleep(0.3)  # subscription settles
+        assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
         pub = publisher(broker)
         publish_frames(pub, 0, 10)
         for bad in (b"{not json", cam_payload(jpeg_bytes()[:300]), b'{"ts": "2026-11-23T10:00:00Z"}'):
@@ -48,16 +45,14 @@ def test_the_ingester_reconnects_after_a_broker_restart_and_keeps_ingesting(fdb,
     broker = mqtt_broker
     ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
     try:
-        assert ingester.connected.wait(10)
-        time.sleep(0.3)
+        assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
         pub = publisher(broker)
         publish_frames(pub, 0, 5)
         assert wait_until(lambda: fdb.frames.count_documents({}) == 5, timeout=10)
         pub.loop_stop()
         pub.disconnect()
         broker.restart()
-        assert wait_until(lambda: ingester.connects >= 2 and ingester.connected.is_set(), timeout=20)
-        time.sleep(0.3)
+        assert wait_until(lambda: ingester.connects >= 2 and ingester.subscribed.is_set(), timeout=20)
         pub = publisher(broker)
         publish_frames(pub, 5, 5)
         assert wait_until(lambda: fdb.frames.count_documents({}) == 10, timeout=15)

@@ -1,5 +1,4 @@
 """The simulated factory streamed through a real broker into MongoDB by the ingester."""
-import time
 
 from factory_assets.ingest.mqtt import MqttIngester
 from factory_assets.ingest.service import Ingestor
@@ -11,8 +10,7 @@ def test_a_simulated_stream_lands_in_mongodb_frame_for_frame_with_consistent_sto
     ingester = MqttIngester(Ingestor(fdb), mqtt_broker.url, progress_every=0, log=lambda *_: None).start()
     truth: dict = {}
     try:
-        assert ingester.connected.wait(10)
-        time.sleep(0.3)
+        assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
 
         def on_publish(topic, payload, stock):
             if topic == "i/cam":

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import requests
 
 from factory_assets.serving.server import MAX_PAYLOAD_BYTES, InferenceServer
+from factory_assets.storage.frames import wait_until
 
 
 @pytest.fixture
@@ -175,21 +175,18 @@ def test_the_server_follows_the_endpoint_document_and_hot_swaps_under_load(fdb, 
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        assert wait_until(lambda: len(versions) >= 20, timeout=20)  # load is running on the old model
         set_endpoint_version(fdb, "factory-stock", b.version)
-        deadline = time.monotonic() + 20
-        while srv.slot.current.version != b.version and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
+        assert wait_until(lambda: srv.slot.current.version == b.version, timeout=20)
+        seen = len(versions)
+        assert wait_until(lambda: len(versions) >= seen + 20, timeout=20)  # and keeps running after the swap
         stop.set()
         for t in threads:
             t.join()
         assert failures == []
         assert versions[0] == a.version and versions[-1] == b.version
         assert HttpEndpointPredictor(srv.url).predict(sim_jpeg).model_version == b.version
-        deadline = time.monotonic() + 5
-        while get_endpoint(fdb, "factory-stock").get("status") != "InService" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(lambda: get_endpoint(fdb, "factory-stock").get("status") == "InService", timeout=10)
         doc = get_endpoint(fdb, "factory-stock")
         assert doc["served_version"] == b.version and doc["status"] == "InService"
     finally:
