@@ -1,0 +1,108 @@
+"""ASGI middleware bounding what one HTTP request may cost before the app runs.
+
+The body is read here, completely, under a size limit and a deadline, and then
+handed to the application in one piece. So an application never waits on a
+slow client, and a client that sends headers and then stalls (or trickles) is
+answered 408 and disconnected after ``body_timeout`` seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Awaitable, Callable
+
+logger = logging.getLogger(__name__)
+
+ErrorFactory = Callable[[int, str, str], tuple[bytes, list[tuple[bytes, bytes]]]]
+
+
+def json_error(status: int, code: str, message: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The default error body: ``{"error": code, "message": message}``."""
+    body = json.dumps({"error": code, "message": message}).encode()
+    return body, [(b"content-type", b"application/json")]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestLimits:
+    """Wraps an ASGI app: 413 over ``max_body_bytes``, 408 when the body is not complete
+    within ``body_timeout`` seconds. ``error`` builds the error response (status, code,
+    message) -> (body, headers), so each app keeps its own error format."""
+
+    def __init__(self, app, *, max_body_bytes: int, body_timeout: float = 30.0,
+                 error: ErrorFactory = json_error):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.error = error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._reply(send, 413, "PayloadTooLarge",
+                              f"request body of {declared} bytes is over the {self.max_body_bytes}-byte limit")
+            return
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+        except _BodyTooLarge:
+            await self._reply(send, 413, "PayloadTooLarge",
+                              f"request body is over the {self.max_body_bytes}-byte limit")
+            return
+        except asyncio.TimeoutError:
+            logger.info("request body not complete after %.0f s: answered 408", self.body_timeout)
+            await self._reply(send, 408, "RequestTimeout",
+                              f"request body not received within {self.body_timeout:g} s")
+            return
+        except _Disconnected:
+            return
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls: wait for http.disconnect as usual
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Callable[[], Awaitable[dict]]) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _reply(self, send, status: int, code: str, message: str) -> None:
+        body, headers = self.error(status, code, message)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": headers + [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
