@@ -1,0 +1,121 @@
+"""The batch path's inference of a list of frames, with poison frames set aside.
+
+A *poison* frame fails inference every time while the endpoint is healthy: the
+server rejects it (``BadInput``) or answers it with an error it answers no other
+frame with. Each failed attempt is counted in ``inference_attempts`` (one document
+per frame and model version); after ``max_attempts`` the frame is quarantined in
+``error_handling`` with its reason and counted as *given up*, so the batch path and
+the sensor's cursor move past it instead of retrying it forever. An endpoint that is
+down (its ``/ping`` fails too) is not the frame's fault: that error propagates so the
+run fails and is retried, and no attempt is counted.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from pymongo import ASCENDING, ReturnDocument
+
+from factory_assets.clock import utcnow
+from factory_assets.storage.quarantine import quarantine
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS_COLLECTION = "inference_attempts"
+DEFAULT_MAX_ATTEMPTS = 3
+GIVEN_UP_REASON = "inference_failed_repeatedly"
+_indexed: set = set()
+
+
+def _attempts(fdb):
+    coll = fdb.db[ATTEMPTS_COLLECTION]
+    key = (id(fdb.db.client), fdb.db.name)
+    if key not in _indexed:  # idempotent; once per process and database
+        coll.create_index([("frame_id", ASCENDING), ("model_version", ASCENDING)], unique=True,
+                          name="frame_model")
+        _indexed.add(key)
+    return coll
+
+
+def record_failed_attempt(fdb, frame: dict, model_version: str, *, reason: str, error: str,
+                          max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
+    """Count one failed inference of ``frame``; quarantine it once it reached ``max_attempts``.
+    Returns the attempts document (``attempts``, ``given_up``)."""
+    coll = _attempts(fdb)
+    now = utcnow()
+    doc = coll.find_one_and_update(
+        {"frame_id": frame["_id"], "model_version": model_version},
+        {"$inc": {"attempts": 1},
+         "$set": {"reason": reason, "error": error[:500], "last_attempt_at": now, "frame_seq": frame.get("seq")},
+         "$setOnInsert": {"first_attempt_at": now, "given_up": False}},
+        upsert=True, return_document=ReturnDocument.AFTER)
+    if doc["attempts"] >= max_attempts and not doc.get("given_up"):
+        quarantine(fdb, reason=GIVEN_UP_REASON,
+                   message=f"{reason} on {doc['attempts']} attempts with model {model_version}: {error[:300]}",
+                   source={"kind": "frame", "frame_id": str(frame["_id"]), "path": str(frame["_id"]),
+                           "model_version": model_version, "seq": frame.get("seq")})
+        doc = coll.find_one_and_update({"_id": doc["_id"]}, {"$set": {"given_up": True, "given_up_at": now}},
+                                       return_document=ReturnDocument.AFTER)
+        logger.warning("frame %s given up after %d failed inferences (%s)", frame["_id"], doc["attempts"], reason)
+    return doc
+
+
+def given_up_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
+    """Frames among ``frame_ids`` that ``model_version`` failed on too often: quarantined, not retried."""
+    if not frame_ids:
+        return set()
+    return {d["frame_id"] for d in _attempts(fdb).find(
+        {"frame_id": {"$in": list(frame_ids)}, "model_version": model_version, "given_up": True}, {"frame_id": 1})}
+
+
+def failed_attempts(fdb, frame_id, model_version: str) -> int:
+    doc = _attempts(fdb).find_one({"frame_id": frame_id, "model_version": model_version}, {"attempts": 1})
+    return int(doc["attempts"]) if doc else 0
+
+
+@dataclass
+class BatchOutcome:
+    inferred: int = 0
+    failed: int = 0              # attempts that failed this time (frame kept for another attempt)
+    given_up: list = field(default_factory=list)  # frame ids quarantined this time
+
+
+def _endpoint_healthy(predictor) -> bool:
+    ping = getattr(predictor, "ping", None)
+    if ping is None:
+        return False  # cannot tell the frame's fault from an outage: treat as an outage
+    try:
+        ok, _ = ping()
+    except Exception:  # noqa: BLE001 - any failure to ping is an outage
+        return False
+    return bool(ok)
+
+
+def infer_frames(fdb, predictor, frames, *, model_version: str, source: str = "batch",
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> BatchOutcome:
+    """Infer ``frames`` (documents with their image) in order, storing each inference and
+    updating the twin. Raises ``EndpointUnavailable`` when the endpoint is down; every
+    stored inference is complete, so a retry resumes where this stopped."""
+    from factory_assets.serving.predictor import EndpointUnavailable
+    from factory_assets.twin.live import infer_frame
+
+    outcome = BatchOutcome()
+    cache: dict = {}
+    for frame in frames:
+        try:
+            doc = infer_frame(fdb, predictor, frame, source=source, thresholds_cache=cache)
+            reason, error = "inference_rejected", "the endpoint rejected the frame as bad input"
+        except EndpointUnavailable as exc:
+            if not _endpoint_healthy(predictor):
+                raise
+            doc, reason, error = None, "endpoint_error", str(exc)
+        if doc is not None:
+            outcome.inferred += 1
+            continue
+        attempt = record_failed_attempt(fdb, frame, model_version, reason=reason, error=error,
+                                        max_attempts=max_attempts)
+        if attempt.get("given_up"):
+            outcome.given_up.append(frame["_id"])
+        else:
+            outcome.failed += 1
+    return outcome

@@ -1,0 +1,85 @@
+"""When the deployed model should be (re)trained: the drift metric and the bootstrap readiness.
+
+Drift compares the deployed model's latest inferences with the stock the factory's
+controller reported (``f/i/stock``) at each frame's time: the controller is the
+ground truth the auto-labels come from, so a model that disagrees with it on many
+recent frames has met stock situations it never saw. Bootstrap readiness asks
+whether the factory has shown enough to train a first model.
+"""
+from __future__ import annotations
+
+import logging
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from factory_assets.twin.state import COLOURS, reported_presence, stock_slots
+
+logger = logging.getLogger(__name__)
+
+DRIFT_WINDOW = 100            # latest inferences compared with the controller's stock reports
+DRIFT_MAX_DISAGREEMENT = 0.2  # above this share, retrain on the newer labelled frames
+BOOTSTRAP_MIN_FRAMES = 120
+BOOTSTRAP_MIN_SITUATIONS = 4  # distinct stock combinations reported
+BOOTSTRAP_REPORTS_SCANNED = 500
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    share: float    # of the compared inferences, the share whose presence differs from the controller's
+    compared: int   # inferences that had a stock report at or before their frame
+
+    @property
+    def drifted(self) -> bool:
+        return self.compared >= DRIFT_WINDOW and self.share > DRIFT_MAX_DISAGREEMENT
+
+
+def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> Disagreement:
+    """How often the latest ``n`` inferences of ``model_version`` differ from the stock
+    the controller reported at that frame's time."""
+    recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1})
+                  .sort("frame_ts", -1).limit(n))
+    if not recent:
+        return Disagreement(0.0, 0)
+    lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
+    first = fdb.mqtt.find_one({"topic": "f/i/stock", "ts": {"$lte": lo}}, sort=[("ts", -1)])
+    reports = ([first] if first else []) + list(fdb.mqtt.find({"topic": "f/i/stock", "ts": {"$gt": lo, "$lte": hi}})
+                                                 .sort("ts", 1))
+    times = [r["ts"] for r in reports]
+    compared = differing = 0
+    for inf in recent:
+        i = bisect_right(times, inf["frame_ts"]) - 1
+        if i < 0:
+            continue
+        compared += 1
+        differing += reported_presence(stock_slots(reports[i]["payload"])) != inf["present"]
+    return Disagreement(differing / compared if compared else 0.0, compared)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    frames: int
+    situations: int      # distinct stock combinations among the latest reports
+    colours_varied: int  # colours seen both in stock and absent
+
+    @property
+    def ready(self) -> bool:
+        return (self.frames >= BOOTSTRAP_MIN_FRAMES and self.situations >= BOOTSTRAP_MIN_SITUATIONS
+                and self.colours_varied == len(COLOURS))
+
+    def describe(self) -> str:
+        return (f"{self.frames} frames, {self.situations} distinct stock situations, {self.colours_varied} of "
+                f"{len(COLOURS)} colours seen both in stock and absent (need {BOOTSTRAP_MIN_FRAMES}, "
+                f"{BOOTSTRAP_MIN_SITUATIONS} and {len(COLOURS)})")
+
+
+def bootstrap_readiness(fdb) -> Readiness:
+    """Whether the factory has shown enough frames and stock situations for a first model."""
+    situations, seen = set(), {c: set() for c in COLOURS}
+    for msg in (fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1)
+                .limit(BOOTSTRAP_REPORTS_SCANNED)):
+        present = reported_presence(stock_slots(msg.get("payload")))
+        situations.add(tuple(sorted(c for c, v in present.items() if v)))
+        for c, v in present.items():
+            seen[c].add(v)
+    return Readiness(fdb.frames.estimated_document_count(), len(situations),
+                     sum(len(v) == 2 for v in seen.values()))
