@@ -22,8 +22,9 @@ def _mqtt(args) -> int:
     from factory_assets.ingest.mqtt import MqttIngester
 
     ingester = MqttIngester(_ingestor(args), args.url, client_id=args.client_id,
-                            progress_every=args.progress_every)
-    print(f"ingesting from {args.url} (Ctrl-C to stop)", flush=True)
+                            progress_every=args.progress_every,
+                            max_buffer_bytes=int(args.max_buffer_mb * 1024 * 1024))
+    print(f"ingesting from {args.url} as {ingester.client_id} (Ctrl-C to stop)", flush=True)
     return _summary(ingester.run_forever(duration=args.duration))
 
 
@@ -52,7 +53,12 @@ def register(sub) -> None:
 
     q = kinds.add_parser("mqtt", help="subscribe to the factory's MQTT broker (i/cam, i/bme680, i/ldr, f/i/#...)")
     q.add_argument("--url", default="mqtt://127.0.0.1:1883")
-    q.add_argument("--client-id", default=None)
+    q.add_argument("--client-id", default=None,
+                   help="MQTT client id of the persistent session (default "
+                        "factory-assets-ingest-<factory-id>-<camera-id>); one ingester per id")
+    q.add_argument("--max-buffer-mb", type=float, default=64.0,
+                   help="payload bytes held in memory while the database is slow or down; "
+                        "beyond it the broker keeps the messages")
     q.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     q.add_argument("--progress-every", type=float, default=5.0)
     add_common(q, "txt-cam")

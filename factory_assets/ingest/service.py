@@ -3,24 +3,31 @@
 Transport-agnostic: the MQTT, folder and video ingesters all feed an ``Ingestor``.
 Not thread-safe by design: each ingester drives it from one writer thread and
 the inserts are batched (``insert_many``) for throughput.
+
+Store, then forget: frames, factory messages and quarantine records stay in memory
+until their write succeeded, so a failed ``flush`` (database down) can simply be
+called again; what was already written is not stored twice (the frame identity,
+``message_id`` and quarantine ``fingerprint`` indexes).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
 from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, parse_ts, utcnow
-from factory_assets.storage.quarantine import quarantine
+from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.vision.decode import ImageDecodeError, inspect_image, parse_data_url
 
 CAMERA_TOPIC = "i/cam"
 SENSOR_TOPICS = ("i/bme680", "i/ldr")
 STOCK_TOPIC = "f/i/stock"
+
+logger = logging.getLogger(__name__)
 
 
 class BadMessage(ValueError):
@@ -75,7 +82,8 @@ def _ts(doc: dict) -> datetime:
 
 class Ingestor:
     def __init__(self, fdb, *, camera_id: str = "txt-cam", factory_id: str = "factory-1",
-                 max_image_bytes: int | None = None, batch_size: int = 64, on_stored=None):
+                 max_image_bytes: int | None = None, batch_size: int = 64, on_stored=None,
+                 auto_flush: bool = True):
         self.fdb = fdb
         self.camera_id = camera_id
         self.factory_id = factory_id
@@ -85,10 +93,14 @@ class Ingestor:
         self.stats = IngestStats()
         self._frames: list[dict] = []
         self._messages: dict[str, list[dict]] = {}
+        self._quarantine: list[tuple[str, dict, str]] = []  # (fingerprint, upsert, reason), not yet written
+        # False: the caller flushes (the MQTT writer acknowledges messages only after its own flush)
+        self.auto_flush = auto_flush
         self.on_stored = on_stored  # callback(list of stored frame docs), for benchmarks and live updates
 
     # -- entry points ------------------------------------------------------------
     def handle_mqtt(self, topic: str, payload: bytes, source: dict | None = None) -> None:
+        """Validate one message and queue what it becomes (frame, message or quarantine record)."""
         source = source or {"kind": "mqtt", "topic": topic}
         try:
             if len(payload) > self.max_image_bytes * 4 // 3 + 1024:
@@ -99,10 +111,21 @@ class Ingestor:
                 self._factory_message(topic, payload, source)
         except (BadMessage, ImageDecodeError) as exc:
             self.reject(exc.reason, str(exc), source, payload, topic)
+        except Exception as exc:  # noqa: BLE001 - a bug in validation must not drop the message
+            logger.exception("unexpected error validating a message on %s", topic)
+            self.reject("ingest_error", f"{type(exc).__name__}: {exc}", source, payload, topic)
+        self._maybe_flush()
 
     def add_image(self, image: bytes, *, ts: datetime, source: dict, declared_type: str | None = None,
                   camera_id: str | None = None, factory_id: str | None = None, raw=None) -> bool:
         """Queue one image for storage; False (and quarantined) when it is bad."""
+        ok = self._add_image(image, ts=ts, source=source, declared_type=declared_type, camera_id=camera_id,
+                             factory_id=factory_id, raw=raw)
+        self._maybe_flush()
+        return ok
+
+    def _add_image(self, image: bytes, *, ts: datetime, source: dict, declared_type: str | None = None,
+                   camera_id: str | None = None, factory_id: str | None = None, raw=None) -> bool:
         try:
             info = inspect_image(image, declared_type, self.max_image_bytes)
         except ImageDecodeError as exc:
@@ -113,33 +136,45 @@ class Ingestor:
                                         content_type=info.content_type, width=info.width,
                                         height=info.height, source=source))
         self.stats.bytes += len(image)
-        if len(self._frames) >= self.batch_size:
-            self.flush()
         return True
 
     def reject(self, reason: str, message: str, source: dict, payload, topic: str | None = None) -> None:
-        quarantine(self.fdb, reason=reason, message=message, source=source, payload=payload, topic=topic)
-        self.stats.quarantined += 1
-        self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
-        print(f"quarantined ({reason}): {message} [{source}]", file=sys.stderr, flush=True)
+        """Queue a quarantine record; it is written (and counted) by the next ``flush``."""
+        fingerprint, update = quarantine_update(reason=reason, message=message, source=source,
+                                                payload=payload, topic=topic)
+        self._quarantine.append((fingerprint, update, reason))
+        logger.warning("quarantined (%s): %s [%s]", reason, message, source)
+
+    def _maybe_flush(self) -> None:
+        if self.auto_flush and self.pending >= self.batch_size:
+            self.flush()
 
     def flush(self) -> None:
+        """Write everything pending. Each part leaves memory only once written: after an
+        exception (database down) calling ``flush`` again retries exactly what is left."""
         if self._frames:
-            docs, self._frames = self._frames, []
-            result = insert_frames(self.fdb, docs, self.sequence)
+            docs = self._frames
+            result = insert_frames(self.fdb, docs, self.sequence)  # re-sequences on every call
+            self._frames = []
             self.stats.frames += result.inserted
             self.stats.duplicates += result.duplicates
             if self.on_stored and result.inserted:
                 stored = set(result.inserted_ids)
                 self.on_stored([d for d in docs if d.get("_id") in stored])
-        for coll, docs in list(self._messages.items()):
-            if docs:
-                self._messages[coll] = []
-                self._insert_messages(coll, docs)
+        for coll in list(self._messages):
+            if self._messages[coll]:
+                self._insert_messages(coll, self._messages[coll])
+            del self._messages[coll]
+        if self._quarantine:
+            quarantine_many(self.fdb, [(fp, update) for fp, update, _ in self._quarantine])
+            for _, _, reason in self._quarantine:
+                self.stats.quarantined += 1
+                self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+            self._quarantine = []
 
     @property
     def pending(self) -> int:
-        return len(self._frames) + sum(len(v) for v in self._messages.values())
+        return len(self._frames) + sum(len(v) for v in self._messages.values()) + len(self._quarantine)
 
     # -- message kinds -----------------------------------------------------------
     def _camera_message(self, payload: bytes, source: dict) -> None:
@@ -151,8 +186,8 @@ class Ingestor:
         if not isinstance(data, str):
             raise BadMessage("bad_data_url", "'data' must be a data URL string")
         declared, image = parse_data_url(data)
-        self.add_image(image, ts=ts, source=source, declared_type=declared,
-                       camera_id=doc.get("camera_id"), factory_id=doc.get("factory_id"), raw=payload)
+        self._add_image(image, ts=ts, source=source, declared_type=declared,
+                        camera_id=doc.get("camera_id"), factory_id=doc.get("factory_id"), raw=payload)
 
     def _factory_message(self, topic: str, payload: bytes, source: dict) -> None:
         doc = _json_object(payload)
@@ -171,8 +206,6 @@ class Ingestor:
                    # one document per message: a redelivery carries the same bytes
                    "message_id": hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()}
         self._messages.setdefault(coll, []).append(message)
-        if len(self._messages[coll]) >= self.batch_size:
-            self._insert_messages(coll, self._messages.pop(coll))
 
     def _insert_messages(self, coll: str, docs: list[dict]) -> None:
         from pymongo.errors import BulkWriteError
