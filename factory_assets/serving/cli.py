@@ -8,25 +8,30 @@ DEFAULT_ENDPOINT = "factory-stock"
 
 def _serve(args) -> int:
     import signal
-    import threading
 
-    from factory_assets.serving.server import serve
+    from factory_assets.serving.server import InferenceLimits, build_server
 
     if not args.model and not args.endpoint:
         args.endpoint = DEFAULT_ENDPOINT
-    server = serve(args.host, args.port, model_dir=args.model, endpoint_name=args.endpoint,
-                   poll_seconds=args.poll, access_log=args.access_log)
+    limits = InferenceLimits(max_concurrent_requests=args.max_concurrent, body_timeout=args.body_timeout,
+                             graceful_shutdown=args.graceful_shutdown)
+    server = build_server(args.host, args.port, model_dir=args.model, endpoint_name=args.endpoint,
+                          poll_seconds=args.poll, access_log=args.access_log, log=_print, limits=limits)
     source = f"model {args.model}" if args.model else f"endpoint {args.endpoint!r} from the registry"
     print(f"serving {source} on {server.url} (/ping, /invocations, /endpoints/NAME/invocations)", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # uvicorn drains on SIGTERM/SIGINT, restores this handler and re-raises the signal: ignoring it
+    # then is what lets the process exit 0 after a graceful shutdown.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        done.wait()
+        server.run()
     except KeyboardInterrupt:
         pass
-    server.stop()
     print(f"summary: requests={server.requests} errors={server.errors} swaps={server.slot.swaps}", flush=True)
     return 0
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
 
 
 def _endpoint_view(doc: dict | None) -> dict:
@@ -81,6 +86,10 @@ def register(sub) -> None:
                      help=f"follow this endpoint's model version in MongoDB (default {DEFAULT_ENDPOINT})")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between endpoint document checks")
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--max-concurrent", type=int, default=32, help="requests in progress at once; 503 beyond")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request body to arrive; 408 after")
+    p.add_argument("--graceful-shutdown", type=float, default=30.0,
+                   help="seconds requests in flight get after SIGTERM (SageMaker allows 30)")
     p.set_defaults(func=_serve)
 
     e = sub.add_parser("endpoint", help="inspect or change which model version an endpoint serves")

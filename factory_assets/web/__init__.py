@@ -8,7 +8,7 @@ connections and tasks at once (uvicorn answers 503 beyond); idle keep-alive
 connections are closed after ``timeout_keep_alive``; on SIGTERM in-flight
 requests get ``timeout_graceful_shutdown`` seconds (SageMaker allows 30).
 """
-from factory_assets.web.limits import RequestLimits, json_error
+from factory_assets.web.limits import ConcurrencyLimit, RequestLimits, json_error
 from factory_assets.web.server import ServerLimits, WebServer
 
-__all__ = ["RequestLimits", "ServerLimits", "WebServer", "json_error"]
+__all__ = ["ConcurrencyLimit", "RequestLimits", "ServerLimits", "WebServer", "json_error"]

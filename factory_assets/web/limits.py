@@ -106,3 +106,39 @@ def _content_length(scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class ConcurrencyLimit:
+    """Wraps an ASGI app: at most ``max_requests`` requests inside it at once; beyond,
+    503 at once (with ``Retry-After: 1``) instead of queueing. Placed inside
+    ``RequestLimits``, it counts only requests whose body has arrived, so slow
+    uploads wait on their own deadline and never take a slot from working requests.
+    (uvicorn's ``limit_concurrency`` stays the backstop on connections; its 503 is
+    plain text, this one uses the app's ``error`` format.)"""
+
+    def __init__(self, app, *, max_requests: int, error: ErrorFactory = json_error):
+        if max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
+        self.app = app
+        self.max_requests = max_requests
+        self.error = error
+        self.active = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_requests:
+            body, headers = self.error(503, "ServiceUnavailable",
+                                       f"over {self.max_requests} requests in progress; retry shortly")
+            if not any(name == b"retry-after" for name, _ in headers):
+                headers = headers + [(b"retry-after", b"1")]
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.active += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

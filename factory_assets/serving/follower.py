@@ -1,0 +1,116 @@
+"""Following the endpoint document: which model the server serves, and the hot swap.
+
+``ModelSlot`` holds the served model; swapping replaces one reference, so a
+request that picked up the old model finishes on it while new requests get the
+new one. ``EndpointFollower`` polls the MongoDB ``endpoints`` document and, when
+its ``model_version`` changes, loads that model from the registry (GridFS)
+beside the old one, warms it up, swaps, and reports the served version back
+(``served_version``/``InService``). Nothing here knows about HTTP.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    model: object
+    loaded_at: float
+
+
+class ModelSlot:
+    """The model being served. Swapping replaces one reference (atomic in CPython)."""
+
+    def __init__(self):
+        self.current: LoadedModel | None = None
+        self.swaps = 0
+
+    def swap(self, model) -> LoadedModel:
+        warm_up(model)
+        loaded = LoadedModel(model.version, model, time.time())
+        self.current = loaded
+        self.swaps += 1
+        return loaded
+
+
+def warm_up(model) -> None:
+    """One prediction before serving: a model that cannot predict is never swapped in."""
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".jpg", np.full((240, 320, 3), 128, np.uint8))
+    probs = model.predict_proba_bytes(buf.tobytes())
+    if len(probs) != len(model.classes):
+        raise ValueError(f"model {model.version} returned {len(probs)} probabilities")
+
+
+_warm_up = warm_up  # the name server.py used
+
+
+class EndpointFollower(threading.Thread):
+    """Polls the endpoint document and hot-swaps to its configured model version."""
+
+    def __init__(self, slot: ModelSlot, endpoint_name: str, *, uri: str | None = None, database: str | None = None,
+                 poll_seconds: float = 1.0, server_url: str | None = None, log=None):
+        super().__init__(name=f"follow-{endpoint_name}", daemon=True)
+        self.slot = slot
+        self.endpoint_name = endpoint_name
+        self.uri = uri
+        self.database = database
+        self.poll_seconds = poll_seconds
+        self.server_url = server_url
+        self.log = log or logger.info
+        self._stop = threading.Event()
+        self._failed: dict[str, float] = {}
+        self._fdb = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def fdb(self):
+        if self._fdb is None:
+            from factory_assets.storage.mongo import connect
+
+            self._fdb = connect(self.uri, self.database)
+        return self._fdb
+
+    def sync_once(self) -> str | None:
+        """Load the configured version if it is not the one served; returns the served version."""
+        from factory_assets.storage.models import get_endpoint, load_model, report_served
+
+        fdb = self.fdb()
+        doc = get_endpoint(fdb, self.endpoint_name) or {}
+        wanted = doc.get("model_version")
+        current = self.slot.current
+        if wanted and (current is None or current.version != wanted):
+            # A version that failed to load is retried at most every 30 s, not every poll.
+            if time.monotonic() - self._failed.get(wanted, -1e9) > 30:
+                started = time.perf_counter()
+                try:
+                    model = load_model(fdb, wanted)
+                    self.slot.swap(model)
+                    self.log(f"serve: now serving {wanted} (loaded in {time.perf_counter() - started:.2f}s; "
+                             f"was {current.version if current else 'none'})")
+                except Exception as exc:  # keep serving the old model
+                    self._failed[wanted] = time.monotonic()
+                    self.log(f"serve: cannot load model {wanted}: {exc}; still serving "
+                             f"{current.version if current else 'nothing'}")
+        served = self.slot.current.version if self.slot.current else None
+        if served != doc.get("served_version") or (served and served == wanted and doc.get("status") != "InService"):
+            report_served(fdb, self.endpoint_name, served, url=self.server_url)
+        return served
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync_once()
+            except Exception as exc:  # MongoDB restarting: keep serving, try again
+                self.log(f"serve: endpoint document unavailable ({exc.__class__.__name__}: {exc})")
+                self._fdb = None
+            self._stop.wait(self.poll_seconds)
