@@ -95,6 +95,68 @@ def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Se
     return services
 
 
+def _say(text: str) -> None:
+    print(f"[up] {text}", flush=True)
+
+
+def service_links(services: list[Service]) -> dict[str, str]:
+    """Where a person points a browser or a client, for the services that serve HTTP."""
+    names = {"inference-server": "inference server (/ping)", "api": "twin page & API (/docs)"}
+    return {names[s.name]: f"http://127.0.0.1:{s.ready_port}" for s in services
+            if s.name in names and s.ready_port}
+
+
+class StatusDisplay:
+    """The refreshing console: a rich Live panel on a terminal, a plain line every 30 s elsewhere."""
+
+    def __init__(self, services, mongo_uri: str, links: dict, log_dir, verbose: bool = False):
+        from factory_assets.stack_console import StatusProbe
+
+        self.services = services
+        self.links = links
+        self.log_dir = log_dir
+        self.verbose = verbose
+        self.probe = StatusProbe(mongo_uri, config.database_name())
+        self._live = None
+        self._last_read = 0.0
+        self._last_plain = 0.0
+        self._status = None
+
+    def start(self) -> "StatusDisplay":
+        from rich.console import Console
+
+        console = Console()
+        if console.is_terminal and not self.verbose:
+            from rich.live import Live
+
+            self._live = Live(console=console, refresh_per_second=2, transient=False)
+            self._live.start()
+        else:
+            for name, url in self.links.items():
+                _say(f"{name}: {url}")
+            _say(f"logs: {self.log_dir}  (Ctrl-C stops everything)")
+        self.refresh()
+        return self
+
+    def refresh(self) -> None:
+        from factory_assets.stack_console import plain_line, render
+
+        now = time.monotonic()
+        if self._status is None or now - self._last_read >= 2.0:
+            self._status = self.probe.read(now)
+            self._last_read = now
+        if self._live is not None:
+            self._live.update(render(self.services, self._status, self.links, self.log_dir))
+        elif not self.verbose and now - self._last_plain >= 30.0:
+            print(plain_line(self.services, self._status), flush=True)
+            self._last_plain = now
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+        self.probe.close()
+
+
 def stop_all(services: list[Service], grace: float = 10.0) -> None:
     for svc in reversed(services):
         if svc.proc and svc.proc.poll() is None:
@@ -109,13 +171,13 @@ def stop_all(services: list[Service], grace: float = 10.0) -> None:
         try:
             svc.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            print(f"[up] {svc.name} did not stop in {grace:.0f}s; killing it", flush=True)
+            _say(f"{svc.name} did not stop in {grace:.0f}s; killing it")
             try:
                 os.killpg(svc.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             svc.proc.wait()
-        print(f"[up] stopped {svc.name}", flush=True)
+        _say(f"stopped {svc.name}")
 
 
 def up(args) -> int:
@@ -130,9 +192,9 @@ def up(args) -> int:
         started_db = not embedded.status().running
         status = embedded.start()
         env["MONGODB_URI"] = status.uri
-        print(f"[up] embedded MongoDB: {status.uri}", flush=True)
+        _say(f"embedded MongoDB: {status.uri}")
     else:
-        print(f"[up] MongoDB: {redact_uri(env['MONGODB_URI'])}", flush=True)
+        _say(f"MongoDB: {redact_uri(env['MONGODB_URI'])}")
     serve_port = free_port(args.serve_port)
     # Dagster's EndpointResource and the live updater must reach the same server.
     env["FACTORY_ENDPOINT_URL"] = f"http://127.0.0.1:{serve_port}"
@@ -146,29 +208,46 @@ def up(args) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    log_dir = config.factory_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    links = {"Dagster UI": f"http://127.0.0.1:{args.port}"} if not args.no_dagster else {}
+    links.update(service_links(services))
     code = 0
+    console = None
     try:
         for svc in services:
+            if args.verbose:
+                out = None  # inherit: every service streams to this terminal
+            else:
+                out = open(log_dir / f"{svc.name}.log", "ab", buffering=0)
             svc.proc = subprocess.Popen(svc.argv, env={**env, **svc.env}, start_new_session=True,
-                                        stdin=subprocess.DEVNULL)
-            print(f"[up] started {svc.name} (pid {svc.proc.pid})", flush=True)
+                                        stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT if out is not None else None)
+            if out is not None:
+                out.close()  # the child holds its own descriptor
+            _say(f"started {svc.name} (pid {svc.proc.pid})")
             if svc.ready_port and not _wait_port(svc.ready_port, 60, svc.proc):
-                raise RuntimeError(f"{svc.name} did not come up on port {svc.ready_port}")
-        print(f"[up] Dagster UI: http://127.0.0.1:{args.port}  (Ctrl-C stops everything)", flush=True)
+                raise RuntimeError(f"{svc.name} did not come up on port {svc.ready_port}; "
+                                   f"see {log_dir / (svc.name + '.log')}")
+        console = StatusDisplay(services, env["MONGODB_URI"], links, log_dir, verbose=args.verbose).start()
         while not stopping:
             for svc in services:
                 if svc.proc.poll() is not None:
-                    raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}")
+                    raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}; "
+                                       f"see {log_dir / (svc.name + '.log')}")
+            console.refresh()
             time.sleep(0.5)
     except RuntimeError as exc:
-        print(f"[up] {exc}; stopping", flush=True)
+        _say(f"{exc}; stopping")
         code = 1
     finally:
+        if console is not None:
+            console.stop()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop_all(services)
         if started_db and not args.keep_db:
             embedded.stop()
-            print("[up] stopped embedded MongoDB", flush=True)
+            _say("stopped embedded MongoDB")
     return code
 
 
@@ -181,4 +260,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dagster", action="store_true", help="everything but dagster dev")
     p.add_argument("--keep-db", action="store_true", help="leave the embedded MongoDB running on exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream every service's output here instead of .factory/logs/<service>.log")
     p.set_defaults(func=up)
