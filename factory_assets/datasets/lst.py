@@ -77,3 +77,56 @@ def write_lst(path: Path, rows: list[LstRow]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(format_lst(rows), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# per-slot sidecar: ``<split>-annots/<split>.slots`` next to the ``.lst`` (SageMaker reads only
+# the ``.lst``). A line is ``index<TAB>A1<TAB>...<TAB>C3<TAB>relative/path`` with ``BLUE``, ``RED``,
+# ``WHITE`` or ``-`` (empty) per slot; the index and path are those of the ``.lst`` line. Frames
+# whose label has presence only (a manual correction, an imported photo) have no line.
+
+SLOT_NAMES: tuple[str, ...] = tuple(f"{row}{col}" for row in "ABC" for col in "123")
+SLOT_TYPES = ("BLUE", "RED", "WHITE")
+SLOTS_HEADER = "# index\t" + "\t".join(SLOT_NAMES) + "\tpath\n"
+
+
+def slots_path(lst_path: Path) -> Path:
+    return Path(lst_path).with_suffix(".slots")
+
+
+def format_slots(rows: list[tuple[int, dict, str]]) -> str:
+    """``[(index, slot -> type or None, path)]`` -> sidecar text."""
+    lines = [SLOTS_HEADER]
+    for index, slots, rel in rows:
+        lines.append(f"{index}\t" + "\t".join((slots.get(s) or "-") for s in SLOT_NAMES) + f"\t{rel}\n")
+    return "".join(lines)
+
+
+def read_slots(path: Path) -> dict[int, dict]:
+    """Sidecar -> index -> slot -> type or None. A missing file is an empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    out: dict[int, dict] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        cols = line.split("\t")
+        if len(cols) != len(SLOT_NAMES) + 2:
+            raise ManifestError(f"{where}: expected {len(SLOT_NAMES) + 2} tab-separated columns "
+                                f"(index, A1..C3, path), found {len(cols)}")
+        try:
+            index = int(cols[0])
+        except ValueError:
+            raise ManifestError(f"{where}: index {cols[0]!r} is not an integer") from None
+        slots = {}
+        for name, value in zip(SLOT_NAMES, cols[1:-1]):
+            value = value.strip().upper()
+            if value not in SLOT_TYPES + ("-", ""):
+                raise ManifestError(f"{where}: slot {name}={value!r} is not BLUE, RED, WHITE or -")
+            slots[name] = value if value in SLOT_TYPES else None
+        if index in out:
+            raise ManifestError(f"{where}: duplicate index {index}")
+        out[index] = slots
+    return out

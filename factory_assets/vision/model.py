@@ -33,6 +33,7 @@ from factory_assets.vision.features import WORK_SIZE, FeatureConfig, extract
 
 ARTIFACT_NAME = "stock_model.npz"
 FORMAT = "factory-assets-stock-model/1"
+SLOT_FORMAT = "factory-assets-slot-model/1"  # vision.slots.SlotStockModel; from_bytes/load read both
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the artifact bytes are reproducible
 
 
@@ -103,6 +104,16 @@ class StockModel:
         ``ImageDecodeError`` (a ``ValueError``) on bytes that are not an image."""
         return [float(p) for p in self.predict_proba([_decode(data)])[0]]
 
+    kind = "presence"
+
+    def predict_details(self, data: bytes) -> dict:
+        """One frame -> probabilities ``[blue, red, white]``, decisions, thresholds;
+        ``slots`` is None (a presence model does not see slots; ``SlotStockModel`` fills it)."""
+        proba = np.array(self.predict_proba_bytes(data))
+        return {"model_version": self.version, "model_kind": self.kind, "labels": list(self.classes),
+                "probabilities": [float(p) for p in proba], "thresholds": dict(self.thresholds),
+                "present": self.decide(proba)[0], "slots": None}
+
     def decide(self, proba: np.ndarray) -> list[dict[str, bool]]:
         t = np.array([self.thresholds[c] for c in self.classes])
         return [{c: bool(v) for c, v in zip(self.classes, row >= t)} for row in np.atleast_2d(proba)]
@@ -128,10 +139,14 @@ class StockModel:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "StockModel":
+    def from_bytes(cls, data: bytes) -> "StockModel":  # or a SlotStockModel, by the artifact's format
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 meta = json.loads(npz["model_json"].tobytes().decode("utf-8"))
+                if meta.get("format") == SLOT_FORMAT:  # the per-slot model: same container, its own format
+                    from factory_assets.vision.slots import SlotStockModel
+
+                    return SlotStockModel.from_npz(npz, meta)
                 reference = npz["reference"]
                 weights = npz["weights"]
                 metadata = json.loads(npz["metadata_json"].tobytes().decode("utf-8")) if "metadata_json" in npz.files else {}
@@ -153,7 +168,7 @@ class StockModel:
         return path
 
     @classmethod
-    def load(cls, model_dir: Path) -> "StockModel":
+    def load(cls, model_dir: Path) -> "StockModel":  # or a SlotStockModel, by the artifact's format
         model_dir = Path(model_dir)
         path = model_dir if model_dir.is_file() else model_dir / ARTIFACT_NAME
         if not path.is_file():
