@@ -31,7 +31,7 @@ class AutoLabelSummary:
 
 def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, margin_s: float = 2.0,
                factory_id: str | None = None) -> AutoLabelSummary:
-    from factory_assets.storage.frames import day_query, frame_ts
+    from factory_assets.storage.frames import frame_ts, iter_day_frames
 
     window, margin = timedelta(seconds=window_s), timedelta(seconds=margin_s)
     query: dict = {"topic": "f/i/stock", "ts": {"$gte": start - window - margin, "$lt": end + window + margin}}
@@ -49,9 +49,9 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
     times = [r[0] for r in reports]
     summary = AutoLabelSummary()
     docs, rejected = [], []
-    frame_query = day_query(start, end)
-    frame_query["camera_id"] = {"$ne": "import"}
-    for frame in fdb.frames.find(frame_query, {"image": 0, "data": 0}):
+    for frame in iter_day_frames(fdb, start, end, {"image": 0, "data": 0}):  # index-served; $or is not
+        if frame.get("camera_id") == "import":
+            continue
         summary.frames += 1
         ts = frame_ts(frame)
         i = bisect_right(times, ts) - 1

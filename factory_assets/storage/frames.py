@@ -29,6 +29,7 @@ reaped it re-sequences its frames past the horizon, so nothing is lost.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 DEFAULT_LEASE_SECONDS = 120.0
+
+logger = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -218,16 +221,23 @@ def resequence(fdb, ids: list, sequence: FrameSequence) -> None:
         sequence.release(alloc)
 
 
+# Frames written by other tools carry no ``seq``. ``{"seq": {"$exists": False}}`` cannot use
+# the sparse ``frame_seq`` index (it holds no entry for them), so it scanned every frame with
+# its image on every poll. ``{"seq": None}`` matches a missing field too and is served by the
+# non-sparse ``frame_seq_id`` index (seq, _id), where all of them sit under the null key.
+UNSEQUENCED = {"seq": None}
+
+
 def assign_missing_seqs(fdb, limit: int = 1000, sequence: FrameSequence | None = None) -> int:
     """Give frames written by other tools (the original project, mongoimport) a seq
     so the cursor sees them too. Returns how many were sequenced."""
-    ids = [d["_id"] for d in fdb.frames.find({"seq": {"$exists": False}}, {"_id": 1}).sort("_id", 1).limit(limit)]
+    ids = [d["_id"] for d in fdb.frames.find(UNSEQUENCED, {"_id": 1}).sort([("seq", 1), ("_id", 1)]).limit(limit)]
     if ids:
         seq = sequence or FrameSequence(fdb)
         alloc = seq.allocate(len(ids))
         try:
             for i, _id in enumerate(ids):
-                fdb.frames.update_one({"_id": _id, "seq": {"$exists": False}}, {"$set": {"seq": alloc.lo + i}})
+                fdb.frames.update_one({"_id": _id, **UNSEQUENCED}, {"$set": {"seq": alloc.lo + i}})
         finally:
             seq.release(alloc)
     return len(ids)
@@ -246,14 +256,21 @@ class FramePage:
 
 def read_frames_after(fdb, after: int, limit: int = 100, projection: dict | None = None,
                       sequence: FrameSequence | None = None) -> FramePage:
-    """The next settled frames after cursor ``after``, oldest first."""
+    """The next settled frames after cursor ``after``, oldest first.
+
+    The range read is ``after < seq <= min(horizon, after + limit)``: its cost is bounded by
+    ``limit`` whatever the backlog or history (a server that applies ``limit`` after reading
+    the whole range, as SecantusDB does, would otherwise read every frame of a long backlog
+    with its image). Every number in the window is settled, so when it holds fewer than
+    ``limit`` frames (holes) the cursor moves to its end and nothing is skipped."""
     seq = sequence or FrameSequence(fdb)
     horizon = seq.horizon()
     if horizon <= after:
         return FramePage([], after, horizon)
-    frames = list(fdb.frames.find({"seq": {"$gt": after, "$lte": horizon}}, projection)
+    hi = min(horizon, after + max(int(limit), 1))
+    frames = list(fdb.frames.find({"seq": {"$gt": after, "$lte": hi}}, projection)
                   .sort("seq", 1).limit(limit))
-    cursor = frames[-1]["seq"] if len(frames) == limit else horizon
+    cursor = frames[-1]["seq"] if len(frames) == limit else hi
     return FramePage(frames, cursor, horizon)
 
 
@@ -263,6 +280,20 @@ def day_query(day_start: datetime, day_end: datetime) -> dict:
     iso_hi = day_end.strftime("%Y-%m-%dT%H:%M:%S")
     return {"$or": [{"ts": {"$gte": day_start, "$lt": day_end}},
                     {"ts": {"$gte": iso_lo, "$lt": iso_hi, "$type": "string"}}]}
+
+
+def day_queries(day_start: datetime, day_end: datetime) -> list[dict]:
+    """The two branches of :func:`day_query`, each an index range on ``ts`` by itself (a range
+    on a string only matches strings). SecantusDB plans no index for a top-level ``$or``."""
+    iso_lo = day_start.strftime("%Y-%m-%dT%H:%M:%S")
+    iso_hi = day_end.strftime("%Y-%m-%dT%H:%M:%S")
+    return [{"ts": {"$gte": day_start, "$lt": day_end}}, {"ts": {"$gte": iso_lo, "$lt": iso_hi}}]
+
+
+def iter_day_frames(fdb, day_start: datetime, day_end: datetime, projection: dict | None = None) -> Iterable[dict]:
+    """Frames captured in [start, end) (see :func:`day_query`), one indexed query per branch."""
+    for query in day_queries(day_start, day_end):
+        yield from fdb.frames.find(query, projection)
 
 
 def iter_frames(fdb, query: dict, projection: dict | None = None) -> Iterable[dict]:
@@ -276,3 +307,138 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+# -- waking up readers of the cursor ---------------------------------------------
+
+CHANGE_STREAM_PREFIX = "changestream:"
+
+
+class ChangeWaiter:
+    """The wake-up signal of a reader that follows the seq cursor.
+
+    Where the server offers change streams (a replica set: Atlas, SecantusDB) it waits
+    on one over the database, matching frame inserts, updates of the frame sequence's
+    counter (a writer releasing its block is what makes new frames readable),
+    and the collections in ``extra`` (e.g. ``{"mqtt": {"fullDocument.topic": "f/i/stock"}}``);
+    events carry no document, so no image bytes. Its resume token is kept in ``counters``
+    under ``changestream:<name>``, like the cursor. Elsewhere (a standalone mongod) it polls
+    adaptively: ``min_interval`` while there is work, doubling up to ``max_interval`` when idle.
+
+    The seq cursor stays the source of truth: a wake-up only says "look now"; a
+    reader also looks at least every ``max_interval`` (leases expire without events).
+    """
+
+    def __init__(self, fdb, name: str, *, extra: dict | None = None, min_interval: float = 0.05,
+                 max_interval: float = 1.0, change_stream: bool = True, log=None):
+        self.fdb = fdb
+        self.name = name
+        self.extra = extra or {}
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.interval = min_interval
+        self.mode = "change_stream" if change_stream else "poll"
+        self.log = log or logger.info
+        self._stream = None
+        self._token_saved_at = 0.0
+        self._token_dirty = False
+
+    # the stream --------------------------------------------------------------
+    def pipeline(self) -> list[dict]:
+        names = self.fdb.names
+        ors = [{"ns.coll": names.frames, "operationType": {"$in": ["insert", "update", "replace"]}},
+               {"ns.coll": names.counters, "documentKey._id": f"seq:{names.frames}"}]
+        for attr, cond in self.extra.items():
+            ors.append({"ns.coll": getattr(names, attr, attr), **cond})
+        return [{"$match": {"$or": ors}},
+                # never the documents (a frame's image); _id is the resume token and must stay
+                {"$project": {"_id": 1, "operationType": 1, "ns": 1, "documentKey": 1}}]
+
+    def _token_id(self) -> str:
+        return CHANGE_STREAM_PREFIX + self.name
+
+    def _open(self):
+        from pymongo.errors import OperationFailure
+
+        doc = self.fdb.counters.find_one({"_id": self._token_id()})
+        token = (doc or {}).get("token")
+        kwargs = {"max_await_time_ms": int(self.max_interval * 1000)}
+        try:
+            return self.fdb.db.watch(self.pipeline(), resume_after=token, **kwargs) if token else \
+                self.fdb.db.watch(self.pipeline(), **kwargs)
+        except OperationFailure as exc:
+            if token and exc.code in (260, 280, 286):  # token unknown or history lost: start afresh
+                logger.info("change stream %s: resume token no longer usable (%s); starting afresh",
+                            self.name, exc.code)
+                return self.fdb.db.watch(self.pipeline(), **kwargs)
+            raise
+
+    def _save_token(self, force: bool = False) -> None:
+        if self._stream is None or not self._token_dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._token_saved_at < 1.0:
+            return  # at most one write a second: the token is a hint, the seq cursor the truth
+        token = self._stream.resume_token
+        if token is not None:
+            self.fdb.counters.update_one({"_id": self._token_id()}, {"$set": {"token": token, "at": utcnow()}},
+                                         upsert=True)
+        self._token_saved_at = now
+        self._token_dirty = False
+
+    def open(self) -> "ChangeWaiter":
+        """Open the change stream now (before the first read, so no change falls in between)."""
+        from pymongo.errors import ConfigurationError, OperationFailure
+
+        if self.mode != "change_stream" or self._stream is not None:
+            return self
+        try:
+            self._stream = self._open()
+        except (OperationFailure, ConfigurationError) as exc:
+            # A standalone server: "$changeStream stage is only supported on replica sets" (40573).
+            self.mode = "poll"
+            self.log(f"change streams unavailable ({str(exc)[:120]}); polling adaptively "
+                     f"every {self.min_interval:g}-{self.max_interval:g}s")
+        return self
+
+    def activity(self) -> None:
+        """Work was found: poll fast again."""
+        self.interval = self.min_interval
+
+    def wait(self) -> set:
+        """Block until something may have changed or ``max_interval`` passed.
+
+        Returns the collections seen changing (empty after a quiet wait; ``{"*"}`` when
+        polling, where anything may have changed)."""
+        from pymongo.errors import PyMongoError
+
+        if self.mode == "change_stream":
+            try:
+                self.open()
+                if self._stream is not None:
+                    change = self._stream.try_next()
+                    if change is None:
+                        self._save_token(force=False)
+                        return set()
+                    self._token_dirty = True
+                    self._save_token()
+                    return {change.get("ns", {}).get("coll", "*")}
+            except PyMongoError as exc:
+                # Server restarting: drop the stream, let the reader find out and retry.
+                logger.info("change stream %s interrupted: %s", self.name, exc.__class__.__name__)
+                self.close(save=False)
+                time.sleep(self.min_interval)
+                return {"*"}
+        time.sleep(self.interval)
+        self.interval = min(self.interval * 2, self.max_interval)
+        return {"*"}
+
+    def close(self, save: bool = True) -> None:
+        if self._stream is not None:
+            try:
+                if save:
+                    self._save_token(force=True)
+                self._stream.close()
+            except Exception:  # noqa: BLE001 - closing a stream on a server that went away
+                pass
+            self._stream = None

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pymongo import ASCENDING, DESCENDING
 
+# Named here, not imported from datasets.manifests, so connect() stays light.
+SPLITS_COLLECTION = "dataset_splits"
+
 _done: set[tuple[int, str, str]] = set()
 
 
@@ -17,7 +20,11 @@ def ensure_indexes(fdb) -> None:
     # The never-skipping read cursor (see storage/frames.py).
     # sparse rather than partial: some servers (SecantusDB) only plan range scans on sparse ones
     fdb.frames.create_index([("seq", ASCENDING)], unique=True, sparse=True, name="frame_seq")
+    # Frames without a seq (written by other tools) sit under the null key of this non-sparse
+    # index, so ``{"seq": None}`` finds them without a collection scan (see frames.UNSEQUENCED).
+    fdb.frames.create_index([("seq", ASCENDING), ("_id", ASCENDING)], name="frame_seq_id")
     fdb.frames.create_index([("ts", ASCENDING)], name="frame_ts")
+    fdb.frames.create_index([("sha256", ASCENDING)], name="frame_sha")  # the importer's dedup lookup
     fdb.sensors.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     fdb.mqtt.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     fdb.mqtt.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
@@ -29,10 +36,20 @@ def ensure_indexes(fdb) -> None:
                                 name="frame_model")
     fdb.inferences.create_index([("frame_ts", DESCENDING)], name="frame_ts")
     fdb.inferences.create_index([("frame_seq", ASCENDING)], name="frame_seq")
+    fdb.inferences.create_index([("model_version", ASCENDING), ("frame_ts", DESCENDING)], name="model_frame_ts")
     # One label per frame and source (manual, import, auto).
     fdb.labels.create_index([("frame_id", ASCENDING), ("source", ASCENDING)], unique=True, name="frame_source")
     fdb.labels.create_index([("frame_ts", ASCENDING)], name="frame_ts")
     fdb.models.create_index([("created_at", DESCENDING)], name="created_at")
+    fdb.models.create_index([("version", ASCENDING)], name="version")
     fdb.models.create_index([("passed_checks", ASCENDING), ("created_at", DESCENDING)], name="passed_created")
     fdb.endpoints.create_index([("name", ASCENDING)], unique=True, name="name")
+    # twin_live_sensor reads a factory's changes after the version it last saw.
+    fdb.twin_history.create_index([("factory_id", ASCENDING), ("version", ASCENDING)], name="factory_version")
+    fdb.twin.create_index([("updated_at", DESCENDING)], name="updated_at")
+    fdb.twin_legacy.create_index([("_partition", ASCENDING), ("ts", ASCENDING)], name="partition_ts")
+    fdb.datasets.create_index([("built_at", DESCENDING)], name="built_at")
+    # Sticky splits: the share of validation frames per label combination.
+    splits = fdb.db[SPLITS_COLLECTION]
+    splits.create_index([("combination", ASCENDING), ("split", ASCENDING)], name="combination_split")
     _done.add(key)

@@ -30,5 +30,10 @@ def record_inference(fdb, doc: dict) -> bool:
 
 
 def inferred_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
-    return {d["frame_id"] for d in fdb.inferences.find({"frame_id": {"$in": frame_ids},
-                                                         "model_version": model_version}, {"frame_id": 1})}
+    # By frame_id alone (the leading field of the frame_model index) and the model picked here:
+    # SecantusDB plans no index for ``$in`` combined with a second field and scanned every inference.
+    if not frame_ids:
+        return set()
+    return {d["frame_id"] for d in fdb.inferences.find({"frame_id": {"$in": list(frame_ids)}},
+                                                        {"frame_id": 1, "model_version": 1})
+            if d.get("model_version") == model_version}

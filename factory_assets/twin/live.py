@@ -2,26 +2,35 @@
 
 Why a process beside ingestion and not a Dagster run per frame: launching a run
 costs 7-11 s on this class of machine, so the quick path follows the frames'
-seq cursor itself (polling every 50 ms) and calls the endpoint through the
+seq cursor itself and calls the endpoint through the
 ``Predictor`` interface. Everything it writes is idempotent and shared with the
 batch path (``inferences`` keyed by frame and model version; twin updates
 guarded by frame time), and the ``twin_live_sensor`` turns each twin change it
 makes into an asset event on ``twin_state`` with its provenance, so every
 update is visible in Dagster. Frames it could not infer are left to the batch
 path (``new_frames_sensor`` -> ``stock_inferences``), which converges to the same state.
+
+Idle cost does not grow with history: between frames it waits on a MongoDB change
+stream (``ChangeWaiter``; an adaptive 50 ms-1 s poll where the server has none),
+every query it issues is a bounded index range, and it writes its cursor only
+when the cursor moves.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
-from factory_assets.storage.frames import assign_missing_seqs, frame_image_bytes, read_frames_after
+from factory_assets.storage.frames import ChangeWaiter, assign_missing_seqs, frame_image_bytes, read_frames_after
 from factory_assets.storage.inferences import build_inference, inferred_frame_ids, record_inference
 from factory_assets.storage.quarantine import quarantine
 from factory_assets.twin.state import COLOURS, Observation, reported_from_stock
 from factory_assets.twin.store import apply_observation, apply_reported
 
 CURSOR_PREFIX = "cursor:"
+STOCK_TOPIC = "f/i/stock"
+
+logger = logging.getLogger(__name__)
 
 
 def load_cursor(fdb, name: str) -> int:
@@ -34,15 +43,26 @@ def save_cursor(fdb, name: str, seq: int) -> None:
     fdb.counters.update_one({"_id": CURSOR_PREFIX + name}, {"$max": {"seq": seq}}, upsert=True)
 
 
-def apply_latest_stock(fdb, factory_id: str | None = None) -> bool:
-    query = {"topic": "f/i/stock"}
+def apply_latest_stock(fdb, factory_id: str | None = None, after=None) -> bool:
+    """Apply the newest stock report to the twin; with ``after`` (a report time) only a
+    newer one is looked at, so the read is an index range over new reports only."""
+    query: dict = {"topic": STOCK_TOPIC}
     if factory_id:
         query["factory_id"] = factory_id
+    if after is not None:
+        query["ts"] = {"$gt": after}
     msg = fdb.mqtt.find_one(query, sort=[("ts", -1)])
     if not msg:
         return False
     rep = reported_from_stock(msg["payload"], msg["ts"], msg.get("factory_id") or "factory-1", msg.get("message_id"))
     return apply_reported(fdb, rep)
+
+
+def latest_stock_ts(fdb, factory_id: str | None = None):
+    """The time of the newest stock report the twin shows (None before the first)."""
+    query = {"_id": factory_id} if factory_id else {}
+    times = [d["reported"]["ts"] for d in fdb.twin.find(query, {"reported.ts": 1}) if (d.get("reported") or {}).get("ts")]
+    return max(times) if times else None
 
 
 def thresholds_for(fdb, version: str, cache: dict) -> dict:
@@ -87,7 +107,8 @@ class LiveStats:
 
 class LiveTwinUpdater:
     def __init__(self, fdb, predictor, *, cursor_name: str = "twin-live", batch: int = 32,
-                 max_backlog: int = 200, poll_seconds: float = 0.05, log=print):
+                 max_backlog: int = 200, poll_seconds: float = 0.05, log=print,
+                 max_idle_seconds: float = 1.0, change_stream: bool = True):
         self.fdb = fdb
         self.predictor = predictor
         self.cursor_name = cursor_name
@@ -99,16 +120,42 @@ class LiveTwinUpdater:
         self.stats = LiveStats()
         self._thresholds: dict = {}
         self._last_housekeeping = 0.0
+        self._saved_cursor = self.cursor
+        self._stock_after = latest_stock_ts(fdb)
+        self._more = False
+        # Between frames: a change stream where the server offers one, else a 50 ms-1 s poll.
+        self.waiter = ChangeWaiter(fdb, cursor_name, extra={"mqtt": {"fullDocument.topic": STOCK_TOPIC}},
+                                   min_interval=poll_seconds, max_interval=max_idle_seconds,
+                                   change_stream=change_stream, log=log)
 
-    def step(self) -> int:
-        """Process at most one page of new frames; returns how many were handled."""
+    def _save_cursor(self) -> None:
+        if self.cursor != self._saved_cursor:  # no write while nothing moves
+            save_cursor(self.fdb, self.cursor_name, self.cursor)
+            self._saved_cursor = self.cursor
+
+    def _apply_stock(self) -> None:
+        query: dict = {"topic": STOCK_TOPIC}
+        if self._stock_after is not None:
+            query["ts"] = {"$gt": self._stock_after}  # only reports newer than the last one seen
+        msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
+        if msg:
+            rep = reported_from_stock(msg["payload"], msg["ts"], msg.get("factory_id") or "factory-1",
+                                      msg.get("message_id"))
+            apply_reported(self.fdb, rep)
+            self._stock_after = msg["ts"]
+
+    def step(self, changed: set | None = None) -> int:
+        """Process at most one page of new frames; returns how many were handled.
+
+        ``changed``: the collections a wake-up reported (None: look at everything)."""
         from factory_assets.serving.predictor import EndpointUnavailable
 
         now = time.monotonic()
-        if now - self._last_housekeeping > 2.0:
-            assign_missing_seqs(self.fdb)  # frames written by other tools
+        frames_changed = changed is None or "*" in changed or self.fdb.names.frames in changed
+        if frames_changed or now - self._last_housekeeping > 2.0:
+            assign_missing_seqs(self.fdb)  # frames written by other tools (an index lookup)
             self._last_housekeeping = now
-        apply_latest_stock(self.fdb)
+        self._apply_stock()
         page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
         if page.horizon - self.cursor > self.max_backlog:
             # A long backlog (e.g. frames that arrived before the first model): jump to the
@@ -117,7 +164,10 @@ class LiveTwinUpdater:
             self.stats.skipped_to_batch += skip_to - self.cursor
             self.log(f"live: {skip_to - self.cursor} older frames left to the batch path")
             self.cursor = skip_to
-            save_cursor(self.fdb, self.cursor_name, self.cursor)
+            self._save_cursor()
+            page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
+        while not page.frames and page.has_more:  # a window of holes (duplicates): read on
+            self.cursor = page.cursor
             page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
         handled = 0
         done_ids = set()
@@ -132,7 +182,7 @@ class LiveTwinUpdater:
                 except EndpointUnavailable as exc:
                     # Do not move past a frame that was not inferred.
                     self.stats.endpoint_errors += 1
-                    save_cursor(self.fdb, self.cursor_name, self.cursor)
+                    self._save_cursor()
                     raise exc
                 if doc is None:
                     self.stats.rejected += 1
@@ -141,9 +191,10 @@ class LiveTwinUpdater:
                     self.stats.latencies_ms.append(doc["latency_ms"])
             self.cursor = frame["seq"]
             handled += 1
-        if not page.frames:
-            self.cursor = max(self.cursor, page.cursor)
-        save_cursor(self.fdb, self.cursor_name, self.cursor)
+        # every frame of the window was read: the cursor may pass its holes too
+        self.cursor = max(self.cursor, page.cursor)
+        self._more = page.has_more
+        self._save_cursor()
         return handled
 
     def run(self, stop=None, duration: float | None = None) -> LiveStats:
@@ -154,22 +205,34 @@ class LiveTwinUpdater:
         deadline = time.monotonic() + duration if duration else None
         backoff = 0.2
         last_log = time.monotonic()
-        while not (stop and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
-            try:
-                handled = self.step()
-                backoff = 0.2
-            except (EndpointUnavailable, PyMongoError) as exc:
-                # Endpoint or MongoDB restarting: nothing was skipped (the cursor only moves
-                # past stored inferences), so wait and resume from the stored cursor.
-                what = "endpoint" if isinstance(exc, EndpointUnavailable) else "MongoDB"
-                self.log(f"live: {what} unavailable ({exc.__class__.__name__}: {str(exc)[:200]}); "
-                         f"retrying in {backoff:.1f}s")
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if time.monotonic() - last_log > 30:
-                self.log(f"live: inferred={self.stats.inferred} rejected={self.stats.rejected} cursor={self.cursor}")
-                last_log = time.monotonic()
-            if not handled:
-                time.sleep(self.poll_seconds)
+        changed = None
+        try:
+            while not (stop and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
+                try:
+                    self.waiter.open()  # before reading, so a frame arriving meanwhile still wakes us
+                    handled = self.step(changed)
+                    backoff = 0.2
+                except (EndpointUnavailable, PyMongoError) as exc:
+                    # Endpoint or MongoDB restarting: nothing was skipped (the cursor only moves
+                    # past stored inferences), so wait and resume from the stored cursor.
+                    what = "endpoint" if isinstance(exc, EndpointUnavailable) else "MongoDB"
+                    self.log(f"live: {what} unavailable ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                             f"retrying in {backoff:.1f}s")
+                    if isinstance(exc, PyMongoError):
+                        self.waiter.close(save=False)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    changed = None
+                    continue
+                if time.monotonic() - last_log > 30:
+                    self.log(f"live: inferred={self.stats.inferred} rejected={self.stats.rejected} "
+                             f"cursor={self.cursor}")
+                    last_log = time.monotonic()
+                if handled or self._more:
+                    self.waiter.activity()
+                    changed = None
+                else:
+                    changed = self.waiter.wait()
+        finally:
+            self.waiter.close()
         return self.stats
