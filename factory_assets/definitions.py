@@ -10,6 +10,7 @@ from factory_assets.defs import camera, datasets, models, twin
 from factory_assets.defs.datasets.resources import DatasetTargetResource
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
 from factory_assets.defs.resources import MongoResource
+from factory_assets.defs.twin.sensors import RetrainWindow
 
 DOMAINS = [camera, datasets, models, twin]
 
@@ -26,7 +27,9 @@ defs = dg.Definitions(
     jobs=_collect("jobs"),
     resources={
         "mongo": MongoResource(),
-        "endpoint": EndpointResource(),
+        # make run / factory-assets up set FACTORY_ENDPOINT_URL for dagster (stack.py)
+        "endpoint": EndpointResource(url=dg.EnvVar("FACTORY_ENDPOINT_URL")),
+        "retrain_window": RetrainWindow(),
         "model_policy": ModelPolicyResource(),
         "dataset_target": DatasetTargetResource(),
         # region / endpoint from the environment (AWS_REGION, AWS_ENDPOINT_URL); credentials from the AWS chain

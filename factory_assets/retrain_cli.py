@@ -8,19 +8,17 @@ so it shows in the UI like a backfill launched there.
 from __future__ import annotations
 
 import os
-from datetime import datetime
 
 
 def _retrain(args) -> int:
     import dagster as dg
 
     from factory_assets import stack
+    from factory_assets.clock import day_range
 
-    for d in (args.from_day, args.to_day):
-        datetime.strptime(d, "%Y-%m-%d")  # ValueError with the bad value
-    if args.from_day > args.to_day:
-        raise ValueError(f"--from {args.from_day} is after --to {args.to_day}")
+    day_range(args.from_day, args.to_day)  # ValueError naming a bad day, or --from after --to
     os.environ.setdefault("DAGSTER_HOME", str(stack.dagster_home()))
+    os.environ.setdefault("FACTORY_ENDPOINT_URL", "http://127.0.0.1:8080")  # what `factory-assets serve` binds
     from factory_assets.definitions import defs
 
     job = defs.resolve_job_def("retrain_job")

@@ -6,10 +6,9 @@ from datetime import datetime, timedelta, timezone
 
 
 def _day(text: str) -> datetime:
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+    from factory_assets.clock import parse_day
+
+    return parse_day(text)
 
 
 def _range(args) -> tuple[datetime | None, datetime | None]:

@@ -1,4 +1,5 @@
-"""Helpers that turn domain results into Dagster UI metadata."""
+"""Domain results as Dagster UI metadata: typed tables from pandas DataFrames, numbers
+as numbers, pictures as inline PNG (use sparingly: every event stores its metadata)."""
 from __future__ import annotations
 
 import base64
@@ -10,10 +11,29 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})")
 
 
-def table_markdown(headers: list[str], rows: list[list]) -> dg.MetadataValue:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return dg.MetadataValue.md("\n".join(lines))
+def _column_type(dtype) -> str:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dtype):
+        return "float"
+    return "string"
+
+
+def _plain(value):
+    """numpy scalars -> Python numbers, NaN -> None (metadata must serialise)."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and value != value else value
+
+
+def table(df, description: str | None = None) -> dg.MetadataValue:
+    """A pandas DataFrame as a ``MetadataValue.table`` with its schema (column types from the dtypes)."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(str(c), _column_type(df[c].dtype)) for c in df.columns])
+    records = [dg.TableRecord({str(k): _plain(v) for k, v in row.items()}) for row in df.to_dict("records")]
+    return dg.MetadataValue.table(records=records, schema=schema)
 
 
 def partition_bounds(context: dg.AssetExecutionContext):

@@ -12,9 +12,11 @@ inference server follows ``model_version``; deploying is one conditional write.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from pymongo import DESCENDING, ReturnDocument
+
+from factory_assets.clock import utcnow
 
 BUCKET = "model_artifacts"
 
@@ -24,7 +26,7 @@ class ModelNotFound(LookupError):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return utcnow()
 
 
 def _bucket(fdb):
@@ -56,6 +58,24 @@ def register_model(fdb, model, *, dataset_version: str | None, code_version: str
     return fdb.models.find_one_and_update(
         {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now(), "passed_checks": None}},
         upsert=True, return_document=ReturnDocument.AFTER)
+
+
+def register_external_model(fdb, version: str, *, dataset_version: str | None, code_version: str | None,
+                            metrics: dict | None = None, trainer: str, classes=None, thresholds: dict | None = None,
+                            fields: dict | None = None) -> dict:
+    """A model whose artifact we do not hold (SageMaker's built-in algorithm: an MXNet
+    model in S3): the document only, no GridFS artifact. Idempotent like ``register_model``."""
+    doc = {"version": version, "dataset_version": dataset_version, "code_version": code_version,
+           "metrics": metrics or {}, "trainer": trainer, "classes": list(classes or ()),
+           "thresholds": dict(thresholds or {}), **(fields or {})}
+    return fdb.models.find_one_and_update(
+        {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now(), "passed_checks": None}},
+        upsert=True, return_document=ReturnDocument.AFTER)
+
+
+def annotate_model(fdb, version: str, fields: dict) -> None:
+    """Add fields to a registered model (e.g. its ``sagemaker`` training job)."""
+    fdb.models.update_one({"_id": version}, {"$set": fields})
 
 
 def set_checks(fdb, version: str, passed: bool, checks: dict) -> None:
@@ -144,3 +164,16 @@ def report_served(fdb, name: str, version: str | None, *, url: str | None = None
     if version and doc.get("model_version") == version:
         fields["status"] = "InService"
     fdb.endpoints.update_one({"name": name}, {"$set": fields})
+
+
+def served_version(fdb, name: str) -> str | None:
+    """The version endpoint ``name`` serves: what the server last reported, else the configured one."""
+    doc = get_endpoint(fdb, name) or {}
+    return doc.get("served_version") or doc.get("model_version")
+
+
+def mark_in_service(fdb, name: str, version: str) -> dict | None:
+    """Record that endpoint ``name`` serves ``version`` (the deployment finished)."""
+    return fdb.endpoints.find_one_and_update(
+        {"name": name}, {"$set": {"status": "InService", "served_version": version, "updated_at": _now()}},
+        return_document=ReturnDocument.AFTER)

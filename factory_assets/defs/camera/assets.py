@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from factory_assets.defs.metadata import partition_bounds, png_markdown, table_markdown
+from factory_assets.defs.metadata import partition_bounds, png_markdown, table
 from factory_assets.defs.partitions import daily_partitions
 from factory_assets.defs.resources import MongoResource
 
@@ -21,26 +21,22 @@ def raw_frames(context: dg.AssetExecutionContext, mongo: MongoResource) -> dg.Ma
     Materializing does not copy pixels: it takes stock of the day (frames, cameras,
     bytes, quarantined inputs) and shows the day's latest frame, so a person sees
     at a glance whether the camera delivered."""
-    from factory_assets.storage.frames import day_query, frame_image_bytes
+    from factory_assets.storage.frames import day_query, frame_image_bytes, frame_ts
+    from factory_assets.storage.summaries import frames_per_camera
     from factory_assets.vision.preview import thumbnail_png
 
     fdb = mongo.fdb()
     start, end = partition_bounds(context)
     query = day_query(start, end)
-    stats = list(fdb.frames.aggregate([
-        {"$match": query},
-        {"$group": {"_id": {"$ifNull": ["$camera_id", "unknown"]}, "frames": {"$sum": 1},
-                    "bytes": {"$sum": {"$ifNull": ["$size", 0]}}}},
-        {"$sort": {"_id": 1}},
-    ]))
-    frames = sum(s["frames"] for s in stats)
+    per_camera = frames_per_camera(fdb, start, end)
+    frames = int(per_camera["frames"].sum())
     quarantined = fdb.quarantine.count_documents({"received_at": {"$gte": start, "$lt": end}})
     metadata = {
         "frames": dg.MetadataValue.int(frames),
-        "cameras": dg.MetadataValue.int(len(stats)),
-        "bytes": dg.MetadataValue.int(sum(s["bytes"] for s in stats)),
+        "cameras": dg.MetadataValue.int(len(per_camera)),
+        "bytes": dg.MetadataValue.int(int(per_camera["bytes"].sum())),
         "quarantined": dg.MetadataValue.int(quarantined),
-        "per_camera": table_markdown(["camera", "frames", "bytes"], [[s["_id"], s["frames"], s["bytes"]] for s in stats]),
+        "per_camera": table(per_camera),
         "collection": dg.MetadataValue.text(f"{fdb.db.name}.{fdb.names.frames}"),
     }
     latest = fdb.frames.find_one(query, sort=[("ts", -1), ("_id", -1)])
@@ -48,8 +44,8 @@ def raw_frames(context: dg.AssetExecutionContext, mongo: MongoResource) -> dg.Ma
         try:
             metadata["latest_frame"] = png_markdown(thumbnail_png(frame_image_bytes(latest)),
                                                     f"latest frame {latest['ts']}")
-            metadata["latest_frame_ts"] = dg.MetadataValue.text(str(latest["ts"]))
+            metadata["latest_frame_ts"] = dg.MetadataValue.timestamp(frame_ts(latest))
         except ValueError as exc:  # a stored frame that no longer decodes: say so, do not fail the day
             context.log.warning(f"latest frame {latest['_id']} has no preview: {exc}")
-    context.log.info(f"{frames} frames from {len(stats)} cameras, {quarantined} quarantined")
+    context.log.info(f"{frames} frames from {len(per_camera)} cameras, {quarantined} quarantined")
     return dg.MaterializeResult(metadata=metadata)

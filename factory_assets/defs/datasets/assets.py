@@ -1,15 +1,14 @@
 """Datasets domain: labelled frames per day and the SageMaker training manifests."""
-from typing import Optional
-
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from factory_assets.defs.datasets.resources import DatasetTargetResource
-from factory_assets.defs.metadata import partition_bounds, png_markdown, table_markdown
+from factory_assets.defs.metadata import partition_bounds, png_markdown, table
 from factory_assets.defs.partitions import daily_partitions
 from factory_assets.defs.resources import MongoResource
 
 PREVIEW_FRAMES = 8
+MANIFEST_CHECK = "training_manifests_match_their_version"
 
 
 class LabeledImagesConfig(dg.Config):
@@ -33,6 +32,7 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
     reports counts per class, per source and per label combination, with a preview."""
     from factory_assets.datasets.autolabel import auto_label
     from factory_assets.datasets.labels import combination, effective_labels
+    from factory_assets.datasets.summary import label_tables
     from factory_assets.storage.frames import frame_image_bytes
     from factory_assets.vision.classes import CLASSES
     from factory_assets.vision.preview import grid_png
@@ -41,11 +41,8 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
     start, end = partition_bounds(context)
     summary = auto_label(fdb, start, end, window_s=config.window_seconds, margin_s=config.margin_seconds)
     labels = effective_labels(fdb, start, end)
-    by_source: dict = {}
-    by_combo: dict = {}
-    for lab in labels:
-        by_source[lab["source"]] = by_source.get(lab["source"], 0) + 1
-        by_combo[combination(lab["present"])] = by_combo.get(combination(lab["present"]), 0) + 1
+    tables = label_tables(labels, CLASSES)
+    per_class = tables["per_class"].set_index("class")["present"]
     metadata = {
         "labelled_frames": dg.MetadataValue.int(len(labels)),
         "frames_seen_by_autolabel": dg.MetadataValue.int(summary.frames),
@@ -53,12 +50,8 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
         "skipped_unstable": dg.MetadataValue.int(summary.unstable),
         "skipped_no_report": dg.MetadataValue.int(summary.no_report),
         "skipped_unconfirmed": dg.MetadataValue.int(summary.unconfirmed),
-        **{f"present_{c}": dg.MetadataValue.int(sum(lab["present"][c] for lab in labels)) for c in CLASSES},
-        "per_class": table_markdown(["class", "present", "absent"],
-                                    [[c, sum(lab["present"][c] for lab in labels),
-                                      sum(not lab["present"][c] for lab in labels)] for c in CLASSES]),
-        "per_source": table_markdown(["source", "frames"], sorted(by_source.items())),
-        "per_combination": table_markdown(["combination", "frames"], sorted(by_combo.items())),
+        **{f"present_{c}": dg.MetadataValue.int(int(per_class[c])) for c in CLASSES},
+        **{name: table(df) for name, df in tables.items()},
     }
     if labels:
         step = max(1, len(labels) // PREVIEW_FRAMES)
@@ -74,95 +67,44 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
     return dg.MaterializeResult(metadata=metadata)
 
 
-class TrainingManifestsConfig(dg.Config):
-    from_day: Optional[str] = None  # YYYY-MM-DD; default: the run's partition range, else every labelled day
-    to_day: Optional[str] = None
-
-
-def _backfill_days(context: dg.AssetExecutionContext) -> Optional[list]:
-    """The labeled_images days targeted by the asset backfill this run belongs to: in a
-    backfill of labeled_images + training_manifests, the unpartitioned training_manifests
-    runs on its own after the partitioned runs, without partition tags."""
-    backfill_id = context.run.tags.get("dagster/backfill") if context.run else None
-    if not backfill_id:
-        return None
-    try:
-        backfill = context.instance.get_backfill(backfill_id)
-        if backfill is None:
-            return None
-        if backfill.is_asset_backfill:
-            data = backfill.asset_backfill_data or backfill.get_asset_backfill_data(
-                context.job_def.asset_layer.asset_graph)
-            keys = data.target_subset.get_partitions_subset(labeled_images.key).get_partition_keys()
-        else:
-            keys = backfill.partition_names or []
-        return sorted(keys) or None
-    except Exception as exc:  # noqa: BLE001 - Dagster internals; fall back to every labelled day
-        context.log.warning(f"could not read the days of backfill {backfill_id} ({exc}); using every labelled day")
-        return None
-
-
-def selected_days(context: dg.AssetExecutionContext, config: TrainingManifestsConfig):
-    """``(start, end, days)``: [start, end) of the days to use and, when the selection is
-    a set of days, the days. In order: run config, the run's partition range, its
-    partition, the asset backfill it belongs to; else every labelled day (None, None, None)."""
-    from datetime import datetime, timedelta, timezone
-
-    def parse(d: str) -> datetime:
-        try:
-            return datetime.strptime(d, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-        except ValueError:
-            raise dg.Failure(f"{d!r} is not a day (YYYY-MM-DD)") from None
-
-    tags = context.run.tags if context.run else {}
-    first = config.from_day or tags.get("dagster/asset_partition_range_start") or tags.get("dagster/partition")
-    last = config.to_day or tags.get("dagster/asset_partition_range_end") or tags.get("dagster/partition")
-    days = None
-    if not (first or last):
-        days = _backfill_days(context)
-        if days:
-            first, last = days[0], days[-1]
-    start = parse(first) if first else None
-    end = parse(last) + timedelta(days=1) if last else None
-    if start and end and start >= end:
-        raise dg.Failure(f"from_day {first} is after to_day {last}")
-    return start, end, days
-
-
 @dg.asset(
     deps=[labeled_images],
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="datasets",
     kinds={"python", "s3"},
     owners=["team:factory-data"],
 )
-def training_manifests(context: dg.AssetExecutionContext, config: TrainingManifestsConfig, mongo: MongoResource,
+def training_manifests(context: dg.AssetExecutionContext, mongo: MongoResource,
                        dataset_target: DatasetTargetResource, s3: S3Resource) -> dg.MaterializeResult:
     """A training dataset in the exact layout SageMaker's image classifier and the
     original project use (``train-imgs/``, ``valid-imgs/``, ``all-imgs/``,
     ``train-annots/train.lst``, ``valid-annots/valid.lst``; class columns blue, red,
-    white), built from the labelled frames of the selected days. Deterministic, sticky
+    white), built from the labelled frames of exactly the days materialized: a run
+    over a partition range (a backfill, ``factory-assets retrain --from --to``, a
+    retraining request) builds one dataset from all its days. Deterministic, sticky
     splits; written to a temporary folder and moved into place when complete; the
     version is a content hash recorded in MongoDB ``datasets``."""
     from factory_assets.datasets.manifests import build_dataset, record_upload, upload_to_s3
+    from factory_assets.datasets.summary import split_table
     from factory_assets.vision.classes import CLASSES
 
     fdb = mongo.fdb()
-    start, end, days = selected_days(context, config)
+    days = sorted(context.partition_keys)
+    start, end = partition_bounds(context)
     try:
         built = build_dataset(fdb, dataset_target.root(), start=start, end=end, days=days)
-    except ValueError as exc:
-        raise dg.Failure(str(exc)) from exc
+    except ValueError as exc:  # no labels, an empty split: the same input fails the same way
+        raise dg.Failure(str(exc), allow_retries=False) from exc
     metadata = {
         "dataset_version": dg.MetadataValue.text(built.version),
         "path": dg.MetadataValue.path(str(built.path)),
-        "days": dg.MetadataValue.text(", ".join(days) if days else
-                                      f"{start.date() if start else 'first'} .. "
-                                      f"{(end.date() if end else 'last')} (end exclusive)"),
+        "first_day": dg.MetadataValue.text(days[0]),
+        "last_day": dg.MetadataValue.text(days[-1]),
+        "days": dg.MetadataValue.int(len(days)),
         "train_images": dg.MetadataValue.int(built.counts["train"]["images"]),
         "valid_images": dg.MetadataValue.int(built.counts["valid"]["images"]),
-        "per_split_and_class": table_markdown(
-            ["split", "images", *CLASSES],
-            [[s, built.counts[s]["images"], *(built.counts[s][c] for c in CLASSES)] for s in ("train", "valid")]),
+        "per_split_and_class": table(split_table(built.counts, CLASSES)),
         "reused_existing_version": dg.MetadataValue.bool(built.reused),
     }
     if dataset_target.s3_bucket:
@@ -170,11 +112,11 @@ def training_manifests(context: dg.AssetExecutionContext, config: TrainingManife
                            built.version)
         record_upload(fdb, built.version, uri)
         metadata["s3_uri"] = dg.MetadataValue.url(uri)
-    context.log.info(f"dataset {built.version}: {built.counts}")
+    context.log.info(f"dataset {built.version} from {days[0]}..{days[-1]}: {built.counts}")
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset_check(asset=training_manifests, blocking=True,
+@dg.asset_check(asset=training_manifests, name=MANIFEST_CHECK, blocking=True,
                 description="The written dataset re-parses (every .lst line valid, every image present), "
                             "both splits are non-empty and its files hash to the recorded version.")
 def training_manifests_match_their_version(context: dg.AssetCheckExecutionContext,

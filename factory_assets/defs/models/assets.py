@@ -1,22 +1,56 @@
 """Models domain: the trained stock model, its blocking checks, and the endpoint serving it."""
-import time
 from pathlib import Path
 
 import dagster as dg
 
-from factory_assets.defs.metadata import png_markdown, table_markdown
+from factory_assets.defs.metadata import png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
 from factory_assets.defs.resources import MongoResource
 
 ACCURACY_CHECK = "per_label_accuracy_above_minimum"
 NO_REGRESSION_CHECK = "no_regression_against_deployed_model"
 MODEL_CHECKS = (ACCURACY_CHECK, NO_REGRESSION_CHECK)
+UPSTREAM_DATASET = dg.AssetKey("training_manifests")
+DEPLOY_TIMEOUT_SECONDS = 120
 
 
-def _metrics_table(metrics: dict) -> dg.MetadataValue:
-    rows = [[c, f"{metrics['accuracy'][c]:.3f}", f"{metrics['precision'][c]:.3f}", f"{metrics['recall'][c]:.3f}",
-             f"{metrics['f1'][c]:.3f}", f"{metrics['thresholds'][c]:.3f}"] for c in metrics["classes"]]
-    return table_markdown(["class", "accuracy", "precision", "recall", "f1", "threshold"], rows)
+def dataset_of_upstream(context: dg.AssetExecutionContext, fdb) -> dict:
+    """The dataset ``training_manifests`` materialized in this run; when it was not part
+    of this run (a backfill runs the unpartitioned models after the partitioned days),
+    its latest materialization. Never "the dataset built most recently by anyone"."""
+    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=UPSTREAM_DATASET),
+                                                      limit=50).records
+    if not records:
+        raise dg.Failure("No dataset yet: materialize training_manifests first.", allow_retries=False)
+    same_run = [r for r in records if r.run_id == context.run.run_id]
+    record = (same_run or records)[0]
+    version = record.asset_materialization.metadata["dataset_version"].value
+    dataset = fdb.datasets.find_one({"_id": version})
+    if not dataset or not dataset.get("path") or not Path(dataset["path"]).is_dir():
+        raise dg.Failure(f"Dataset {version} of training_manifests (run {record.run_id}) is not on disk or not "
+                         "recorded: materialize training_manifests again.", allow_retries=False)
+    return dataset
+
+
+def train_model(dataset_dir: Path, seed: int):
+    """Train a candidate on the dataset's train split; returns ``(outcome, model_dir)``.
+    The one place a training backend is chosen (local today)."""
+    import shutil
+    import tempfile
+
+    from factory_assets import config
+    from factory_assets.vision.train import LocalTrainer
+
+    models_dir = config.factory_home() / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="training-", dir=models_dir))
+    result = LocalTrainer().train(dataset_dir, staging, seed=seed)
+    final_dir = models_dir / result.version
+    if final_dir.exists():
+        shutil.rmtree(staging)
+    else:
+        staging.rename(final_dir)
+    return result, final_dir
 
 
 @dg.asset(
@@ -31,99 +65,65 @@ def _metrics_table(metrics: dict) -> dg.MetadataValue:
 )
 def stock_model(context: dg.AssetExecutionContext, mongo: MongoResource,
                 model_policy: ModelPolicyResource, endpoint: EndpointResource) -> dg.MaterializeResult:
-    """The multi-label stock classifier (blue, red, white) trained on the current
-    ``training_manifests`` dataset's train split, registered in MongoDB ``models``
-    (artifact in GridFS) with its metrics and thresholds: one model version per
-    (dataset, code, seed). Evaluated on the dataset's validation split; the two
+    """The multi-label stock classifier (blue, red, white) trained on the train split of
+    the dataset its upstream ``training_manifests`` produced, registered in MongoDB
+    ``models`` (artifact in GridFS) with its metrics and thresholds: one model version
+    per (dataset, code, seed). Evaluated on the dataset's validation split; the two
     blocking checks keep a model that is below the bar, or worse than the one
     deployed, away from the endpoint."""
-    import shutil
-    import tempfile
+    import time
 
-    from factory_assets import config
-    from factory_assets.datasets.manifests import current_dataset
+    from factory_assets.datasets.summary import metrics_table
     from factory_assets.storage.models import get_endpoint, load_model, register_model, set_checks
     from factory_assets.vision.evaluate import evaluate
     from factory_assets.vision.preview import confusion_png
-    from factory_assets.vision.train import LocalTrainer
     from factory_assets.vision.version import code_version
 
     fdb = mongo.fdb()
-    dataset = current_dataset(fdb)
-    if not dataset or not dataset.get("path"):
-        raise dg.Failure("No dataset yet: materialize training_manifests first.")
+    dataset = dataset_of_upstream(context, fdb)
     dataset_dir = Path(dataset["path"])
-    models_dir = config.factory_home() / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="training-", dir=models_dir))
     started = time.perf_counter()
-    result = LocalTrainer().train(dataset_dir, staging, seed=model_policy.seed)
+    result, model_dir = train_model(dataset_dir, model_policy.seed)
     train_seconds = time.perf_counter() - started
-    final_dir = models_dir / result.version
-    if final_dir.exists():
-        shutil.rmtree(staging)
-    else:
-        staging.rename(final_dir)
     metrics = evaluate(result.model, dataset_dir, "valid")
     summary = {k: metrics[k] for k in ("per_label_accuracy", "exact_match", "n_images", "precision", "recall",
                                        "f1", "accuracy", "confusion", "thresholds")}
     register_model(fdb, result.model, dataset_version=dataset["version"], code_version=code_version(),
                    metrics={"valid": summary, "train": result.metrics, "train_seconds": round(train_seconds, 2)})
 
-    accuracy_ok = metrics["per_label_accuracy"] >= model_policy.min_per_label_accuracy
-    deployed = get_endpoint(fdb, endpoint.name)
-    deployed_version = (deployed or {}).get("model_version")
+    accuracy = float(metrics["per_label_accuracy"])
+    accuracy_ok = accuracy >= model_policy.min_per_label_accuracy
+    deployed_version = (get_endpoint(fdb, endpoint.name) or {}).get("model_version")
+    baseline = None
     if deployed_version and deployed_version != result.version:
-        baseline = evaluate(load_model(fdb, deployed_version), dataset_dir, "valid")["per_label_accuracy"]
-    else:
-        baseline = None
-    regression_ok = baseline is None or metrics["per_label_accuracy"] >= baseline - model_policy.max_regression
+        baseline = float(evaluate(load_model(fdb, deployed_version), dataset_dir, "valid")["per_label_accuracy"])
+    regression_ok = baseline is None or accuracy >= baseline - model_policy.max_regression
     set_checks(fdb, result.version, accuracy_ok and regression_ok,
                {ACCURACY_CHECK: accuracy_ok, NO_REGRESSION_CHECK: regression_ok})
-    context.log.info(f"model {result.version}: per-label accuracy {metrics['per_label_accuracy']:.3f}, "
+    context.log.info(f"model {result.version} on dataset {dataset['version']}: per-label accuracy {accuracy:.3f}, "
                      f"exact match {metrics['exact_match']:.3f} on {metrics['n_images']} validation images")
+    regression_md = {"per_label_accuracy": accuracy, "compared_with_deployed": baseline is not None}
+    if baseline is not None:  # no sentinel when nothing is deployed: the key is absent
+        regression_md.update({"deployed_version": deployed_version, "deployed_per_label_accuracy": baseline})
     return dg.MaterializeResult(
         metadata={
             "model_version": dg.MetadataValue.text(result.version),
             "dataset_version": dg.MetadataValue.text(str(dataset["version"])),
             "code_version": dg.MetadataValue.text(code_version()),
-            "per_label_accuracy": dg.MetadataValue.float(float(metrics["per_label_accuracy"])),
+            "per_label_accuracy": dg.MetadataValue.float(accuracy),
             "exact_match": dg.MetadataValue.float(float(metrics["exact_match"])),
             "validation_images": dg.MetadataValue.int(int(metrics["n_images"])),
             "train_seconds": dg.MetadataValue.float(round(train_seconds, 2)),
-            "metrics": _metrics_table(metrics),
+            "metrics": table(metrics_table(metrics)),
             "confusion": png_markdown(confusion_png(metrics["confusion"]), "per-class confusion"),
-            "model_dir": dg.MetadataValue.path(str(final_dir)),
+            "model_dir": dg.MetadataValue.path(str(model_dir)),
         },
         check_results=[
             dg.AssetCheckResult(check_name=ACCURACY_CHECK, passed=bool(accuracy_ok), metadata={
-                "per_label_accuracy": float(metrics["per_label_accuracy"]),
-                "minimum": float(model_policy.min_per_label_accuracy)}),
-            dg.AssetCheckResult(check_name=NO_REGRESSION_CHECK, passed=bool(regression_ok), metadata={
-                "per_label_accuracy": float(metrics["per_label_accuracy"]),
-                "deployed_version": deployed_version or "none",
-                "deployed_per_label_accuracy": float(baseline) if baseline is not None else -1.0}),
+                "per_label_accuracy": accuracy, "minimum": float(model_policy.min_per_label_accuracy)}),
+            dg.AssetCheckResult(check_name=NO_REGRESSION_CHECK, passed=bool(regression_ok), metadata=regression_md),
         ],
     )
-
-
-def wait_for_served_version(url: str, version: str, timeout: float) -> str | None:
-    """Poll the server's /ping until it serves ``version``; returns the last version seen."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(f"{url.rstrip('/')}/ping", timeout=2)
-            seen = r.headers.get("X-Model-Version") or seen
-            if r.status_code == 200 and seen == version:
-                return seen
-        except requests.RequestException as exc:
-            raise dg.Failure(f"The inference server at {url} cannot be reached ({exc.__class__.__name__}). "
-                             "Start it with `factory-assets serve --endpoint NAME` (make run does).") from exc
-        time.sleep(0.25)
-    return seen
 
 
 @dg.asset(
@@ -131,6 +131,7 @@ def wait_for_served_version(url: str, version: str, timeout: float) -> str | Non
     group_name="models",
     kinds={"mongodb"},
     owners=["team:factory-data"],
+    # only an unreachable server is retried; "nothing passed its checks" raises allow_retries=False
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
 )
 def model_endpoint(context: dg.AssetExecutionContext, mongo: MongoResource,
@@ -139,27 +140,33 @@ def model_endpoint(context: dg.AssetExecutionContext, mongo: MongoResource,
     at the newest model that passed its checks. The server follows that document and
     swaps models only once the new one is loaded, so deploying has no downtime; this
     asset waits until the server reports the version and records ``InService``."""
-    from factory_assets.storage.models import get_endpoint, latest_model, set_endpoint_version
+    from factory_assets.serving.rollout import ServerUnreachable, wait_for_served_version
+    from factory_assets.storage.models import get_endpoint, latest_model, mark_in_service, set_endpoint_version
 
     fdb = mongo.fdb()
     model = latest_model(fdb, passed_checks=True)
     if model is None:
-        raise dg.Failure("No model has passed its checks: nothing to deploy.")
+        raise dg.Failure("No model has passed its checks: nothing to deploy.", allow_retries=False)
     version = model["version"]
     before = get_endpoint(fdb, endpoint.name) or {}
     url = endpoint.base_url()
     if before.get("model_version") != version:
         set_endpoint_version(fdb, endpoint.name, version, url=url)
         context.log.info(f"endpoint {endpoint.name}: {before.get('model_version')} -> {version}")
-    served = wait_for_served_version(url, version, timeout=120)
+    try:
+        served = wait_for_served_version(url, version, timeout=DEPLOY_TIMEOUT_SECONDS)
+    except ServerUnreachable as exc:  # transient: the retry policy tries again
+        raise dg.Failure(f"{exc}. Start it with `factory-assets serve --endpoint NAME` (make run does).") from exc
     if served != version:
-        raise dg.Failure(f"The server at {url} still serves {served} two minutes after the switch to {version}.")
-    fdb.endpoints.update_one({"name": endpoint.name}, {"$set": {"status": "InService", "served_version": version}})
-    after = get_endpoint(fdb, endpoint.name) or {}
-    return dg.MaterializeResult(metadata={
+        raise dg.Failure(f"The server at {url} still serves {served} {DEPLOY_TIMEOUT_SECONDS} s after the switch "
+                         f"to {version}.")
+    after = mark_in_service(fdb, endpoint.name, version) or {}
+    metadata = {
         "endpoint": dg.MetadataValue.text(endpoint.name),
         "status": dg.MetadataValue.text(str(after.get("status", "InService"))),
         "model_version": dg.MetadataValue.text(version),
-        "previous_version": dg.MetadataValue.text(str(before.get("model_version"))),
         "url": dg.MetadataValue.url(url),
-    })
+    }
+    if before.get("model_version"):
+        metadata["previous_version"] = dg.MetadataValue.text(before["model_version"])
+    return dg.MaterializeResult(metadata=metadata)

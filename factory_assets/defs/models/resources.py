@@ -3,6 +3,8 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+DEFAULT_URL = "http://127.0.0.1:8080"
+
 
 class EndpointResource(dg.ConfigurableResource):
     """The inference endpoint the twin uses, behind one ``Predictor`` interface.
@@ -13,16 +15,14 @@ class EndpointResource(dg.ConfigurableResource):
 
     name: str = Field(default="factory-stock", description="endpoint name (MongoDB `endpoints` document)")
     backend: str = Field(default="local", description="local | sagemaker")
-    url: Optional[str] = Field(default=None, description="local server URL; default http://127.0.0.1:8080 "
-                                                         "or FACTORY_ENDPOINT_URL")
+    url: Optional[str] = Field(default=None, description=f"local server URL; default {DEFAULT_URL} (definitions.py "
+                                                         "binds FACTORY_ENDPOINT_URL)")
     region: str = Field(default="us-east-1")
     sagemaker_endpoint_url: Optional[str] = None
     timeout_seconds: float = 10.0
 
     def base_url(self) -> str:
-        import os
-
-        return self.url or os.environ.get("FACTORY_ENDPOINT_URL") or "http://127.0.0.1:8080"
+        return self.url or DEFAULT_URL
 
     def predictor(self):
         from factory_assets.serving.predictor import HttpEndpointPredictor, SageMakerRuntimePredictor

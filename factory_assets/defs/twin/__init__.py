@@ -12,7 +12,7 @@ sensors = [
     new_frames_sensor,
     twin_live_sensor,
     bootstrap_model_sensor,
-    # twin_state follows new inferences (AutomationCondition.eager), on by default
+    # twin_state follows new inferences (TWIN_STATE_AUTOMATION), on by default
     dg.AutomationConditionSensorDefinition("twin_automation_sensor", target=dg.AssetSelection.assets(twin_state),
                                            default_status=dg.DefaultSensorStatus.RUNNING,
                                            minimum_interval_seconds=30),

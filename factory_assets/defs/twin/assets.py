@@ -1,112 +1,129 @@
 """Twin domain: stock inferences per frame and the digital twin's state."""
 import dagster as dg
 
-from factory_assets.defs.metadata import partition_bounds, png_markdown, table_markdown
+from factory_assets.defs.metadata import partition_bounds, png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.partitions import daily_partitions
 from factory_assets.defs.resources import MongoResource
 
-LOW_CONFIDENCE_MARGIN = 0.15
+FETCH_BATCH = 200
+
+# eager() also requires every upstream partition to exist (any_deps_missing): with a daily
+# upstream and days without frames that is never true, so twin_state would never be requested.
+TWIN_STATE_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
 
 
-def served_model_version(fdb, endpoint_name: str) -> str | None:
-    from factory_assets.storage.models import get_endpoint
-
-    doc = get_endpoint(fdb, endpoint_name) or {}
-    return doc.get("served_version") or doc.get("model_version")
+class StockInferencesConfig(dg.Config):
+    max_attempts_per_frame: int = 3  # a frame failing this often is quarantined and skipped
 
 
 @dg.asset(
     deps=["raw_frames"],
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
+    # transient only: endpoint or database unreachable; "no model deployed" does not retry
     retry_policy=dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL),
     group_name="twin",
     kinds={"mongodb"},
     owners=["team:factory-data"],
 )
-def stock_inferences(context: dg.AssetExecutionContext, mongo: MongoResource,
+def stock_inferences(context: dg.AssetExecutionContext, config: StockInferencesConfig, mongo: MongoResource,
                      endpoint: EndpointResource) -> dg.MaterializeResult:
     """Stock inferred from each frame of the day(s) by the deployed model, in MongoDB
     ``inferences``: one document per frame and model version (probabilities, present
     flags with the thresholds used, latency). Only frames not yet inferred by the
     deployed version are sent to the endpoint, so re-running is cheap and idempotent,
-    and re-materializing after a new model is deployed re-infers with it. Each
-    inference also updates the twin (never with an older frame than it shows)."""
+    and re-materializing after a new model is deployed re-infers with it. A frame that
+    fails every time is quarantined after ``max_attempts_per_frame`` runs and skipped.
+    Each inference also updates the twin (never with an older frame than it shows)."""
     from factory_assets.serving.predictor import EndpointUnavailable
-    from factory_assets.storage.frames import day_query, assign_missing_seqs
+    from factory_assets.storage.frames import assign_missing_seqs, day_query
     from factory_assets.storage.inferences import inferred_frame_ids
-    from factory_assets.twin.live import apply_latest_stock, infer_frame
+    from factory_assets.storage.models import served_version
+    from factory_assets.storage.summaries import inferences_per_path
+    from factory_assets.twin.batch import given_up_frame_ids, infer_frames
+    from factory_assets.twin.live import apply_latest_stock
 
     fdb = mongo.fdb()
     assign_missing_seqs(fdb)
     start, end = partition_bounds(context)
-    predictor = endpoint.predictor()
-    version = served_model_version(fdb, endpoint.name)
+    version = served_version(fdb, endpoint.name)
     if version is None:
-        raise dg.Failure("No model is deployed on the endpoint yet: materialize model_endpoint first.")
+        raise dg.Failure("No model is deployed on the endpoint yet: materialize model_endpoint first.",
+                         allow_retries=False)
+    predictor = endpoint.predictor()
     frame_ids = [d["_id"] for d in fdb.frames.find(day_query(start, end), {"_id": 1})]
     done = inferred_frame_ids(fdb, frame_ids, version) if frame_ids else set()
-    todo = [i for i in frame_ids if i not in done]
-    inferred = rejected = 0
-    cache: dict = {}
-    for chunk_start in range(0, len(todo), 200):
-        for frame in fdb.frames.find({"_id": {"$in": todo[chunk_start:chunk_start + 200]}}).sort("seq", 1):
-            try:
-                doc = infer_frame(fdb, predictor, frame, source="batch", thresholds_cache=cache)
-            except EndpointUnavailable as exc:
-                # Nothing half-written: every stored inference is complete; a retry resumes here.
-                raise dg.Failure(f"Endpoint unavailable after {inferred} frames: {exc}") from exc
-            if doc is None:
-                rejected += 1
-            else:
-                inferred += 1
+    skipped = given_up_frame_ids(fdb, [i for i in frame_ids if i not in done], version)
+    todo = [i for i in frame_ids if i not in done and i not in skipped]
+    inferred = failed = 0
+    given_up: list = []
+    for lo in range(0, len(todo), FETCH_BATCH):
+        frames = fdb.frames.find({"_id": {"$in": todo[lo:lo + FETCH_BATCH]}}).sort("seq", 1)
+        try:
+            outcome = infer_frames(fdb, predictor, frames, model_version=version,
+                                   max_attempts=config.max_attempts_per_frame)
+        except EndpointUnavailable as exc:
+            # Nothing half-written: every stored inference is complete; a retry resumes here.
+            raise dg.Failure(f"Endpoint unavailable after {inferred} frames: {exc}") from exc
+        inferred, failed, given_up = inferred + outcome.inferred, failed + outcome.failed, given_up + outcome.given_up
+    if given_up:
+        context.log.warning(f"{len(given_up)} frames quarantined after {config.max_attempts_per_frame} failed "
+                            f"inferences: {', '.join(map(str, given_up[:10]))}")
     apply_latest_stock(fdb)
-    stats = list(fdb.inferences.aggregate([
-        {"$match": {"frame_ts": {"$gte": start, "$lt": end}, "model_version": version}},
-        {"$project": {"latency_ms": 1, "source": 1, "low": {"$anyElementTrue": [{"$map": {
-            "input": {"$objectToArray": "$probabilities"}, "as": "p",
-            "in": {"$lt": [{"$abs": {"$subtract": ["$$p.v", 0.5]}}, LOW_CONFIDENCE_MARGIN]}}}]}}},
-        {"$group": {"_id": "$source", "n": {"$sum": 1}, "latency": {"$avg": "$latency_ms"},
-                    "low": {"$sum": {"$cond": ["$low", 1, 0]}}}},
-    ]))
-    total = sum(s["n"] for s in stats)
-    return dg.MaterializeResult(metadata={
+    by_path = inferences_per_path(fdb, start, end, version)
+    total = int(by_path["inferences"].sum())
+    metadata = {
         "model_version": dg.MetadataValue.text(version),
         "frames": dg.MetadataValue.int(len(frame_ids)),
         "inferred_now": dg.MetadataValue.int(inferred),
         "already_inferred": dg.MetadataValue.int(len(done)),
-        "rejected": dg.MetadataValue.int(rejected),
+        "failed_attempts": dg.MetadataValue.int(failed),
+        "quarantined_now": dg.MetadataValue.int(len(given_up)),
+        "quarantined_before": dg.MetadataValue.int(len(skipped)),
         "inferences": dg.MetadataValue.int(total),
-        "mean_latency_ms": dg.MetadataValue.float(
-            round(sum(s["latency"] * s["n"] for s in stats) / total, 2) if total else 0.0),
-        "low_confidence_share": dg.MetadataValue.float(
-            round(sum(s["low"] for s in stats) / total, 4) if total else 0.0),
-        "by_path": table_markdown(["path", "inferences", "mean latency ms", "low confidence"],
-                                  [[s["_id"], s["n"], round(s["latency"], 2), s["low"]] for s in stats]),
-    })
+        "by_path": table(by_path),
+    }
+    if total:  # no sentinel for an empty day: the keys are absent
+        metadata["mean_latency_ms"] = dg.MetadataValue.float(
+            round(float((by_path["mean_latency_ms"] * by_path["inferences"]).sum()) / total, 3))
+        metadata["low_confidence_share"] = dg.MetadataValue.float(
+            round(float(by_path["low_confidence"].sum()) / total, 4))
+    return dg.MaterializeResult(metadata=metadata)
 
 
 class TwinStateConfig(dg.Config):
     reinfer_latest: bool = True  # heal: infer the newest frame again if the deployed model has not
 
 
-def twin_metadata(doc: dict | None) -> dict:
+def twin_metadata(doc: dict | None, picture: bool = True) -> dict:
+    """The twin document as metadata: version, presence table, delta and (optionally) a picture."""
+    import pandas as pd
+
     from factory_assets.twin.render import render_twin_png
     from factory_assets.twin.state import COLOURS
 
     doc = doc or {}
     observed = doc.get("observed") or {}
-    rows = [[c, (observed.get(c) or {}).get("present"), round((observed.get(c) or {}).get("probability", 0.0), 3),
-             ((doc.get("reported") or {}).get("present") or {}).get(c)] for c in COLOURS]
-    return {
-        "twin": png_markdown(render_twin_png(doc), "digital twin"),
+    reported = (doc.get("reported") or {}).get("present") or {}
+    presence = pd.DataFrame({
+        "colour": list(COLOURS),
+        "observed": [(observed.get(c) or {}).get("present") for c in COLOURS],
+        "probability": [(observed.get(c) or {}).get("probability") for c in COLOURS],
+        "reported": [reported.get(c) for c in COLOURS],
+    })
+    metadata = {
         "version": dg.MetadataValue.int(int(doc.get("version", 0))),
-        "observed_frame_ts": dg.MetadataValue.text(str(observed.get("frame_ts"))),
-        "model_version": dg.MetadataValue.text(str(observed.get("model_version"))),
-        "presence": table_markdown(["colour", "observed", "probability", "reported"], rows),
+        "presence": table(presence),
         "delta": dg.MetadataValue.json(doc.get("delta") or {}),
     }
+    if observed.get("frame_ts") is not None:
+        metadata["observed_frame_ts"] = dg.MetadataValue.timestamp(observed["frame_ts"])
+    if observed.get("model_version"):
+        metadata["model_version"] = dg.MetadataValue.text(observed["model_version"])
+    if picture:
+        metadata["twin"] = png_markdown(render_twin_png(doc), "digital twin")
+    return metadata
 
 
 @dg.asset(
@@ -114,7 +131,7 @@ def twin_metadata(doc: dict | None) -> dict:
     group_name="twin",
     kinds={"mongodb"},
     owners=["team:factory-data"],
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=TWIN_STATE_AUTOMATION,
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2),
 )
 def twin_state(context: dg.AssetExecutionContext, config: TwinStateConfig, mongo: MongoResource,
@@ -124,27 +141,15 @@ def twin_state(context: dg.AssetExecutionContext, config: TwinStateConfig, mongo
     ``f/i/stock``, their delta, a monotonic version) and, for the existing Unity twin,
     the original ``sagemaker_stock_inference`` document (``_partition: DTPartition``).
     Materializing syncs it with the newest inference and stock report (re-inferring
-    the newest frame when the deployed model has not seen it), never regressing."""
-    from factory_assets.storage.frames import frame_ts
-    from factory_assets.storage.inferences import inferred_frame_ids
-    from factory_assets.twin.live import apply_latest_stock, infer_frame
-    from factory_assets.twin.state import Observation
-    from factory_assets.twin.store import apply_observation, get_twin
+    the newest frame when the deployed model has not seen it), never regressing. The
+    picture of the rack is attached only when the twin changed since the last event."""
+    from factory_assets.storage.models import served_version
+    from factory_assets.twin.batch import sync_twin
 
     fdb = mongo.fdb()
-    version = served_model_version(fdb, endpoint.name)
-    latest = fdb.frames.find_one({"seq": {"$exists": True}}, sort=[("ts", -1)])
-    if config.reinfer_latest and latest is not None and version is not None:
-        if not inferred_frame_ids(fdb, [latest["_id"]], version):
-            infer_frame(fdb, endpoint.predictor(), latest, source="schedule", thresholds_cache={})
-    if version is not None:
-        newest = fdb.inferences.find_one({"model_version": version}, sort=[("frame_ts", -1)])
-        if newest is not None:
-            apply_observation(fdb, Observation.from_inference(newest, "batch"))
-    apply_latest_stock(fdb)
-    twin = get_twin(fdb)
-    if twin and latest is not None:
-        lag = (frame_ts(latest) - twin["observed"]["frame_ts"]).total_seconds() if twin.get("observed") else None
-        if lag:
-            context.log.info(f"twin shows a frame {lag:.1f}s older than the newest frame")
-    return dg.MaterializeResult(metadata=twin_metadata(twin))
+    version = served_version(fdb, endpoint.name)
+    twin = sync_twin(fdb, endpoint.predictor() if version else None, version, reinfer_latest=config.reinfer_latest)
+    last = context.instance.get_latest_materialization_event(context.asset_key)
+    last_md = last.asset_materialization.metadata if last and last.asset_materialization else {}
+    changed = "version" not in last_md or last_md["version"].value != int((twin or {}).get("version", 0))
+    return dg.MaterializeResult(metadata=twin_metadata(twin, picture=changed))

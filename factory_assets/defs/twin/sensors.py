@@ -1,14 +1,25 @@
-"""Automation for the twin: new frames, live-twin visibility, model bootstrap."""
+"""Automation for the twin: new frames, live-twin visibility, model bootstrap and drift.
+
+The event log stays readable: what the live path did is reported as one aggregated
+event per interval (``REPORT_INTERVAL``), not one per sensor tick, and without pictures.
+"""
 import json
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.resources import MongoResource
-from factory_assets.defs.twin.assets import served_model_version, twin_metadata
 from factory_assets.defs.twin.jobs import retrain_job, stock_inference_job
 
 MAX_RUN_ATTEMPTS = 10
+REPORT_INTERVAL = timedelta(minutes=10)
+
+
+class RetrainWindow(dg.ConfigurableResource):
+    """How many recent UTC days a drift or bootstrap retraining uses (today included)."""
+
+    days: int = 7
 
 
 def run_key_for(instance, base: str) -> str | None:
@@ -21,140 +32,152 @@ def run_key_for(instance, base: str) -> str | None:
     return None
 
 
+def _bucket(ts: datetime) -> datetime:
+    ts = ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return epoch + ((ts - epoch) // REPORT_INTERVAL) * REPORT_INTERVAL
+
+
+def load_frames_cursor(text: str | None) -> dict:
+    """``{"seq": int, "live": {day: {frames, first_seq, last_seq, first_ts}}}``; an old integer cursor is its seq."""
+    if not text:
+        return {"seq": 0, "live": {}}
+    value = json.loads(text)
+    return {"seq": int(value), "live": {}} if isinstance(value, int) else value
+
+
 @dg.sensor(job=stock_inference_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource):
     """Reacts to new frames in MongoDB ``factory_camera``. Cursor: the frame ``seq``
-    (never skips a frame, even with concurrent ingesters). Frames the live updater
-    already inferred are reported as ``stock_inferences`` events; frames nobody
-    inferred get a run for their day, with a deterministic run key."""
+    (never skips a frame, even with concurrent ingesters). Frames nobody inferred get a
+    ``stock_inferences`` run for their day, with a deterministic run key (which counts
+    the failed attempts of its first frame, so a frame that keeps failing gets a new run
+    until it is quarantined). Frames the live updater inferred are reported as one
+    ``stock_inferences`` event per day and ``REPORT_INTERVAL``."""
+    from factory_assets.clock import day_key, utcnow
+    from factory_assets.storage.frames import frame_ts
+    from factory_assets.storage.models import served_version
+    from factory_assets.twin.batch import failed_attempts
     from factory_assets.twin.planning import plan_frames
 
     fdb = mongo.fdb()
-    cursor = int(context.cursor or 0)
-    version = served_model_version(fdb, endpoint.name)
+    cursor = load_frames_cursor(context.cursor)
+    version = served_version(fdb, endpoint.name)
     if version is None:
         return dg.SkipReason("No model deployed yet: frames wait for the first model.")
-    plan = plan_frames(fdb, cursor, version)
-    events = []
-    by_day: dict[str, list] = {}
+    plan = plan_frames(fdb, cursor["seq"], version)
+    live = cursor["live"]
     for f in plan.inferred:
-        by_day.setdefault(f["ts"].strftime("%Y-%m-%d"), []).append(f)
-    for day, frames in sorted(by_day.items()):
-        events.append(dg.AssetMaterialization(
-            asset_key="stock_inferences", partition=day,
-            metadata={"path": "live updater", "frames": len(frames), "model_version": version,
-                      "first_seq": frames[0]["seq"], "last_seq": frames[-1]["seq"]}))
+        day = day_key(frame_ts(f))
+        agg = live.setdefault(day, {"frames": 0, "first_seq": f["seq"], "first_ts": frame_ts(f).isoformat()})
+        agg["frames"] += 1
+        agg["last_seq"] = f["seq"]
+    now = utcnow()
+    events = []
+    for day in sorted(live):
+        agg = live[day]
+        if now - datetime.fromisoformat(agg["first_ts"]) >= REPORT_INTERVAL or day < day_key(now):
+            events.append(dg.AssetMaterialization(
+                asset_key="stock_inferences", partition=day,
+                metadata={"path": "live updater", "frames": agg["frames"], "model_version": version,
+                          "first_seq": agg["first_seq"], "last_seq": agg["last_seq"]}))
+            del live[day]
     run_requests = []
     for day, frames in sorted(plan.pending_by_day().items()):
-        key = run_key_for(context.instance, f"infer:{version}:{day}:{frames[0]['seq']}")
+        attempts = failed_attempts(fdb, frames[0]["_id"], version)
+        base = f"infer:{version}:{day}:{frames[0]['seq']}" + (f":attempt{attempts + 1}" if attempts else "")
+        key = run_key_for(context.instance, base)
         if key is None:
-            context.log.error(f"{len(frames)} frames of {day} failed inference {MAX_RUN_ATTEMPTS} times")
+            context.log.error(f"{len(frames)} frames of {day}: {MAX_RUN_ATTEMPTS} runs failed")
             continue
-        run_requests.append(dg.RunRequest(run_key=key, partition_key=day,
-                                          tags={"factory/frames": str(len(frames))}))
+        run_requests.append(dg.RunRequest(run_key=key, partition_key=day, tags={"factory/frames": str(len(frames))}))
+    new_cursor = json.dumps({"seq": plan.cursor, "live": live})
     if not events and not run_requests:
         return dg.SensorResult(skip_reason=dg.SkipReason(
-            f"No new frames to infer ({plan.waiting} just arrived, left to the live updater)."),
-            cursor=str(plan.cursor))
-    return dg.SensorResult(run_requests=run_requests, asset_events=events, cursor=str(plan.cursor))
+            f"No frames to infer ({plan.waiting} just arrived, left to the live updater)."), cursor=new_cursor)
+    return dg.SensorResult(run_requests=run_requests, asset_events=events, cursor=new_cursor)
 
 
-@dg.sensor(minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            asset_selection=["twin_state"])
 def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
-    """Makes every change the live updater made to the twin visible in Dagster: one
-    ``twin_state`` event per ``twin_history`` entry, with its provenance (frame, model,
-    path). Cursor: the last twin version reported per factory."""
+    """Makes the live updater's changes to the twin visible in Dagster: one ``twin_state``
+    event per factory and ended ``REPORT_INTERVAL`` that had changes (``twin_history``),
+    with the number of changes, the version range and the last observation's provenance
+    (frame, frame time, model). Pictures are left to ``twin_state`` runs. Cursor: the
+    last twin version reported per factory."""
+    from factory_assets.clock import utcnow
+
     fdb = mongo.fdb()
     cursor = json.loads(context.cursor) if context.cursor else {}
+    closed_before = _bucket(utcnow())  # only intervals that have ended
     events = []
-    for factory_id in fdb.twin.distinct("_id"):
+    for factory_id in sorted(fdb.twin.distinct("_id"), key=str):
         last = int(cursor.get(str(factory_id), 0))
-        for h in fdb.twin_history.find({"factory_id": factory_id, "version": {"$gt": last}}).sort("version", 1).limit(50):
-            metadata = {"factory_id": str(factory_id), "version": h["version"], "kind": h["kind"],
-                        "changed": ", ".join(h.get("changed", [])), "source": h.get("source", "controller"),
-                        "delta": dg.MetadataValue.json(h.get("delta") or {})}
-            if h["kind"] == "observed":
-                metadata.update({"frame_id": str(h["frame_id"]), "frame_ts": str(h["frame_ts"]),
-                                 "model_version": h["model_version"],
+        history = fdb.twin_history.find({"factory_id": factory_id, "version": {"$gt": last},
+                                         "at": {"$lt": closed_before}}).sort("version", 1).limit(5000)
+        buckets: dict = {}
+        for h in history:
+            buckets.setdefault(_bucket(h["at"]), []).append(h)
+        for start, entries in sorted(buckets.items()):
+            observed = [h for h in entries if h["kind"] == "observed"]
+            metadata = {"factory_id": str(factory_id),
+                        "interval_start": dg.MetadataValue.timestamp(start),
+                        "interval_minutes": int(REPORT_INTERVAL.total_seconds() // 60),
+                        "changes": len(entries), "observed_changes": len(observed),
+                        "reported_changes": len(entries) - len(observed),
+                        "first_version": entries[0]["version"], "last_version": entries[-1]["version"],
+                        "delta": dg.MetadataValue.json(entries[-1].get("delta") or {})}
+            if observed:
+                h = observed[-1]
+                metadata.update({"frame_id": str(h["frame_id"]), "frame_ts": dg.MetadataValue.timestamp(h["frame_ts"]),
+                                 "model_version": h["model_version"], "source": h.get("source", "live"),
                                  "present": dg.MetadataValue.json(h["present"])})
             events.append(dg.AssetMaterialization(asset_key="twin_state", metadata=metadata))
-            cursor[str(factory_id)] = h["version"]
+            cursor[str(factory_id)] = entries[-1]["version"]
     if events:
-        twin = fdb.twin.find_one(sort=[("updated_at", -1)])
-        last = events[-1]
-        events[-1] = dg.AssetMaterialization(asset_key="twin_state",
-                                             metadata={**last.metadata, **twin_metadata(twin)})
         return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor))
-    return dg.SensorResult(skip_reason=dg.SkipReason("The twin has not changed."), cursor=json.dumps(cursor))
+    return dg.SensorResult(skip_reason=dg.SkipReason("No ended interval with twin changes."),
+                           cursor=json.dumps(cursor))
 
 
-DRIFT_WINDOW = 100           # latest inferences compared with the controller's stock reports
-DRIFT_MAX_DISAGREEMENT = 0.2  # above this share, retrain on the newer labelled frames
-
-
-def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> tuple[float, int]:
-    """Share of the deployed model's latest ``n`` inferences whose presence differs
-    from the stock the controller reported at that frame's time (and how many were compared)."""
-    from bisect import bisect_right
-
-    from factory_assets.twin.state import reported_presence, stock_slots
-
-    recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1})
-                  .sort("frame_ts", -1).limit(n))
-    if not recent:
-        return 0.0, 0
-    lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
-    first = fdb.mqtt.find_one({"topic": "f/i/stock", "ts": {"$lte": lo}}, sort=[("ts", -1)])
-    reports = ([first] if first else []) + list(fdb.mqtt.find({"topic": "f/i/stock", "ts": {"$gt": lo, "$lte": hi}})
-                                                 .sort("ts", 1))
-    times = [r["ts"] for r in reports]
-    compared = differing = 0
-    for inf in recent:
-        i = bisect_right(times, inf["frame_ts"]) - 1
-        if i < 0:
-            continue
-        compared += 1
-        differing += reported_presence(stock_slots(reports[i]["payload"])) != inf["present"]
-    return (differing / compared if compared else 0.0), compared
+def _range_request(run_key: str, days: list[str], reason: str) -> dg.RunRequest:
+    return dg.RunRequest(run_key=run_key, tags={"dagster/asset_partition_range_start": days[0],
+                                                "dagster/asset_partition_range_end": days[-1],
+                                                "factory/reason": reason})
 
 
 @dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
-def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource):
+def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource,
+                           retrain_window: RetrainWindow):
     """Keeps a model on the endpoint with no clicks. On a fresh start (no model), once the
     factory has reported enough different stock situations - every colour seen both in
     stock and absent - and the camera delivered enough frames, it trains the first model
     from automatic labels and deploys it. Afterwards, when the deployed model disagrees
-    with the controller's stock reports on more than 20% of its latest 100 frames (the
-    stock moved into situations it never saw), it retrains on the newer labelled frames.
-    A new run key every 300 frames, so a model that fails its checks is retried with more data."""
-    from datetime import datetime, timezone
-
-    from factory_assets.twin.state import reported_presence, stock_slots
+    with the controller's stock reports on more than 20% of its latest 100 frames, it
+    retrains. Both use the last ``retrain_window.days`` days (one run over that partition
+    range). A new run key every 300 frames, so a model that fails its checks is retried
+    with more data."""
+    from factory_assets.clock import recent_days
+    from factory_assets.storage.models import served_version
+    from factory_assets.twin.drift import bootstrap_readiness, controller_disagreement
 
     fdb = mongo.fdb()
     active = context.instance.get_runs(filters=dg.RunsFilter(job_name=retrain_job.name, statuses=[
         dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]), limit=1)
     if active:
         return dg.SkipReason("A retraining run is in progress.")
+    days = recent_days(retrain_window.days)
     frames = fdb.frames.estimated_document_count()
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    deployed = served_model_version(fdb, endpoint.name)
+    deployed = served_version(fdb, endpoint.name)
     if deployed:
-        share, compared = controller_disagreement(fdb, deployed)
-        if compared < DRIFT_WINDOW or share <= DRIFT_MAX_DISAGREEMENT:
+        drift = controller_disagreement(fdb, deployed)
+        if not drift.drifted:
             return dg.SkipReason(f"Model {deployed} is deployed; it disagrees with the controller on "
-                                 f"{share:.0%} of its latest {compared} frames.")
-        return dg.RunRequest(run_key=f"drift:{deployed}:{frames // 300}", partition_key=today,
-                             tags={"factory/reason": f"disagrees with the controller on {share:.0%}"})
-    combos, seen = set(), {c: set() for c in ("blue", "red", "white")}
-    for msg in fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1).limit(500):
-        present = reported_presence(stock_slots(msg.get("payload")))
-        combos.add(tuple(sorted(c for c, v in present.items() if v)))
-        for c, v in present.items():
-            seen[c].add(v)
-    both = sum(len(v) == 2 for v in seen.values())
-    if frames < 120 or len(combos) < 4 or both < 3:
-        return dg.SkipReason(f"Waiting for data: {frames} frames, {len(combos)} distinct stock situations, "
-                             f"{both} of 3 colours seen both in stock and absent (need 120, 4 and 3).")
-    return dg.RunRequest(run_key=f"bootstrap:{frames // 300}", partition_key=today)
+                                 f"{drift.share:.0%} of its latest {drift.compared} frames.")
+        return _range_request(f"drift:{deployed}:{frames // 300}", days,
+                              f"disagrees with the controller on {drift.share:.0%}")
+    readiness = bootstrap_readiness(fdb)
+    if not readiness.ready:
+        return dg.SkipReason(f"Waiting for data: {readiness.describe()}.")
+    return _range_request(f"bootstrap:{frames // 300}", days, "no model deployed yet")
