@@ -64,8 +64,10 @@ def given_up_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
     """Frames among ``frame_ids`` that ``model_version`` failed on too often: quarantined, not retried."""
     if not frame_ids:
         return set()
+    # by frame_id alone (index prefix), the rest checked here: SecantusDB plans no index for $in plus other fields
     return {d["frame_id"] for d in _attempts(fdb).find(
-        {"frame_id": {"$in": list(frame_ids)}, "model_version": model_version, "given_up": True}, {"frame_id": 1})}
+        {"frame_id": {"$in": list(frame_ids)}}, {"frame_id": 1, "model_version": 1, "given_up": 1})
+        if d.get("model_version") == model_version and d.get("given_up") is True}
 
 
 def failed_attempts(fdb, frame_id, model_version: str) -> int:

@@ -1,0 +1,213 @@
+"""Cost that does not grow with history: the hot paths' queries are index ranges (proved with
+``explain`` on the real server), and an idle reader waits on a change stream instead of polling."""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from pymongo import MongoClient, monitoring
+
+from factory_assets.storage.frames import (
+    CHANGE_STREAM_PREFIX,
+    ChangeWaiter,
+    FrameSequence,
+    assign_missing_seqs,
+    build_frame,
+    insert_frames,
+    iter_day_frames,
+    read_frames_after,
+)
+from factory_assets.storage.mongo import FactoryDB
+from factory_assets_tests.helpers import jpeg_bytes
+
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
+
+
+def frame(i: int) -> dict:
+    return build_frame(jpeg_bytes(seed=i, size=(32, 24)), ts=T0 + timedelta(seconds=i), camera_id="cam-1",
+                       factory_id="factory-1", content_type="image/jpeg", width=32, height=24,
+                       source={"kind": "test"}, received_at=T0 + timedelta(seconds=i))
+
+
+class FindRecorder(monitoring.CommandListener):
+    """Every read command a piece of code sends, to be explained afterwards."""
+
+    def __init__(self):
+        self.commands: list[dict] = []
+        self.recording = threading.Event()
+
+    def started(self, event):
+        if self.recording.is_set() and event.command_name in ("find", "aggregate"):
+            self.commands.append(dict(event.command))
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+@pytest.fixture
+def recorded_fdb(mongo_uri, database_name, fdb):
+    """The test's database through a client that records the reads it issues (fdb made the indexes)."""
+    recorder = FindRecorder()
+    client = MongoClient(mongo_uri, tz_aware=True, event_listeners=[recorder])
+    try:
+        yield FactoryDB(client[database_name], fdb.names), recorder
+    finally:
+        client.close()
+
+
+def stages(plan: dict) -> list[str]:
+    out = []
+    while plan:
+        out.append(plan.get("stage", "?"))
+        plan = plan.get("inputStage") or (plan.get("inputStages") or [None])[0]
+    return out
+
+
+def plans_of(fdb, commands: list[dict]) -> list[tuple[str, dict, list[str]]]:
+    result = []
+    for cmd in commands:
+        if "find" not in cmd:
+            continue
+        explain_cmd = {k: cmd[k] for k in ("find", "filter", "sort", "projection", "limit") if k in cmd}
+        explained = fdb.db.command({"explain": explain_cmd, "verbosity": "queryPlanner"})
+        result.append((cmd["find"], cmd.get("filter", {}), stages(explained["queryPlanner"]["winningPlan"])))
+    return result
+
+
+def assert_index_served(fdb, commands):
+    plans = plans_of(fdb, commands)
+    assert plans, "nothing was recorded"
+    scans = [(coll, flt, st) for coll, flt, st in plans if "COLLSCAN" in st]
+    assert not scans, f"collection scans on a hot path: {scans}"
+
+
+def fill_history(fdb, n: int = 60) -> None:
+    insert_frames(fdb, [frame(i) for i in range(n)])
+    # frames written by another tool, without seq
+    fdb.frames.insert_many([{**frame(1000 + i), "source": {"kind": "other-tool"}} for i in range(3)])
+    fdb.mqtt.insert_many([{"topic": "f/i/stock", "ts": T0 + timedelta(seconds=i), "factory_id": "factory-1",
+                           "message_id": f"m{i}", "payload": {"stockItems": []}} for i in range(20)])
+
+
+def test_frames_without_a_seq_are_found_through_an_index_not_a_collection_scan(recorded_fdb):
+    fdb, recorder = recorded_fdb
+    fill_history(fdb)
+    recorder.recording.set()
+    assert assign_missing_seqs(fdb) == 3
+    assert assign_missing_seqs(fdb) == 0
+    recorder.recording.clear()
+    assert_index_served(fdb, recorder.commands)
+    assert fdb.frames.count_documents({"seq": None}) == 0
+
+
+def test_the_live_paths_idle_poll_and_a_reading_poll_are_served_by_indexes(recorded_fdb):
+    from factory_assets.twin.live import LiveTwinUpdater
+
+    fdb, recorder = recorded_fdb
+    fill_history(fdb)
+    assign_missing_seqs(fdb)
+    horizon = FrameSequence(fdb).horizon()
+    fdb.counters.update_one({"_id": "cursor:twin-live"}, {"$set": {"seq": horizon}}, upsert=True)
+    # Idle: nothing new since the cursor, so no predictor is ever called.
+    updater = LiveTwinUpdater(fdb, predictor=None, change_stream=False, log=lambda *_: None)
+    recorder.recording.set()
+    assert updater.step(changed=None) == 0
+    page = read_frames_after(fdb, horizon - 10, limit=4)
+    recorder.recording.clear()
+    assert [f["seq"] for f in page.frames] == list(range(horizon - 9, horizon - 5))
+    assert_index_served(fdb, recorder.commands)
+
+
+def test_the_new_frames_sensors_plan_is_served_by_indexes(recorded_fdb):
+    from factory_assets.storage.inferences import build_inference, record_inference
+    from factory_assets.twin.planning import plan_frames
+
+    fdb, recorder = recorded_fdb
+    fill_history(fdb)
+    for f in fdb.frames.find({"seq": {"$lte": 10}}, {"image": 0}):
+        record_inference(fdb, build_inference(f, probabilities={"blue": 1.0, "red": 0.0, "white": 0.0},
+                                              thresholds={}, model_version="v1", latency_ms=1, source="live"))
+    recorder.recording.set()
+    plan = plan_frames(fdb, 0, "v1", limit=25, now=T0 + timedelta(days=1))
+    recorder.recording.clear()
+    assert plan.cursor == 10 and len(plan.inferred) == 10 and len(plan.pending) == 15
+    assert_index_served(fdb, recorder.commands)
+
+
+def test_a_days_frames_are_read_through_the_ts_index_whether_ts_is_a_date_or_an_iso_string(recorded_fdb):
+    fdb, recorder = recorded_fdb
+    fill_history(fdb, n=5)
+    fdb.frames.insert_one({"ts": "2026-11-23T11:00:00Z", "data": "data:image/jpeg;base64,AA==", "camera_id": "old"})
+    recorder.recording.set()
+    got = list(iter_day_frames(fdb, T0.replace(hour=0), T0.replace(hour=0) + timedelta(days=1), {"image": 0}))
+    recorder.recording.clear()
+    assert len(got) == 9  # 5 + 3 other-tool frames + the original's string-dated one
+    assert_index_served(fdb, recorder.commands)
+
+
+def test_a_long_backlog_is_read_a_bounded_window_at_a_time_and_holes_are_passed(fdb):
+    insert_frames(fdb, [frame(i) for i in range(30)])
+    insert_frames(fdb, [frame(i) for i in range(30)])  # duplicates: a run of 30 holes
+    insert_frames(fdb, [frame(100), frame(101)])
+    cursor, seen, reads = 0, [], 0
+    while True:
+        page = read_frames_after(fdb, cursor, limit=8)
+        seen += [f["seq"] for f in page.frames]
+        assert len(page.frames) <= 8 and page.cursor <= cursor + 8
+        cursor, reads = page.cursor, reads + 1
+        if not page.has_more:
+            break
+    assert seen == list(range(1, 31)) + [61, 62] and cursor == 62
+
+
+def test_a_waiting_reader_is_woken_by_a_new_frame(fdb):
+    waiter = ChangeWaiter(fdb, "test-reader", max_interval=30.0).open()
+    try:
+        assert waiter.mode == "change_stream"  # SecantusDB reports a replica set
+        insert_frames(fdb, [frame(1)])
+        # insert, then the counter's release: either wakes the reader, without waiting 30 s
+        assert waiter.wait() & {fdb.names.frames, fdb.names.counters}
+    finally:
+        waiter.close()
+
+
+def test_the_change_streams_resume_token_is_kept_in_counters_and_a_restart_resumes_from_it(fdb):
+    waiter = ChangeWaiter(fdb, "test-reader", max_interval=30.0).open()
+    insert_frames(fdb, [frame(1)])
+    assert waiter.wait()
+    waiter.close()
+    assert fdb.counters.find_one({"_id": CHANGE_STREAM_PREFIX + "test-reader"})["token"]
+    # A frame stored while the reader was down still wakes it when it comes back.
+    fdb.frames.insert_one({**frame(2), "source": {"kind": "other-tool"}})
+    again = ChangeWaiter(fdb, "test-reader", max_interval=30.0).open()
+    try:
+        assert fdb.names.frames in again.wait() | again.wait()
+    finally:
+        again.close()
+
+
+def test_a_stock_report_wakes_the_live_reader_and_other_topics_do_not_match(fdb):
+    waiter = ChangeWaiter(fdb, "test-reader", extra={"mqtt": {"fullDocument.topic": "f/i/stock"}},
+                          max_interval=30.0).open()
+    try:
+        fdb.mqtt.insert_one({"topic": "f/i/state", "ts": T0})
+        fdb.mqtt.insert_one({"topic": "f/i/stock", "ts": T0})
+        assert waiter.wait() == {fdb.names.mqtt}
+        assert waiter.pipeline()[-1]["$project"].get("fullDocument") is None  # never the documents
+    finally:
+        waiter.close()
+
+
+def test_without_change_streams_the_waiter_backs_off_when_idle_and_snaps_back_on_work(fdb):
+    waiter = ChangeWaiter(fdb, "poller", min_interval=0.001, max_interval=0.004, change_stream=False)
+    seen = []
+    for _ in range(4):
+        assert waiter.wait() == {"*"}
+        seen.append(waiter.interval)
+    assert seen == [0.002, 0.004, 0.004, 0.004]
+    waiter.activity()
+    assert waiter.interval == 0.001
