@@ -22,11 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from factory_assets.datasets.labels import combination, effective_labels
-from factory_assets.datasets.lst import LstRow, format_lst
+from factory_assets.datasets.lst import SLOT_NAMES, LstRow, format_lst, format_slots
 from factory_assets.vision.classes import CLASSES
 
 SPLITS_COLLECTION = "dataset_splits"
-VALID_EVERY = 5  # about one frame in five of each label combination goes to validation
+SITUATIONS_COLLECTION = "dataset_situations"  # one document per stock situation, looked up by _id
+VALID_EVERY = 5  # one stock situation in five (the 2nd, 7th, 12th...) goes to validation
 FETCH_BATCH = 200
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
@@ -43,8 +44,51 @@ def _hash_key(label: dict) -> str:
     return hashlib.sha256(f"{label.get('frame_sha256') or label['frame_id']}".encode()).hexdigest()
 
 
+def situation_of(label: dict) -> str:
+    """The stock situation a label shows: its per-slot stock (``A1=BLUE,A2=-,...``) when
+    known, else its colour combination. Validation holds out whole situations."""
+    slots = label.get("slots")
+    if slots and all(s in slots for s in SLOT_NAMES):
+        return ",".join(f"{s}={slots.get(s) or '-'}" for s in SLOT_NAMES)
+    return combination(label["present"])
+
+
+def _situation_id(key: str) -> str:
+    return "situation:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _situation_splits(fdb, keys: list[str]) -> dict:
+    """situation -> split, assigned once and stored in ``dataset_situations`` (looked up by
+    ``_id``): in order of first appearance the 2nd, 7th, 12th... new situation goes to
+    validation, so a model is validated on stock situations it never trained on."""
+    coll = fdb.db[SITUATIONS_COLLECTION]
+    ids = {k: _situation_id(k) for k in keys}
+    known = {d["_id"]: d["split"] for d in coll.find({"_id": {"$in": list(ids.values())}}, {"split": 1})}
+    out = {}
+    for key in keys:  # already in first-appearance order
+        sid = ids[key]
+        if sid in known:
+            out[key] = known[sid]
+            continue
+        from pymongo import ReturnDocument
+
+        n = coll.find_one_and_update({"_id": "__counter__"}, {"$inc": {"n": 1}}, upsert=True,
+                                     return_document=ReturnDocument.AFTER)["n"]
+        split = "valid" if n % VALID_EVERY == 2 % VALID_EVERY else "train"
+        coll.update_one({"_id": sid}, {"$setOnInsert": {"split": split, "situation": key, "n": n,
+                                                        "assigned_at": _now()}}, upsert=True)
+        # two builds racing: whoever stored first wins, and both use that
+        out[key] = coll.find_one({"_id": sid}, {"split": 1})["split"]
+    return out
+
+
 def assign_splits(fdb, labels: list[dict]) -> dict:
-    """frame_id -> 'train' | 'valid', stored so it never changes afterwards."""
+    """frame_id -> 'train' | 'valid', stored so it never changes afterwards.
+
+    Imported frames keep their file's split. Every other frame goes where its stock
+    situation (``situation_of``) went: whole situations are held out, never random
+    frames of a situation the model also trains on (consecutive frames of one
+    situation are near-duplicates, and a split of them predicts nothing)."""
     coll = fdb.db[SPLITS_COLLECTION]
     ids = [lab["frame_id"] for lab in labels]
     known = {d["_id"]: d["split"] for d in coll.find({"_id": {"$in": ids}})}
@@ -57,22 +101,14 @@ def assign_splits(fdb, labels: list[dict]) -> dict:
                 imported[lab["frame_id"]] = lab["split"]
         elif lab["frame_id"] in known:
             out[lab["frame_id"]] = known[lab["frame_id"]]
-    # New frames: per label combination, in hash order, every VALID_EVERY-th to valid, starting
-    # with the first when the combination has no valid frame yet (each combination is validated).
-    by_combo: dict[str, list[dict]] = {}
-    for lab in labels:
-        if lab["frame_id"] not in out and lab["frame_id"] not in imported:
-            by_combo.setdefault(combination(lab["present"]), []).append(lab)
+    fresh = [lab for lab in sorted(labels, key=lambda d: (d["frame_ts"], str(d["frame_id"])))
+             if lab["frame_id"] not in out and lab["frame_id"] not in imported]
+    keys = list(dict.fromkeys(situation_of(lab) for lab in fresh))
+    by_situation = _situation_splits(fdb, keys) if keys else {}
     new = dict(imported)
+    for lab in fresh:
+        new[lab["frame_id"]] = by_situation[situation_of(lab)]
     combo_of = {lab["frame_id"]: combination(lab["present"]) for lab in labels}
-    for combo, labs in by_combo.items():
-        n_valid = sum(1 for d in coll.find({"combination": combo, "split": "valid"}, {"_id": 1}).limit(1))
-        n_seen = coll.count_documents({"combination": combo})
-        for lab in sorted(labs, key=_hash_key):
-            n_seen += 1
-            to_valid = (n_valid == 0 and n_seen >= 2) or (n_seen % VALID_EVERY == 0)
-            new[lab["frame_id"]] = "valid" if to_valid else "train"
-            n_valid += to_valid
     if new:
         from pymongo import UpdateOne
 
@@ -84,6 +120,18 @@ def assign_splits(fdb, labels: list[dict]) -> dict:
         for frame_id in new:
             out.setdefault(frame_id, stored[frame_id])
     return out
+
+
+def _has_slots(label: dict) -> bool:
+    """A per-slot label consistent with the label's presence (a manual correction without
+    slots, or slots that contradict the presence, leave the frame presence-only)."""
+    slots = label.get("slots")
+    if not slots or not all(s in slots for s in SLOT_NAMES):
+        return False
+    types = {t for t in slots.values() if t}
+    if not types <= {"BLUE", "RED", "WHITE"}:
+        return False
+    return all(bool(label["present"].get(c)) == (c.upper() in types) for c in CLASSES)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -143,6 +191,7 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
             annots.mkdir()
             (staging / "all-imgs").mkdir(exist_ok=True)
             rows = []
+            slot_rows = []
             labs = by_split[split]
             for lo in range(0, len(labs), FETCH_BATCH):  # bounded memory: images are fetched in batches
                 batch = labs[lo:lo + FETCH_BATCH]
@@ -157,11 +206,18 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
                     (img_dir / name).write_bytes(data)
                     _link_or_copy(img_dir / name, staging / "all-imgs" / name)
                     rows.append(LstRow(len(rows) + 1, tuple(int(lab["present"][c]) for c in CLASSES), name))
+                    if _has_slots(lab):
+                        slot_rows.append((len(rows), lab["slots"], name))
                     digest.update(hashlib.sha256(data).digest())
             text = format_lst(rows)
             (annots / f"{split}.lst").write_text(text, encoding="utf-8")
             digest.update(text.encode())
-            counts[split] = {"images": len(rows), **{c: sum(r.labels[i] for r in rows) for i, c in enumerate(CLASSES)}}
+            if slot_rows:  # the per-slot sidecar; presence-only datasets keep their version
+                slots_text = format_slots(slot_rows)
+                (annots / f"{split}.slots").write_text(slots_text, encoding="utf-8")
+                digest.update(slots_text.encode())
+            counts[split] = {"images": len(rows), "with_slots": len(slot_rows),
+                             **{c: sum(r.labels[i] for r in rows) for i, c in enumerate(CLASSES)}}
         version = digest.hexdigest()[:16]
         final = root / version
         reused = final.exists()
@@ -196,6 +252,9 @@ def dataset_digest(path: Path) -> str:
         for row in read_lst(lst, image_dir=image_dir):
             digest.update(hashlib.sha256((image_dir / row.path).read_bytes()).digest())
         digest.update(lst.read_text(encoding="utf-8").encode())
+        sidecar = lst.with_suffix(".slots")
+        if sidecar.is_file():
+            digest.update(sidecar.read_text(encoding="utf-8").encode())
     return digest.hexdigest()[:16]
 
 

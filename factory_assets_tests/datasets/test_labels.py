@@ -98,16 +98,19 @@ def test_a_csv_with_one_bad_line_writes_nothing_and_names_the_line(fdb, tmp_path
         == {("blue", "white"), ()}
 
 
-def test_splits_are_stratified_and_never_move_when_days_are_added(fdb, tmp_path):
+def test_splits_hold_out_whole_stock_situations_and_never_move_when_days_are_added(fdb, tmp_path):
+    from factory_assets.datasets.manifests import situation_of
+
     simulate_day(fdb, seconds=300, change_every=10)
     auto_label(fdb, T0, T0 + timedelta(days=1))
     first = build_dataset(fdb, tmp_path / "ds")
     before = {d["_id"]: d["split"] for d in fdb.db["dataset_splits"].find()}
-    combos = {}
-    for d in fdb.db["dataset_splits"].find():
-        combos.setdefault(d["combination"], set()).add(d["split"])
-    assert all("valid" in s for c, s in combos.items()
-               if fdb.db["dataset_splits"].count_documents({"combination": c}) >= 2)
+    sides: dict = {}
+    for lab in effective_labels(fdb):
+        sides.setdefault(situation_of(lab), set()).add(before[lab["frame_id"]])
+    # every situation lies wholly on one side, and some are held out for validation
+    assert all(len(s) == 1 for s in sides.values())
+    assert sum(s == {"valid"} for s in sides.values()) >= 1 and sum(s == {"train"} for s in sides.values()) >= 2
     again = build_dataset(fdb, tmp_path / "ds")
     assert again.version == first.version
     # a new day arrives
