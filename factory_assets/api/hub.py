@@ -1,0 +1,336 @@
+"""One database reader per process, fanned out to every SSE/WebSocket subscriber.
+
+A background thread follows the ``digital_twin`` collection: a MongoDB change
+stream where the server offers one (replica sets, SecantusDB), else an indexed
+poll of the (tiny: one document per factory) collection. For each new twin
+version it reads the ``twin_history`` entries written since the previous one
+(index ``factory_version``) and hands one ``TwinEvent`` to the subscribers of that
+factory on the event loop. However many clients follow the twin, the database
+sees one reader.
+
+A subscriber's queue is bounded; a subscriber that falls behind is not allowed
+to hold memory: its queue is dropped and it is sent a fresh snapshot instead.
+
+``follow()`` turns a subscription into the message stream the clients see:
+``snapshot`` (the whole twin) first, or, when the client says which version it
+last saw (``Last-Event-ID``), exactly the ``twin_history`` entries it missed
+(``change``) and the current twin (``update``), then the live updates. Ids
+strictly increase, so nothing is delivered twice and nothing is skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from bson import ObjectId
+
+logger = logging.getLogger(__name__)
+
+MAX_REPLAY = 500
+LATE_WINDOW = 8  # a client further behind than this many changes gets a snapshot
+
+
+def to_json(value):
+    """BSON-ish values -> JSON-able (datetimes as ISO-8601 UTC with ``Z``, ObjectIds as hex)."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, bytes):
+        return None
+    return value
+
+
+def twin_json(doc: dict | None) -> dict | None:
+    if doc is None:
+        return None
+    out = to_json(doc)
+    out["factory_id"] = out.pop("_id", out.get("factory_id"))
+    out.setdefault("desired", {})
+    return out
+
+
+def history_json(entry: dict) -> dict:
+    out = to_json(entry)
+    out.pop("_id", None)
+    return out
+
+
+@dataclass
+class TwinEvent:
+    factory_id: str
+    version: int
+    twin: dict  # JSON-ready
+    changes: list  # JSON-ready twin_history entries with version <= self.version
+
+
+@dataclass(eq=False)
+class Subscription:
+    factory_id: str
+    queue: asyncio.Queue
+    overflowed: bool = False
+    closed: bool = False
+
+
+@dataclass
+class HubStats:
+    reads: int = 0
+    events: int = 0
+    mode: str = "starting"
+    subscribers: int = 0
+    errors: int = 0
+    overflows: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class TwinHub:
+    def __init__(self, fdb, *, poll_interval: float = 0.1, change_streams: bool = True, queue_size: int = 256,
+                 on_twin=None):
+        self.fdb = fdb
+        self.poll_interval = poll_interval
+        self.change_streams = change_streams
+        self.queue_size = queue_size
+        self.on_twin = on_twin  # callback(twin_doc) in the reader thread (order bookkeeping)
+        self.stats = HubStats()
+        self._subs: dict[str, set[Subscription]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._versions: dict[str, int] = {}
+        self._history: dict[str, int] = {}
+        self._recent: dict[str, set] = {}
+        self.ready = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> "TwinHub":
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="twin-hub", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the reader and end every subscriber's stream."""
+        self._stop.set()
+        with self._lock:
+            subs = [s for group in self._subs.values() for s in group]
+        for sub in subs:
+            sub.closed = True
+            self._call(_wake, sub)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _call(self, fn, *args) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # loop closed meanwhile
+                pass
+
+    # -- subscribers (event loop) ----------------------------------------------------------
+    def subscribe(self, factory_id: str) -> Subscription:
+        sub = Subscription(factory_id, asyncio.Queue(self.queue_size))
+        with self._lock:
+            self._subs.setdefault(factory_id, set()).add(sub)
+            self.stats.subscribers += 1
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            group = self._subs.get(sub.factory_id)
+            if group and sub in group:
+                group.discard(sub)
+                self.stats.subscribers -= 1
+
+    def _dispatch(self, event: TwinEvent) -> None:
+        with self._lock:
+            subs = list(self._subs.get(event.factory_id, ()))
+        for sub in subs:
+            if sub.overflowed:
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # too slow: drop what it has queued, it resynchronises with a snapshot
+                sub.overflowed = True
+                self.stats.overflows += 1
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait("resync")
+
+    # -- the one reader (thread) -------------------------------------------------------------
+    def _run(self) -> None:
+        from pymongo.errors import PyMongoError
+
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._prime()
+                self.ready.set()
+                if self.change_streams and self._watch():
+                    continue
+                self._poll()
+            except PyMongoError as exc:
+                self.stats.errors += 1
+                logger.warning("twin hub: MongoDB unavailable (%s); retrying in %.1fs",
+                               exc.__class__.__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _prime(self) -> None:
+        """Start from what is there now: only newer versions become events."""
+        for doc in self.fdb.twin.find({}, {"version": 1}):
+            fid = doc["_id"]
+            if fid not in self._versions:
+                self._versions[fid] = doc.get("version", 0)
+                last = self.fdb.twin_history.find_one({"factory_id": fid}, {"version": 1},
+                                                      sort=[("version", -1)])
+                self._history[fid] = (last or {}).get("version", 0)
+                self._recent[fid] = set(range(self._history[fid] - LATE_WINDOW, self._history[fid] + 1))
+
+    def _watch(self) -> bool:
+        """Follow a change stream; False when the server has none (then poll)."""
+        from pymongo.errors import OperationFailure
+
+        try:
+            stream = self.fdb.twin.watch(full_document="updateLookup", max_await_time_ms=250)
+        except OperationFailure as exc:
+            logger.info("twin hub: no change streams on this server (%s); polling", exc.code)
+            self.change_streams = False
+            return False
+        self.stats.mode = "change-stream"
+        logger.info("twin hub: following digital_twin through a change stream")
+        with stream:
+            # a change between _prime and watch(): catch up once
+            self._poll_once()
+            while not self._stop.is_set() and stream.alive:
+                change = stream.try_next()
+                if change is None:
+                    continue
+                self.stats.reads += 1
+                doc = change.get("fullDocument")
+                if doc is None and change.get("operationType") in ("insert", "update", "replace"):
+                    doc = self.fdb.twin.find_one({"_id": change["documentKey"]["_id"]})
+                if doc is not None:
+                    self._emit(doc)
+        return True
+
+    def _poll(self) -> None:
+        self.stats.mode = "poll"
+        while not self._stop.is_set():
+            self._poll_once()
+            self._stop.wait(self.poll_interval)
+
+    def _poll_once(self) -> None:
+        self.stats.reads += 1
+        for head in self.fdb.twin.find({}, {"version": 1}):  # _id index; one small doc per factory
+            if head.get("version", 0) > self._versions.get(head["_id"], -1):
+                doc = self.fdb.twin.find_one({"_id": head["_id"]})
+                if doc is not None:
+                    self._emit(doc)
+
+    def _emit(self, doc: dict) -> None:
+        fid = doc["_id"]
+        version = doc.get("version", 0)
+        if version <= self._versions.get(fid, -1):
+            return
+        self._versions[fid] = version
+        since = self._history.get(fid, 0)
+        # a little behind ``since`` too: a writer appends its history entry just after its
+        # twin update, so an entry can show up after a newer version was already emitted
+        seen = self._recent.setdefault(fid, set())
+        entries = [e for e in self.fdb.twin_history.find(
+            {"factory_id": fid, "version": {"$gt": since - LATE_WINDOW, "$lte": version}}).sort("version", 1)
+            if e["version"] not in seen]
+        if entries:
+            self._history[fid] = max(since, entries[-1]["version"])
+            seen.update(e["version"] for e in entries)
+            if len(seen) > 4 * LATE_WINDOW:
+                floor = self._history[fid] - LATE_WINDOW
+                seen.difference_update([v for v in seen if v <= floor])
+        event = TwinEvent(fid, version, twin_json(doc), [history_json(e) for e in entries])
+        self.stats.events += 1
+        if self.on_twin is not None:
+            try:
+                self.on_twin(doc)
+            except Exception:  # bookkeeping must never stop the stream
+                logger.exception("twin hub: on_twin callback failed")
+        self._call(self._dispatch, event)
+
+
+def _wake(sub: Subscription) -> None:
+    while sub.queue.full():
+        sub.queue.get_nowait()
+    sub.queue.put_nowait(None)
+
+
+# -- the stream a client sees ------------------------------------------------------------------
+
+def snapshot_message(twin: dict) -> dict:
+    return {"type": "snapshot", "version": twin["version"], "twin": twin}
+
+
+async def follow(hub: TwinHub, fdb, factory_id: str, last_id: int | None, *, keepalive: float = 15.0):
+    """Yield the client's messages: dicts, or None for a keep-alive.
+
+    The subscription is registered *before* the database is read, so a change
+    made while the replay is read is queued and nothing falls between the two."""
+    sub = hub.subscribe(factory_id)
+    try:
+        sent = -1
+        for message in await asyncio.to_thread(_catch_up, fdb, factory_id, last_id):
+            sent = message["version"]
+            yield message
+        while not sub.closed:
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), keepalive)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if item is None:
+                return
+            if item == "resync":
+                sub.overflowed = False
+                twin = await asyncio.to_thread(_current, fdb, factory_id)
+                if twin is not None and twin["version"] > sent:
+                    sent = twin["version"]
+                    yield snapshot_message(twin)
+                continue
+            if item.version <= sent:
+                continue
+            changes = [c for c in item.changes if c.get("version", 0) > sent]
+            sent = item.version
+            yield {"type": "update", "version": item.version, "twin": item.twin, "changes": changes}
+    finally:
+        hub.unsubscribe(sub)
+
+
+def _current(fdb, factory_id: str) -> dict | None:
+    return twin_json(fdb.twin.find_one({"_id": factory_id}))
+
+
+def _catch_up(fdb, factory_id: str, last_id: int | None) -> list[dict]:
+    twin = _current(fdb, factory_id)
+    if twin is None:
+        return []
+    version = twin["version"]
+    if last_id is None or last_id > version:  # a new client, or one from a database that was reset
+        return [snapshot_message(twin)]
+    if last_id == version:
+        return []
+    entries = [history_json(e) for e in fdb.twin_history.find(
+        {"factory_id": factory_id, "version": {"$gt": last_id, "$lte": version}}).sort("version", 1)
+        .limit(MAX_REPLAY + 1)]
+    if len(entries) > MAX_REPLAY:
+        return [snapshot_message(twin)]
+    out = [{"type": "change", "version": e["version"], "change": e} for e in entries if e["version"] < version]
+    out.append({"type": "update", "version": version, "twin": twin,
+                "changes": [e for e in entries if e["version"] == version]})
+    return out

@@ -1,0 +1,75 @@
+"""API bearer tokens: created once (shown once), stored as SHA-256 hashes, revocable.
+
+A token is ``fa_<43 url-safe characters>`` (256 random bits), so a hash without a salt
+is enough: nobody brute-forces 256 bits, and the lookup stays one indexed ``_id`` read.
+Scopes: ``read`` (follow the twin) and ``write`` (also change the desired state).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+logger = logging.getLogger(__name__)
+
+TOKENS_COLLECTION = "api_tokens"
+SCOPES = ("read", "write")
+PREFIX = "fa_"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    name: str
+    scope: str
+    revoked: bool
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def tokens(fdb):
+    return fdb.db[TOKENS_COLLECTION]
+
+
+def create_token(fdb, name: str, scope: str = "write") -> str:
+    """A new token (the only time its clear text exists); ``name`` must be unused."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}")
+    if not name or len(name) > 100:
+        raise ValueError("a token needs a name of 1-100 characters")
+    if tokens(fdb).count_documents({"name": name, "revoked_at": None}, limit=1):
+        raise ValueError(f"an active token named {name!r} exists; revoke it first")
+    token = PREFIX + secrets.token_urlsafe(32)
+    tokens(fdb).insert_one({"_id": _hash(token), "name": name, "scope": scope, "hint": token[:7],
+                            "created_at": datetime.now(timezone.utc), "revoked_at": None})
+    logger.info("API token %r created (scope %s)", name, scope)
+    return token
+
+
+def check_token(fdb, token: str | None) -> TokenInfo | None:
+    """The token's name and scope, or None when unknown. Never logs the token."""
+    if not token or not token.startswith(PREFIX) or len(token) > 200:
+        return None
+    doc = tokens(fdb).find_one({"_id": _hash(token)})
+    if doc is None:
+        return None
+    return TokenInfo(doc["name"], doc.get("scope", "read"), doc.get("revoked_at") is not None)
+
+
+def revoke_token(fdb, name: str) -> int:
+    result = tokens(fdb).update_many({"name": name, "revoked_at": None},
+                                     {"$set": {"revoked_at": datetime.now(timezone.utc)}})
+    return result.modified_count
+
+
+def list_tokens(fdb) -> list[dict]:
+    return [{"name": d["name"], "scope": d.get("scope"), "hint": d.get("hint"), "created_at": d.get("created_at"),
+             "revoked_at": d.get("revoked_at")}
+            for d in tokens(fdb).find({}, {"_id": 0}).sort("created_at", 1)]
+
+
+def ensure_indexes(fdb) -> None:
+    tokens(fdb).create_index("name", name="name")

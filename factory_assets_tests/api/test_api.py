@@ -1,0 +1,137 @@
+"""The twin API over real HTTP against the embedded MongoDB."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from factory_assets_tests.api.conftest import report
+
+
+def test_twin_answers_with_its_version_as_etag_and_304_when_unchanged(api, fdb):
+    r = httpx.get(f"{api.url}/api/factories/factory-1/twin")
+    assert r.status_code == 200 and r.headers["etag"] == '"1"'
+    body = r.json()
+    assert body["factory_id"] == "factory-1" and body["version"] == 1
+    assert set(body) >= {"observed", "reported", "delta", "desired", "version", "metadata"} - {"observed"}
+    assert httpx.get(f"{api.url}/api/factories/factory-1/twin", headers={"If-None-Match": '"1"'}).status_code == 304
+    report(fdb, 1)
+    r = httpx.get(f"{api.url}/api/factories/factory-1/twin", headers={"If-None-Match": '"1"'})
+    assert r.status_code == 200 and r.headers["etag"] == '"2"'
+
+
+def test_factories_lists_the_simulated_factory_and_every_twin(api, fdb):
+    report(fdb, 0, factory_id="line-2")
+    ids = [f["id"] for f in httpx.get(f"{api.url}/api/factories").json()["factories"]]
+    assert ids == ["factory-1", "line-2"]
+
+
+def test_history_pages_through_every_change_once(api, fdb):
+    for k in range(1, 12):
+        report(fdb, k)
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+        page = httpx.get(f"{api.url}/api/factories/factory-1/twin/history", params=params).json()
+        seen += [item["version"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(range(12, 0, -1))
+    asc = httpx.get(f"{api.url}/api/factories/factory-1/twin/history", params={"order": "asc", "limit": 3}).json()
+    assert [i["version"] for i in asc["items"]] == [1, 2, 3] and asc["next_cursor"] == "3"
+
+
+def test_desired_needs_if_match_and_refuses_a_stale_version(api, fdb, write_token):
+    url = f"{api.url}/api/factories/factory-1/twin/desired"
+    auth = {"Authorization": f"Bearer {write_token}"}
+    r = httpx.patch(url, json={"stock": {"red": 5}}, headers=auth)
+    assert r.status_code == 428 and r.json()["error"] == "PreconditionRequired"
+    r = httpx.patch(url, json={"stock": {"red": 5}}, headers={**auth, "If-Match": '"7"'})
+    assert r.status_code == 412 and r.json()["version"] == 1 and r.headers["etag"] == '"1"'
+    assert fdb.twin.find_one({"_id": "factory-1"})["version"] == 1  # nothing changed
+    r = httpx.patch(url, json={"stock": {"red": 1}}, headers={**auth, "If-Match": '"1"'})
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"] == '"2"' and r.json()["twin"]["desired"]["stock"] == {"red": 1}
+
+
+def test_a_desired_stock_above_the_reported_one_becomes_pending_orders(api, fdb, write_token):
+    reported_red = sum(1 for t in fdb.twin.find_one({"_id": "factory-1"})["reported"]["slots"].values() if t == "RED")
+    r = httpx.patch(f"{api.url}/api/factories/factory-1/twin/desired", json={"stock": {"red": reported_red + 1}},
+                    headers={"Authorization": f"Bearer {write_token}", "If-Match": '"1"'})
+    assert r.status_code == 200, r.text
+    orders = r.json()["orders"]
+    assert [(o["type"], o["status"], o["published"]) for o in orders] == [("RED", "pending", False)]
+    listed = httpx.get(f"{api.url}/api/factories/factory-1/orders").json()["items"]
+    assert [o["id"] for o in listed] == [orders[0]["id"]]
+
+
+def test_writes_need_a_write_token_and_a_revoked_token_is_refused(api, fdb, write_token):
+    from factory_assets.api.tokens import create_token, revoke_token
+
+    url = f"{api.url}/api/factories/factory-1/twin/desired"
+    body = {"stock": {"red": 1}}
+    assert httpx.patch(url, json=body, headers={"If-Match": "1"}).status_code == 401
+    r = httpx.patch(url, json=body, headers={"If-Match": "1", "Authorization": "Bearer fa_not-a-real-token"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    reader = create_token(fdb, "dashboard", "read")
+    r = httpx.patch(url, json=body, headers={"If-Match": "1", "Authorization": f"Bearer {reader}"})
+    assert r.status_code == 403 and r.json()["error"] == "Forbidden"
+    assert revoke_token(fdb, "operator") == 1
+    r = httpx.patch(url, json=body, headers={"If-Match": "1", "Authorization": f"Bearer {write_token}"})
+    assert r.status_code == 401
+    assert fdb.twin.find_one({"_id": "factory-1"})["version"] == 1
+    assert fdb.db["api_tokens"].count_documents({"name": "operator"}) == 1
+    assert write_token not in str(list(fdb.db["api_tokens"].find()))  # stored hashed
+
+
+def test_reads_can_be_closed_and_then_need_a_token(fdb):
+    from factory_assets.api.app import ApiSettings, TwinApiServer
+    from factory_assets.api.tokens import create_token
+
+    report(fdb, 0)
+    token = create_token(fdb, "viewer", "read")
+    with TwinApiServer(fdb, ApiSettings(open_reads=False)) as api:
+        assert httpx.get(f"{api.url}/api/factories/factory-1/twin").status_code == 401
+        assert httpx.get(f"{api.url}/api/factories/factory-1/twin",
+                         headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        # EventSource and Unity WebGL cannot set headers: a query parameter works too
+        assert httpx.get(f"{api.url}/api/factories/factory-1/twin", params={"token": token}).status_code == 200
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,error", [
+    ("get", "/api/factories/nope/twin", {}, 404, "UnknownFactory"),
+    ("get", "/api/factories/bad id!/twin", {}, 422, "InvalidRequest"),
+    ("get", "/api/factories/factory-1/twin/history", {"params": {"limit": 0}}, 422, "InvalidRequest"),
+    ("get", "/api/factories/factory-1/twin/history", {"params": {"limit": "many"}}, 422, "InvalidRequest"),
+    ("get", "/api/factories/factory-1/twin/history", {"params": {"since": "yesterday"}}, 400, "BadParameter"),
+    ("get", "/api/factories/factory-1/twin/history", {"params": {"cursor": "abc"}}, 422, "InvalidRequest"),
+    ("get", "/api/factories/factory-1/twin/events", {"headers": {"Last-Event-ID": "x1"}}, 400, "BadVersion"),
+    ("get", "/api/frames/zzz.jpg", {}, 400, "BadFrameId"),
+    ("get", "/api/frames/0123456789abcdef01234567.jpg", {}, 404, "NoFrame"),
+    ("get", "/api/frames/latest", {}, 404, "NoFrame"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"content": b"{not json", "headers": {"If-Match": "1", "Content-Type": "application/json"}}, 400, "MalformedJSON"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": "2"}}, "headers": {"If-Match": "1"}}, 422, "InvalidRequest"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"green": 1}}, "headers": {"If-Match": "1"}}, 422, "InvalidRequest"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 10}}, "headers": {"If-Match": "1"}}, 422, "InvalidRequest"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 1}, "x": 1}, "headers": {"If-Match": "1"}}, 422, "InvalidRequest"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 1}}, "headers": {"If-Match": "one"}}, 400, "BadVersion"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 9, "blue": 9}}, "headers": {"If-Match": "1"}}, 422, "DesiredInvalid"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 0, "blue": 0, "white": 0}}, "headers": {"If-Match": "1"}}, 422, "DesiredInvalid"),
+    ("patch", "/api/factories/nope/twin/desired", {"json": {"stock": {"red": 1}}, "headers": {"If-Match": "1"}}, 404, "UnknownFactory"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"content": b"{" + b" " * 20000 + b"}", "headers": {"If-Match": "1", "Content-Type": "application/json"}}, 413, "PayloadTooLarge"),
+])
+def test_every_bad_input_gets_a_clear_json_error_and_changes_nothing(api, fdb, write_token, method, path, kwargs,
+                                                                      status, error):
+    headers = {"Authorization": f"Bearer {write_token}", **kwargs.pop("headers", {})}
+    r = httpx.request(method.upper(), api.url + path, headers=headers, **kwargs)
+    assert (r.status_code, r.json()["error"]) == (status, error), r.text
+    assert r.json()["message"]
+    assert fdb.twin.find_one({"_id": "factory-1"})["version"] == 1
+    assert fdb.db["twin_orders"].count_documents({}) == 0
+
+
+def test_the_openapi_page_documents_the_routes(api):
+    spec = httpx.get(f"{api.url}/openapi.json").json()
+    assert {"/api/factories/{factory_id}/twin", "/api/factories/{factory_id}/twin/events",
+            "/api/factories/{factory_id}/twin/desired"} <= set(spec["paths"])
+    assert httpx.get(f"{api.url}/docs").status_code == 200
