@@ -111,6 +111,7 @@ class MqttIngester:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
         if not any(rc.is_failure for rc in reason_codes):
             self.subscribed.set()
+            self.log(f"MQTT subscribed to {', '.join(SUBSCRIPTIONS)} (QoS 1)")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         self.connected.clear()

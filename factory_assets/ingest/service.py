@@ -80,16 +80,30 @@ def _ts(doc: dict) -> datetime:
         raise BadMessage("bad_timestamp", f"'ts' is not a timestamp: {exc}") from exc
 
 
+def journaled(fdb):
+    """The same database with journaled writes (``j=True``): "stored" must survive the database
+    being killed, since the message is then acknowledged and the broker forgets it. (SecantusDB,
+    like MongoDB, loses the last unjournaled ``w:1`` writes on SIGKILL.)"""
+    from dataclasses import replace
+
+    from pymongo.write_concern import WriteConcern
+
+    db = getattr(fdb, "db", None)
+    if db is None or not hasattr(db, "with_options"):
+        return fdb
+    return replace(fdb, db=db.with_options(write_concern=WriteConcern(w=1, j=True)))
+
+
 class Ingestor:
     def __init__(self, fdb, *, camera_id: str = "txt-cam", factory_id: str = "factory-1",
                  max_image_bytes: int | None = None, batch_size: int = 64, on_stored=None,
                  auto_flush: bool = True):
-        self.fdb = fdb
+        self.fdb = journaled(fdb)
         self.camera_id = camera_id
         self.factory_id = factory_id
         self.max_image_bytes = max_image_bytes or config.max_image_bytes()
         self.batch_size = batch_size
-        self.sequence = FrameSequence(fdb)
+        self.sequence = FrameSequence(self.fdb)
         self.stats = IngestStats()
         self._frames: list[dict] = []
         self._messages: dict[str, list[dict]] = {}
