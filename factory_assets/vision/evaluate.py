@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vision.classes import CLASSES, SLOT_STATES, SLOTS, TYPE_TO_STATE
 from factory_assets.vision.model import StockModel
-from factory_assets.vision.train import label_metrics, load_image, read_split
+from factory_assets.vision.train import label_metrics, load_image, read_split, read_split_slots
 
 
 def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict:
@@ -19,11 +19,19 @@ def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict
     images = [load_image(image_dir / r.path) for r in rows]
     y = np.array([r.labels for r in rows], dtype=int)
     t0 = time.perf_counter()
-    proba = model.predict_proba(images)
+    slot_proba = None
+    if getattr(model, "kind", "presence") == "slots":
+        slot_proba = model.predict_slot_proba(images)
+        proba = model.presence_from_slots(slot_proba)
+    else:
+        proba = model.predict_proba(images)
     elapsed = time.perf_counter() - t0
     t = np.array([model.thresholds[c] for c in CLASSES])
     pred = (proba >= t).astype(int)
     out = label_metrics(pred, y)
+    out["model_kind"] = getattr(model, "kind", "presence")
+    if slot_proba is not None:
+        out["slots"] = slot_metrics(slot_proba, rows, read_split_slots(Path(dataset_dir), split, rows))
     out.update({
         "split": split,
         "dataset": str(dataset_dir),
@@ -43,3 +51,19 @@ def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict
         ],
     })
     return out
+
+
+def slot_metrics(slot_proba: np.ndarray, rows, slot_rows: dict) -> dict | None:
+    """Per-slot accuracy, frames with all nine slots right, per-slot-state confusion, on the
+    rows that carry per-slot labels (None when none do)."""
+    keep = [i for i, r in enumerate(rows) if r.index in slot_rows]
+    if not keep:
+        return None
+    truth = np.array([[TYPE_TO_STATE.get(slot_rows[rows[i].index][s] or "", 0) for s in SLOTS] for i in keep])
+    pred = slot_proba[keep].argmax(axis=-1)
+    confusion = {t: {p: int(((truth == a) & (pred == b)).sum()) for b, p in enumerate(SLOT_STATES)}
+                 for a, t in enumerate(SLOT_STATES)}
+    return {"n_images": len(keep), "slot_accuracy": float((pred == truth).mean()),
+            "frames_all_slots_right": float((pred == truth).all(axis=1).mean()),
+            "per_slot_accuracy": {s: float((pred[:, j] == truth[:, j]).mean()) for j, s in enumerate(SLOTS)},
+            "confusion": confusion}

@@ -457,6 +457,7 @@ def _fit_slot_model(images, states, seed, n_augment, config, geometry, reference
             geometry = SlotGeometry.fit(maps, states)
         except GeometryError as exc:
             raise DatasetError(f"cannot place the slots: {exc}") from exc
+    geometry = SlotGeometry.from_dict(geometry.to_dict())  # the stored precision, so a loaded model predicts the same
     feats = [slot_features(m, geometry) for m in maps]
     ys = [states[i] for i in range(n)]
     original = [True] * n

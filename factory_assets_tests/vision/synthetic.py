@@ -62,3 +62,34 @@ def write_synthetic_dataset(root: Path) -> Path:
         lines.append(f"{i}\t" + "\t".join(map(str, labels)) + f"\t{name}\n")
     (root / "valid-annots" / "valid.lst").write_text("".join(lines))
     return root
+
+
+def write_simulated_slot_dataset(out_dir: Path, n_train: int = 80, n_valid: int = 40, seed: int = 0,
+                                 train_types: tuple[str, ...] = ("BLUE", "RED", "WHITE"),
+                                 render_kwargs: dict | None = None) -> Path:
+    """The simulated factory's warehouse in SageMaker's layout with the per-slot sidecar
+    (``<split>.slots``). ``train_types`` limits which workpiece types the train split shows
+    (the valid split shows all three), to test colours never seen in training."""
+    from factory_assets.datasets.lst import LstRow, format_slots, write_lst
+    from factory_assets.ingest.render import SLOTS as RACK, encode_jpeg, render_warehouse
+
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    index = 1
+    for split, n, types in (("train", n_train, train_types), ("valid", n_valid, ("BLUE", "RED", "WHITE"))):
+        img_dir = out_dir / f"{split}-imgs"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        rows, slot_rows = [], []
+        for i in range(n):
+            fill = rng.uniform(0.1, 0.8)
+            stock = {s: (types[int(rng.integers(len(types)))] if rng.random() < fill else None) for s in RACK}
+            img = render_warehouse(stock, rng=rng, lighting=float(rng.uniform(0.6, 1.1)), **(render_kwargs or {}))
+            name = f"{split}-{i:05d}.jpeg"
+            (img_dir / name).write_bytes(encode_jpeg(img))
+            present = {t: any(v == t for v in stock.values()) for t in ("BLUE", "RED", "WHITE")}
+            rows.append(LstRow(index, (int(present["BLUE"]), int(present["RED"]), int(present["WHITE"])), name))
+            slot_rows.append((index, stock, name))
+            index += 1
+        write_lst(out_dir / f"{split}-annots" / f"{split}.lst", rows)
+        (out_dir / f"{split}-annots" / f"{split}.slots").write_text(format_slots(slot_rows), encoding="utf-8")
+    return out_dir
