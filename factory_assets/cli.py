@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "factory_assets.serving.cli",
     "factory_assets.twin.cli",
     "factory_assets.retrain_cli",
+    "factory_assets.backends.cli",
     "factory_assets.stack",
 )
 

@@ -1,0 +1,63 @@
+"""``factory-assets sagemaker train|deploy|status`` against moto and the real MongoDB."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factory_assets_tests.backends.conftest import ROLE
+
+
+@pytest.fixture
+def sm_env(sm_config, monkeypatch):
+    monkeypatch.setenv("FACTORY_SAGEMAKER_ROLE_ARN", ROLE)
+    monkeypatch.setenv("FACTORY_SAGEMAKER_BUCKET", sm_config.bucket)
+    monkeypatch.setenv("FACTORY_SAGEMAKER_PREFIX", "cli")
+    monkeypatch.setenv("FACTORY_SAGEMAKER_ENDPOINT_NAME", sm_config.endpoint_name)
+    monkeypatch.setenv("FACTORY_SAGEMAKER_ENDPOINT_URL", sm_config.sagemaker_endpoint_url)
+    monkeypatch.setenv("FACTORY_S3_ENDPOINT_URL", sm_config.s3_endpoint_url)
+    return sm_config
+
+
+@pytest.fixture(scope="module")
+def cli_dataset(tmp_path_factory):
+    from factory_assets.ingest.simdata import write_simulated_dataset
+
+    return write_simulated_dataset(tmp_path_factory.mktemp("cli") / "dataset", n_train=20, n_valid=6, seed=5)
+
+
+def _json_tail(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_train_registers_a_builtin_model_and_deploy_serves_it(sm_env, cli_dataset, fdb, capsys):
+    from factory_assets.cli import main
+
+    assert main(["sagemaker", "train", "--dataset", str(cli_dataset), "--algorithm", "builtin"]) == 0
+    trained = _json_tail(capsys.readouterr().out)
+    assert trained["status"] == "Completed" and trained["algorithm"] == "builtin"
+    doc = fdb.models.find_one({"_id": trained["model_version"]})
+    assert doc["trainer"] == "sagemaker-builtin" and doc["sagemaker"]["training_job_name"] == trained["training_job"]
+
+    assert main(["sagemaker", "deploy", trained["model_version"]]) == 0
+    state = _json_tail(capsys.readouterr().out)
+    assert state["status"] == "InService" and state["action"] == "created"
+    desc = sm_env.sagemaker_client().describe_endpoint(EndpointName=sm_env.endpoint_name)
+    model = sm_env.sagemaker_client().describe_model(ModelName=state["model_name"])
+    assert desc["EndpointConfigName"] == state["config"]
+    assert model["PrimaryContainer"]["Image"].endswith("/image-classification:1")
+
+    assert main(["sagemaker", "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["endpoint"]["status"] == "InService"
+    assert trained["training_job"] in [j["name"] for j in status["training_jobs"]]
+    assert "123456789012" not in json.dumps(status)
+
+
+def test_train_without_a_role_is_a_one_line_error(aws_env, cli_dataset, monkeypatch, capsys):
+    from factory_assets.cli import main
+
+    monkeypatch.delenv("FACTORY_SAGEMAKER_ROLE_ARN", raising=False)
+    monkeypatch.delenv("FACTORY_SAGEMAKER_BUCKET", raising=False)
+    assert main(["sagemaker", "train", "--dataset", str(cli_dataset)]) == 1
+    assert "SageMaker is not configured" in capsys.readouterr().err
