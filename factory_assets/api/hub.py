@@ -30,7 +30,23 @@ from bson import ObjectId
 logger = logging.getLogger(__name__)
 
 MAX_REPLAY = 500
-LATE_WINDOW = 8  # a client further behind than this many changes gets a snapshot
+LATE_WINDOW = 8
+HISTORY_WAITS = 50  # x 10 ms: how long an expected twin_history entry is awaited
+
+
+def expects_history(doc: dict) -> bool:
+    """Does this twin version come with a ``twin_history`` entry? Writers stamp the section
+    they update (``observed``/``reported``/``desired``) with ``updated_at`` and set
+    ``metadata.<section>.<field>.changed_at`` to that same instant for what changed."""
+    sections = [(doc.get(k) or {}).get("updated_at") for k in ("observed", "reported", "desired")]
+    latest = max((i for i, t in enumerate(sections) if t is not None), key=lambda i: sections[i], default=None)
+    if latest is None:
+        return False
+    name = ("observed", "reported", "desired")[latest]
+    if name == "desired":
+        return True
+    meta = ((doc.get("metadata") or {}).get(name)) or {}
+    return any(isinstance(m, dict) and m.get("changed_at") == sections[latest] for m in meta.values())  # a client further behind than this many changes gets a snapshot
 
 
 def to_json(value):
@@ -246,9 +262,14 @@ class TwinHub:
         # a little behind ``since`` too: a writer appends its history entry just after its
         # twin update, so an entry can show up after a newer version was already emitted
         seen = self._recent.setdefault(fid, set())
-        entries = [e for e in self.fdb.twin_history.find(
-            {"factory_id": fid, "version": {"$gt": since - LATE_WINDOW, "$lte": version}}).sort("version", 1)
-            if e["version"] not in seen]
+        expect = expects_history(doc)
+        for _ in range(HISTORY_WAITS):
+            entries = [e for e in self.fdb.twin_history.find(
+                {"factory_id": fid, "version": {"$gt": since - LATE_WINDOW, "$lte": version}}).sort("version", 1)
+                if e["version"] not in seen]
+            if not expect or any(e["version"] == version for e in entries) or self._stop.is_set():
+                break
+            self._stop.wait(0.01)  # the writer appends the entry right after the twin update
         if entries:
             self._history[fid] = max(since, entries[-1]["version"])
             seen.update(e["version"] for e in entries)
@@ -285,8 +306,9 @@ async def follow(hub: TwinHub, fdb, factory_id: str, last_id: int | None, *, kee
     sub = hub.subscribe(factory_id)
     try:
         sent = -1
+        replayed = -1  # the history up to this version was read from the database
         for message in await asyncio.to_thread(_catch_up, fdb, factory_id, last_id):
-            sent = message["version"]
+            sent = replayed = message["version"]
             yield message
         while not sub.closed:
             try:
@@ -300,12 +322,13 @@ async def follow(hub: TwinHub, fdb, factory_id: str, last_id: int | None, *, kee
                 sub.overflowed = False
                 twin = await asyncio.to_thread(_current, fdb, factory_id)
                 if twin is not None and twin["version"] > sent:
-                    sent = twin["version"]
+                    sent = replayed = twin["version"]
                     yield snapshot_message(twin)
                 continue
             if item.version <= sent:
                 continue
-            changes = [c for c in item.changes if c.get("version", 0) > sent]
+            # the hub hands each history entry out once; only drop what the replay already sent
+            changes = [c for c in item.changes if c.get("version", 0) > replayed]
             sent = item.version
             yield {"type": "update", "version": item.version, "twin": item.twin, "changes": changes}
     finally:
