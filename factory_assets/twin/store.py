@@ -93,8 +93,11 @@ def apply_observation(fdb, obs: Observation) -> bool:
             else:
                 meta[c] = {"ts": obs.frame_ts, "changed_at": now}
         reported = (doc or {}).get("reported") or {}
+        if obs.slots:  # a per-slot model: the slots seen, and delta.slots where they disagree
+            observed["slots"] = obs.slots
         return {"observed": observed, "metadata.observed": meta,
-                "delta": compute_delta({c: observed[c]["present"] for c in COLOURS}, reported.get("present"))}
+                "delta": compute_delta({c: observed[c]["present"] for c in COLOURS}, reported.get("present"),
+                                       obs.slots, reported.get("slots"))}
 
     applied, new_doc = _cas(fdb, obs.factory_id, build)
     if not applied:
@@ -127,7 +130,8 @@ def apply_reported(fdb, rep: Reported) -> bool:
         observed_present = {c: observed[c]["present"] for c in COLOURS} if observed else None
         return {"reported": {"slots": rep.slots, "present": rep.present, "ts": rep.ts,
                              "message_id": rep.message_id, "updated_at": now},
-                "metadata.reported": meta, "delta": compute_delta(observed_present, rep.present)}
+                "metadata.reported": meta, "delta": compute_delta(observed_present, rep.present,
+                                                                  observed.get("slots"), rep.slots)}
 
     applied, new_doc = _cas(fdb, rep.factory_id, build)
     if applied and changed_slots:
