@@ -10,7 +10,7 @@ def _ingestor(args):
     from factory_assets.storage.mongo import connect
 
     return Ingestor(connect(), camera_id=args.camera_id, factory_id=args.factory_id,
-                    max_image_bytes=args.max_image_bytes)
+                    max_image_bytes=args.max_image_bytes, batch_size=args.batch_size)
 
 
 def _summary(summary: dict) -> int:
@@ -31,13 +31,15 @@ def _mqtt(args) -> int:
 def _dir(args) -> int:
     from factory_assets.ingest.files import ingest_dir
 
-    return _summary(ingest_dir(_ingestor(args), Path(args.path), watch=args.watch, duration=args.duration))
+    return _summary(ingest_dir(_ingestor(args), Path(args.path), watch=args.watch, duration=args.duration,
+                               rescan=args.rescan))
 
 
 def _video(args) -> int:
     from factory_assets.ingest.files import ingest_video
 
-    return _summary(ingest_video(_ingestor(args), args.source, fps=args.fps, max_frames=args.max_frames))
+    return _summary(ingest_video(_ingestor(args), args.source, fps=args.fps, max_frames=args.max_frames,
+                                 rescan=args.rescan))
 
 
 def register(sub) -> None:
@@ -50,6 +52,7 @@ def register(sub) -> None:
         q.add_argument("--factory-id", default=common["factory_id"])
         q.add_argument("--max-image-bytes", type=int, default=None,
                        help="quarantine larger images (default 16 MB minus headroom)")
+        q.add_argument("--batch-size", type=int, default=64, help="records per database write")
 
     q = kinds.add_parser("mqtt", help="subscribe to the factory's MQTT broker (i/cam, i/bme680, i/ldr, f/i/#...)")
     q.add_argument("--url", default="mqtt://127.0.0.1:1883")
@@ -67,6 +70,8 @@ def register(sub) -> None:
     q = kinds.add_parser("dir", help="JPEG/PNG files under a folder (recursive)")
     q.add_argument("path")
     q.add_argument("--watch", action="store_true", help="keep polling for new files")
+    q.add_argument("--rescan", action="store_true",
+                   help="ignore the recorded progress (resume after a crash is the default)")
     q.add_argument("--duration", type=float, default=None)
     add_common(q, "folder")
     q.set_defaults(func=_dir)
@@ -75,5 +80,7 @@ def register(sub) -> None:
     q.add_argument("source", metavar="PATH_OR_RTSP_URL")
     q.add_argument("--fps", type=float, default=1.0)
     q.add_argument("--max-frames", type=int, default=None)
+    q.add_argument("--rescan", action="store_true",
+                   help="start a video file from the beginning, not after the last stored frame")
     add_common(q, "video")
     q.set_defaults(func=_video)

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from factory_assets.ingest.service import Ingestor
 from factory_assets_tests.helpers import jpeg_bytes, png_bytes
 
 
-def test_a_folder_is_ingested_recursively_and_a_second_run_adds_nothing(fdb, tmp_path):
+def test_a_folder_is_ingested_recursively_and_a_second_run_reads_nothing_again(fdb, tmp_path):
     (tmp_path / "day1").mkdir()
     (tmp_path / "a.jpeg").write_bytes(jpeg_bytes(seed=1))
     (tmp_path / "day1" / "b.png").write_bytes(png_bytes())
@@ -20,7 +21,9 @@ def test_a_folder_is_ingested_recursively_and_a_second_run_adds_nothing(fdb, tmp
     first = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, log=lambda *_: None)
     second = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, log=lambda *_: None)
     assert (first["frames"], first["quarantined"]) == (2, 1)
-    assert (second["frames"], second["duplicates"]) == (0, 2)
+    assert (second["frames"], second["duplicates"], second["skipped_files"]) == (0, 0, 3)
+    rescan = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, rescan=True, log=lambda *_: None)
+    assert (rescan["frames"], rescan["duplicates"]) == (0, 2)  # re-read, still stored once
     assert fdb.frames.count_documents({}) == 2
     q = fdb.quarantine.find_one()
     assert q["reason"] == "truncated_image" and q["source"]["path"].endswith("broken.jpg")
@@ -44,8 +47,10 @@ def test_a_video_file_is_sampled_at_the_requested_fps_idempotently(fdb, tmp_path
     writer.release()
     summary = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, log=lambda *_: None)
     again = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, log=lambda *_: None)
+    rescan = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, rescan=True, log=lambda *_: None)
     assert summary["frames"] == 6
-    assert again["frames"] == 0 and again["duplicates"] == 6
+    assert again["frames"] == 0 and again["duplicates"] == 0  # resumed after the last stored frame
+    assert rescan["frames"] == 0 and rescan["duplicates"] == 6
     doc = fdb.frames.find_one(sort=[("seq", 1)])
     assert doc["source"]["kind"] == "video" and (doc["width"], doc["height"]) == (320, 240)
 
@@ -57,3 +62,43 @@ def test_the_cli_ingests_a_folder_and_prints_a_summary(fdb, tmp_path):
     assert out.returncode == 0, out.stderr
     assert '"frames": 1' in out.stdout
     assert fdb.frames.count_documents({"camera_id": "folder"}) == 1
+
+
+def test_a_video_file_stopped_part_way_resumes_after_the_last_stored_frame(fdb, tmp_path):
+    path = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (320, 240))
+    for i in range(30):
+        writer.write(np.full((240, 320, 3), (i * 8) % 255, np.uint8))
+    writer.release()
+    first = ingest_video(Ingestor(fdb, camera_id="video", batch_size=2), path, fps=2.0, max_frames=4,
+                         log=lambda *_: None)
+    rest = ingest_video(Ingestor(fdb, camera_id="video", batch_size=2), path, fps=2.0, log=lambda *_: None)
+    assert first["frames"] == 4 and rest["frames"] == 2 and rest["duplicates"] == 0
+    assert sorted(d["source"]["frame_index"] for d in fdb.frames.find()) == [0, 5, 10, 15, 20, 25]
+
+
+def test_a_folder_ingest_killed_mid_run_resumes_and_stores_every_file_once(fdb, tmp_path):
+    import signal
+
+    from factory_assets.storage.frames import wait_until
+
+    n = 300
+    for i in range(n):
+        (tmp_path / f"img{i:04d}.jpg").write_bytes(jpeg_bytes(size=(32, 24), seed=i))
+    cmd = [sys.executable, "-m", "factory_assets.cli", "ingest", "dir", str(tmp_path), "--batch-size", "8"]
+    # --watch keeps the first run alive until it is killed, however fast it reads the folder
+    proc = subprocess.Popen(cmd + ["--watch"], env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: fdb.frames.count_documents({}) >= 24, 60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    stored_before = fdb.frames.count_documents({})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.split("summary: ", 1)[1])
+    assert fdb.frames.count_documents({}) == n
+    assert len(fdb.frames.distinct("sha256")) == n
+    assert summary["frames"] == n - stored_before
+    assert summary["skipped_files"] >= stored_before - 8  # at most the batch in flight is read again

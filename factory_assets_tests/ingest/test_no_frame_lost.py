@@ -217,6 +217,8 @@ def test_every_frame_is_stored_once_when_mongodb_is_killed_and_restarted_mid_str
         killed.set()  # frames 20..39 are published while MongoDB is down
         assert ingester.out.wait_for("store failed", 60), ingester.out.text()
         assert wait_until(lambda: len(pub.infos) == 40, 30) and pub.wait_all_acknowledged(30)
+        # a bad message during the outage: its quarantine write is retried like the frames
+        pub.client.publish("i/cam", b"{not json", qos=1).wait_for_publish(30)
         mongo.start()  # same data, same port
         restarted.set()
         publisher.join(60)
@@ -224,6 +226,7 @@ def test_every_frame_is_stored_once_when_mongodb_is_killed_and_restarted_mid_str
         assert wait_until(lambda: fdb.frames.count_documents({}) >= N_FRAMES, 60), ingester.out.text()
         assert ingester.out.wait_for("store recovered", 10)
         assert_every_frame_stored_exactly_once(fdb)
+        assert wait_until(lambda: fdb.quarantine.count_documents({"reason": "malformed_json"}) == 1, 30)
     finally:
         if pub:
             pub.close()
@@ -284,3 +287,35 @@ def test_every_frame_is_stored_once_when_the_broker_restarts_mid_stream(fdb, mon
             pub.close()
         output = ingester.stop()
     assert ingester.proc.returncode == 0, output
+
+
+def test_while_mongodb_is_down_the_ingester_holds_at_most_its_byte_limit_and_the_broker_keeps_the_rest(tmp_path, broker):
+    from factory_assets.ingest.mqtt import MqttIngester
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.storage.mongo import connect
+
+    mongo = KillableMongo(tmp_path / "mongo").start()
+    fdb = connect(mongo.uri, f"test_{uuid.uuid4().hex[:12]}")
+    payloads = [cam_payload(IMAGES[i], frame_ts(i)) for i in range(N_FRAMES)]
+    limit = 3 * max(len(p) for p in payloads)
+    ingester = MqttIngester(Ingestor(fdb, batch_size=2), broker.url, client_id=f"bounded-{uuid.uuid4().hex[:6]}",
+                            progress_every=0, log=lambda *_: None, max_buffer_bytes=limit).start()
+    pub = None
+    try:
+        assert ingester.subscribed.wait(30)
+        mongo.kill()
+        pub = Publisher(broker)
+        for i in range(N_FRAMES):
+            pub.publish(i)
+        assert pub.wait_all_acknowledged(30)
+        assert wait_until(lambda: ingester.throttled >= 1 and ingester.store_failures >= 1, 60)
+        assert ingester.held_bytes <= limit  # 60 frames published, at most 3 frames' bytes in memory
+        mongo.start()
+        assert wait_until(lambda: fdb.frames.count_documents({}) >= N_FRAMES, 90)
+        assert_every_frame_stored_exactly_once(fdb)
+        assert wait_until(lambda: ingester.held_bytes == 0, 10)
+    finally:
+        if pub:
+            pub.close()
+        ingester.stop()
+        mongo.stop()
