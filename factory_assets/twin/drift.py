@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 DRIFT_WINDOW = 100            # latest inferences compared with the controller's stock reports
 DRIFT_MAX_DISAGREEMENT = 0.2  # above this share, retrain on the newer labelled frames
 BOOTSTRAP_MIN_FRAMES = 120
-BOOTSTRAP_MIN_SITUATIONS = 4  # distinct stock combinations reported
+BOOTSTRAP_MIN_SITUATIONS = 4  # distinct (per-slot) stock situations reported
+BOOTSTRAP_MIN_SLOTS_VARIED = 3  # slots seen both empty and occupied, enough to place the rack
 BOOTSTRAP_REPORTS_SCANNED = 500
 
 
@@ -60,26 +61,34 @@ class Readiness:
     frames: int
     situations: int      # distinct stock combinations among the latest reports
     colours_varied: int  # colours seen both in stock and absent
+    slots_varied: int = 0  # slots seen both empty and occupied (the per-slot model places the rack from them)
 
     @property
     def ready(self) -> bool:
+        # The per-slot model (trained whenever reports carry slots) recognises a colour it never
+        # saw stored and places the rack from the slots that changed, so it need not wait for
+        # every colour to come and go (the simulator may take 6 minutes to store a red piece).
         return (self.frames >= BOOTSTRAP_MIN_FRAMES and self.situations >= BOOTSTRAP_MIN_SITUATIONS
-                and self.colours_varied == len(COLOURS))
+                and (self.colours_varied == len(COLOURS) or self.slots_varied >= BOOTSTRAP_MIN_SLOTS_VARIED))
 
     def describe(self) -> str:
         return (f"{self.frames} frames, {self.situations} distinct stock situations, {self.colours_varied} of "
                 f"{len(COLOURS)} colours seen both in stock and absent (need {BOOTSTRAP_MIN_FRAMES}, "
-                f"{BOOTSTRAP_MIN_SITUATIONS} and {len(COLOURS)})")
+                f"{BOOTSTRAP_MIN_SITUATIONS} and {len(COLOURS)}), {self.slots_varied} slots seen both empty "
+                f"and occupied (or {BOOTSTRAP_MIN_SLOTS_VARIED})")
 
 
 def bootstrap_readiness(fdb) -> Readiness:
     """Whether the factory has shown enough frames and stock situations for a first model."""
-    situations, seen = set(), {c: set() for c in COLOURS}
+    situations, seen, filled = set(), {c: set() for c in COLOURS}, {}
     for msg in (fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1)
                 .limit(BOOTSTRAP_REPORTS_SCANNED)):
-        present = reported_presence(stock_slots(msg.get("payload")))
-        situations.add(tuple(sorted(c for c, v in present.items() if v)))
+        slots = stock_slots(msg.get("payload"))
+        present = reported_presence(slots)
+        situations.add(tuple(sorted(slots.items(), key=lambda kv: kv[0])))  # per-slot stock situations
         for c, v in present.items():
             seen[c].add(v)
+        for s, t in slots.items():
+            filled.setdefault(s, set()).add(t is not None)
     return Readiness(fdb.frames.estimated_document_count(), len(situations),
-                     sum(len(v) == 2 for v in seen.values()))
+                     sum(len(v) == 2 for v in seen.values()), sum(len(v) == 2 for v in filled.values()))
