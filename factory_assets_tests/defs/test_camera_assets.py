@@ -23,7 +23,8 @@ def test_raw_frames_reports_the_days_frames_cameras_bytes_quarantine_and_a_previ
     md = result.asset_materializations_for_node("raw_frames")[0].metadata
     assert md["frames"].value == 4
     assert md["cameras"].value == 3  # cam-1, cam-2 and the original's unnamed camera
-    assert md["latest_frame_ts"].value.startswith("2026-11-23")
+    assert datetime.fromtimestamp(md["latest_frame_ts"].value, timezone.utc).date().isoformat() == "2026-11-23"
+    assert {r.data["camera"]: r.data["frames"] for r in md["per_camera"].value.records}["cam-1"] == 2
     assert "data:image/png;base64," in md["latest_frame"].value
     assert mongo_uri not in str(md)  # no connection string (credentials) in metadata
 

@@ -44,7 +44,8 @@ def test_labeled_images_auto_labels_the_day_and_shows_counts_and_a_preview(fdb, 
     md = result.asset_materializations_for_node("labeled_images")[0].metadata
     assert md["labelled_frames"].value == md["auto_labelled_now"].value > 30
     assert md["frames_seen_by_autolabel"].value == 60
-    assert "| auto |" in md["per_source"].value
+    assert {r.data["source"]: r.data["frames"] for r in md["per_source"].value.records} \
+        == {"auto": md["labelled_frames"].value}
     assert "data:image/png;base64," in md["preview"].value
 
 
@@ -53,14 +54,12 @@ def test_a_backfill_range_builds_manifests_from_exactly_those_days(fdb, resource
         simulate_day(fdb, seconds=150, start=T0 + timedelta(days=d), seed=d, change_every=10)
     days = [(T0 + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(3)]
     tags = {"dagster/asset_partition_range_start": days[1], "dagster/asset_partition_range_end": days[2]}
-    dg.materialize([labeled_images], resources=resources, tags=tags)
-    result = dg.materialize([labeled_images, training_manifests], resources=resources, tags=tags,
-                            selection=[training_manifests])
+    result = dg.materialize([labeled_images, training_manifests], resources=resources, tags=tags)
     md = result.asset_materializations_for_node("training_manifests")[0].metadata
     n_selected = fdb.labels.count_documents({"frame_ts": {"$gte": T0 + timedelta(days=1)}})
     assert fdb.labels.count_documents({}) == n_selected  # day 0 was not labelled by this backfill
     assert md["train_images"].value + md["valid_images"].value == n_selected
-    assert days[1] in md["days"].value
+    assert (md["first_day"].value, md["last_day"].value) == (days[1], days[2])
 
 
 def test_training_manifests_upload_to_s3_under_the_version(fdb, resources, tmp_path, moto_s3):
@@ -74,7 +73,7 @@ def test_training_manifests_upload_to_s3_under_the_version(fdb, resources, tmp_p
     resources = {**resources, "dataset_target": DatasetTargetResource(local_root=str(tmp_path / "ds"),
                                                                       s3_bucket="factory-training",
                                                                       s3_prefix="warehouse")}
-    result = dg.materialize([training_manifests], resources=resources)
+    result = dg.materialize([training_manifests], resources=resources, partition_key=day)
     md = result.asset_materializations_for_node("training_manifests")[0].metadata
     version = md["dataset_version"].value
     assert md["s3_uri"].value == f"s3://factory-training/warehouse/{version}/"
@@ -87,20 +86,31 @@ def test_training_manifests_upload_to_s3_under_the_version(fdb, resources, tmp_p
     assert fdb.datasets.find_one({"_id": version})["s3_uri"] == md["s3_uri"].value
 
 
-def _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources):
+def _import_range_tags(fdb) -> dict:
+    """The days the imported frames were captured on (their files' times) as a partition range."""
+    from factory_assets.clock import day_key
+
+    first = fdb.labels.find_one(sort=[("frame_ts", 1)])["frame_ts"]
+    last = fdb.labels.find_one(sort=[("frame_ts", -1)])["frame_ts"]
+    return {"dagster/asset_partition_range_start": day_key(first), "dagster/asset_partition_range_end": day_key(last)}
+
+
+def _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance=None):
     from factory_assets.datasets.importer import import_dataset
 
     import_dataset(fdb, sim_dataset)
-    dg.materialize([training_manifests], resources=resources)
+    return dg.materialize([training_manifests], resources=resources, tags=_import_range_tags(fdb),
+                          instance=instance)
 
 
 def test_a_model_below_the_bar_is_registered_but_never_deployed(fdb, sim_dataset, tmp_path, resources,
                                                                 monkeypatch, model_server):
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
-    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources)
+    instance = dg.DagsterInstance.ephemeral()
+    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance)
     res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=1.01),
            "endpoint": EndpointResource(url=model_server.url)}
-    result = dg.materialize([stock_model, model_endpoint], resources=res, raise_on_error=False)
+    result = dg.materialize([stock_model, model_endpoint], resources=res, raise_on_error=False, instance=instance)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"per_label_accuracy_above_minimum": False, "no_regression_against_deployed_model": True}
     assert fdb.models.count_documents({"passed_checks": False}) == 1
@@ -114,17 +124,20 @@ def test_a_good_model_is_deployed_and_the_server_swaps_to_it(fdb, sim_dataset, t
     from factory_assets.serving.server import InferenceServer
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
-    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources)
+    instance = dg.DagsterInstance.ephemeral()
+    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance)
     srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
     srv.follow(mongo_uri, database_name, poll_seconds=0.1)
     srv.start()
     try:
         res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=0.5),
                "endpoint": EndpointResource(url=srv.url)}
-        result = dg.materialize([stock_model, model_endpoint], resources=res)
+        result = dg.materialize([stock_model, model_endpoint], resources=res, instance=instance)
         md = result.asset_materializations_for_node("stock_model")[0].metadata
         version = md["model_version"].value
-        assert "data:image/png;base64," in md["confusion"].value and "| blue |" in md["metrics"].value
+        assert "data:image/png;base64," in md["confusion"].value
+        assert [r.data["class"] for r in md["metrics"].value.records] == ["blue", "red", "white"]
+        assert all(isinstance(r.data["accuracy"], float) for r in md["metrics"].value.records)
         ep = result.asset_materializations_for_node("model_endpoint")[0].metadata
         assert ep["model_version"].value == version and ep["status"].value == "InService"
         assert srv.slot.current.version == version
@@ -150,3 +163,40 @@ def test_model_endpoint_fails_clearly_when_the_server_is_unreachable(fdb, traine
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "cannot be reached" in str(failure.event_specific_data.error)
+
+
+def test_stock_model_trains_on_its_upstreams_dataset_not_the_newest_built_by_anyone(
+        fdb, sim_dataset, tmp_path, resources, monkeypatch, model_server):
+    from factory_assets.datasets.manifests import build_dataset, current_dataset
+
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    instance = dg.DagsterInstance.ephemeral()
+    upstream = _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance)
+    upstream_version = upstream.asset_materializations_for_node("training_manifests")[0].metadata[
+        "dataset_version"].value
+    # someone else (the CLI, another run) builds a different, newer dataset afterwards
+    fdb.labels.delete_one({"_id": fdb.labels.find_one(sort=[("frame_ts", -1)])["_id"]})
+    other = build_dataset(fdb, tmp_path / "elsewhere")
+    assert current_dataset(fdb)["version"] == other.version != upstream_version
+    res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=0.0),
+           "endpoint": EndpointResource(url=model_server.url)}
+    result = dg.materialize([stock_model], resources=res, instance=instance)
+    md = result.asset_materializations_for_node("stock_model")[0].metadata
+    assert md["dataset_version"].value == upstream_version
+    assert fdb.models.find_one({"_id": md["model_version"].value})["dataset_version"] == upstream_version
+    # nothing deployed: the regression check says so, with no -1.0 / "none" sentinel
+    regression = [e for e in result.get_asset_check_evaluations()
+                  if e.check_name == "no_regression_against_deployed_model"][0]
+    assert regression.metadata["compared_with_deployed"].value is False
+    assert "deployed_per_label_accuracy" not in regression.metadata
+
+
+def test_model_endpoint_with_no_model_that_passed_fails_once_without_retries(fdb, mongo_uri, database_name):
+    result = dg.materialize([model_endpoint], raise_on_error=False, resources={
+        "mongo": MongoResource(uri=mongo_uri, database=database_name),
+        "endpoint": EndpointResource(url="http://127.0.0.1:9")})
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "No model has passed its checks" in str(failure.event_specific_data.error)
+    # the asset has a retry policy for an unreachable server; this deterministic failure skips it
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]

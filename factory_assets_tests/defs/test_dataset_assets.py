@@ -1,6 +1,5 @@
 """labeled_images, training_manifests and their check through Dagster, with a real
 MongoDB (the embedded server of the fixtures) and real files."""
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -62,22 +61,8 @@ def test_a_daily_partitioned_job_with_the_unpartitioned_manifests_bootstraps_a_d
         == {"training_manifests_match_their_version": True}
 
 
-def test_run_config_days_take_precedence_over_the_runs_partition_tags(fdb, resources):
-    for d in range(2):
-        simulate_day(fdb, seconds=150, start=T0 + timedelta(days=d), seed=d, change_every=10)
-    dg.materialize([labeled_images], resources=resources,
-                   tags={"dagster/asset_partition_range_start": _day(T0),
-                         "dagster/asset_partition_range_end": _day(T0 + timedelta(days=1))})
-    day0 = fdb.labels.count_documents({"frame_ts": {"$lt": T0 + timedelta(days=1)}})
-    result = dg.materialize([training_manifests], resources=resources,
-                            tags={"dagster/partition": _day(T0 + timedelta(days=1))},
-                            run_config={"ops": {"training_manifests": {"config": {"from_day": _day(T0),
-                                                                                  "to_day": _day(T0)}}}})
-    md = _manifest_md(result)
-    assert md["train_images"].value + md["valid_images"].value == day0 < fdb.labels.count_documents({})
-    # without config and without tags: every labelled day
-    everything = _manifest_md(dg.materialize([training_manifests], resources=resources))
-    assert everything["train_images"].value + everything["valid_images"].value == fdb.labels.count_documents({})
+def _range_tags(first: str, last: str) -> dict:
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
 
 
 def test_the_manifests_of_a_single_partition_run_hold_only_that_day(fdb, resources):
@@ -85,61 +70,57 @@ def test_the_manifests_of_a_single_partition_run_hold_only_that_day(fdb, resourc
         simulate_day(fdb, seconds=150, start=T0 + timedelta(days=d), seed=d, change_every=10)
     for d in range(2):
         dg.materialize([labeled_images], partition_key=_day(T0 + timedelta(days=d)), resources=resources)
-    result = dg.materialize([training_manifests], resources=resources,
-                            tags={"dagster/partition": _day(T0 + timedelta(days=1))})
+    result = dg.materialize([training_manifests], resources=resources, partition_key=_day(T0 + timedelta(days=1)))
     md = _manifest_md(result)
     day1 = fdb.labels.count_documents({"frame_ts": {"$gte": T0 + timedelta(days=1)}})
     assert md["train_images"].value + md["valid_images"].value == day1
+    assert md["days"].value == 1 and md["first_day"].value == md["last_day"].value == _day(T0 + timedelta(days=1))
 
 
-def test_after_an_asset_backfill_the_separate_manifests_run_uses_exactly_the_backfilled_days(fdb, resources):
-    """In an asset backfill of labeled_images + training_manifests, Dagster runs the
-    unpartitioned manifests on their own, tagged only with the backfill id."""
-    from factory_assets.storage.frames import utcnow
-
-    from dagster._core.execution.backfill import PartitionBackfill
+def test_a_range_run_builds_one_dataset_from_exactly_the_days_of_its_range(fdb, resources):
+    """A backfill of labeled_images + training_manifests over a range (single_run policy)
+    is one run; the manifests read its days from context.partition_keys."""
+    from factory_assets.clock import utcnow
 
     for d in range(4):
         simulate_day(fdb, seconds=120, start=T0 + timedelta(days=d), seed=d, change_every=10)
-    chosen = [_day(T0 + timedelta(days=1)), _day(T0 + timedelta(days=3))]  # not contiguous
     instance = dg.DagsterInstance.ephemeral()
-    for d in range(4):  # every day is labelled, only two are backfilled
+    for d in range(4):  # every day is labelled, only days 1 and 2 are in the range
         dg.materialize([labeled_images], partition_key=_day(T0 + timedelta(days=d)), resources=resources,
                        instance=instance)
-    graph = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
-    backfill = PartitionBackfill.from_asset_partitions(
-        backfill_id="bf1234", asset_graph=graph, partition_names=chosen,
-        asset_selection=[labeled_images.key, training_manifests.key], backfill_timestamp=time.time(),
-        tags={}, dynamic_partitions_store=instance, all_partitions=False, title=None, description=None,
-        run_config=None)
-    instance.add_backfill(backfill)
+    chosen = [_day(T0 + timedelta(days=1)), _day(T0 + timedelta(days=2))]
     before = utcnow()
     before = before.replace(microsecond=before.microsecond // 1000 * 1000)  # BSON keeps milliseconds
-    result = dg.materialize([training_manifests], resources=resources, instance=instance,
-                            tags={"dagster/backfill": "bf1234"})
+    result = dg.materialize([labeled_images, training_manifests], resources=resources, instance=instance,
+                            tags=_range_tags(*chosen))
+    assert result.success
     md = _manifest_md(result)
     expected = sum(fdb.labels.count_documents({"frame_ts": {"$gte": T0 + timedelta(days=d),
-                                                            "$lt": T0 + timedelta(days=d + 1)}}) for d in (1, 3))
+                                                            "$lt": T0 + timedelta(days=d + 1)}}) for d in (1, 2))
     assert md["train_images"].value + md["valid_images"].value == expected < fdb.labels.count_documents({})
-    assert md["days"].value == ", ".join(chosen)
+    assert (md["first_day"].value, md["last_day"].value, md["days"].value) == (chosen[0], chosen[1], 2)
     assert current_dataset(fdb)["days"] == chosen
     assert before <= current_dataset(fdb)["built_at"] <= utcnow()  # built by this run
+    # one materialization per day of the range, all naming the same dataset
+    keys = instance.get_materialized_partitions(training_manifests.key)
+    assert keys == set(chosen)
 
 
 def test_the_manifest_check_fails_when_a_written_image_was_altered(fdb, resources):
     simulate_day(fdb, seconds=150, change_every=10)
     dg.materialize([labeled_images], partition_key=_day(T0), resources=resources)
     instance = dg.DagsterInstance.ephemeral()
-    first = dg.materialize([training_manifests, training_manifests_match_their_version], resources=resources,
-                           instance=instance)
+    defs = dg.Definitions(assets=[training_manifests], asset_checks=[training_manifests_match_their_version],
+                          jobs=[dg.define_asset_job("manifests", selection=[training_manifests.key]),
+                                dg.define_asset_job("check_only", selection=dg.AssetSelection.checks(CHECK_KEY))],
+                          resources=resources)
+    first = defs.resolve_job_def("manifests").execute_in_process(instance=instance, partition_key=_day(T0))
     assert [e.passed for e in first.get_asset_check_evaluations()] == [True]
     root = Path(_manifest_md(first)["path"].value)
     victim = read_lst(root / "train-annots" / "train.lst")[0].path
     (root / "train-imgs" / victim).unlink()
     (root / "train-imgs" / victim).write_bytes(b"not the same picture")
-    again = dg.materialize([training_manifests, training_manifests_match_their_version], resources=resources,
-                           instance=instance, selection=dg.AssetSelection.checks(CHECK_KEY),
-                           raise_on_error=False)
+    again = defs.resolve_job_def("check_only").execute_in_process(instance=instance, raise_on_error=False)
     evaluation = again.get_asset_check_evaluations()[0]
     assert not evaluation.passed
     assert evaluation.metadata["hash_of_files"].value != evaluation.metadata["version"].value
@@ -147,16 +128,17 @@ def test_the_manifest_check_fails_when_a_written_image_was_altered(fdb, resource
 
 def test_training_manifests_fail_clearly_when_the_selected_days_have_no_labels(fdb, resources):
     result = dg.materialize([training_manifests], resources=resources, raise_on_error=False,
-                            tags={"dagster/partition": _day(T0)})
+                            partition_key=_day(T0))
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "no labelled frames" in str(failure.event_specific_data.error)
     assert fdb.datasets.count_documents({}) == 0
 
 
-def test_a_misspelt_day_in_the_run_config_is_refused(fdb, resources):
+def test_a_dataset_that_cannot_be_built_fails_once_without_retries(fdb, resources):
+    # a deterministic failure: retrying the same input cannot succeed
     result = dg.materialize([training_manifests], resources=resources, raise_on_error=False,
-                            run_config={"ops": {"training_manifests": {"config": {"from_day": "2026-13-01"}}}})
-    assert not result.success
+                            partition_key=_day(T0))
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
-    assert "is not a day" in str(failure.event_specific_data.error)
+    assert failure.event_specific_data.error_source is None or "retry" not in str(failure.event_specific_data)
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
