@@ -35,6 +35,7 @@ CAMERA_TOPIC = "i/cam"
 STOCK_TOPIC = "f/i/stock"
 BME680_TOPIC = "i/bme680"
 LDR_TOPIC = "i/ldr"
+ORDER_TOPIC = "f/o/order"  # the Fischertechnik cloud's order: {"type": "RED", "ts": ...}
 
 
 def iso_ms(dt: datetime) -> str:
@@ -138,6 +139,21 @@ class FactorySimulator:
         """Slot -> workpiece type (``None`` = empty) now."""
         return {s: (w["type"] if w else None) for s, w in self.items.items()}
 
+    def fulfil_order(self, kind: str, t: float | datetime) -> StockChange | None:
+        """An order for one more ``kind`` (``"RED"``...): stored in the first empty slot at ``t``.
+        None when the rack is full. Its id comes from its own stream, so the random stock
+        evolution is the same with or without orders."""
+        t = self._seconds(t)
+        self.advance(t)
+        empty = [s for s in SLOTS if self.items[s] is None]
+        if not empty:
+            return None
+        uid = "04" + np.random.default_rng([self.seed, 6, len(self.changes)]).bytes(6).hex()
+        change = StockChange(max(self.now, t), empty[0], None, {"id": uid, "type": kind, "state": "RAW"})
+        self.items[empty[0]] = change.after
+        self.changes.append(change)
+        return change
+
     # -- environment ---------------------------------------------------------------
     def lighting(self, t: float | datetime) -> float:
         """Room lighting level at ``t`` (slow daylight-like swing between ~0.6 and ~1.1)."""
@@ -209,6 +225,7 @@ class SimulationResult:
     stock_changes: int = 0
     dropped_frames: int = 0  # frames skipped because we fell behind the schedule
     connects: int = 0
+    orders: int = 0  # f/o/order messages obeyed
     elapsed_s: float = 0.0
     changes: list[StockChange] = field(default_factory=list)
 
@@ -219,7 +236,8 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                    sensor_interval_s: float = 5.0, stop_event: threading.Event | None = None,
                    connect_timeout_s: float = 10.0, start: datetime | None = None,
                    include_ids: bool = False, client_id: str | None = None, log=None,
-                   progress_every_s: float = 0.0) -> SimulationResult:
+                   progress_every_s: float = 0.0, obey_orders: bool = True,
+                   order_topic: str = ORDER_TOPIC) -> SimulationResult:
     """Publish the simulated factory to ``mqtt_url`` until ``duration_s``, ``max_frames`` or ``stop_event``.
 
     ``on_publish(topic, payload_dict, stock)`` is called after each publish with the
@@ -227,8 +245,11 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
     ``include_ids`` adds ``camera_id``/``factory_id`` to the camera messages (the real
     TXT controller does not send them). Survives broker restarts: paho reconnects
     (QoS 1 messages published meanwhile are queued and sent after the reconnection),
-    and the stock is republished after every reconnection.
+    and the stock is republished after every reconnection. With ``obey_orders`` it
+    subscribes to ``order_topic`` and stores one workpiece of each ordered ``type`` in the
+    first empty slot, then reports the stock at once (the platform's desired-state loop).
     """
+    import queue
     import paho.mqtt.client as mqtt
 
     from factory_assets.ingest.mqtt import parse_mqtt_url
@@ -248,6 +269,8 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                 log(f"MQTT connect to {host}:{port} refused: {reason_code}")
             return
         result.connects += 1
+        if obey_orders:
+            client.subscribe(order_topic, qos=1)
         if result.connects > 1:
             republish.set()
         connected.set()
@@ -277,6 +300,36 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                 acked_early.add(mid)
 
     client.on_publish = on_acked
+    orders: queue.Queue = queue.Queue(maxsize=1000)
+
+    def on_message(client, userdata, msg):
+        try:
+            kind = str(json.loads(msg.payload)["type"]).upper()
+        except (ValueError, KeyError, TypeError):
+            kind = None
+        if kind not in TYPES:
+            if log:
+                log(f"ignored order on {msg.topic}: {bytes(msg.payload)[:100]!r}")
+            return
+        try:
+            orders.put_nowait(kind)
+        except queue.Full:
+            pass
+
+    def wait(delay: float) -> bool:
+        """Sleep ``delay`` s or until an order arrives; True when stopped."""
+        if not obey_orders:
+            return stop_event.wait(delay)
+        end = time.monotonic() + delay
+        while orders.empty():
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            if stop_event.wait(min(remaining, 0.02)):
+                return True
+        return stop_event.is_set()
+
+    client.on_message = on_message
     client.reconnect_delay_set(min_delay=1, max_delay=2)
     client.max_queued_messages_set(1000)  # bounded memory while the broker is away
     client.connect_async(host, port, keepalive=30)
@@ -325,10 +378,25 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
             if max_frames is not None and result.frames >= max_frames:
                 break
             # the next thing that happens in the factory: a stock change, a report, a frame
+            while not orders.empty():  # orders first: the stock changes now, then it is reported
+                kind = orders.get_nowait()
+                t_order = max(sim.now, time.monotonic() - t0)
+                change = sim.fulfil_order(kind, t_order)
+                result.orders += 1
+                if change is not None:
+                    result.stock_changes += 1
+                    result.changes.append(change)
+                elif log:
+                    log(f"order for {kind}: the rack is full")
+                publish_stock(t_order)
+                if log:
+                    log(f"order for {kind} obeyed: {change.slot if change else 'rack full'}")
             t_next = min(next_frame, next_stock, next_sensor, sim.next_change_at)
             delay = t_next - (time.monotonic() - t0)
-            if delay > 0 and stop_event.wait(delay):
+            if delay > 0 and wait(delay):
                 break
+            if not orders.empty():
+                continue
             if republish.is_set():  # after a reconnection: tell the world the current stock
                 republish.clear()
                 # stamped just before the next change at the latest: the stock reported is in force then

@@ -138,7 +138,7 @@ def test_the_reader_follows_the_twin_by_change_stream_or_by_poll(fdb, change_str
     from factory_assets.api.app import ApiSettings, TwinApiServer
 
     report(fdb, 0)
-    with TwinApiServer(fdb, ApiSettings(change_streams=change_streams)) as api:
+    with TwinApiServer(fdb, ApiSettings(change_streams=change_streams, keepalive=0.5)) as api:
         sse = SseReader(f"{api.url}/api/factories/factory-1/twin/events").start()
         assert sse.wait(lambda s: s.events)
         report(fdb, 1)
