@@ -260,7 +260,12 @@ def main() -> None:
     images = [encode_jpeg(render_warehouse(random_stock(rng), rng=rng)) for _ in range(64)]
     work = Path(tempfile.mkdtemp(prefix="bench-history-model-"))
     LocalTrainer().train(write_simulated_dataset(work / "dataset", 120, 24, seed=1), work / "model", seed=0)
-    runs = [measure(int(s), images, work / "model", args) for s in args.sizes.split(",") if s.strip()]
+    try:
+        runs = [measure(int(s), images, work / "model", args) for s in args.sizes.split(",") if s.strip()]
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     first, last = runs[0], runs[-1]
     out = {
         "benchmark": "history_scale",

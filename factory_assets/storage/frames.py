@@ -274,6 +274,23 @@ def read_frames_after(fdb, after: int, limit: int = 100, projection: dict | None
     return FramePage(frames, cursor, horizon)
 
 
+def latest_frame(fdb, projection: dict | None = None, window: int = 64,
+                 sequence: FrameSequence | None = None) -> dict | None:
+    """The newest frame by capture time among the last ``window`` settled seqs: an index range
+    whatever the history (``find_one(sort=ts desc)`` reads every frame on a server that
+    applies ``limit`` after the whole range, as SecantusDB does). Falls back to that query
+    only when the window holds no frame at all."""
+    horizon = (sequence or FrameSequence(fdb)).horizon()
+    if horizon <= 0:
+        return None
+    recent = list(fdb.frames.find({"seq": {"$gt": max(0, horizon - window), "$lte": horizon}},
+                                  {"_id": 1, "seq": 1, "ts": 1}))
+    if recent:
+        newest = max(recent, key=lambda d: (frame_ts(d), d["seq"]))
+        return fdb.frames.find_one({"_id": newest["_id"]}, projection)  # only its image travels
+    return fdb.frames.find_one({"seq": {"$exists": True}}, projection, sort=[("ts", -1)])
+
+
 def day_query(day_start: datetime, day_end: datetime) -> dict:
     """Frames captured in [start, end): ``ts`` as a date or, in original documents, an ISO string."""
     iso_lo = day_start.strftime("%Y-%m-%dT%H:%M:%S")

@@ -37,3 +37,17 @@ def inferred_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
     return {d["frame_id"] for d in fdb.inferences.find({"frame_id": {"$in": list(frame_ids)}},
                                                         {"frame_id": 1, "model_version": 1})
             if d.get("model_version") == model_version}
+
+
+def latest_inference(fdb, model_version: str, window: int = 256) -> dict | None:
+    """The newest inference (by frame time) of ``model_version`` among the frames of the last
+    ``window`` seqs: an index range on ``frame_seq`` whatever the history. Falls back to the
+    unbounded newest-first query only when that model inferred none of them."""
+    from factory_assets.storage.frames import FrameSequence
+
+    horizon = FrameSequence(fdb).horizon()
+    recent = [d for d in fdb.inferences.find({"frame_seq": {"$gt": max(0, horizon - window), "$lte": horizon}})
+              if d.get("model_version") == model_version]
+    if recent:
+        return max(recent, key=lambda d: d["frame_ts"])
+    return fdb.inferences.find_one({"model_version": model_version}, sort=[("frame_ts", -1)])

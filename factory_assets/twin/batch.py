@@ -127,17 +127,18 @@ def sync_twin(fdb, predictor, model_version: str | None, *, reinfer_latest: bool
     """Heal the twin: infer the newest frame when ``model_version`` has not seen it, apply
     the newest inference of that version and the newest stock report (both guarded, never
     regressing). Returns the twin document."""
-    from factory_assets.storage.inferences import inferred_frame_ids
+    from factory_assets.storage.frames import latest_frame
+    from factory_assets.storage.inferences import inferred_frame_ids, latest_inference
     from factory_assets.twin.live import apply_latest_stock, infer_frame
     from factory_assets.twin.state import Observation
     from factory_assets.twin.store import apply_observation, get_twin
 
-    latest = fdb.frames.find_one({"seq": {"$exists": True}}, sort=[("ts", -1)])
+    latest = latest_frame(fdb)  # a bounded seq window, not every frame sorted by ts
     if model_version is not None:
         if reinfer_latest and latest is not None and predictor is not None \
                 and not inferred_frame_ids(fdb, [latest["_id"]], model_version):
             infer_frame(fdb, predictor, latest, source="schedule", thresholds_cache={})
-        newest = fdb.inferences.find_one({"model_version": model_version}, sort=[("frame_ts", -1)])
+        newest = latest_inference(fdb, model_version)
         if newest is not None:
             apply_observation(fdb, Observation.from_inference(newest, "batch"))
     apply_latest_stock(fdb)

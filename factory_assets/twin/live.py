@@ -43,9 +43,15 @@ def save_cursor(fdb, name: str, seq: int) -> None:
     fdb.counters.update_one({"_id": CURSOR_PREFIX + name}, {"$max": {"seq": seq}}, upsert=True)
 
 
-def apply_latest_stock(fdb, factory_id: str | None = None, after=None) -> bool:
-    """Apply the newest stock report to the twin; with ``after`` (a report time) only a
-    newer one is looked at, so the read is an index range over new reports only."""
+_TWIN_REPORT_TIME = object()
+
+
+def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TIME) -> bool:
+    """Apply the newest stock report to the twin. Only reports newer than ``after`` are
+    looked at — by default the report time the twin already shows (an older one would be
+    rejected anyway) — so the read is an index range over new reports, not the history."""
+    if after is _TWIN_REPORT_TIME:
+        after = latest_stock_ts(fdb, factory_id)
     query: dict = {"topic": STOCK_TOPIC}
     if factory_id:
         query["factory_id"] = factory_id

@@ -211,3 +211,24 @@ def test_without_change_streams_the_waiter_backs_off_when_idle_and_snaps_back_on
     assert seen == [0.002, 0.004, 0.004, 0.004]
     waiter.activity()
     assert waiter.interval == 0.001
+
+
+def test_the_twin_schedules_newest_frame_and_inference_come_from_bounded_index_ranges(recorded_fdb):
+    from factory_assets.storage.frames import latest_frame
+    from factory_assets.storage.inferences import build_inference, latest_inference, record_inference
+
+    fdb, recorder = recorded_fdb
+    fill_history(fdb, n=100)
+    for f in fdb.frames.find({"seq": {"$gte": 90}}, {"image": 0}):
+        record_inference(fdb, build_inference(f, probabilities={"blue": 1.0, "red": 0.0, "white": 0.0},
+                                              thresholds={}, model_version="v1", latency_ms=1, source="live"))
+    recorder.recording.set()
+    newest = latest_frame(fdb, window=8)
+    inference = latest_inference(fdb, "v1", window=8)
+    recorder.recording.clear()
+    assert newest["seq"] == 100 and newest["image"]
+    assert inference["frame_seq"] == 100
+    assert_index_served(fdb, recorder.commands)
+    # only the chosen frame's image was asked for
+    assert [c.get("projection") for c in recorder.commands if c.get("find") == fdb.names.frames] == \
+        [{"_id": 1, "seq": 1, "ts": 1}, None]
