@@ -9,6 +9,7 @@ from dagster_aws.s3 import S3Resource
 from factory_assets.defs import camera, datasets, models, twin
 from factory_assets.defs.datasets.resources import DatasetTargetResource
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
+from factory_assets.defs.models.sagemaker import backend_from_env
 from factory_assets.defs.resources import MongoResource
 from factory_assets.defs.twin.sensors import RetrainWindow
 
@@ -28,7 +29,7 @@ defs = dg.Definitions(
     resources={
         "mongo": MongoResource(),
         # make run / factory-assets up set FACTORY_ENDPOINT_URL for dagster (stack.py)
-        "endpoint": EndpointResource(url=dg.EnvVar("FACTORY_ENDPOINT_URL")),
+        "endpoint": EndpointResource(url=dg.EnvVar("FACTORY_ENDPOINT_URL"), **backend_from_env()),
         "retrain_window": RetrainWindow(),
         "model_policy": ModelPolicyResource(),
         "dataset_target": DatasetTargetResource(),

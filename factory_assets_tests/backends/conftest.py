@@ -89,3 +89,14 @@ def play_sagemaker_byoc_training(cfg, job_name: str, work) -> str:
     bucket, key = split_s3_uri(desc["ModelArtifacts"]["S3ModelArtifacts"])
     s3.upload_file(str(archive), bucket, key)
     return desc["ModelArtifacts"]["S3ModelArtifacts"]
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """A real model, trained quickly on a few simulated frames (its quality is not under test here)."""
+    from factory_assets.backends.local import LocalBackendTrainer
+    from factory_assets.ingest.simdata import write_simulated_dataset
+
+    root = tmp_path_factory.mktemp("small_model")
+    dataset = write_simulated_dataset(root / "dataset", n_train=24, n_valid=6, seed=7)
+    return LocalBackendTrainer(n_augment=2).train(dataset, root / "model", seed=0)

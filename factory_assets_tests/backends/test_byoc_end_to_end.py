@@ -110,21 +110,21 @@ def test_hyperparameters_that_are_not_strings_break_the_contract(tmp_path):
     assert "expected an object of string values" in paths.failure.read_text()
 
 
-def test_the_serve_entry_point_answers_the_contract_and_stops_on_sigterm(trained_models, tmp_path):
+def test_the_serve_entry_point_answers_the_contract_and_stops_on_sigterm(small_model, tmp_path):
     import signal
     import urllib.request
 
     root = tmp_path / "opt_ml"
-    trained_models[0].model.save(root / "model")
+    small_model.model.save(root / "model")
     env = {**os.environ, "SM_ML_ROOT": str(root), "SAGEMAKER_BIND_TO_PORT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "factory_assets.container", "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()  # "serving VERSION on URL" once it listens
-        assert line.startswith(f"serving {trained_models[0].version} on http://127.0.0.1:"), line
+        assert line.startswith(f"serving {small_model.version} on http://127.0.0.1:"), line
         url = line.rsplit(" ", 1)[1].strip()
         with urllib.request.urlopen(f"{url}/ping", timeout=10) as r:
-            assert r.status == 200 and r.headers["X-Model-Version"] == trained_models[0].version
+            assert r.status == 200 and r.headers["X-Model-Version"] == small_model.version
         import cv2
         import numpy as np
 

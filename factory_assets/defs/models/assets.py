@@ -81,6 +81,10 @@ def stock_model(context: dg.AssetExecutionContext, mongo: MongoResource,
 
     fdb = mongo.fdb()
     dataset = dataset_of_upstream(context, fdb)
+    if endpoint.backend == "sagemaker":  # same asset, checks and backfills; trained on AWS
+        from factory_assets.defs.models.sagemaker import sagemaker_stock_model
+
+        return sagemaker_stock_model(context, fdb, endpoint, model_policy, dataset, MODEL_CHECKS)
     dataset_dir = Path(dataset["path"])
     started = time.perf_counter()
     result, model_dir = train_model(dataset_dir, model_policy.seed)
@@ -144,6 +148,10 @@ def model_endpoint(context: dg.AssetExecutionContext, mongo: MongoResource,
     from factory_assets.storage.models import get_endpoint, latest_model, mark_in_service, set_endpoint_version
 
     fdb = mongo.fdb()
+    if endpoint.backend == "sagemaker":  # after the same blocking checks; deployed on AWS
+        from factory_assets.defs.models.sagemaker import sagemaker_model_endpoint
+
+        return sagemaker_model_endpoint(context, fdb, endpoint)
     model = latest_model(fdb, passed_checks=True)
     if model is None:
         raise dg.Failure("No model has passed its checks: nothing to deploy.", allow_retries=False)

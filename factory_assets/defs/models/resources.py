@@ -3,6 +3,8 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from factory_assets.defs.models.sagemaker import SageMakerResource
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
@@ -20,6 +22,7 @@ class EndpointResource(dg.ConfigurableResource):
     region: str = Field(default="us-east-1")
     sagemaker_endpoint_url: Optional[str] = None
     timeout_seconds: float = 10.0
+    sagemaker: Optional[SageMakerResource] = Field(default=None, description="AWS settings for backend=sagemaker")
 
     def base_url(self) -> str:
         return self.url or DEFAULT_URL

@@ -65,6 +65,10 @@ def backend_from_env() -> dict:
         out["backend"] = dg.EnvVar(BACKEND_ENV)
     if os.environ.get(ENV["runtime_endpoint_url"]):
         out["sagemaker_endpoint_url"] = dg.EnvVar(ENV["runtime_endpoint_url"])
+    if os.environ.get(ENV["region"]):
+        out["region"] = dg.EnvVar(ENV["region"])
+    if os.environ.get(ENV["endpoint_name"]):
+        out["name"] = dg.EnvVar(ENV["endpoint_name"])
     return out
 
 

@@ -1,0 +1,154 @@
+"""stock_model and model_endpoint with ``backend="sagemaker"``: the same assets and
+blocking checks, trained and deployed through moto, predictions through our server."""
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from factory_assets_tests.backends.conftest import BYOC_IMAGE, ROLE, moto_training_job
+
+
+@pytest.fixture(scope="module")
+def dagster_dataset(tmp_path_factory):
+    from factory_assets.ingest.simdata import write_simulated_dataset
+
+    return write_simulated_dataset(tmp_path_factory.mktemp("dg") / "dataset", n_train=20, n_valid=6, seed=6)
+
+
+def _sagemaker_resource(cfg, **overrides):
+    from factory_assets.defs.models.sagemaker import SageMakerResource
+
+    values = dict(region=cfg.region, role_arn=cfg.role_arn, bucket=cfg.bucket, prefix=cfg.prefix,
+                  endpoint_name=cfg.endpoint_name, byoc_image_uri=cfg.byoc_image_uri, poll_seconds=0.01,
+                  training_timeout_seconds=30, endpoint_timeout_seconds=30,
+                  sagemaker_endpoint_url=cfg.sagemaker_endpoint_url, s3_endpoint_url=cfg.s3_endpoint_url)
+    values.update(overrides)
+    return SageMakerResource(**values)
+
+
+def _instance_with_dataset(fdb, dataset_dir, version: str) -> dg.DagsterInstance:
+    """An instance where training_manifests has produced ``version`` (recorded in MongoDB)."""
+    instance = dg.DagsterInstance.ephemeral()
+    fdb.datasets.update_one({"_id": version}, {"$set": {"version": version, "path": str(dataset_dir)}}, upsert=True)
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key="training_manifests", metadata={"dataset_version": version}))
+    return instance
+
+
+def _resources(mongo_uri, database_name, endpoint, **policy):
+    from factory_assets.defs.models.resources import ModelPolicyResource
+    from factory_assets.defs.resources import MongoResource
+
+    return {"mongo": MongoResource(uri=mongo_uri, database=database_name), "endpoint": endpoint,
+            "model_policy": ModelPolicyResource(**policy)}
+
+
+def _failure(result) -> str:
+    return str([e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0].event_specific_data.error)
+
+
+def test_stock_model_on_the_builtin_algorithm_shows_the_job_and_its_checks_block_the_endpoint(
+        sm_config, fdb, mongo_uri, database_name, dagster_dataset):
+    from factory_assets.defs.models.assets import model_endpoint, stock_model
+    from factory_assets.defs.models.resources import EndpointResource
+
+    endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
+                                sagemaker=_sagemaker_resource(sm_config))
+    instance = _instance_with_dataset(fdb, dagster_dataset, "dg-builtin")
+    result = dg.materialize([stock_model, model_endpoint], instance=instance, raise_on_error=False,
+                            resources=_resources(mongo_uri, database_name, endpoint))
+    md = result.asset_materializations_for_node("stock_model")[0].metadata
+    job = md["training_job"].value
+    assert md["backend"].value == "sagemaker (builtin)" and md["training_job_status"].value == "Completed"
+    assert md["training_job_console"].value.endswith(f"#/jobs/{job}")
+    assert md["instance_type"].value == "ml.g4dn.xlarge" and md["billable_seconds"].value >= 0
+    assert "estimated_cost_usd" in md and "123456789012" not in md["training_job_arn"].value
+    assert md["hyperparameters"].value["num_training_samples"] == "20"
+    # moto reports no validation:accuracy, so the blocking check fails and nothing is deployed
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["per_label_accuracy_above_minimum"] is False
+    assert not result.asset_materializations_for_node("model_endpoint")
+    doc = fdb.models.find_one({"_id": md["model_version"].value})
+    assert doc["sagemaker"]["training_job_name"] == job and doc["passed_checks"] is False
+    assert doc["dataset_version"] == "dg-builtin" and doc["code_version"]
+
+
+def test_a_training_job_that_never_finishes_fails_the_asset_with_a_clear_message(
+        sm_config, fdb, mongo_uri, database_name, dagster_dataset):
+    from factory_assets.backends.sagemaker import SageMakerTrainer
+    from factory_assets.defs.models.assets import stock_model
+    from factory_assets.defs.models.resources import EndpointResource
+
+    # the job already runs on "AWS" and stays InProgress: the asset attaches to it and waits
+    name = SageMakerTrainer(sm_config, algorithm="builtin", dataset_version="dg-slow").start(dagster_dataset)
+    moto_training_job(name).training_job_status = "InProgress"
+    endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
+                                sagemaker=_sagemaker_resource(sm_config, training_timeout_seconds=0.05))
+    instance = _instance_with_dataset(fdb, dagster_dataset, "dg-slow")
+    result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+                            resources=_resources(mongo_uri, database_name, endpoint))
+    assert not result.success
+    assert f"SageMaker training job {name} did not finish within 0.05 s" in _failure(result)
+
+
+def test_missing_role_and_bucket_fail_the_asset_before_any_aws_call(aws_env, fdb, mongo_uri, database_name,
+                                                                    dagster_dataset):
+    from factory_assets.defs.models.assets import stock_model
+    from factory_assets.defs.models.resources import EndpointResource
+    from factory_assets.defs.models.sagemaker import SageMakerResource
+
+    endpoint = EndpointResource(backend="sagemaker", sagemaker=SageMakerResource(
+        sagemaker_endpoint_url="http://127.0.0.1:9", s3_endpoint_url="http://127.0.0.1:9"))
+    instance = _instance_with_dataset(fdb, dagster_dataset, "dg-noconfig")
+    result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+                            resources=_resources(mongo_uri, database_name, endpoint))
+    message = _failure(result)
+    assert "FACTORY_SAGEMAKER_ROLE_ARN" in message and "FACTORY_SAGEMAKER_BUCKET" in message
+    assert fdb.models.count_documents({}) == 0
+
+
+def test_model_endpoint_deploys_a_sagemaker_model_and_the_predictor_reaches_it(
+        sm_config, fdb, mongo_uri, database_name, small_model, tmp_path):
+    from factory_assets.container.paths import MLPaths
+    from factory_assets.container.serve import start
+    from factory_assets.defs.models.assets import model_endpoint
+    from factory_assets.defs.models.resources import EndpointResource
+    from factory_assets.storage.models import annotate_model, get_endpoint, register_model, set_checks
+
+    model = small_model
+    artifact = f"s3://{sm_config.bucket}/fa/models/byoc/job-1/output/model.tar.gz"
+    register_model(fdb, model.model, dataset_version="d1", code_version="c1", trainer="sagemaker-byoc")
+    annotate_model(fdb, model.version, {"sagemaker": {"algorithm": "byoc", "image": BYOC_IMAGE,
+                                                      "s3_artifact": artifact, "training_job_name": "job-1"}})
+    set_checks(fdb, model.version, True, {})
+    # the SageMaker runtime: our BYOC container's server on the model as SageMaker unpacks it
+    paths = MLPaths(tmp_path / "opt_ml")
+    model.model.save(paths.model_dir)
+    runtime = start(paths, "127.0.0.1", 0)
+    try:
+        endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
+                                    sagemaker_endpoint_url=runtime.url, sagemaker=_sagemaker_resource(sm_config))
+        _deploy_and_invoke(sm_config, fdb, mongo_uri, database_name, endpoint, model)
+    finally:
+        runtime.stop()
+
+
+def _deploy_and_invoke(sm_config, fdb, mongo_uri, database_name, endpoint, model):
+    from factory_assets.defs.models.assets import model_endpoint
+    from factory_assets.storage.models import get_endpoint
+
+    result = dg.materialize([model_endpoint], resources=_resources(mongo_uri, database_name, endpoint))
+    md = result.asset_materializations_for_node("model_endpoint")[0].metadata
+    assert md["status"].value == "InService" and md["model_version"].value == model.version
+    assert md["action"].value == "created" and md["instance_type"].value == "ml.m5.large"
+    assert md["console"].value.endswith(f"#/endpoints/{sm_config.endpoint_name}")
+    sm = sm_config.sagemaker_client()
+    assert sm.describe_endpoint(EndpointName=sm_config.endpoint_name)["EndpointConfigName"] == md["endpoint_config"].value
+    assert get_endpoint(fdb, sm_config.endpoint_name)["model_version"] == model.version
+    # the live updater and stock_inferences use this predictor: invoke_endpoint, answered by our server
+    import cv2
+    import numpy as np
+
+    ok, jpeg = cv2.imencode(".jpg", np.full((240, 320, 3), 100, np.uint8))
+    prediction = endpoint.predictor().predict(jpeg.tobytes())
+    assert len(prediction.probabilities) == 3 and prediction.model_version == model.version
