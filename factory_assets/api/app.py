@@ -257,7 +257,10 @@ def create_app(fdb, settings: ApiSettings | None = None):
                     yield b": keep-alive\n\n"
                     continue
                 data = json.dumps(msg, separators=(",", ":"))
-                yield f"id: {msg['version']}\nevent: {msg['type']}\ndata: {data}\n\n".encode()
+                if "version" not in msg:  # a camera frame: no id, so Last-Event-ID stays the twin version
+                    yield f"event: {msg['type']}\ndata: {data}\n\n".encode()
+                else:
+                    yield f"id: {msg['version']}\nevent: {msg['type']}\ndata: {data}\n\n".encode()
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -87,6 +87,12 @@ class TwinEvent:
     changes: list  # JSON-ready twin_history entries with version <= self.version
 
 
+@dataclass
+class FrameEvent:
+    factory_id: str
+    frame: dict  # JSON-ready: id, seq, ts, camera_id, url (never the image)
+
+
 @dataclass(eq=False)
 class Subscription:
     factory_id: str
@@ -123,6 +129,7 @@ class TwinHub:
         self._versions: dict[str, int] = {}
         self._history: dict[str, int] = {}
         self._recent: dict[str, set] = {}
+        self._frame_seq: int | None = None
         self.ready = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -228,6 +235,7 @@ class TwinHub:
             self._poll_once()
             while not self._stop.is_set() and stream.alive:
                 change = stream.try_next()
+                self._check_frames()
                 if change is None:
                     continue
                 self.stats.reads += 1
@@ -242,6 +250,7 @@ class TwinHub:
         self.stats.mode = "poll"
         while not self._stop.is_set():
             self._poll_once()
+            self._check_frames()
             self._stop.wait(self.poll_interval)
 
     def _poll_once(self) -> None:
@@ -251,6 +260,22 @@ class TwinHub:
                 doc = self.fdb.twin.find_one({"_id": head["_id"]})
                 if doc is not None:
                     self._emit(doc)
+
+    def _check_frames(self) -> None:
+        """The newest camera frame (``frame_seq`` index, no image bytes) -> ``frame`` events."""
+        query = {"seq": {"$gt": self._frame_seq}} if self._frame_seq is not None else {"seq": {"$gte": 0}}
+        head = self.fdb.frames.find_one(query, {"seq": 1, "ts": 1, "camera_id": 1, "factory_id": 1},
+                                        sort=[("seq", -1)])
+        if head is None:
+            return
+        first = self._frame_seq is None
+        self._frame_seq = head["seq"]
+        if first:
+            return  # only frames that arrive from now on are news
+        frame = to_json(head)
+        frame["id"] = frame.pop("_id")
+        frame["url"] = f"/api/frames/{frame['id']}.jpg"
+        self._call(self._dispatch, FrameEvent(head.get("factory_id") or "factory-1", frame))
 
     def _emit(self, doc: dict) -> None:
         fid = doc["_id"]
@@ -318,6 +343,9 @@ async def follow(hub: TwinHub, fdb, factory_id: str, last_id: int | None, *, kee
                 continue
             if item is None:
                 return
+            if isinstance(item, FrameEvent):
+                yield {"type": "frame", "frame": item.frame}
+                continue
             if item == "resync":
                 sub.overflowed = False
                 twin = await asyncio.to_thread(_current, fdb, factory_id)

@@ -1,0 +1,205 @@
+// The live twin page: follows /api/factories/{id}/twin/events (SSE), no build step, no CDN.
+"use strict";
+(function () {
+  const COLOURS = ["blue", "red", "white"];
+  const SLOTS = ["A1", "A2", "A3", "B1", "B2", "B3", "C1", "C2", "C3"];
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("token")) { localStorage.setItem("twinToken", params.get("token")); history.replaceState(null, "", location.pathname + location.search); }
+  const state = { factory: new URLSearchParams(location.search).get("factory") || "factory-1", twin: null,
+                  es: null, frameId: null, evidence: null, lastSlots: {} };
+  const token = () => $("token").value.trim() || localStorage.getItem("twinToken") || "";
+  $("token").value = localStorage.getItem("twinToken") || "";
+  $("token").addEventListener("change", () => localStorage.setItem("twinToken", $("token").value.trim()));
+
+  function authQuery() { const t = token(); return t ? "?token=" + encodeURIComponent(t) : ""; }
+  function api(path, opts) {
+    opts = opts || {};
+    opts.headers = Object.assign({}, opts.headers || {});
+    if (token()) opts.headers["Authorization"] = "Bearer " + token();
+    return fetch(path, opts);
+  }
+  function el(tag, attrs, text) {
+    const e = document.createElement(tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function time(ts) { return ts ? new Date(ts).toLocaleTimeString() : "–"; }
+  function counts(slots) {
+    const c = { blue: 0, red: 0, white: 0 };
+    for (const s in slots || {}) { const t = (slots[s] || "").toLowerCase(); if (t in c) c[t]++; }
+    return c;
+  }
+
+  function setConn(ok, text) {
+    const c = $("conn");
+    c.className = "pill " + (ok ? "on" : "off");
+    c.dataset.state = ok ? "live" : "reconnecting";
+    c.textContent = text;
+  }
+
+  // -- rendering ---------------------------------------------------------------------------
+  function render(twin) {
+    state.twin = twin;
+    document.body.dataset.version = twin.version;
+    $("version").textContent = "version " + twin.version;
+    const obs = twin.observed || {}, rep = twin.reported || {}, delta = twin.delta || {};
+    $("model").textContent = "model " + (obs.model_version ? obs.model_version.slice(0, 12) : "–");
+    // rack
+    const rack = $("rack"); rack.innerHTML = "";
+    const slots = rep.slots || {};
+    for (const s of SLOTS) {
+      const t = slots[s] || "";
+      const d = el("div", { class: "slot " + t + (state.lastSlots[s] !== undefined && state.lastSlots[s] !== t ? " changed" : ""),
+                            "data-slot": s, "data-type": t || "EMPTY" });
+      d.appendChild(el("span", {}, t ? t.toLowerCase() : "empty"));
+      d.appendChild(el("span", { class: "name" }, s));
+      rack.appendChild(d);
+    }
+    state.lastSlots = Object.assign({}, ...SLOTS.map((s) => ({ [s]: slots[s] || "" })));
+    $("reported-ts").textContent = rep.ts ? "reported " + time(rep.ts) : "no stock report yet";
+    // colours
+    const tbody = document.querySelector("#colours tbody"); tbody.innerHTML = "";
+    const rc = counts(slots), desired = (twin.desired || {}).stock || {};
+    for (const c of COLOURS) {
+      const o = obs[c] || {};
+      const tr = el("tr", { "data-colour": c, class: delta[c] ? "disagree" : "" });
+      const name = el("td"); name.appendChild(el("span", { class: "dot " + c })); name.appendChild(document.createTextNode(c)); tr.appendChild(name);
+      tr.appendChild(el("td", { class: o.present ? "yes" : "no" }, o.present === undefined ? "–" : (o.present ? "present" : "absent")));
+      const p = el("td"); const bar = el("span", { class: "bar" });
+      const fill = el("span", { class: "fill" }); fill.style.width = Math.round(100 * (o.probability || 0)) + "%";
+      const thr = el("span", { class: "thr" }); thr.style.left = Math.round(100 * (o.threshold || 0.5)) + "%";
+      bar.appendChild(fill); bar.appendChild(thr); p.appendChild(bar);
+      p.appendChild(document.createTextNode(o.probability === undefined ? " –" : ` ${o.probability.toFixed(2)} / ${(o.threshold || 0.5).toFixed(2)}`));
+      tr.appendChild(p);
+      const r = (rep.present || {})[c];
+      tr.appendChild(el("td", { class: r ? "yes" : "no" }, r === undefined ? "–" : `${r ? "present" : "absent"} (${rc[c]})`));
+      tr.appendChild(el("td", {}, desired[c] === undefined ? "–" : String(desired[c])));
+      const b = el("button", { "data-order": c, title: "order one more " + c }, "+1 " + c);
+      b.addEventListener("click", () => order(c));
+      const td = el("td"); td.appendChild(b); tr.appendChild(td);
+      tbody.appendChild(tr);
+    }
+    const dis = Object.keys(delta);
+    $("delta-note").innerHTML = "";
+    $("delta-note").appendChild(el("span", { class: dis.length ? "err" : "okmsg" },
+      dis.length ? "camera and controller disagree on " + dis.join(", ") : "camera and controller agree"));
+    // the frame behind the state
+    if (obs.frame_id) {
+      $("twin-frame").textContent = obs.frame_id + " at " + time(obs.frame_ts);
+      if (!state.frameId) showFrame({ id: obs.frame_id, ts: obs.frame_ts, url: "/api/frames/" + obs.frame_id + ".jpg" });
+    }
+  }
+
+  function showFrame(frame) {
+    state.frameId = frame.id;
+    const img = $("frame");
+    img.onload = () => { $("no-frame").style.display = "none"; document.body.dataset.frame = frame.id; };
+    img.src = frame.url + authQuery();
+    $("frame-ts").textContent = time(frame.ts);
+    loadEvidence(frame.id);
+  }
+
+  function loadEvidence(id) {
+    if (!$("show-evidence").checked) { drawEvidence(null); return; }
+    api("/api/frames/" + id + "/evidence").then((r) => r.ok ? r.json() : null).then((ev) => {
+      if (state.frameId === id) { state.evidence = ev; drawEvidence(ev); }
+    }).catch(() => {});
+  }
+
+  function drawEvidence(ev) {
+    const cv = $("evidence"), g = cv.getContext("2d");
+    g.clearRect(0, 0, cv.width, cv.height);
+    if (!ev || !$("show-evidence").checked) return;
+    const rgb = { blue: "61,139,253", red: "229,72,77", white: "255,255,255" };
+    const cw = cv.width / ev.width, ch = cv.height / ev.height;
+    for (const c of COLOURS) {
+      const grid = ev.colours[c];
+      for (let y = 0; y < ev.height; y++) for (let x = 0; x < ev.width; x++) {
+        const v = grid[y][x];
+        if (v < 0.15) continue;
+        g.strokeStyle = `rgba(${rgb[c]},${Math.min(1, 0.3 + v)})`; g.lineWidth = 2;
+        g.strokeRect(x * cw + 1, y * ch + 1, cw - 2, ch - 2);
+      }
+    }
+  }
+  $("show-evidence").addEventListener("change", () => drawEvidence($("show-evidence").checked ? state.evidence : null));
+  if (state.frameId) loadEvidence(state.frameId);
+
+  function describe(h) {
+    if (h.kind === "reported") return "controller: " + (h.changed || []).map((s) => `${s}=${((h.slots || {})[s] || "empty").toLowerCase()}`).join(", ");
+    if (h.kind === "observed") return "camera: " + (h.changed || []).map((c) => `${c} ${(h.present || {})[c] ? "seen" : "gone"}`).join(", ");
+    if (h.kind === "desired") return "desired: " + JSON.stringify(h.desired || {});
+    return h.kind || "change";
+  }
+  function addTimeline(h, fresh) {
+    const ul = $("timeline");
+    if (ul.querySelector(`[data-version="${h.version}"]`)) return;
+    const li = el("li", { "data-version": h.version, class: fresh ? "fresh" : "" });
+    li.appendChild(el("span", { class: "v" }, "v" + h.version));
+    li.appendChild(document.createTextNode(`${time(h.at)}  ${describe(h)}` + (h.delta && Object.keys(h.delta).length ? "  ⚠ " + Object.keys(h.delta).join(",") : "")));
+    ul.insertBefore(li, ul.firstChild);
+    while (ul.children.length > 50) ul.removeChild(ul.lastChild);
+  }
+
+  function loadOrders() {
+    api(`/api/factories/${state.factory}/orders?limit=10`).then((r) => r.ok ? r.json() : { items: [] }).then((d) => {
+      const ul = $("orders"); ul.innerHTML = "";
+      for (const o of d.items) {
+        const li = el("li", { "data-order-id": o.id, "data-status": o.status });
+        li.appendChild(el("span", { class: "v" }, o.status));
+        li.appendChild(document.createTextNode(`${o.type} → ${o.colour} × ${o.target_count}  ${time(o.created_at)}` + (o.done_at ? "  done " + time(o.done_at) : "")));
+        ul.appendChild(li);
+      }
+    }).catch(() => {});
+  }
+
+  function order(colour) {
+    const twin = state.twin; if (!twin) return;
+    const want = counts((twin.reported || {}).slots)[colour] + 1;
+    const msg = $("order-msg");
+    api(`/api/factories/${state.factory}/twin/desired`, {
+      method: "PATCH", headers: { "Content-Type": "application/json", "If-Match": '"' + twin.version + '"' },
+      body: JSON.stringify({ stock: { [colour]: want } }),
+    }).then((r) => r.json().then((b) => [r.status, b])).then(([status, b]) => {
+      msg.className = "small " + (status === 200 ? "okmsg" : "err");
+      msg.textContent = status === 200 ? `ordered one ${colour} (${b.orders.length} order${b.orders.length === 1 ? "" : "s"})`
+        : `${status} ${b.error}: ${b.message}`;
+      loadOrders();
+    }).catch((e) => { msg.className = "small err"; msg.textContent = String(e); });
+  }
+
+  // -- the live stream ----------------------------------------------------------------------
+  function connect() {
+    if (state.es) state.es.close();
+    const es = new EventSource(`/api/factories/${state.factory}/twin/events${authQuery()}`);
+    state.es = es;
+    es.onopen = () => setConn(true, "live");
+    es.onerror = () => setConn(false, "reconnecting…");  // EventSource resumes with Last-Event-ID
+    es.addEventListener("snapshot", (e) => { const m = JSON.parse(e.data); render(m.twin); loadOrders(); });
+    es.addEventListener("change", (e) => addTimeline(JSON.parse(e.data).change, true));
+    es.addEventListener("update", (e) => {
+      const m = JSON.parse(e.data);
+      for (const h of m.changes) addTimeline(h, true);
+      render(m.twin);
+      if (m.changes.length) loadOrders();
+    });
+    es.addEventListener("frame", (e) => showFrame(JSON.parse(e.data).frame));
+  }
+
+  function start() {
+    api("/api/factories").then((r) => r.json()).then((d) => {
+      const sel = $("factory"); sel.innerHTML = "";
+      for (const f of d.factories) sel.appendChild(el("option", { value: f.id }, f.id));
+      sel.value = state.factory;
+    }).catch(() => {});
+    api(`/api/factories/${state.factory}/twin/history?limit=20`).then((r) => r.ok ? r.json() : { items: [] })
+      .then((d) => { for (const h of d.items.slice().reverse()) addTimeline(h, false); });
+    api(`/api/frames/latest?factory=${state.factory}`).then((r) => r.ok ? r.json() : null)
+      .then((f) => { if (f && !state.frameId) showFrame(f); });
+    connect();
+  }
+  $("factory").addEventListener("change", () => { location.search = "?factory=" + encodeURIComponent($("factory").value); });
+  start();
+})();
