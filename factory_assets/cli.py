@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "factory_assets.vision.cli",
     "factory_assets.serving.cli",
     "factory_assets.twin.cli",
+    "factory_assets.api.cli",
     "factory_assets.retrain_cli",
     "factory_assets.backends.cli",
     "factory_assets.stack",

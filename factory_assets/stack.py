@@ -92,6 +92,9 @@ def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Se
     if importlib.util.find_spec("factory_assets.twin.live"):
         services.append(Service("twin-updater", cli + ["twin", "live", "--endpoint-url",
                                                        f"http://127.0.0.1:{serve_port}"]))
+    if importlib.util.find_spec("factory_assets.api"):
+        api_port = free_port(8000)
+        services.append(Service("twin-api", cli + ["api", "--port", str(api_port), "--mqtt", mqtt_url], api_port))
     return services
 
 
