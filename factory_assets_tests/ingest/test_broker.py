@@ -1,4 +1,4 @@
-"""The amqtt broker the tests and ``make run`` use: a real subprocess on 127.0.0.1."""
+"""The MQTT broker the tests and ``make run`` use (Mosquitto, else amqtt): a real subprocess on 127.0.0.1."""
 from __future__ import annotations
 
 import signal
@@ -113,3 +113,46 @@ def test_the_module_runs_in_the_foreground_until_a_signal_and_exits_cleanly(sig)
             proc.kill()
             proc.wait()
     assert "shutting down" in proc.stderr.read()
+
+
+def test_mosquitto_keeps_qos1_messages_for_an_offline_persistent_session_across_its_restart(mqtt_broker):
+    import paho.mqtt.client as mqtt
+
+    from factory_assets.storage.frames import wait_until
+
+    if mqtt_broker.kind != "mosquitto":
+        pytest.skip("the broker is amqtt (no Mosquitto, or FACTORY_MQTT_BROKER=amqtt): it does not queue for offline sessions")
+    received: list[bytes] = []
+    subscribed = __import__("threading").Event()
+
+    def session() -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="offline-session", clean_session=False)
+        client.on_connect = lambda c, *_: c.subscribe("queued/#", qos=1)
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.on_message = lambda c, u, msg: received.append(bytes(msg.payload))
+        client.connect(mqtt_broker.host, mqtt_broker.port)
+        client.loop_start()
+        return client
+
+    client = session()
+    assert subscribed.wait(10)
+    client.disconnect()  # offline now; the session stays on the broker
+    client.loop_stop()
+    for i in range(10):
+        publish_and_wait(mqtt_broker.url, f"queued/{i}", str(i).encode())
+    mqtt_broker.restart()  # the queued messages are in its persistence file
+    client = session()
+    try:
+        assert wait_until(lambda: len(received) == 10, 10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert sorted(received) == sorted(str(i).encode() for i in range(10))
+
+
+def test_amqtt_remains_available_as_the_pip_only_fallback():
+    with start_broker(broker="amqtt") as broker:
+        assert broker.kind == "amqtt"
+        with MqttRecorder(broker.url) as rec:
+            publish_and_wait(broker.url, "i/ldr", b"{}")
+            assert rec.wait_until(lambda: rec.count("i/ldr") == 1, 5)

@@ -1,4 +1,4 @@
-"""The MQTT ingester against a real amqtt broker started by the test."""
+"""The MQTT ingester against a real broker started by the test (Mosquitto, else amqtt)."""
 import paho.mqtt.client as mqtt
 from factory_assets.ingest.mqtt import MqttIngester
 from factory_assets.ingest.service import Ingestor

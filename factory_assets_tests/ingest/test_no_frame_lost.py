@@ -18,17 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from factory_assets.ingest.broker import mosquitto_binary, start_broker
+from factory_assets.ingest.broker import start_broker
 from factory_assets.storage.frames import wait_until
 from factory_assets_tests.helpers import cam_payload, jpeg_bytes
 
 N_FRAMES = 60
 IMAGES = [jpeg_bytes(size=(64, 48), seed=i) for i in range(N_FRAMES)]  # small frames, distinct bytes
 
-needs_mosquitto = pytest.mark.skipif(
-    mosquitto_binary() is None,
-    reason="needs Mosquitto (apt-get install mosquitto; .ci/run installs it): amqtt 0.12 does not keep "
-           "QoS 1 messages for an offline persistent session")
+NEEDS_MOSQUITTO = ("needs Mosquitto (apt-get install mosquitto; .ci/run installs it): amqtt 0.12 does not keep "
+                   "QoS 1 messages for an offline persistent session nor across its own restart")
 
 
 def frame_ts(i: int) -> str:
@@ -175,7 +173,7 @@ class KillableMongo:
 
 @pytest.fixture
 def broker(tmp_path):
-    b = start_broker(port=0, data_dir=tmp_path / "broker") if mosquitto_binary() else start_broker(port=0)
+    b = start_broker(port=0)  # Mosquitto when installed (FACTORY_MQTT_BROKER), its data kept across restart()
     try:
         yield b
     finally:
@@ -235,8 +233,9 @@ def test_every_frame_is_stored_once_when_mongodb_is_killed_and_restarted_mid_str
     assert ingester.proc.returncode == 0, output
 
 
-@needs_mosquitto
 def test_every_frame_is_stored_once_when_the_ingester_is_killed_and_restarted_mid_stream(fdb, mongo_uri, database_name, broker):
+    if broker.kind != "mosquitto":
+        pytest.skip(NEEDS_MOSQUITTO)
     ingester = IngesterProcess(broker.url, ingester_env(mongo_uri, database_name), f"fault-kill-{uuid.uuid4().hex[:6]}")
     pub = None
     try:
@@ -266,7 +265,7 @@ def test_every_frame_is_stored_once_when_the_ingester_is_killed_and_restarted_mi
 
 def test_every_frame_is_stored_once_when_the_broker_restarts_mid_stream(fdb, mongo_uri, database_name, broker):
     if broker.kind != "mosquitto":
-        pytest.skip("needs Mosquitto: amqtt 0.12 keeps no queued or in-flight messages across its restart")
+        pytest.skip(NEEDS_MOSQUITTO)
     ingester = IngesterProcess(broker.url, ingester_env(mongo_uri, database_name), f"fault-broker-{uuid.uuid4().hex[:6]}")
     pub = None
     try:
