@@ -152,3 +152,22 @@ def _deploy_and_invoke(sm_config, fdb, mongo_uri, database_name, endpoint, model
     ok, jpeg = cv2.imencode(".jpg", np.full((240, 320, 3), 100, np.uint8))
     prediction = endpoint.predictor().predict(jpeg.tobytes())
     assert len(prediction.probabilities) == 3 and prediction.model_version == model.version
+
+
+def test_the_environment_chooses_the_backend_and_its_settings_at_run_time(aws_env, fdb, mongo_uri, database_name,
+                                                                         dagster_dataset, monkeypatch):
+    from factory_assets.defs.models.assets import stock_model
+    from factory_assets.defs.models.resources import EndpointResource
+    from factory_assets.defs.models.sagemaker import backend_from_env
+
+    monkeypatch.setenv("FACTORY_MODEL_BACKEND", "sagemaker")
+    monkeypatch.setenv("FACTORY_SAGEMAKER_ROLE_ARN", ROLE)
+    monkeypatch.setenv("FACTORY_SAGEMAKER_EPOCHS", "3")
+    monkeypatch.delenv("FACTORY_SAGEMAKER_BUCKET", raising=False)
+    endpoint = EndpointResource(**backend_from_env())
+    instance = _instance_with_dataset(fdb, dagster_dataset, "dg-env")
+    result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+                            resources=_resources(mongo_uri, database_name, endpoint))
+    message = _failure(result)
+    # the role came through dg.EnvVar; only the bucket is missing
+    assert "FACTORY_SAGEMAKER_BUCKET" in message and "FACTORY_SAGEMAKER_ROLE_ARN" not in message
