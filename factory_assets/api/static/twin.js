@@ -32,6 +32,13 @@
     return c;
   }
 
+  for (const c of COLOURS) {  // one order button per colour: "one more of it in the rack"
+    const b = el("button", { "data-order": c, title: "order one more " + c + " workpiece" });
+    b.appendChild(el("span", { class: "dot " + c })); b.appendChild(document.createTextNode("order one " + c));
+    b.addEventListener("click", () => order(c));
+    $("order-buttons").appendChild(b);
+  }
+
   function setConn(ok, text) {
     const c = $("conn");
     c.className = "pill " + (ok ? "on" : "off");
@@ -76,9 +83,6 @@
       const r = (rep.present || {})[c];
       tr.appendChild(el("td", { class: r ? "yes" : "no" }, r === undefined ? "–" : `${r ? "present" : "absent"} (${rc[c]})`));
       tr.appendChild(el("td", {}, desired[c] === undefined ? "–" : String(desired[c])));
-      const b = el("button", { "data-order": c, title: "order one more " + c }, "+1 " + c);
-      b.addEventListener("click", () => order(c));
-      const td = el("td"); td.appendChild(b); tr.appendChild(td);
       tbody.appendChild(tr);
     }
     const dis = Object.keys(delta);
@@ -118,7 +122,7 @@
       const grid = ev.colours[c];
       for (let y = 0; y < ev.height; y++) for (let x = 0; x < ev.width; x++) {
         const v = grid[y][x];
-        if (v < 0.15) continue;
+        if (v < 0.35) continue;
         g.strokeStyle = `rgba(${rgb[c]},${Math.min(1, 0.3 + v)})`; g.lineWidth = 2;
         g.strokeRect(x * cw + 1, y * ch + 1, cw - 2, ch - 2);
       }

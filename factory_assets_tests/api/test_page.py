@@ -1,0 +1,96 @@
+"""The live page in a real headless Chromium (Debian's chromium + chromium-driver, nothing downloaded)."""
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from factory_assets_tests.api.conftest import BASE_TS, report
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / ".factory"
+
+
+@pytest.fixture
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("Chromium is absent: `apt-get install chromium chromium-driver` (.ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is absent (pip install '.[test]')")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,1000",
+                "--disable-gpu", "--no-first-run"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _seed_frame_and_observation(fdb):
+    """One simulated camera frame, stored by the real ingest path, and the camera's view of it."""
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.ingest.simulator import FactorySimulator
+    from factory_assets.twin.state import Observation
+    from factory_assets.twin.store import apply_observation
+
+    sim = FactorySimulator(seed=2, start=BASE_TS)
+    jpeg, _ = sim.frame(0.0)
+    ingestor = Ingestor(fdb)
+    assert ingestor.add_image(jpeg, ts=BASE_TS + timedelta(seconds=30), source={"kind": "test"})
+    ingestor.flush()
+    frame = fdb.frames.find_one({}, {"image": 0})
+    # the camera misses the white piece the controller reports: the page must highlight it
+    apply_observation(fdb, Observation("factory-1", frame["_id"], frame["ts"], "model-abc123",
+                                       {"blue": 0.91, "red": 0.84, "white": 0.31},
+                                       {"blue": True, "red": True, "white": False},
+                                       {"blue": 0.5, "red": 0.5, "white": 0.6}, "live", frame.get("seq")))
+    return frame
+
+
+def test_the_page_shows_the_twin_and_follows_a_stock_change_live(api, fdb, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    report(fdb, 5)  # the controller: pieces of every colour
+    frame = _seed_frame_and_observation(fdb)
+    version = fdb.twin.find_one({"_id": "factory-1"})["version"]
+    browser.get(api.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-version") == str(version))
+    wait.until(lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "live")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-frame") == str(frame["_id"]))
+    assert "model-abc123"[:12] in browser.find_element(By.ID, "model").text
+    disagree = [r.get_attribute("data-colour") for r in browser.find_elements(By.CSS_SELECTOR, "#colours tr.disagree")]
+    twin = fdb.twin.find_one({"_id": "factory-1"})
+    assert disagree == sorted(twin["delta"]) == ["white"]
+
+    # the controller reports a new stock: the page shows it without a reload
+    report(fdb, 6)
+    new = fdb.twin.find_one({"_id": "factory-1"})
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-version") == str(new["version"]))
+    shown = {e.get_attribute("data-slot"): e.get_attribute("data-type")
+             for e in browser.find_elements(By.CSS_SELECTOR, "#rack .slot")}
+    assert shown == {s: (t or "EMPTY") for s, t in new["reported"]["slots"].items()}
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#timeline li[data-version="{new["version"]}"]'))
+    SCREENSHOT_DIR.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(SCREENSHOT_DIR / "twin_page.png"))
+
+
+def test_the_order_button_patches_the_desired_stock_with_the_token(api, fdb, browser, write_token):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{api.url}/#token={write_token}")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-version") == "1")
+    browser.find_element(By.CSS_SELECTOR, 'button[data-order="red"]').click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-version") == "2")
+    assert "ordered one red" in browser.find_element(By.ID, "order-msg").text
+    assert fdb.db["twin_orders"].count_documents({"factory_id": "factory-1", "colour": "red", "status": "pending"}) == 1
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#orders li[data-status="pending"]'))
