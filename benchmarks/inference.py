@@ -3,12 +3,18 @@
 Trains a model (on the shared real photos' train split when present, else on
 simulated frames), starts `factory-assets serve --model DIR` as its own process
 on 127.0.0.1, then measures with keep-alive HTTP clients:
-  - latency: p50/p99 of POST /invocations over N sequential requests of a 320x240 JPEG;
-  - throughput: images/s with 4 concurrent clients.
+  - in-process: p50 of the model's own ``predict_proba_bytes`` on the same image in
+    this process (OpenCV on one thread, as the server runs it), interleaved with
+  - latency: p50/p99 of POST /invocations over N sequential requests of that image,
+    and the ratio of the two p50s (target <= 1.1: HTTP costs at most 10 %);
+  - throughput: images/s with 4 concurrent clients;
+  - with ``--stalled N``: N uploads that send their headers and then nothing; the
+    server's thread count while they are held, the p50 of a normal client meanwhile,
+    and how many of them were answered 408 and closed within the body deadline.
 Prints one JSON object. Targets on the 2-core dev machine: p50 <= 10 ms,
-p99 <= 30 ms, >= 150 images/s.
+p99 <= 30 ms, >= 150 images/s, HTTP/in-process p50 <= 1.1.
 
-    .venv/bin/python benchmarks/inference.py [--requests 1000] [--clients 4]
+    .venv/bin/python benchmarks/inference.py [--requests 1000] [--clients 4] [--stalled 800]
 """
 from __future__ import annotations
 
@@ -40,11 +46,68 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def post(conn: http.client.HTTPConnection, body: bytes) -> int:
+def post(conn: http.client.HTTPConnection, body: bytes, server_ms: list | None = None) -> int:
     conn.request("POST", "/invocations", body=body, headers={"Content-Type": "image/jpeg"})
     resp = conn.getresponse()
     resp.read()
+    if server_ms is not None and resp.status == 200:
+        server_ms.append(float(resp.getheader("X-Inference-Ms")))
     return resp.status
+
+
+def server_threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def measure_stalled(port: int, pid: int, image: bytes, n: int, body_timeout: float) -> dict:
+    """N uploads send headers and 10 of 44 KB, then nothing; a normal client keeps posting meanwhile."""
+    import selectors
+
+    threads_before = server_threads(pid)
+    head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(image)}\r\n\r\n").encode()
+    socks = []
+    t_open = time.perf_counter()
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(head + image[:10])
+        socks.append(s)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    latencies, statuses = [], []
+    for _ in range(100):
+        t0 = time.perf_counter()
+        statuses.append(post(conn, image))
+        latencies.append((time.perf_counter() - t0) * 1000)
+    threads_held = server_threads(pid)
+    # every stalled upload: answered 408 and closed by the server within the deadline (+ slack)
+    sel = selectors.DefaultSelector()
+    replies = {}
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        replies[s] = b""
+    closed, answered_408 = 0, 0
+    deadline = t_open + body_timeout + 10
+    while closed < n and time.perf_counter() < deadline:
+        for key, _ in sel.select(timeout=0.5):
+            try:
+                chunk = key.fileobj.recv(4096)
+            except OSError:
+                chunk = b""
+            if chunk:
+                replies[key.fileobj] += chunk
+                continue
+            sel.unregister(key.fileobj)
+            closed += 1
+            answered_408 += replies[key.fileobj].startswith(b"HTTP/1.1 408")
+    last_closed_s = time.perf_counter() - t_open
+    for s in socks:
+        s.close()
+    return {"stalled": n, "server_threads_before": threads_before, "server_threads_while_held": threads_held,
+            "others_ok": sum(st == 200 for st in statuses), "others_total": len(statuses),
+            "others_p50_ms": round(percentile(latencies, 50), 2), "answered_408_and_closed": answered_408,
+            "closed": closed, "all_closed_after_s": round(last_closed_s, 1), "body_timeout_s": body_timeout}
 
 
 def main() -> None:
@@ -52,6 +115,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--throughput-requests", type=int, default=2000)
+    parser.add_argument("--predict-threads", type=int, default=2, help="the server's --predict-threads")
+    parser.add_argument("--stalled", type=int, default=0, help="stalled uploads to hold open (0: skip)")
+    parser.add_argument("--body-timeout", type=float, default=5.0, help="the server's body deadline")
     args = parser.parse_args()
 
     from factory_assets.vision.train import LocalTrainer
@@ -69,7 +135,8 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "factory_assets.cli", "serve", "--model", str(work / "model"),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               "--port", str(port), "--body-timeout", str(args.body_timeout),
+                               "--predict-threads", str(args.predict_threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=dict(os.environ))
     try:
         deadline = time.monotonic() + 60
@@ -85,13 +152,23 @@ def main() -> None:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
             time.sleep(0.1)
 
+        import cv2
+
+        from factory_assets.vision.model import StockModel
+
+        cv2.setNumThreads(1)  # as the server runs it
+        model = StockModel.load(work / "model")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         for _ in range(50):  # warm-up
             post(conn, image)
-        latencies, errors = [], 0
-        for _ in range(args.requests):
+            model.predict_proba_bytes(image)
+        latencies, in_process, in_server, errors = [], [], [], 0
+        for _ in range(args.requests):  # interleaved, so both see the same machine load
             t0 = time.perf_counter()
-            errors += post(conn, image) != 200
+            model.predict_proba_bytes(image)
+            in_process.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            errors += post(conn, image, in_server) != 200
             latencies.append((time.perf_counter() - t0) * 1000)
 
         per_client = args.throughput_requests // args.clients
@@ -113,6 +190,7 @@ def main() -> None:
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - t0
+        stalled = measure_stalled(port, server.pid, image, args.stalled, args.body_timeout) if args.stalled else None
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -126,10 +204,15 @@ def main() -> None:
         "p50_ms": round(percentile(latencies, 50), 2),
         "p99_ms": round(percentile(latencies, 99), 2),
         "max_ms": round(max(latencies), 2),
+        "in_process_p50_ms": round(percentile(in_process, 50), 2),
+        "in_server_p50_ms": round(percentile(in_server, 50), 2),  # the model call inside the server (X-Inference-Ms)
+        "http_over_in_process_p50": round(percentile(latencies, 50) / percentile(in_process, 50), 3),
         "errors": errors + sum(failures),
+        "predict_threads": args.predict_threads,
         "concurrent_clients": args.clients,
         "throughput_images_per_s": round(sum(counts) / elapsed, 1),
-        "targets": {"p50_ms": 10, "p99_ms": 30, "images_per_s": 150},
+        "stalled_uploads": stalled,
+        "targets": {"p50_ms": 10, "p99_ms": 30, "images_per_s": 150, "http_over_in_process_p50": 1.1},
         "cpu_count": os.cpu_count(),
     }))
 

@@ -14,7 +14,7 @@ def _serve(args) -> int:
     if not args.model and not args.endpoint:
         args.endpoint = DEFAULT_ENDPOINT
     limits = InferenceLimits(max_concurrent_requests=args.max_concurrent, body_timeout=args.body_timeout,
-                             graceful_shutdown=args.graceful_shutdown)
+                             graceful_shutdown=args.graceful_shutdown, predict_threads=args.predict_threads)
     server = build_server(args.host, args.port, model_dir=args.model, endpoint_name=args.endpoint,
                           poll_seconds=args.poll, access_log=args.access_log, log=_print, limits=limits)
     source = f"model {args.model}" if args.model else f"endpoint {args.endpoint!r} from the registry"
@@ -88,6 +88,8 @@ def register(sub) -> None:
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--max-concurrent", type=int, default=32, help="requests in progress at once; 503 beyond")
     p.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request body to arrive; 408 after")
+    p.add_argument("--predict-threads", type=int, default=2,
+                   help="threads running the model (0: on the event loop; lowest latency for one client)")
     p.add_argument("--graceful-shutdown", type=float, default=30.0,
                    help="seconds requests in flight get after SIGTERM (SageMaker allows 30)")
     p.set_defaults(func=_serve)

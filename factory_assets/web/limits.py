@@ -13,6 +13,7 @@ import logging
 from typing import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 ErrorFactory = Callable[[int, str, str], tuple[bytes, list[tuple[bytes, bytes]]]]
 
@@ -49,7 +50,11 @@ class RequestLimits:
                               f"request body of {declared} bytes is over the {self.max_body_bytes}-byte limit")
             return
         try:
-            body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+            if _timeout is not None:  # no extra task per request (wait_for would create one)
+                async with _timeout(self.body_timeout):
+                    body = await self._read_body(receive)
+            else:  # pragma: no cover - Python 3.10
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
         except _BodyTooLarge:
             await self._reply(send, 413, "PayloadTooLarge",
                               f"request body is over the {self.max_body_bytes}-byte limit")
