@@ -38,3 +38,19 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown model backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return name
+
+
+def predictor_from_env(endpoint_url: str, environ=None):
+    """The ``Predictor`` of the chosen backend (``FACTORY_MODEL_BACKEND``): SageMaker's
+    ``invoke_endpoint`` for ``sagemaker`` (settings from ``FACTORY_SAGEMAKER_*``), else
+    our server at ``endpoint_url``."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if check_backend(environ.get("FACTORY_MODEL_BACKEND", "local")) == "sagemaker":
+        from factory_assets.backends.sagemaker.config import SageMakerConfig
+
+        return SageMakerConfig.from_env(environ).predictor()
+    from factory_assets.serving.predictor import HttpEndpointPredictor
+
+    return HttpEndpointPredictor(endpoint_url)

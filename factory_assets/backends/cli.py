@@ -89,20 +89,26 @@ def _deploy(args) -> int:
     return 0
 
 
-def _rollback(args) -> int:
-    from factory_assets.backends.sagemaker import rollback
+def rollback_sagemaker(endpoint_name: str | None = None) -> dict:
+    """Return the SageMaker endpoint to the previous version's config and record it
+    (also the path ``factory-assets endpoint rollback`` can delegate to)."""
+    from factory_assets.backends.sagemaker import SageMakerConfig, rollback
     from factory_assets.backends.sagemaker.registry import record_rollback
     from factory_assets.storage.models import get_endpoint
     from factory_assets.storage.mongo import connect
 
     fdb = connect()
-    cfg = _config(args).validate(training=False)
+    cfg = SageMakerConfig.from_env(endpoint_name=endpoint_name).validate(training=False)
     doc = get_endpoint(fdb, cfg.endpoint_name) or {}
     if not doc.get("previous_versions"):
         raise ValueError(f"endpoint {cfg.endpoint_name} has no previous version to roll back to")
     state = rollback(cfg.sagemaker_client(), cfg, doc["previous_versions"][-1], log=lambda m: print(m, flush=True))
     record_rollback(fdb, cfg.endpoint_name, state)
-    print(json.dumps(state, default=str))
+    return state
+
+
+def _rollback(args) -> int:
+    print(json.dumps(rollback_sagemaker(args.name), default=str))
     return 0
 
 

@@ -5,13 +5,14 @@ import json
 
 
 def _live(args) -> int:
-    from factory_assets.serving.predictor import HttpEndpointPredictor
+    from factory_assets.backends import predictor_from_env
     from factory_assets.storage.mongo import connect
     from factory_assets.twin.live import LiveTwinUpdater
 
     fdb = connect()
-    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(args.endpoint_url), max_backlog=args.max_backlog)
-    print(f"live twin updater following frames from seq {updater.cursor} via {args.endpoint_url}", flush=True)
+    predictor = predictor_from_env(args.endpoint_url)  # FACTORY_MODEL_BACKEND=sagemaker: invoke_endpoint
+    updater = LiveTwinUpdater(fdb, predictor, max_backlog=args.max_backlog)
+    print(f"live twin updater following frames from seq {updater.cursor} via {predictor!r}", flush=True)
     try:
         stats = updater.run(duration=args.duration)
     except KeyboardInterrupt:

@@ -61,3 +61,23 @@ def test_train_without_a_role_is_a_one_line_error(aws_env, cli_dataset, monkeypa
     monkeypatch.delenv("FACTORY_SAGEMAKER_BUCKET", raising=False)
     assert main(["sagemaker", "train", "--dataset", str(cli_dataset)]) == 1
     assert "SageMaker is not configured" in capsys.readouterr().err
+
+
+def test_the_live_path_predictor_follows_the_backend_setting():
+    from factory_assets.backends import predictor_from_env
+    from factory_assets.serving.predictor import HttpEndpointPredictor, SageMakerRuntimePredictor
+
+    assert isinstance(predictor_from_env("http://127.0.0.1:8080", {}), HttpEndpointPredictor)
+    sm = predictor_from_env("http://127.0.0.1:8080", {"FACTORY_MODEL_BACKEND": "sagemaker",
+                                                      "FACTORY_SAGEMAKER_ENDPOINT_NAME": "stock-x",
+                                                      "FACTORY_SAGEMAKER_REGION": "eu-west-1"})
+    assert isinstance(sm, SageMakerRuntimePredictor) and (sm.endpoint_name, sm.region) == ("stock-x", "eu-west-1")
+    with pytest.raises(ValueError, match="unknown model backend 'aws'"):
+        predictor_from_env("http://127.0.0.1:8080", {"FACTORY_MODEL_BACKEND": "aws"})
+
+
+def test_rollback_without_a_previous_version_says_so(sm_env, fdb, capsys):
+    from factory_assets.cli import main
+
+    assert main(["sagemaker", "rollback"]) == 1
+    assert "has no previous version to roll back to" in capsys.readouterr().err
