@@ -263,10 +263,12 @@ class TwinHub:
 
     def _check_frames(self) -> None:
         """The newest camera frame (``frame_seq`` index, no image bytes) -> ``frame`` events."""
-        query = {"seq": {"$gt": self._frame_seq}} if self._frame_seq is not None else {"seq": {"$gte": 0}}
+        query = {"seq": {"$gt": self._frame_seq}} if self._frame_seq is not None else {"seq": {"$gte": -1}}
         head = self.fdb.frames.find_one(query, {"seq": 1, "ts": 1, "camera_id": 1, "factory_id": 1},
                                         sort=[("seq", -1)])
         if head is None:
+            if self._frame_seq is None:
+                self._frame_seq = -1  # no frame yet: the first one to arrive is news
             return
         first = self._frame_seq is None
         self._frame_seq = head["seq"]
