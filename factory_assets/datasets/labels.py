@@ -112,9 +112,47 @@ def _find_frame(fdb, frame_id: str) -> dict:
     return frame
 
 
-def label_manually(fdb, frame_id: str, present: dict, *, user: str | None = None, note: str | None = None) -> dict:
+SLOT_NAMES = tuple(f"{row}{col}" for row in "ABC" for col in "123")
+SLOT_TYPES = ("BLUE", "RED", "WHITE")
+
+
+def parse_slots(text: str | dict | None) -> dict | None:
+    """``'A1=BLUE,B2=RED'`` (or a dict) -> slot -> type for all nine slots (unnamed slots are
+    empty); None stays None. A per-slot label also decides presence."""
+    if text is None:
+        return None
+    items = text.items() if isinstance(text, dict) else (
+        (part.split("=", 1) + [""])[:2] for part in str(text).replace(";", ",").split(",") if part.strip())
+    slots: dict = {s: None for s in SLOT_NAMES}
+    for slot, kind in items:
+        slot, kind = str(slot).strip().upper(), (str(kind).strip().upper() if kind else "")
+        if slot not in slots:
+            raise LabelError(f"unknown slot {slot!r}; slots are {', '.join(SLOT_NAMES)}")
+        if kind not in SLOT_TYPES + ("", "-", "NONE", "EMPTY"):
+            raise LabelError(f"slot {slot}: unknown workpiece type {kind!r} (BLUE, RED, WHITE or empty)")
+        slots[slot] = kind if kind in SLOT_TYPES else None
+    return slots
+
+
+def presence_of_slots(slots: dict) -> dict:
+    return {c: any(t == c.upper() for t in slots.values()) for c in CLASSES}
+
+
+def label_manually(fdb, frame_id: str, present: dict | None, *, user: str | None = None, note: str | None = None,
+                   slots: str | dict | None = None) -> dict:
+    """A person's label; with ``slots`` (``'A1=BLUE,B2=RED'``, the others empty) it is a
+    per-slot label, and presence follows from it (a ``present`` that contradicts it is refused)."""
     frame = _find_frame(fdb, frame_id)
-    doc = label_doc(frame, present, "manual", provenance={"user": user or "cli", "note": note, "at": _now()})
+    slots = parse_slots(slots)
+    if slots is not None:
+        from_slots = presence_of_slots(slots)
+        if present is not None and {c: bool(present.get(c)) for c in CLASSES} != from_slots:
+            raise LabelError(f"the slots say {from_slots}, the presence given says otherwise")
+        present = from_slots
+    if present is None:
+        raise LabelError("give the colours present or the slots")
+    doc = label_doc(frame, present, "manual", slots=slots,
+                    provenance={"user": user or "cli", "note": note, "at": _now()})
     upsert_labels(fdb, [doc])
     return doc
 

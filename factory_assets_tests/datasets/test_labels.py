@@ -168,3 +168,40 @@ def test_a_manual_correction_of_an_imported_frame_keeps_its_imported_split(fdb):
     best = [d for d in effective_labels(fdb) if d["frame_id"] == frame["_id"]][0]
     assert best["source"] == "manual" and best["present"]["red"] and best["split"] == "valid"
     assert assign_splits(fdb, [best])[frame["_id"]] == "valid"
+
+
+def test_a_built_dataset_carries_the_auto_labels_slots_in_a_sidecar_and_trains_the_slot_model(fdb, tmp_path):
+    from factory_assets.datasets.lst import read_lst, read_slots
+    from factory_assets.datasets.manifests import dataset_digest
+    from factory_assets.vision.train import LocalTrainer
+
+    simulate_day(fdb, seconds=120, change_every=8)
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    built = build_dataset(fdb, tmp_path / "ds")
+    for split in ("train", "valid"):
+        rows = read_lst(built.path / f"{split}-annots" / f"{split}.lst")
+        slots = read_slots(built.path / f"{split}-annots" / f"{split}.slots")
+        assert set(slots) == {r.index for r in rows}
+        for r in rows:  # presence in the .lst and the sidecar's slots tell the same story
+            assert r.present == {c: any(t == c.upper() for t in slots[r.index].values()) for c in r.present}
+    assert built.counts["train"]["with_slots"] == built.counts["train"]["images"]
+    assert dataset_digest(built.path) == built.version
+    result = LocalTrainer(n_augment=1).train(built.path, tmp_path / "m", seed=0)
+    assert result.metrics["model_kind"] == "slots"
+
+
+def test_a_manual_per_slot_label_decides_presence_and_a_presence_only_correction_drops_the_slots(fdb, tmp_path):
+    simulate_day(fdb, seconds=30)
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    first, second = effective_labels(fdb)[:2]
+    doc = label_manually(fdb, str(first["frame_id"]), None, slots="A1=BLUE, C3=white")
+    assert doc["present"] == {"blue": True, "red": False, "white": True}
+    assert doc["slots"]["A1"] == "BLUE" and doc["slots"]["C3"] == "WHITE" and doc["slots"]["B2"] is None
+    with pytest.raises(LabelError, match="unknown slot"):
+        label_manually(fdb, str(first["frame_id"]), None, slots="D4=BLUE")
+    with pytest.raises(LabelError, match="says otherwise"):
+        label_manually(fdb, str(first["frame_id"]), {"red": True}, slots="A1=BLUE")
+    label_manually(fdb, str(second["frame_id"]), {c: not v for c, v in second["present"].items()})
+    best = {d["frame_id"]: d for d in effective_labels(fdb)}
+    # the correction has no slots: the auto label's slots no longer apply to that frame
+    assert "slots" not in best[second["frame_id"]]
