@@ -11,7 +11,7 @@ import pytest
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.resources import MongoResource
 from factory_assets.defs.twin.assets import stock_inferences, twin_state
-from factory_assets.defs.twin.sensors import new_frames_sensor, twin_live_sensor
+from factory_assets.defs.twin.sensors import RetrainWindow, load_frames_cursor, new_frames_sensor, twin_live_sensor
 from factory_assets.storage.frames import build_frame, insert_frames
 from factory_assets.storage.inferences import build_inference, record_inference
 from factory_assets.storage.models import register_model, report_served, set_checks, set_endpoint_version
@@ -41,9 +41,10 @@ def resources(mongo_uri, database_name, model_server):
 
 
 def tick(resources, cursor=None, instance=None):
-    ctx = dg.build_sensor_context(cursor=cursor, resources=resources,
-                                  instance=instance or dg.DagsterInstance.ephemeral())
-    return new_frames_sensor(ctx)
+    # a context manager: EndpointResource nests a resource, which Dagster opens and closes
+    with dg.build_sensor_context(cursor=cursor, resources=resources,
+                                 instance=instance or dg.DagsterInstance.ephemeral()) as ctx:
+        return new_frames_sensor(ctx)
 
 
 def mark_inferred(fdb, frames, version):
@@ -67,7 +68,7 @@ def test_uninferred_frames_get_one_run_per_day_with_a_deterministic_run_key(fdb,
     keys = [(r.partition_key, r.run_key) for r in first.run_requests]
     assert keys == [("2026-11-20", f"infer:{version}:2026-11-20:1"), ("2026-11-21", f"infer:{version}:2026-11-21:4")]
     assert keys == [(r.partition_key, r.run_key) for r in second.run_requests]  # same frames, same keys
-    assert first.cursor == "0"  # nothing inferred yet: the cursor does not pass a single frame
+    assert load_frames_cursor(first.cursor)["seq"] == 0  # nothing inferred yet: the cursor does not pass a single frame
 
 
 def test_frames_the_live_path_inferred_become_asset_events_and_move_the_cursor(fdb, resources, trained_models):
@@ -75,7 +76,7 @@ def test_frames_the_live_path_inferred_become_asset_events_and_move_the_cursor(f
     insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(4)])
     mark_inferred(fdb, list(fdb.frames.find()), version)
     result = tick(resources)
-    assert result.run_requests == [] and result.cursor == "4"
+    assert result.run_requests == [] and load_frames_cursor(result.cursor)["seq"] == 4
     [event] = result.asset_events
     assert event.asset_key == dg.AssetKey("stock_inferences") and event.partition == "2026-11-20"
     assert event.metadata["frames"].value == 4
@@ -87,7 +88,7 @@ def test_fresh_frames_are_left_to_the_live_updater_for_a_few_seconds(fdb, resour
     insert_frames(fdb, [frame(now, received_at=now)])
     result = tick(resources)
     assert result.run_requests == [] and "left to the live updater" in result.skip_reason.skip_message
-    assert result.cursor == "0"
+    assert load_frames_cursor(result.cursor)["seq"] == 0
 
 
 def test_a_burst_from_two_concurrent_ingesters_is_covered_without_skipping_a_frame(fdb, resources, trained_models):
@@ -121,7 +122,7 @@ def test_a_burst_from_two_concurrent_ingesters_is_covered_without_skipping_a_fra
         t.join()
     assert fdb.frames.count_documents({}) == 300
     assert fdb.inferences.count_documents({}) == 300
-    assert int(result.cursor) == 300
+    assert load_frames_cursor(result.cursor)["seq"] == 300
 
 
 def test_stock_inferences_infers_each_frame_of_the_day_once(fdb, resources, trained_models, mongo_uri, database_name):
@@ -167,11 +168,15 @@ def test_stock_inferences_fails_clearly_when_the_endpoint_is_down(fdb, mongo_uri
 def test_twin_state_shows_the_newest_frame_and_a_picture_of_the_rack(fdb, resources, trained_models):
     version = deploy(fdb, trained_models[0].model)
     insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(3)])
-    result = dg.materialize([twin_state], resources=resources)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([twin_state], resources=resources, instance=instance)
     md = result.asset_materializations_for_node("twin_state")[0].metadata
     assert "data:image/png;base64," in md["twin"].value
     assert md["model_version"].value == version
-    assert md["observed_frame_ts"].value.startswith("2026-11-20 09:02")
+    assert md["observed_frame_ts"].value == (OLD + timedelta(minutes=2)).timestamp()
+    again = dg.materialize([twin_state], resources=resources, instance=instance)
+    # the twin did not change: no second picture in the event log
+    assert "twin" not in again.asset_materializations_for_node("twin_state")[0].metadata
 
 
 def test_the_twin_never_regresses_when_an_older_frame_is_inferred_last(fdb, resources, trained_models):
@@ -190,7 +195,7 @@ def test_the_twin_never_regresses_when_an_older_frame_is_inferred_last(fdb, reso
     assert get_twin(fdb)["observed"]["frame_id"] == newer["_id"]
 
 
-def test_the_live_sensor_reports_each_twin_change_once_with_its_provenance(fdb, resources, trained_models):
+def test_the_live_sensor_reports_each_ended_interval_of_twin_changes_once_with_its_provenance(fdb, resources, trained_models):
     from factory_assets.twin.state import Observation
     from factory_assets.twin.store import apply_observation
 
@@ -203,10 +208,15 @@ def test_the_live_sensor_reports_each_twin_change_once_with_its_provenance(fdb, 
                                               model_version=version, latency_ms=1.0, source="live"))
         apply_observation(fdb, Observation.from_inference(fdb.inferences.find_one({"frame_id": f["_id"]}), "live"))
     ctx = dg.build_sensor_context(resources={"mongo": resources["mongo"]})
-    result = twin_live_sensor(ctx)
-    assert [e.metadata["frame_id"].value for e in result.asset_events] == [str(f["_id"]) for f in frames]
-    assert all(e.metadata["model_version"].value == version for e in result.asset_events)
-    assert "data:image/png;base64," in result.asset_events[-1].metadata["twin"].value
+    # the changes were written just now: their interval has not ended, nothing is reported yet
+    assert not twin_live_sensor(ctx).asset_events
+    fdb.twin_history.update_many({}, {"$set": {"at": OLD}})  # the same changes, in an interval that has ended
+    result = twin_live_sensor(dg.build_sensor_context(resources={"mongo": resources["mongo"]}))
+    [event] = result.asset_events  # one aggregated event for the interval, not one per change
+    assert event.metadata["observed_changes"].value >= 1
+    assert event.metadata["frame_id"].value == str(frames[-1]["_id"])
+    assert event.metadata["model_version"].value == version
+    assert "twin" not in event.metadata  # no picture per sensor event
     again = twin_live_sensor(dg.build_sensor_context(cursor=result.cursor, resources={"mongo": resources["mongo"]}))
     assert not again.asset_events
 
@@ -214,8 +224,9 @@ def test_the_live_sensor_reports_each_twin_change_once_with_its_provenance(fdb, 
 def _bootstrap_tick(resources):
     from factory_assets.defs.twin.sensors import bootstrap_model_sensor
 
-    return bootstrap_model_sensor(dg.build_sensor_context(resources=resources,
-                                                          instance=dg.DagsterInstance.ephemeral()))
+    with dg.build_sensor_context(resources={**resources, "retrain_window": RetrainWindow()},
+                                 instance=dg.DagsterInstance.ephemeral()) as ctx:
+        return bootstrap_model_sensor(ctx)
 
 
 def test_bootstrap_waits_for_varied_stock_then_requests_the_first_training_run(fdb, resources):
@@ -227,6 +238,12 @@ def test_bootstrap_waits_for_varied_stock_then_requests_the_first_training_run(f
     simulate_day(fdb, seconds=600, start=T0 + timedelta(minutes=5), seed=3, change_every=6)
     request = _bootstrap_tick(resources)
     assert isinstance(request, dg.RunRequest) and request.run_key.startswith("bootstrap:")
+    # the first model trains on the last 7 days (today included), as one range run
+    from factory_assets.clock import recent_days
+
+    days = recent_days(7)
+    assert (request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]) \
+        == (days[0], days[-1])
 
 
 def test_a_deployed_model_that_disagrees_with_the_controller_triggers_retraining(fdb, resources, trained_models):
@@ -252,3 +269,58 @@ def test_a_deployed_model_that_disagrees_with_the_controller_triggers_retraining
     fdb.inferences.update_many({"present.red": True}, {"$set": {"present.red": False}})
     request = _bootstrap_tick(resources)
     assert isinstance(request, dg.RunRequest) and request.run_key.startswith(f"drift:{version}:")
+
+
+def test_twin_state_is_requested_when_one_day_of_inferences_is_materialized_and_others_are_missing(fdb):
+    # Most days have no frames, so most stock_inferences partitions never exist.
+    from factory_assets.defs.twin.assets import TWIN_STATE_AUTOMATION
+
+    unused = {"mongo": MongoResource(), "endpoint": EndpointResource()}  # evaluation runs nothing
+    defs = dg.Definitions(assets=[stock_inferences, twin_state], resources=unused)
+    instance = dg.DagsterInstance.ephemeral()
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert first.total_requested == 0
+    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition="2026-11-20"))
+    second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert second.get_num_requested(twin_state.key) == 1
+    third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
+    assert third.get_num_requested(twin_state.key) == 0  # once per update, not on every tick
+    # plain eager() would wait for every day to exist: it never fires here
+    @dg.asset(name="twin_state", deps=[stock_inferences], automation_condition=dg.AutomationCondition.eager())
+    def eager_twin():
+        return None
+
+    eager_defs = dg.Definitions(assets=[stock_inferences, eager_twin], resources=unused)
+    other = dg.DagsterInstance.ephemeral()
+    start = dg.evaluate_automation_conditions(defs=eager_defs, instance=other)
+    other.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition="2026-11-20"))
+    after = dg.evaluate_automation_conditions(defs=eager_defs, instance=other, cursor=start.cursor)
+    assert after.get_num_requested(twin_state.key) == 0
+    assert twin_state.get_asset_spec().automation_condition == TWIN_STATE_AUTOMATION
+
+
+def test_a_poison_frame_is_quarantined_after_n_attempts_and_the_cursor_moves_past_it(fdb, resources,
+                                                                                      trained_models):
+    version = deploy(fdb, trained_models[0].model)
+    good = frame(OLD, seed=1)
+    poison = build_frame(b"\xff\xd8 not really a jpeg \xff\xd9", ts=OLD + timedelta(minutes=1),
+                         camera_id="cam-1", factory_id="factory-1", content_type="image/jpeg", width=320,
+                         height=240, source={"kind": "test"}, received_at=OLD)
+    insert_frames(fdb, [good, poison])
+    instance = dg.DagsterInstance.ephemeral()
+    config = {"ops": {"stock_inferences": {"config": {"max_attempts_per_frame": 3}}}}
+    keys = []
+    for attempt in range(3):
+        request = tick(resources, instance=instance).run_requests[0]
+        keys.append(request.run_key)
+        result = dg.materialize([stock_inferences], partition_key=request.partition_key, resources=resources,
+                                run_config=config, instance=instance, tags={"dagster/run_key": request.run_key})
+        assert result.success  # a poison frame does not fail the run
+    assert len(set(keys)) == 3  # each attempt got its own run
+    md = result.asset_materializations_for_node("stock_inferences")[0].metadata
+    assert md["quarantined_now"].value == 1
+    quarantined = fdb.quarantine.find_one({"reason": "inference_failed_repeatedly"})
+    assert quarantined["source"]["frame_id"] == str(poison["_id"]) and "3 attempts" in quarantined["error"]
+    done = tick(resources, instance=instance)
+    assert not done.run_requests and load_frames_cursor(done.cursor)["seq"] == 2
+    assert fdb.inferences.count_documents({"model_version": version}) == 1
