@@ -342,8 +342,9 @@ def create_app(fdb, settings: ApiSettings | None = None):
 
     @app.get("/api/frames/latest", dependencies=[Depends(reader)])
     def latest_frame(factory: Annotated[str, Query(pattern=FACTORY_ID)] = DEFAULT_FACTORY):
-        doc = fdb.frames.find_one({"factory_id": factory, "seq": {"$exists": True}}, FRAME_FIELDS,
-                                  sort=[("seq", -1)])
+        from factory_assets.storage.frames import latest_frame as newest_frame
+
+        doc = newest_frame(fdb, FRAME_FIELDS, factory_id=factory, by="seq")  # a bounded seq window
         if doc is None:
             raise ApiError(404, "NoFrame", f"no frame from factory {factory!r} yet")
         out = to_json(doc)

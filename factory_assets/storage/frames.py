@@ -275,20 +275,26 @@ def read_frames_after(fdb, after: int, limit: int = 100, projection: dict | None
 
 
 def latest_frame(fdb, projection: dict | None = None, window: int = 64,
-                 sequence: FrameSequence | None = None) -> dict | None:
-    """The newest frame by capture time among the last ``window`` settled seqs: an index range
-    whatever the history (``find_one(sort=ts desc)`` reads every frame on a server that
-    applies ``limit`` after the whole range, as SecantusDB does). Falls back to that query
-    only when the window holds no frame at all."""
+                 sequence: FrameSequence | None = None, *, factory_id: str | None = None,
+                 by: str = "ts") -> dict | None:
+    """The newest frame (by capture time ``ts``, or by arrival ``seq``) among the last
+    ``window`` settled seqs, of ``factory_id`` when given: an index range whatever the
+    history (``find_one(sort=...)`` reads every frame on a server that applies ``limit``
+    after the whole range, as SecantusDB does). Only the chosen frame is fetched with
+    ``projection``. Falls back to the unbounded query when the window holds none."""
     horizon = (sequence or FrameSequence(fdb)).horizon()
     if horizon <= 0:
         return None
-    recent = list(fdb.frames.find({"seq": {"$gt": max(0, horizon - window), "$lte": horizon}},
-                                  {"_id": 1, "seq": 1, "ts": 1}))
+    recent = [d for d in fdb.frames.find({"seq": {"$gt": max(0, horizon - window), "$lte": horizon}},
+                                         {"_id": 1, "seq": 1, "ts": 1, "factory_id": 1})
+              if factory_id is None or d.get("factory_id") == factory_id]
     if recent:
-        newest = max(recent, key=lambda d: (frame_ts(d), d["seq"]))
-        return fdb.frames.find_one({"_id": newest["_id"]}, projection)  # only its image travels
-    return fdb.frames.find_one({"seq": {"$exists": True}}, projection, sort=[("ts", -1)])
+        key = (lambda d: d["seq"]) if by == "seq" else (lambda d: (frame_ts(d), d["seq"]))
+        return fdb.frames.find_one({"_id": max(recent, key=key)["_id"]}, projection)
+    query: dict = {"seq": {"$exists": True}}
+    if factory_id is not None:
+        query["factory_id"] = factory_id
+    return fdb.frames.find_one(query, projection, sort=[("seq" if by == "seq" else "ts", -1)])
 
 
 def day_query(day_start: datetime, day_end: datetime) -> dict:

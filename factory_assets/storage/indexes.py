@@ -25,6 +25,7 @@ def ensure_indexes(fdb) -> None:
     fdb.frames.create_index([("seq", ASCENDING), ("_id", ASCENDING)], name="frame_seq_id")
     fdb.frames.create_index([("ts", ASCENDING)], name="frame_ts")
     fdb.frames.create_index([("sha256", ASCENDING)], name="frame_sha")  # the importer's dedup lookup
+    fdb.frames.create_index([("factory_id", ASCENDING), ("seq", DESCENDING)], name="factory_seq")
     fdb.sensors.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     fdb.mqtt.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     fdb.mqtt.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")

@@ -16,6 +16,7 @@ from factory_assets.storage.frames import (
     build_frame,
     insert_frames,
     iter_day_frames,
+    latest_frame,
     read_frames_after,
 )
 from factory_assets.storage.mongo import FactoryDB
@@ -214,7 +215,6 @@ def test_without_change_streams_the_waiter_backs_off_when_idle_and_snaps_back_on
 
 
 def test_the_twin_schedules_newest_frame_and_inference_come_from_bounded_index_ranges(recorded_fdb):
-    from factory_assets.storage.frames import latest_frame
     from factory_assets.storage.inferences import build_inference, latest_inference, record_inference
 
     fdb, recorder = recorded_fdb
@@ -231,4 +231,12 @@ def test_the_twin_schedules_newest_frame_and_inference_come_from_bounded_index_r
     assert_index_served(fdb, recorder.commands)
     # only the chosen frame's image was asked for
     assert [c.get("projection") for c in recorder.commands if c.get("find") == fdb.names.frames] == \
-        [{"_id": 1, "seq": 1, "ts": 1}, None]
+        [{"_id": 1, "seq": 1, "ts": 1, "factory_id": 1}, None]
+
+
+def test_the_newest_frame_of_a_quiet_factory_is_found_beyond_the_recent_window(fdb):
+    insert_frames(fdb, [{**frame(1), "factory_id": "factory-2"}])
+    insert_frames(fdb, [frame(i) for i in range(2, 40)])
+    assert latest_frame(fdb, {"image": 0}, window=8, factory_id="factory-2", by="seq")["seq"] == 1
+    assert latest_frame(fdb, {"image": 0}, window=8, factory_id="factory-1", by="seq")["seq"] == 39
+    assert latest_frame(fdb, window=8, factory_id="factory-3") is None
