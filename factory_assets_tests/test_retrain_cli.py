@@ -39,3 +39,23 @@ def test_retrain_builds_from_exactly_the_days_given_and_deploys_only_a_model_tha
     else:
         assert "failed a blocking check" in out and endpoint is None
     assert list((tmp_path / "dagster_home").iterdir())  # the run is recorded on the instance
+
+
+def test_retrain_refuses_a_misspelt_day_or_a_reversed_range_before_touching_dagster(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert main(["retrain", "--from", "2026-13-01", "--to", "2026-11-02"]) == 1
+    assert main(["retrain", "--from", "2026-11-03", "--to", "2026-11-02"]) == 1
+    err = capsys.readouterr().err
+    assert "'2026-13-01' is not a day (YYYY-MM-DD)" in err and "2026-11-03 is after 2026-11-02" in err
+    assert not (tmp_path / "dagster_home").exists()  # no run was started
+
+
+def test_one_day_parser_and_window_of_recent_days():
+    from datetime import datetime, timezone
+
+    from factory_assets.clock import day_range, parse_day, recent_days
+
+    assert parse_day("2026-11-22") == datetime(2026, 11, 22, tzinfo=timezone.utc)
+    assert day_range("2026-11-29", "2026-12-01") == ["2026-11-29", "2026-11-30", "2026-12-01"]
+    assert recent_days(3, now=datetime(2026, 3, 1, 5, tzinfo=timezone.utc)) == ["2026-02-27", "2026-02-28",
+                                                                                  "2026-03-01"]
