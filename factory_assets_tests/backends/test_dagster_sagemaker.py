@@ -171,3 +171,95 @@ def test_the_environment_chooses_the_backend_and_its_settings_at_run_time(aws_en
     message = _failure(result)
     # the role came through dg.EnvVar; only the bucket is missing
     assert "FACTORY_SAGEMAKER_BUCKET" in message and "FACTORY_SAGEMAKER_ROLE_ARN" not in message
+
+
+def test_retrain_on_sagemaker_byoc_trains_checks_deploys_and_serves_through_the_assets(
+        sm_config, fdb, mongo_uri, database_name, dagster_dataset, tmp_path):
+    from factory_assets.backends.sagemaker import SageMakerTrainer
+    from factory_assets.container.paths import MLPaths
+    from factory_assets.container.serve import start
+    from factory_assets.defs.models.assets import model_endpoint, stock_model
+    from factory_assets.defs.models.resources import EndpointResource
+    from factory_assets_tests.backends.conftest import play_sagemaker_byoc_training
+
+    # SageMaker's part, played before the run: the job the asset will ask for (same dataset,
+    # image and seed, hence the same name) has run our container and left its artifact.
+    sm_config.algorithm = "byoc"
+    name = SageMakerTrainer(sm_config, dataset_version="dg-byoc").start(dagster_dataset, seed=0)
+    play_sagemaker_byoc_training(sm_config, name, tmp_path / "sagemaker")
+
+    sagemaker = _sagemaker_resource(sm_config, algorithm="byoc")
+    endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker", sagemaker=sagemaker)
+    instance = _instance_with_dataset(fdb, dagster_dataset, "dg-byoc")
+    result = dg.materialize([stock_model, model_endpoint], instance=instance,
+                            resources=_resources(mongo_uri, database_name, endpoint, min_per_label_accuracy=0.0))
+    md = result.asset_materializations_for_node("stock_model")[0].metadata
+    assert md["training_job"].value == name and md["backend"].value == "sagemaker (byoc)"
+    assert md["instance_type"].value == "ml.m5.xlarge" and 0.0 <= md["per_label_accuracy"].value <= 1.0
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    version = md["model_version"].value
+    doc = fdb.models.find_one({"_id": version})
+    assert doc["trainer"] == "sagemaker-byoc" and doc["metrics"]["valid"]["n_images"] == 6
+    assert doc["sagemaker"]["s3_artifact"].endswith(f"/{name}/output/model.tar.gz")
+    ep = result.asset_materializations_for_node("model_endpoint")[0].metadata
+    assert ep["model_version"].value == version and ep["status"].value == "InService"
+
+    # the deployed artifact, as SageMaker would unpack it into /opt/ml/model, answers invoke_endpoint
+    from factory_assets.backends.sagemaker.trainer import download_artifact
+
+    paths = MLPaths(tmp_path / "serving")
+    download_artifact(sm_config.s3_client(), doc["sagemaker"]["s3_artifact"], paths.model_dir)
+    runtime = start(paths, "127.0.0.1", 0)
+    try:
+        predictor = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
+                                     sagemaker_endpoint_url=runtime.url).predictor()
+        image = sorted((dagster_dataset / "valid-imgs").rglob("*.jp*g"))[0].read_bytes()
+        prediction = predictor.predict(image)
+        assert prediction.model_version == version and len(prediction.probabilities) == 3
+    finally:
+        runtime.stop()
+
+
+def test_a_failed_training_job_fails_stock_model_with_sagemakers_failure_reason(
+        sm_config, fdb, mongo_uri, database_name, dagster_dataset, tmp_path):
+    import logging
+
+    from factory_assets.backends.sagemaker import SageMakerTrainer
+    from factory_assets.container.paths import MLPaths
+    from factory_assets.container.train import run
+    from factory_assets.defs.models.assets import stock_model
+    from factory_assets.defs.models.resources import EndpointResource
+
+    # The job is running when the asset attaches to it; it then fails the way our container
+    # fails (its /opt/ml/output/failure becomes the job's FailureReason), as SageMaker would report.
+    sm_config.algorithm = "byoc"
+    name = SageMakerTrainer(sm_config, dataset_version="dg-fail").start(dagster_dataset, seed=0)
+    moto_training_job(name).training_job_status = "InProgress"
+    paths = MLPaths(tmp_path / "opt_ml")
+    assert run(paths) == 1
+    reason = paths.failure.read_text()
+
+    class FailTheJobOnAttach(logging.Handler):
+        def emit(self, record):
+            if f"training job {name} already exists" in record.getMessage():
+                job = moto_training_job(name)
+                job.training_job_status, job.failure_reason = "Failed", reason
+
+    handler = FailTheJobOnAttach()
+    jobs_logger = logging.getLogger("factory_assets.backends.sagemaker.jobs")
+    jobs_logger.addHandler(handler)
+    jobs_logger.setLevel(logging.INFO)
+    try:
+        endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
+                                    sagemaker=_sagemaker_resource(sm_config, algorithm="byoc",
+                                                                  training_timeout_seconds=10))
+        instance = _instance_with_dataset(fdb, dagster_dataset, "dg-fail")
+        result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+                                resources=_resources(mongo_uri, database_name, endpoint))
+    finally:
+        jobs_logger.removeHandler(handler)
+        jobs_logger.setLevel(logging.NOTSET)
+    assert not result.success
+    message = _failure(result)
+    assert f"SageMaker training job {name} failed: ChannelError: channel 'train' is missing" in message
+    assert fdb.models.count_documents({}) == 0

@@ -97,6 +97,13 @@ def training_job_request(cfg: SageMakerConfig, *, name: str, algorithm: str, ima
     }
 
 
+def _report(log: Callable[[str], None] | None, message: str) -> None:
+    """To this module's logger always, and to the caller's log (Dagster's) when given."""
+    logger.info(message)
+    if log is not None:
+        log(message)
+
+
 def _not_found(exc) -> bool:
     err = getattr(exc, "response", {}).get("Error", {})
     return err.get("Code") in ("ValidationException", "ResourceNotFound") and (
@@ -114,7 +121,7 @@ def describe_job(sm, name: str) -> dict | None:
         raise
 
 
-def start_training_job(sm, request: dict, log: Callable[[str], None] = logger.info) -> str:
+def start_training_job(sm, request: dict, log: Callable[[str], None] | None = None) -> str:
     """Create the job, or attach to the one with the same name if it already ran or runs
     (idempotent re-runs); a failed or stopped namesake gets a new attempt suffix."""
     base = request["TrainingJobName"]
@@ -123,17 +130,17 @@ def start_training_job(sm, request: dict, log: Callable[[str], None] = logger.in
         existing = describe_job(sm, name)
         if existing is None:
             sm.create_training_job(**{**request, "TrainingJobName": name})
-            log(f"training job {name} created ({request['ResourceConfig']['InstanceType']}, "
+            _report(log, f"training job {name} created ({request['ResourceConfig']['InstanceType']}, "
                 f"image {redact(request['AlgorithmSpecification']['TrainingImage'])})")
             return name
         if existing["TrainingJobStatus"] not in ("Failed", "Stopped"):
-            log(f"training job {name} already exists ({existing['TrainingJobStatus']}): attaching to it")
+            _report(log, f"training job {name} already exists ({existing['TrainingJobStatus']}): attaching to it")
             return name
     raise RuntimeError(f"training job {base} failed 20 times: not starting another")
 
 
 def wait_for_training_job(sm, name: str, *, timeout: float, poll: float,
-                          log: Callable[[str], None] = logger.info, clock=time.monotonic, sleep=time.sleep) -> dict:
+                          log: Callable[[str], None] | None = None, clock=time.monotonic, sleep=time.sleep) -> dict:
     """Poll until the job is Completed; report each status transition. Raises
     ``TrainingJobFailed`` (with SageMaker's FailureReason) or ``TrainingJobTimeout``."""
     deadline = clock() + timeout
@@ -142,7 +149,7 @@ def wait_for_training_job(sm, name: str, *, timeout: float, poll: float,
         desc = sm.describe_training_job(TrainingJobName=name)
         state = (desc["TrainingJobStatus"], desc.get("SecondaryStatus"))
         if state != last:
-            log(f"training job {name}: {state[0]} / {state[1]}")
+            _report(log, f"training job {name}: {state[0]} / {state[1]}")
             last = state
         if state[0] == "Completed":
             return desc

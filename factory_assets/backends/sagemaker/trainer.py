@@ -72,13 +72,18 @@ class SageMakerTrainer:
 
     def __init__(self, config: SageMakerConfig, *, algorithm: str | None = None, dataset_version: str | None = None,
                  dataset_s3_uri: str | None = None, sagemaker_client=None, s3_client=None,
-                 log: Callable[[str], None] = logger.info):
+                 log: Callable[[str], None] | None = None):
         self.config = config
         self.algorithm = algorithm or config.algorithm
         self.dataset_version = dataset_version
         self.dataset_s3_uri = dataset_s3_uri
         self._sm, self._s3 = sagemaker_client, s3_client
         self.log = log
+
+    def _log(self, message: str) -> None:
+        logger.info(message)
+        if self.log is not None:
+            self.log(message)
 
     @property
     def sm(self):
@@ -119,7 +124,7 @@ class SageMakerTrainer:
         version = self.dataset_version or Path(dataset_dir).name
         uri = upload_to_s3(self.s3, Path(dataset_dir), self.config.bucket,
                            f"{self.config.prefix.strip('/')}/datasets", version)
-        self.log(f"dataset {version} uploaded to {uri}")
+        self._log(f"dataset {version} uploaded to {uri}")
         return uri
 
     def start(self, dataset_dir: Path, seed: int = 0) -> str:
@@ -137,7 +142,7 @@ class SageMakerTrainer:
             self.sm, name, timeout=self.config.training_timeout_seconds if timeout is None else timeout,
             poll=self.config.poll_seconds if poll is None else poll, log=self.log)
         job = jobs.job_summary(desc, self.config.region)
-        self.log(f"training job {name} completed: {job['billable_seconds']} billable s on {job['instance_type']}, "
+        self._log(f"training job {name} completed: {job['billable_seconds']} billable s on {job['instance_type']}, "
                  f"artifact {redact(job['s3_artifact'])}")
         if self.algorithm == "builtin":
             return SageMakerTrainResult(builtin_version(job), None, {"final_metrics": job["final_metrics"]}, job,
