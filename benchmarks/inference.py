@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--throughput-requests", type=int, default=2000)
-    parser.add_argument("--predict-threads", type=int, default=2, help="the server's --predict-threads")
+    parser.add_argument("--predict-threads", type=int, default=None, help="the server's --predict-threads")
     parser.add_argument("--stalled", type=int, default=0, help="stalled uploads to hold open (0: skip)")
     parser.add_argument("--body-timeout", type=float, default=5.0, help="the server's body deadline")
     args = parser.parse_args()
@@ -134,10 +134,11 @@ def main() -> None:
     result = LocalTrainer().train(dataset, work / "model", seed=0)
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "factory_assets.cli", "serve", "--model", str(work / "model"),
-                               "--port", str(port), "--body-timeout", str(args.body_timeout),
-                               "--predict-threads", str(args.predict_threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=dict(os.environ))
+    command = [sys.executable, "-m", "factory_assets.cli", "serve", "--model", str(work / "model"),
+               "--port", str(port), "--body-timeout", str(args.body_timeout)]
+    if args.predict_threads is not None:
+        command += ["--predict-threads", str(args.predict_threads)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -88,8 +88,9 @@ def register(sub) -> None:
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--max-concurrent", type=int, default=32, help="requests in progress at once; 503 beyond")
     p.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request body to arrive; 408 after")
-    p.add_argument("--predict-threads", type=int, default=2,
-                   help="threads running the model (0: on the event loop; lowest latency for one client)")
+    p.add_argument("--predict-threads", type=int, default=None,
+                   help="threads running the model (0: on the event loop; default 0 on up to 2 cores, "
+                        "else one per core)")
     p.add_argument("--graceful-shutdown", type=float, default=30.0,
                    help="seconds requests in flight get after SIGTERM (SageMaker allows 30)")
     p.set_defaults(func=_serve)
