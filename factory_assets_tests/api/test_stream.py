@@ -36,7 +36,7 @@ class SseReader:
                 elif line == "":
                     if "data" in event:
                         with self.cond:
-                            self.events.append({"id": int(event["id"]), "event": event["event"],
+                            self.events.append({"id": int(event["id"]) if "id" in event else None, "event": event["event"],
                                                 "data": json.loads(event["data"])})
                             self.cond.notify_all()
                     event = {}
