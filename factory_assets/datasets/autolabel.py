@@ -29,6 +29,21 @@ class AutoLabelSummary:
     withdrawn: int = 0      # auto labels removed: reports that arrived since show the stock was not stable
 
 
+def _confirming_report_ts(fdb, start: datetime, end: datetime, window: timedelta, margin: timedelta):
+    """The newest stock report's time as far as the day's frames can tell (a frame is confirmed
+    when a report came at least ``margin`` after it), read from bounded index ranges: the
+    newest report overall was a read of every report ever stored."""
+    bound = end + margin
+    stock = "f/i/stock"
+    for rng in ({"$gte": bound, "$lt": bound + window}, {"$gte": bound + window}):
+        hit = fdb.mqtt.find_one({"topic": stock, "ts": rng}, {"ts": 1})
+        if hit:  # at or after every frame of the day plus margin: confirms them all, like the newest would
+            return hit["ts"]
+    newest = fdb.mqtt.find_one({"topic": stock, "ts": {"$gte": start - window - margin, "$lt": bound}}, {"ts": 1},
+                               sort=[("ts", -1)])
+    return newest["ts"] if newest else None  # older reports leave every frame without a report anyway
+
+
 def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, margin_s: float = 2.0,
                factory_id: str | None = None) -> AutoLabelSummary:
     from factory_assets.storage.frames import frame_ts, iter_day_frames
@@ -42,8 +57,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
         if not isinstance(msg.get("payload"), dict) or not isinstance(msg.get("ts"), datetime):
             continue
         reports.append((msg["ts"], stock_slots(msg["payload"]), msg.get("message_id") or str(msg["_id"])))
-    latest_report = fdb.mqtt.find_one({"topic": "f/i/stock"}, {"ts": 1}, sort=[("ts", -1)])
-    latest_ts = latest_report["ts"] if latest_report else None
+    latest_ts = _confirming_report_ts(fdb, start, end, window, margin)
     # A change point: a report whose stock differs from the one before (the first is one too: unknown before).
     changes = [ts for i, (ts, slots, _) in enumerate(reports) if i == 0 or slots != reports[i - 1][1]]
     times = [r[0] for r in reports]
@@ -74,7 +88,10 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
     if docs:
         upsert_labels(fdb, docs)
     for lo in range(0, len(rejected), 5000):
-        summary.withdrawn += fdb.labels.delete_many({"frame_id": {"$in": rejected[lo:lo + 5000]},
-                                                     "source": "auto"}).deleted_count
+        # by frame_id alone (index prefix), then by _id: $in plus a second field scanned every label
+        stale = [d["_id"] for d in fdb.labels.find({"frame_id": {"$in": rejected[lo:lo + 5000]}}, {"source": 1})
+                 if d.get("source") == "auto"]
+        if stale:
+            summary.withdrawn += fdb.labels.delete_many({"_id": {"$in": stale}}).deleted_count
     summary.labelled = len(docs)
     return summary

@@ -240,3 +240,16 @@ def test_the_newest_frame_of_a_quiet_factory_is_found_beyond_the_recent_window(f
     assert latest_frame(fdb, {"image": 0}, window=8, factory_id="factory-2", by="seq")["seq"] == 1
     assert latest_frame(fdb, {"image": 0}, window=8, factory_id="factory-1", by="seq")["seq"] == 39
     assert latest_frame(fdb, window=8, factory_id="factory-3") is None
+
+
+def test_labeling_a_day_reads_only_index_ranges_whatever_the_history(recorded_fdb):
+    from factory_assets.datasets.autolabel import auto_label
+
+    fdb, recorder = recorded_fdb
+    fill_history(fdb, n=40)
+    recorder.recording.set()
+    summary = auto_label(fdb, T0.replace(hour=0), T0.replace(hour=0) + timedelta(days=1))
+    auto_label(fdb, T0.replace(hour=0), T0.replace(hour=0) + timedelta(days=1))  # again: withdraws, relabels
+    recorder.recording.clear()
+    assert summary.frames == 43
+    assert_index_served(fdb, recorder.commands)
