@@ -13,6 +13,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
+
+from factory_assets.clock import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +24,7 @@ logger = logging.getLogger(__name__)
 class LoadedModel:
     version: str
     model: object
-    loaded_at: float
+    loaded_at: datetime
 
 
 class ModelSlot:
@@ -33,7 +36,7 @@ class ModelSlot:
 
     def swap(self, model) -> LoadedModel:
         warm_up(model)
-        loaded = LoadedModel(model.version, model, time.time())
+        loaded = LoadedModel(model.version, model, utcnow())
         self.current = loaded
         self.swaps += 1
         return loaded

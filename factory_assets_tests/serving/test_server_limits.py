@@ -159,3 +159,17 @@ def test_sigterm_lets_the_request_in_flight_finish_and_the_serve_process_exit_0(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_payload_over_six_mebibytes_is_a_sagemaker_validation_error_even_when_chunked(model_server):
+    from factory_assets.serving.server import MAX_PAYLOAD_BYTES
+
+    declared = requests.post(f"{model_server.url}/invocations", data=b"\xff" * (MAX_PAYLOAD_BYTES + 1),
+                             headers={"Content-Type": "image/jpeg"}, timeout=30)
+    # no Content-Length: the limit is enforced while the body arrives
+    chunked = requests.post(f"{model_server.url}/invocations", data=iter([b"\xff" * MAX_PAYLOAD_BYTES, b"\xff"]),
+                            headers={"Content-Type": "image/jpeg"}, timeout=30)
+    for r in (declared, chunked):
+        assert r.status_code == 413
+        assert r.headers["x-amzn-ErrorType"] == "ValidationError" and r.json()["error"] == "ValidationError"
+    assert requests.get(f"{model_server.url}/ping", timeout=10).status_code == 200
