@@ -22,11 +22,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     m = result.metrics
     oof = m["cv"]["out_of_fold"] or {}
-    print(f"trained stock model {result.version} on {m['n_images']} images "
+    print(f"trained stock model {result.version} ({m.get('model_kind', 'presence')}) on {m['n_images']} images "
           f"in {m['timing_seconds']['total']:.1f} s (seed {m['seed']})")
     if oof:
         print(f"cross-validation ({m['cv']['scheme']}): per-label accuracy {oof['per_label_accuracy']:.3f}, "
               f"exact match {oof['exact_match']:.3f}")
+    if m.get("geometry"):
+        print("slot geometry learned from the labelled frames: "
+              + ", ".join(f"{s} ({x:.0f}, {y:.0f})" for s, (x, y) in result.model.geometry.in_image().items()))
     print("thresholds: " + ", ".join(f"{c}={t:.3f}" for c, t in m["thresholds"].items()))
     print(f"wrote {result.artifact_path}, {result.model_dir / 'metrics.json'}, {result.model_dir / 'MODEL_CARD.md'}")
     return 0
@@ -49,8 +52,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, sort_keys=True))
         return 0
-    print(f"model {report['model_version']} on {report['split']} ({report['n_images']} images): "
-          f"per-label accuracy {report['per_label_accuracy']:.3f}, exact match {report['exact_match']:.3f}")
+    print(f"model {report['model_version']} ({report.get('model_kind', 'presence')}) on {report['split']} "
+          f"({report['n_images']} images): per-label accuracy {report['per_label_accuracy']:.3f}, "
+          f"exact match {report['exact_match']:.3f}")
+    if report.get("slots"):
+        sl = report["slots"]
+        print(f"  slots: accuracy {sl['slot_accuracy']:.3f}, frames with all nine right "
+              f"{sl['frames_all_slots_right']:.3f} ({sl['n_images']} frames with slot labels)")
     for c, pc in report["per_class"].items():
         print(f"  {c:6s} acc {pc['accuracy']:.3f}  P {pc['precision']:.3f}  R {pc['recall']:.3f}  F1 {pc['f1']:.3f}  "
               f"tp {pc['tp']} fp {pc['fp']} tn {pc['tn']} fn {pc['fn']}  threshold {report['thresholds'][c]:.3f}")

@@ -141,3 +141,13 @@ def test_a_slot_sidecar_naming_an_unknown_line_is_refused(slot_dataset, tmp_path
     sidecar.write_text(sidecar.read_text() + "9999\t" + "\t".join("-" * 9) + "\tnowhere.jpeg\n")
     with pytest.raises(ManifestError, match="9999"):
         LocalTrainer().train(ds, tmp_path / "m", seed=0)
+
+
+def test_cli_trains_the_slot_model_and_evaluate_prints_slot_accuracy(slot_dataset, tmp_path, capsys):
+    from factory_assets.vision.cli import main
+
+    assert main(["train", "--dataset", str(slot_dataset), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "(slots)" in out and "slot geometry learned" in out
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--dataset", str(slot_dataset)]) == 0
+    assert "slots: accuracy" in capsys.readouterr().out
