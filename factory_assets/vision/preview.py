@@ -68,3 +68,33 @@ def confusion_png(confusion: dict[str, dict[str, int]]) -> bytes:
         cv2.putText(img, "pred yes | no", (x0, 2 * cell + 46), font, 0.35, (80, 80, 80), 1, cv2.LINE_AA)
     ok, buf = cv2.imencode(".png", img)
     return buf.tobytes()
+
+
+def slot_overlay_png(model, image_bytes: bytes) -> bytes:
+    """A frame with a per-slot model's slot boxes drawn where the model looks (its learned
+    geometry, moved by the frame's alignment shift) and each slot's predicted state: the
+    picture to check after calibrating a new camera position."""
+    import cv2
+
+    from factory_assets.vision.decode import decode_image
+    from factory_assets.vision.features import WORK_SIZE, estimate_shift, gradient_image, shrink
+    from factory_assets.vision.slots import slots_doc
+
+    img = decode_image(image_bytes)
+    h, w = img.shape[:2]
+    sx, sy = w / WORK_SIZE[0], h / WORK_SIZE[1]
+    dx, dy = estimate_shift(model.reference, gradient_image(shrink(img))) if model.config.align else (0.0, 0.0)
+    states = slots_doc(model.predict_slot_proba([img])[0])
+    hx, hy = model.geometry.half_box
+    colours = {"empty": (160, 160, 160), "blue": (220, 120, 30), "red": (40, 40, 220), "white": (255, 255, 255)}
+    out = img.copy()
+    for slot, info in states.items():
+        cx, cy = model.geometry.centre(slot)
+        x0, y0 = int((cx + dx - hx) * sx), int((cy + dy - hy) * sy)
+        x1, y1 = int((cx + dx + hx) * sx), int((cy + dy + hy) * sy)
+        colour = colours.get(info["state"], (0, 255, 255))
+        cv2.rectangle(out, (x0, y0), (x1, y1), colour, 1)
+        cv2.putText(out, f"{slot} {info['state']} {info['probability']:.2f}", (x0 + 2, y0 + 10),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.3, colour, 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", out)
+    return buf.tobytes()

@@ -151,3 +151,14 @@ def test_cli_trains_the_slot_model_and_evaluate_prints_slot_accuracy(slot_datase
     assert "(slots)" in out and "slot geometry learned" in out
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--dataset", str(slot_dataset)]) == 0
     assert "slots: accuracy" in capsys.readouterr().out
+
+
+def test_the_slot_overlay_shows_the_frame_with_the_boxes_the_model_reads(slot_result, slot_dataset):
+    import cv2
+
+    from factory_assets.vision.preview import slot_overlay_png
+
+    jpeg = sorted((slot_dataset / "valid-imgs").glob("*.jpeg"))[0].read_bytes()
+    frame = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    overlay = cv2.imdecode(np.frombuffer(slot_overlay_png(slot_result.model, jpeg), np.uint8), cv2.IMREAD_COLOR)
+    assert overlay.shape == frame.shape and (overlay != frame).any()
