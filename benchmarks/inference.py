@@ -68,12 +68,14 @@ def measure_stalled(port: int, pid: int, image: bytes, n: int, body_timeout: flo
     threads_before = server_threads(pid)
     head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
             f"Content-Length: {len(image)}\r\n\r\n").encode()
-    socks = []
+    socks, opened_at = [], {}
     t_open = time.perf_counter()
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(head + image[:10])
         socks.append(s)
+        opened_at[s] = time.perf_counter()
+    opened_s = time.perf_counter() - t_open
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     latencies, statuses = [], []
     for _ in range(100):
@@ -88,7 +90,7 @@ def measure_stalled(port: int, pid: int, image: bytes, n: int, body_timeout: flo
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
         replies[s] = b""
-    closed, answered_408 = 0, 0
+    closed, answered_408, held = 0, 0, []
     deadline = t_open + body_timeout + 10
     while closed < n and time.perf_counter() < deadline:
         for key, _ in sel.select(timeout=0.5):
@@ -100,6 +102,7 @@ def measure_stalled(port: int, pid: int, image: bytes, n: int, body_timeout: flo
                 replies[key.fileobj] += chunk
                 continue
             sel.unregister(key.fileobj)
+            held.append(time.perf_counter() - opened_at[key.fileobj])
             closed += 1
             answered_408 += replies[key.fileobj].startswith(b"HTTP/1.1 408")
     last_closed_s = time.perf_counter() - t_open
@@ -108,7 +111,9 @@ def measure_stalled(port: int, pid: int, image: bytes, n: int, body_timeout: flo
     return {"stalled": n, "server_threads_before": threads_before, "server_threads_while_held": threads_held,
             "others_ok": sum(st == 200 for st in statuses), "others_total": len(statuses),
             "others_p50_ms": round(percentile(latencies, 50), 2), "answered_408_and_closed": answered_408,
-            "closed": closed, "all_closed_after_s": round(last_closed_s, 1), "body_timeout_s": body_timeout}
+            "closed": closed, "opening_them_took_s": round(opened_s, 1),
+            "held_s_min": round(min(held, default=0), 1), "held_s_max": round(max(held, default=0), 1),
+            "all_closed_after_s": round(last_closed_s, 1), "body_timeout_s": body_timeout}
 
 
 def main() -> None:
