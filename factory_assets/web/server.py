@@ -23,6 +23,10 @@ class ServerLimits:
     timeout_graceful_shutdown: float = 30.0  # SIGTERM: in-flight requests get this long (SageMaker: 30 s)
     backlog: int = 128
     max_incomplete_event_size: int = 16 * 1024  # bound on request line + headers (h11)
+    # A connection must send complete request headers within this after it opens or after its last
+    # response, else it is closed (uvicorn has no such deadline: a client that connects and sends
+    # nothing, or half its headers, would hold a connection slot for ever). None: no deadline.
+    header_timeout: float | None = 10.0
 
 
 class WebServer:
@@ -64,6 +68,7 @@ class WebServer:
 
         config = uvicorn.Config(
             self.app, log_level=self.log_level, access_log=self.access_log, lifespan="auto",
+            http=_http_protocol(self.limits.header_timeout),
             limit_concurrency=self.limits.limit_concurrency,
             timeout_keep_alive=int(max(1, self.limits.timeout_keep_alive)),
             timeout_graceful_shutdown=int(self.limits.timeout_graceful_shutdown),
@@ -113,3 +118,40 @@ class WebServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _http_protocol(header_timeout: float | None):
+    """uvicorn's httptools protocol with a deadline for request headers ("auto" without httptools)."""
+    if header_timeout is None:
+        return "auto"
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - h11 only: uvicorn's own behaviour
+        return "auto"
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _headers_seen = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_headers_complete(self) -> None:
+            self._headers_seen += 1
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self) -> None:
+            seen = self._headers_seen
+            self.loop.call_later(header_timeout, self._header_deadline, seen)
+
+        def _header_deadline(self, seen: int) -> None:
+            # no request headers completed since the deadline was armed: idle or a slow-header client
+            if self._headers_seen == seen and not self.transport.is_closing():
+                logger.info("no complete request headers within %.0f s: connection closed", header_timeout)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol

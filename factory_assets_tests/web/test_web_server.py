@@ -91,3 +91,30 @@ def test_connections_beyond_the_concurrency_limit_get_503_instead_of_queueing():
     finally:
         srv.stop(timeout=10)
     assert results == [200]
+
+
+def _closed_by_server(sock: socket.socket) -> bytes:
+    reply = b""
+    while chunk := sock.recv(4096):
+        reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Le"])
+def test_a_connection_without_complete_headers_is_closed_after_the_header_deadline(sent):
+    # uvicorn alone never times these out: each would hold a connection slot for ever
+    app = RequestLimits(echo_app(), max_body_bytes=1024)
+    with WebServer(app, port=0, limits=ServerLimits(header_timeout=1.0)) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(sent)
+            assert requests.post(f"{srv.url}/echo", data=b"ok", timeout=5).json() == {"bytes": 2}
+            assert _closed_by_server(s) == b""  # returns once the server has closed it
+
+
+def test_a_kept_alive_connection_serves_request_after_request_with_the_header_deadline_on():
+    app = RequestLimits(echo_app(), max_body_bytes=1024)
+    with WebServer(app, port=0, limits=ServerLimits(header_timeout=1.0, timeout_keep_alive=30)) as srv:
+        with requests.Session() as session:
+            first = session.post(f"{srv.url}/echo", data=b"a", timeout=5)
+            second = session.post(f"{srv.url}/echo", data=b"bb", timeout=5)
+        assert first.json() == {"bytes": 1} and second.json() == {"bytes": 2}
