@@ -245,7 +245,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated numbers of stored frames")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
-    parser.add_argument("--frames", type=int, default=60, help="frames measured for the twin latency (4/s)")
+    parser.add_argument("--frames", type=int, default=120, help="frames measured for the twin latency (4/s)")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes")
     args = parser.parse_args()
