@@ -142,8 +142,9 @@ class InferenceApp:
         elif method in ("GET", "HEAD"):
             await self._get(send, path, head=method == "HEAD")
         else:
-            await self._error(send, 405, "ValidationError", f"method {method} is not supported",
-                              head=False)
+            self.stats.error(405)
+            body, headers = sagemaker_error(405, "ValidationError", f"method {method} is not supported")
+            await self._send(send, 405, body, headers=headers[1:] + [(b"allow", b"GET, HEAD, POST")])
 
     async def _get(self, send, path: str, head: bool) -> None:
         if path == "/ping":

@@ -173,3 +173,12 @@ def test_a_payload_over_six_mebibytes_is_a_sagemaker_validation_error_even_when_
         assert r.status_code == 413
         assert r.headers["x-amzn-ErrorType"] == "ValidationError" and r.json()["error"] == "ValidationError"
     assert requests.get(f"{model_server.url}/ping", timeout=10).status_code == 200
+
+
+def test_other_methods_are_405_with_a_json_error_and_the_keep_alive_connection_stays_usable(model_server, sim_jpeg):
+    with requests.Session() as s:
+        r = s.put(f"{model_server.url}/invocations", data=sim_jpeg, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 405 and r.json()["error"] == "ValidationError"
+        assert r.headers["Allow"] == "GET, HEAD, POST"
+        assert s.post(f"{model_server.url}/invocations", data=sim_jpeg,
+                      headers={"Content-Type": "image/jpeg"}).status_code == 200
