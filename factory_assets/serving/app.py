@@ -75,8 +75,16 @@ def _header(scope, name: bytes) -> bytes | None:
 def predict_response(loaded: LoadedModel, body: bytes, verbose: bool) -> tuple[int, bytes, str]:
     """(status, JSON body, error code or "") for one image: the whole model call, run off the loop."""
     started = time.perf_counter()
+    details = None
     try:
-        probs = loaded.model.predict_proba_bytes(body)
+        # A model that sees more than presence (per-slot states) says so through predict_details;
+        # only the verbose answer carries it, the plain list stays the cheapest call.
+        predict_details = getattr(loaded.model, "predict_details", None) if verbose else None
+        if predict_details is not None:
+            details = predict_details(body)
+            probs = details["probabilities"]
+        else:
+            probs = loaded.model.predict_proba_bytes(body)
     except ValueError as exc:  # ImageDecodeError is a ValueError
         return 400, f"the body is not a decodable image: {exc}".encode(), "ModelError"
     except Exception as exc:  # a model bug must not kill the server
@@ -84,16 +92,21 @@ def predict_response(loaded: LoadedModel, body: bytes, verbose: bool) -> tuple[i
         return 500, f"inference failed: {exc.__class__.__name__}".encode(), "InternalFailure"
     elapsed_ms = (time.perf_counter() - started) * 1000
     probs = [round(float(p), 6) for p in probs]
-    payload = verbose_payload(loaded, probs) if verbose else probs
+    payload = verbose_payload(loaded, probs, details) if verbose else probs
     return 200, json.dumps(payload).encode(), f"{elapsed_ms:.2f}"
 
 
-def verbose_payload(loaded: LoadedModel, probs: list[float]) -> dict:
-    """``Accept: application/json;verbose``: labels, version, thresholds and decisions beside the list."""
+def verbose_payload(loaded: LoadedModel, probs: list[float], details: dict | None = None) -> dict:
+    """``Accept: application/json;verbose``: labels, version, thresholds and decisions beside the list,
+    plus ``model_kind`` and per-slot ``slots`` when the model's ``predict_details`` gives slots."""
     model = loaded.model
     thresholds = dict(model.thresholds)
-    return {"prediction": probs, "labels": list(model.classes), "model_version": loaded.version,
-            "thresholds": thresholds, "present": {c: p >= thresholds[c] for c, p in zip(model.classes, probs)}}
+    payload = {"prediction": probs, "labels": list(model.classes), "model_version": loaded.version,
+               "thresholds": thresholds, "present": {c: p >= thresholds[c] for c, p in zip(model.classes, probs)}}
+    if details and details.get("slots") is not None:  # a presence model's answer stays as it was
+        payload["model_kind"] = details.get("model_kind")
+        payload["slots"] = details["slots"]
+    return payload
 
 
 class InferenceApp:

@@ -182,3 +182,21 @@ def test_other_methods_are_405_with_a_json_error_and_the_keep_alive_connection_s
         assert r.headers["Allow"] == "GET, HEAD, POST"
         assert s.post(f"{model_server.url}/invocations", data=sim_jpeg,
                       headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+def test_a_slot_models_verbose_answer_adds_per_slot_states_and_the_plain_answer_stays_the_list(tmp_path):
+    from factory_assets.vision.train import LocalTrainer
+    from factory_assets_tests.vision.synthetic import write_simulated_slot_dataset
+
+    dataset = write_simulated_slot_dataset(tmp_path / "ds", n_train=80, n_valid=4, seed=3)
+    model = LocalTrainer().train(dataset, tmp_path / "model", seed=0).model
+    image = sorted((dataset / "valid-imgs").rglob("*.jp*g"))[0].read_bytes()
+    with InferenceServer("127.0.0.1", 0, log=lambda *_: None) as srv:
+        srv.slot.swap(model)
+        plain = requests.post(f"{srv.url}/invocations", data=image, headers={"Content-Type": "image/jpeg"}).json()
+        verbose = requests.post(f"{srv.url}/invocations", data=image, headers={
+            "Content-Type": "image/jpeg", "Accept": "application/json;verbose"}).json()
+    details = model.predict_details(image)
+    assert plain == verbose["prediction"] == [round(p, 6) for p in details["probabilities"]]
+    assert verbose["model_kind"] == details["model_kind"] and verbose["slots"] == details["slots"]
+    assert set(verbose) >= {"prediction", "labels", "model_version", "thresholds", "present"}
