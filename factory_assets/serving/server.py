@@ -68,6 +68,7 @@ class InferenceServer:
                              max_body_bytes=MAX_PAYLOAD_BYTES, body_timeout=limits.body_timeout,
                              error=sagemaker_error)
         self.web = WebServer(asgi, host, port, access_log=access_log, log_level="info" if access_log else "warning",
+                             overload_error=sagemaker_error,
                              limits=ServerLimits(limit_concurrency=limits.max_connections,
                                                  timeout_keep_alive=limits.keep_alive_timeout,
                                                  timeout_graceful_shutdown=limits.graceful_shutdown))

@@ -31,8 +31,12 @@ class ServerLimits:
 
 class WebServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *,
-                 limits: ServerLimits = ServerLimits(), log_level: str = "warning", access_log: bool = False):
+                 limits: ServerLimits = ServerLimits(), log_level: str = "warning", access_log: bool = False,
+                 overload_error=None):
+        """``overload_error(status, code, message) -> (body, headers)`` formats the 503 answered beyond
+        ``limit_concurrency`` (default ``json_error``), so it matches the app's other errors."""
         self.app = app
+        self.overload_error = overload_error
         self.host = host
         self.requested_port = port
         self.limits = limits
@@ -68,7 +72,7 @@ class WebServer:
 
         config = uvicorn.Config(
             self.app, log_level=self.log_level, access_log=self.access_log, lifespan="auto",
-            http=_http_protocol(self.limits.header_timeout),
+            http=_http_protocol(self.limits.header_timeout, self.overload_error),
             limit_concurrency=self.limits.limit_concurrency,
             timeout_keep_alive=int(max(1, self.limits.timeout_keep_alive)),
             timeout_graceful_shutdown=int(self.limits.timeout_graceful_shutdown),
@@ -120,17 +124,32 @@ class WebServer:
         self.stop()
 
 
-def _http_protocol(header_timeout: float | None):
-    """uvicorn's httptools protocol with a deadline for request headers ("auto" without httptools)."""
-    if header_timeout is None:
-        return "auto"
+def _http_protocol(header_timeout: float | None, overload_error=None):
+    """uvicorn's httptools protocol with a deadline for request headers and the 503 beyond
+    ``limit_concurrency`` in the app's error format ("auto", uvicorn's own, without httptools)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - h11 only: uvicorn's own behaviour
         return "auto"
+    from factory_assets.web.limits import json_error
 
-    class HeaderDeadlineProtocol(HttpToolsProtocol):
+    error = overload_error or json_error
+
+    async def overloaded(scope, receive, send) -> None:
+        body, headers = error(503, "ServiceUnavailable", "too many connections; retry shortly")
+        if not any(name == b"retry-after" for name, _ in headers):
+            headers = headers + [(b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": headers + [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    class BoundedProtocol(HttpToolsProtocol):
         _headers_seen = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # the bound is checked here, so uvicorn's own check (plain-text 503) never fires
+            self._limit, self.limit_concurrency = self.limit_concurrency, None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -138,15 +157,23 @@ def _http_protocol(header_timeout: float | None):
 
         def on_headers_complete(self) -> None:
             self._headers_seen += 1
-            super().on_headers_complete()
+            if self._limit is not None and (len(self.connections) >= self._limit or len(self.tasks) >= self._limit):
+                logger.warning("over %d connections or requests: answered 503", self._limit)
+                app, self.app = self.app, overloaded
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
+            else:
+                super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm_header_deadline()
 
         def _arm_header_deadline(self) -> None:
-            seen = self._headers_seen
-            self.loop.call_later(header_timeout, self._header_deadline, seen)
+            if header_timeout is not None:
+                self.loop.call_later(header_timeout, self._header_deadline, self._headers_seen)
 
         def _header_deadline(self, seen: int) -> None:
             # no request headers completed since the deadline was armed: idle or a slow-header client
@@ -154,4 +181,4 @@ def _http_protocol(header_timeout: float | None):
                 logger.info("no complete request headers within %.0f s: connection closed", header_timeout)
                 self.transport.close()
 
-    return HeaderDeadlineProtocol
+    return BoundedProtocol

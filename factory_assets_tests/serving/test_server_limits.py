@@ -200,3 +200,19 @@ def test_a_slot_models_verbose_answer_adds_per_slot_states_and_the_plain_answer_
     assert plain == verbose["prediction"] == [round(p, 6) for p in details["probabilities"]]
     assert verbose["model_kind"] == details["model_kind"] and verbose["slots"] == details["slots"]
     assert set(verbose) >= {"prediction", "labels", "model_version", "thresholds", "present"}
+
+
+def test_connections_beyond_the_connection_bound_get_503_in_the_sagemaker_error_format(model_server):
+    srv = InferenceServer("127.0.0.1", 0, log=lambda *_: None, limits=InferenceLimits(max_connections=2))
+    srv.slot.swap(model_server.slot.current.model)
+    srv.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as idle:
+            # the idle connection is open at the server once it has answered a request on it
+            idle.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+            r = requests.get(f"{srv.url}/ping", timeout=10)  # a second connection: at the bound
+        assert r.status_code == 503
+        assert r.headers["x-amzn-ErrorType"] == "ServiceUnavailable" and r.json()["error"] == "ServiceUnavailable"
+    finally:
+        srv.stop()
