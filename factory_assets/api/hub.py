@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,13 +32,21 @@ logger = logging.getLogger(__name__)
 
 MAX_REPLAY = 500
 LATE_WINDOW = 8
-HISTORY_WAITS = 50  # x 10 ms: how long an expected twin_history entry is awaited
+# How long an expected twin_history entry is awaited. The writer appends it right after
+# its twin update, so it normally lands within milliseconds; the bound only matters when a
+# writer died between the two writes. Emitting the version before its entry would lose the
+# entry for a client that disconnects right then (its Last-Event-ID is already past it).
+HISTORY_WAIT_SECONDS = 15.0
 
 
 def expects_history(doc: dict) -> bool:
-    """Does this twin version come with a ``twin_history`` entry? Writers stamp the section
+    """Does this twin version come with a ``twin_history`` entry? The writers set
+    ``history_version`` to the version in the same atomic update when it does. For twin
+    documents written before that field existed: writers stamp the section
     they update (``observed``/``reported``/``desired``) with ``updated_at`` and set
     ``metadata.<section>.<field>.changed_at`` to that same instant for what changed."""
+    if "history_version" in doc:
+        return doc["history_version"] == doc.get("version")
     sections = [(doc.get(k) or {}).get("updated_at") for k in ("observed", "reported", "desired")]
     latest = max((i for i, t in enumerate(sections) if t is not None), key=lambda i: sections[i], default=None)
     if latest is None:
@@ -290,13 +299,20 @@ class TwinHub:
         # twin update, so an entry can show up after a newer version was already emitted
         seen = self._recent.setdefault(fid, set())
         expect = expects_history(doc)
-        for _ in range(HISTORY_WAITS):
+        deadline = time.monotonic() + HISTORY_WAIT_SECONDS
+        pause = 0.005
+        while True:
             entries = [e for e in self.fdb.twin_history.find(
                 {"factory_id": fid, "version": {"$gt": since - LATE_WINDOW, "$lte": version}}).sort("version", 1)
                 if e["version"] not in seen]
             if not expect or any(e["version"] == version for e in entries) or self._stop.is_set():
                 break
-            self._stop.wait(0.01)  # the writer appends the entry right after the twin update
+            if time.monotonic() >= deadline:
+                logger.warning("twin %s v%s: no twin_history entry after %.0f s (a writer died mid-update?); "
+                               "emitting the version without it", fid, version, HISTORY_WAIT_SECONDS)
+                break
+            self._stop.wait(pause)  # the writer appends the entry right after the twin update
+            pause = min(pause * 2, 0.05)
         if entries:
             self._history[fid] = max(since, entries[-1]["version"])
             seen.update(e["version"] for e in entries)
@@ -370,7 +386,8 @@ def _current(fdb, factory_id: str) -> dict | None:
 
 
 def _catch_up(fdb, factory_id: str, last_id: int | None) -> list[dict]:
-    twin = _current(fdb, factory_id)
+    raw = fdb.twin.find_one({"_id": factory_id})
+    twin = twin_json(raw)
     if twin is None:
         return []
     version = twin["version"]
@@ -383,6 +400,11 @@ def _catch_up(fdb, factory_id: str, last_id: int | None) -> list[dict]:
         .limit(MAX_REPLAY + 1)]
     if len(entries) > MAX_REPLAY:
         return [snapshot_message(twin)]
+    if expects_history(raw) and not (entries and entries[-1]["version"] == version):
+        # The newest version's history entry is still being written: replay what is stored
+        # and leave that version to the hub, which emits it once its entry exists (the
+        # subscription was registered before this read, so nothing falls in between).
+        return [{"type": "change", "version": e["version"], "change": e} for e in entries]
     out = [{"type": "change", "version": e["version"], "change": e} for e in entries if e["version"] < version]
     out.append({"type": "update", "version": version, "twin": twin,
                 "changes": [e for e in entries if e["version"] == version]})

@@ -109,7 +109,7 @@ def set_desired(fdb, factory_id: str, stock: dict, expected_version: int) -> tup
     result = fdb.twin.update_one(
         {"_id": factory_id, "version": expected_version},
         {"$set": {"desired": {"stock": desired, "updated_at": now}, "metadata.desired": {"ts": now},
-                  "version": new_version, "updated_at": now}})
+                  "version": new_version, "history_version": new_version, "updated_at": now}})
     if result.modified_count != 1:
         current = (fdb.twin.find_one({"_id": factory_id}, {"version": 1}) or {}).get("version")
         raise VersionConflict(current)

@@ -45,6 +45,10 @@ def _cas(fdb, factory_id: str, build) -> tuple[bool, dict | None]:
         version = (doc or {}).get("version", 0)
         fields["updated_at"] = _now()
         fields["version"] = version + 1
+        # Written in the same atomic update as the version: readers (the API's event stream)
+        # know for certain whether a twin_history entry for this version is on its way.
+        fields["history_version"] = version + 1 if fields.pop("_history", False) else (doc or {}).get(
+            "history_version", 0)
         if doc is None:
             try:
                 fdb.twin.insert_one({"_id": factory_id, "factory_id": factory_id, **_nest(fields)})
@@ -95,20 +99,20 @@ def apply_observation(fdb, obs: Observation) -> bool:
         reported = (doc or {}).get("reported") or {}
         if obs.slots:  # a per-slot model: the slots seen, and delta.slots where they disagree
             observed["slots"] = obs.slots
-        return {"observed": observed, "metadata.observed": meta,
+        return {"observed": observed, "metadata.observed": meta, "_history": bool(changed_colours),
                 "delta": compute_delta({c: observed[c]["present"] for c in COLOURS}, reported.get("present"),
                                        obs.slots, reported.get("slots"))}
 
     applied, new_doc = _cas(fdb, obs.factory_id, build)
     if not applied:
         return False
-    _write_legacy(fdb, obs)
-    if changed_colours:
+    if changed_colours:  # first: readers wait for this entry once they see the new version
         fdb.twin_history.insert_one({
             "factory_id": obs.factory_id, "version": new_doc["version"], "at": now, "kind": "observed",
             "changed": changed_colours, "present": {c: bool(obs.present[c]) for c in COLOURS},
             "frame_id": obs.frame_id, "frame_ts": obs.frame_ts, "model_version": obs.model_version,
             "source": obs.source, "delta": new_doc.get("delta", {})})
+    _write_legacy(fdb, obs)
     return True
 
 
@@ -128,7 +132,8 @@ def apply_reported(fdb, rep: Reported) -> bool:
             meta[s] = {"ts": rep.ts, "changed_at": now if s in changed_slots else (meta.get(s) or {}).get("changed_at", now)}
         observed = (doc or {}).get("observed") or {}
         observed_present = {c: observed[c]["present"] for c in COLOURS} if observed else None
-        return {"reported": {"slots": rep.slots, "present": rep.present, "ts": rep.ts,
+        return {"_history": bool(changed_slots),
+                "reported": {"slots": rep.slots, "present": rep.present, "ts": rep.ts,
                              "message_id": rep.message_id, "updated_at": now},
                 "metadata.reported": meta, "delta": compute_delta(observed_present, rep.present,
                                                                   observed.get("slots"), rep.slots)}
