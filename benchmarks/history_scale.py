@@ -252,8 +252,8 @@ def main() -> None:
 
     import numpy as np
 
-    from factory_assets.ingest.render import encode_jpeg, render_warehouse
-    from factory_assets.ingest.simdata import random_stock, write_simulated_dataset
+    from factory_assets.simulation.render import encode_jpeg, render_warehouse
+    from factory_assets.simulation.datasets import random_stock, write_simulated_dataset
     from factory_assets.vision.train import LocalTrainer
 
     rng = np.random.default_rng(0)

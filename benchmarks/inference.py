@@ -133,7 +133,7 @@ def main() -> None:
         dataset, data_source = SHARED, "shared real photos (train split)"
         image = sorted((SHARED / "train-imgs").glob("*.jp*g"))[0].read_bytes()
     else:
-        from factory_assets.ingest.simdata import write_simulated_dataset
+        from factory_assets.simulation.datasets import write_simulated_dataset
 
         dataset, data_source = write_simulated_dataset(work / "dataset", 120, 40, seed=0), "simulated frames"
         image = sorted((dataset / "train-imgs").rglob("*.jp*g"))[0].read_bytes()

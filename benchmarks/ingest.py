@@ -43,7 +43,7 @@ def main() -> None:
     import numpy as np
     import paho.mqtt.client as mqtt
 
-    from factory_assets.ingest.broker import start_broker
+    from factory_assets.simulation.broker import start_broker
     from factory_assets.storage.embedded import EmbeddedMongo
     from factory_assets.storage.mongo import connect
     from factory_assets.storage.frames import read_frames_after

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         "predict_ms_per_image_p95": round(float(np.percentile(times, 95)), 3),
     }
     if args.perturbed:
-        from factory_assets.vision.classes import CLASSES
+        from factory_assets.vocabulary import CLASSES
         from factory_assets.vision.perturb import perturbed_copies
 
         vdir, vrows = read_split(dataset, "valid")
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         out["perturbed_valid"] = {"n_images": int(len(pred)), "per_label_accuracy": round(float((pred == truth).mean()), 4),
                                   "exact_match": round(float((pred == truth).all(axis=1).mean()), 4)}
     if args.perturbed_cv:
-        from factory_assets.vision.classes import CLASSES
+        from factory_assets.vocabulary import CLASSES
         from factory_assets.vision.perturb import perturbed_copies
 
         tdir, trows = read_split(dataset, "train")

@@ -54,7 +54,7 @@ def main() -> None:
     import numpy as np
     import paho.mqtt.client as mqtt
 
-    from factory_assets.ingest.simdata import write_simulated_dataset
+    from factory_assets.simulation.datasets import write_simulated_dataset
     from factory_assets.storage.embedded import EmbeddedMongo
     from factory_assets.storage.frames import parse_ts
     from factory_assets.storage.models import register_model, set_endpoint_version

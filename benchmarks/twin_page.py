@@ -69,7 +69,7 @@ def frame_latency(api_url: str, broker_url: str, n: int) -> dict:
     from selenium.webdriver.support.ui import WebDriverWait
 
     from factory_assets.ingest.mqtt import parse_mqtt_url
-    from factory_assets.ingest.simulator import FactorySimulator, iso_ms
+    from factory_assets.simulation.simulator import FactorySimulator, iso_ms
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--poll", action="store_true", help="API reader polls instead of a change stream")
     args = p.parse_args()
 
-    from factory_assets.ingest.broker import start_broker
+    from factory_assets.simulation.broker import start_broker
     from factory_assets.ingest.mqtt import MqttIngester
     from factory_assets.ingest.service import Ingestor
     from factory_assets.storage.embedded import EmbeddedMongo

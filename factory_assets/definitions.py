@@ -28,7 +28,7 @@ defs = dg.Definitions(
     jobs=_collect("jobs"),
     resources={
         "mongo": MongoResource(),
-        # make run / factory-assets up set FACTORY_ENDPOINT_URL for dagster (stack.py)
+        # make run / factory-assets up set FACTORY_ENDPOINT_URL for dagster (factory_assets/cli/up.py)
         "endpoint": EndpointResource(url=dg.EnvVar("FACTORY_ENDPOINT_URL"), **backend_from_env()),
         "retrain_window": RetrainWindow(),
         "model_policy": ModelPolicyResource(),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
+from factory_assets.vocabulary import ORDER_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ApiSettings:
     body_timeout: float = 10.0
     keepalive: float = 15.0
     mqtt_url: str | None = None
-    order_topic: str = "f/o/order"
+    order_topic: str = ORDER_TOPIC
     change_streams: bool = True
     poll_interval: float = 0.1
     default_factories: tuple[str, ...] = (DEFAULT_FACTORY,)

@@ -15,10 +15,11 @@ import uuid
 from datetime import datetime, timezone
 
 from factory_assets.twin.desired import mark_published, orders
+from factory_assets.vocabulary import ORDER_TOPIC
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ORDER_TOPIC = "f/o/order"
+DEFAULT_ORDER_TOPIC = ORDER_TOPIC
 
 
 def iso_ms(dt: datetime) -> str:

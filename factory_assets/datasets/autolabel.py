@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from factory_assets.datasets.labels import label_doc, upsert_labels
-from factory_assets.twin.state import reported_presence, stock_slots
+from factory_assets.vocabulary import reported_presence, stock_slots
+from factory_assets.vocabulary import STOCK_TOPIC
 
 
 @dataclass
@@ -34,7 +35,7 @@ def _confirming_report_ts(fdb, start: datetime, end: datetime, window: timedelta
     when a report came at least ``margin`` after it), read from bounded index ranges: the
     newest report overall was a read of every report ever stored."""
     bound = end + margin
-    stock = "f/i/stock"
+    stock = STOCK_TOPIC
     for rng in ({"$gte": bound, "$lt": bound + window}, {"$gte": bound + window}):
         hit = fdb.mqtt.find_one({"topic": stock, "ts": rng}, {"ts": 1})
         if hit:  # at or after every frame of the day plus margin: confirms them all, like the newest would
@@ -49,7 +50,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float = 30.0, m
     from factory_assets.storage.frames import frame_ts, iter_day_frames
 
     window, margin = timedelta(seconds=window_s), timedelta(seconds=margin_s)
-    query: dict = {"topic": "f/i/stock", "ts": {"$gte": start - window - margin, "$lt": end + window + margin}}
+    query: dict = {"topic": STOCK_TOPIC, "ts": {"$gte": start - window - margin, "$lt": end + window + margin}}
     reports = []
     for msg in fdb.mqtt.find(query, {"ts": 1, "payload": 1, "message_id": 1, "factory_id": 1}).sort("ts", 1):
         if factory_id and msg.get("factory_id") not in (None, factory_id):

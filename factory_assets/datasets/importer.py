@@ -83,7 +83,7 @@ def scan_dataset(root: Path) -> list[_Item]:
 
 def import_dataset(fdb, root: Path, *, dataset_name: str | None = None) -> ImportSummary:
     from factory_assets.storage.frames import build_frame, insert_frames
-    from factory_assets.vision.classes import CLASSES
+    from factory_assets.vocabulary import CLASSES
 
     root = Path(root)
     items = scan_dataset(root)  # raises before anything is written

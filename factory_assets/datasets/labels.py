@@ -15,7 +15,7 @@ from pathlib import Path
 from bson import ObjectId
 from pymongo import UpdateOne
 
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vocabulary import CLASSES
 
 PRIORITY = {"manual": 3, "import": 2, "auto": 1}
 

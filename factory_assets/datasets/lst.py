@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vocabulary import CLASSES, SLOTS
 
 
 class ManifestError(ValueError):
@@ -85,7 +85,7 @@ def write_lst(path: Path, rows: list[LstRow]) -> None:
 # ``WHITE`` or ``-`` (empty) per slot; the index and path are those of the ``.lst`` line. Frames
 # whose label has presence only (a manual correction, an imported photo) have no line.
 
-SLOT_NAMES: tuple[str, ...] = tuple(f"{row}{col}" for row in "ABC" for col in "123")
+SLOT_NAMES: tuple[str, ...] = SLOTS
 SLOT_TYPES = ("BLUE", "RED", "WHITE")
 SLOTS_HEADER = "# index\t" + "\t".join(SLOT_NAMES) + "\tpath\n"
 

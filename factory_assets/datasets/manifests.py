@@ -23,7 +23,7 @@ from pathlib import Path
 
 from factory_assets.datasets.labels import combination, effective_labels
 from factory_assets.datasets.lst import SLOT_NAMES, LstRow, format_lst, format_slots
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vocabulary import CLASSES
 
 SPLITS_COLLECTION = "dataset_splits"
 SITUATIONS_COLLECTION = "dataset_situations"  # one document per stock situation, looked up by _id

@@ -19,21 +19,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
-from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, parse_ts, utcnow
+from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
-from factory_assets.vision.decode import ImageDecodeError, inspect_image, parse_data_url
+from factory_assets.vision.decode import inspect_image
+from factory_assets.vocabulary import (CAMERA_TOPIC, SENSOR_TOPICS, STOCK_TOPIC, FormatError, parse_data_url,
+                                     parse_ts, utcnow)
 
-CAMERA_TOPIC = "i/cam"
-SENSOR_TOPICS = ("i/bme680", "i/ldr")
-STOCK_TOPIC = "f/i/stock"
 
 logger = logging.getLogger(__name__)
 
 
-class BadMessage(ValueError):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+class BadMessage(FormatError):
+    """A message that cannot be stored as it is; ``reason`` names the quarantine reason."""
 
 
 @dataclass
@@ -123,7 +120,7 @@ class Ingestor:
                 self._camera_message(payload, source)
             else:
                 self._factory_message(topic, payload, source)
-        except (BadMessage, ImageDecodeError) as exc:
+        except FormatError as exc:
             self.reject(exc.reason, str(exc), source, payload, topic)
         except Exception as exc:  # noqa: BLE001 - a bug in validation must not drop the message
             logger.exception("unexpected error validating a message on %s", topic)
@@ -142,7 +139,7 @@ class Ingestor:
                    camera_id: str | None = None, factory_id: str | None = None, raw=None) -> bool:
         try:
             info = inspect_image(image, declared_type, self.max_image_bytes)
-        except ImageDecodeError as exc:
+        except FormatError as exc:
             self.reject(exc.reason, str(exc), source, raw if raw is not None else image, source.get("topic"))
             return False
         self._frames.append(build_frame(image, ts=ts, camera_id=camera_id or self.camera_id,

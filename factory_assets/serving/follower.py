@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from factory_assets.clock import utcnow
+from factory_assets.vocabulary.clock import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class EndpointFollower(threading.Thread):
 
     def sync_once(self) -> str | None:
         """Load the configured version if it is not the one served; returns the served version."""
-        from factory_assets.storage.models import get_endpoint, load_model, report_served
+        from factory_assets.serving.models import load_model
+        from factory_assets.storage.models import get_endpoint, report_served
 
         fdb = self.fdb()
         doc = get_endpoint(fdb, self.endpoint_name) or {}

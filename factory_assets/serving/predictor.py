@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vocabulary import CLASSES
 
 VERBOSE_JSON = "application/json;verbose"
 

@@ -39,32 +39,15 @@ from typing import Iterable
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from factory_assets.vocabulary import parse_data_url, parse_ts, utcnow  # noqa: F401 (re-exported)
+
 DEFAULT_LEASE_SECONDS = 120.0
 
 logger = logging.getLogger(__name__)
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
-def parse_ts(value) -> datetime:
-    """Capture time as an aware UTC datetime: accepts datetime, ISO-8601 strings
-    (``Z`` or offset; naive means UTC) and epoch seconds/milliseconds."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, bool):
-        raise ValueError(f"not a timestamp: {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = value / 1000.0 if value > 1e11 else float(value)
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
-    if isinstance(value, str) and value.strip():
-        text = value.strip()
-        if text.endswith("Z") or text.endswith("z"):
-            text = text[:-1] + "+00:00"
-        dt = datetime.fromisoformat(text)
-        return dt.astimezone(timezone.utc) if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-    raise ValueError(f"not a timestamp: {value!r}")
 
 
 def build_frame(image: bytes, *, ts: datetime, camera_id: str, factory_id: str, content_type: str,
@@ -98,8 +81,6 @@ def frame_image_bytes(doc: dict) -> bytes:
     if isinstance(data, (bytes, bytearray)):
         return bytes(data)
     if isinstance(data, str):
-        from factory_assets.vision.decode import parse_data_url
-
         return parse_data_url(data)[1]
     raise KeyError(f"frame {doc.get('_id')} has neither 'image' nor 'data'")
 

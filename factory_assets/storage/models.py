@@ -16,7 +16,7 @@ from datetime import datetime
 
 from pymongo import DESCENDING, ReturnDocument
 
-from factory_assets.clock import utcnow
+from factory_assets.vocabulary.clock import utcnow
 
 BUCKET = "model_artifacts"
 
@@ -96,10 +96,6 @@ def load_model_bytes(fdb, version: str) -> bytes:
         raise ModelNotFound(f"model {version!r} is not in the registry") from None
 
 
-def load_model(fdb, version: str):
-    from factory_assets.vision.model import StockModel
-
-    return StockModel.from_bytes(load_model_bytes(fdb, version))
 
 
 def latest_model(fdb, passed_checks: bool | None = True) -> dict | None:

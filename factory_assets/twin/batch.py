@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pymongo import ASCENDING, ReturnDocument
 
-from factory_assets.clock import utcnow
+from factory_assets.vocabulary.clock import utcnow
 from factory_assets.storage.quarantine import quarantine
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from factory_assets.twin.state import COLOURS, reported_presence, stock_slots
+from factory_assets.vocabulary import STOCK_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> D
     if not recent:
         return Disagreement(0.0, 0)
     lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
-    first = fdb.mqtt.find_one({"topic": "f/i/stock", "ts": {"$lte": lo}}, sort=[("ts", -1)])
-    reports = ([first] if first else []) + list(fdb.mqtt.find({"topic": "f/i/stock", "ts": {"$gt": lo, "$lte": hi}})
+    first = fdb.mqtt.find_one({"topic": STOCK_TOPIC, "ts": {"$lte": lo}}, sort=[("ts", -1)])
+    reports = ([first] if first else []) + list(fdb.mqtt.find({"topic": STOCK_TOPIC, "ts": {"$gt": lo, "$lte": hi}})
                                                  .sort("ts", 1))
     times = [r["ts"] for r in reports]
     compared = differing = 0
@@ -81,7 +82,7 @@ class Readiness:
 def bootstrap_readiness(fdb) -> Readiness:
     """Whether the factory has shown enough frames and stock situations for a first model."""
     situations, seen, filled = set(), {c: set() for c in COLOURS}, {}
-    for msg in (fdb.mqtt.find({"topic": "f/i/stock"}, {"payload.stockItems": 1}).sort("ts", -1)
+    for msg in (fdb.mqtt.find({"topic": STOCK_TOPIC}, {"payload.stockItems": 1}).sort("ts", -1)
                 .limit(BOOTSTRAP_REPORTS_SCANNED)):
         slots = stock_slots(msg.get("payload"))
         present = reported_presence(slots)

@@ -26,9 +26,9 @@ from factory_assets.storage.inferences import build_inference, inferred_frame_id
 from factory_assets.storage.quarantine import quarantine
 from factory_assets.twin.state import COLOURS, Observation, reported_from_stock
 from factory_assets.twin.store import apply_observation, apply_reported
+from factory_assets.vocabulary import STOCK_TOPIC
 
 CURSOR_PREFIX = "cursor:"
-STOCK_TOPIC = "f/i/stock"
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-COLOURS = ("blue", "red", "white")
-SLOTS = tuple(f"{row}{col}" for row in "ABC" for col in "123")
-TYPE_TO_COLOUR = {"BLUE": "blue", "RED": "red", "WHITE": "white"}
+from factory_assets.vocabulary import COLOURS, SLOTS, TYPE_TO_COLOUR, reported_presence, stock_slots
+
+__all__ = ["COLOURS", "SLOTS", "TYPE_TO_COLOUR", "Observation", "Reported", "compute_delta", "observed_slots",
+           "reported_from_stock", "reported_presence", "slot_delta", "stock_slots"]
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,6 @@ class Reported:
         return reported_presence(self.slots)
 
 
-def stock_slots(payload: dict | None) -> dict:
-    """A ``f/i/stock`` payload -> slot -> workpiece type (``"BLUE"``...; unknown slots stay None)."""
-    slots: dict = {s: None for s in SLOTS}
-    for item in (payload or {}).get("stockItems") or []:
-        loc = (item or {}).get("location")
-        if loc not in slots:
-            continue
-        kind = (item.get("workpiece") or {}).get("type")
-        slots[loc] = str(kind).upper() if kind else None
-    return slots
 
 
 def reported_from_stock(payload: dict, ts: datetime, factory_id: str = "factory-1",
@@ -73,9 +64,6 @@ def reported_from_stock(payload: dict, ts: datetime, factory_id: str = "factory-
     return Reported(factory_id, ts, stock_slots(payload), message_id)
 
 
-def reported_presence(slots: dict) -> dict:
-    types = {t for t in slots.values() if t}
-    return {c: any(TYPE_TO_COLOUR.get(t) == c for t in types) for c in COLOURS}
 
 
 def observed_slots(slots: dict | None) -> dict | None:

@@ -5,9 +5,9 @@ calls; ``decode_image`` is what models call.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
+
+from factory_assets.vocabulary import FormatError, parse_data_url  # noqa: F401 (re-exported)
 
 JPEG = "image/jpeg"
 PNG = "image/png"
@@ -16,12 +16,8 @@ SUPPORTED_CONTENT_TYPES = (JPEG, PNG)
 GENERIC_CONTENT_TYPES = ("application/x-image", "application/octet-stream", "image/jpg")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(FormatError):
     """An image that cannot be used; ``reason`` is a short machine-readable code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -82,20 +78,3 @@ def inspect_image(data: bytes, declared_type: str | None = None, max_bytes: int 
     img = decode_image(data)
     return ImageInfo(content_type=sniffed, width=int(img.shape[1]), height=int(img.shape[0]), size=len(data))
 
-
-def parse_data_url(value: str) -> tuple[str | None, bytes]:
-    """``data:image/jpeg;base64,...`` (or bare base64) -> (declared type, bytes)."""
-    declared = None
-    payload = value
-    if value.startswith("data:"):
-        header, sep, payload = value.partition(",")
-        if not sep:
-            raise ImageDecodeError("bad_data_url", "data URL has no comma")
-        meta = header[5:].split(";")
-        declared = meta[0] or None
-        if "base64" not in meta[1:]:
-            raise ImageDecodeError("bad_data_url", "data URL is not base64-encoded")
-    try:
-        return declared, base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageDecodeError("bad_base64", f"invalid base64: {exc}") from exc

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from factory_assets.vision.classes import CLASSES, SLOT_STATES, SLOTS, TYPE_TO_STATE
+from factory_assets.vocabulary import CLASSES, SLOT_STATES, SLOTS, TYPE_TO_STATE
 from factory_assets.vision.model import StockModel
 from factory_assets.vision.train import label_metrics, load_image, read_split, read_split_slots
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vocabulary import CLASSES
 from factory_assets.vision.features import WORK_SIZE, FeatureConfig, extract
 
 ARTIFACT_NAME = "stock_model.npz"

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from factory_assets.vision.classes import CLASSES, SLOT_STATES, SLOTS, STATE_TO_TYPE
+from factory_assets.vocabulary import CLASSES, SLOT_STATES, SLOTS, STATE_TO_TYPE
 from factory_assets.vision.features import WORK_SIZE, FeatureConfig, estimate_shift, evidence_maps, gradient_image, shrink
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from factory_assets.vision.classes import CLASSES, SLOTS, TYPE_TO_STATE
+from factory_assets.vocabulary import CLASSES, SLOTS, TYPE_TO_STATE
 from factory_assets.vision.features import FeatureConfig, augment, build_reference, finish, pooled_evidence
 from factory_assets.vision.model import ARTIFACT_NAME, StockModel
 

@@ -6,15 +6,14 @@ controller's ``f/i/stock`` report). Pure Python: no MongoDB, no OpenCV, no Dagst
 """
 from __future__ import annotations
 
+from factory_assets.vocabulary.clock import day_key, parse_day, utcnow
 from factory_assets.vocabulary.messages import (
     FormatError,
     parse_data_url,
-    parse_day,
     parse_ts,
     reported_presence,
     slot_colours,
     stock_slots,
-    utcnow,
 )
 
 # The stock classes the models predict, in the one order used everywhere
@@ -51,5 +50,5 @@ __all__ = [
     "CAMERA_TOPIC", "CLASSES", "COLOURS", "COLOUR_TO_TYPE", "DEFAULT_CAMERA_ID", "DEFAULT_ENDPOINT",
     "DEFAULT_FACTORY_ID", "FormatError", "ORDER_TOPIC", "SENSOR_TOPICS", "SLOTS", "SLOT_STATES",
     "STATE_TO_TYPE", "STOCK_TOPIC", "TYPES", "TYPE_TO_COLOUR", "TYPE_TO_STATE", "parse_data_url",
-    "parse_day", "parse_ts", "reported_presence", "slot_colours", "stock_slots", "utcnow",
+    "day_key", "parse_day", "parse_ts", "reported_presence", "slot_colours", "stock_slots", "utcnow",
 ]

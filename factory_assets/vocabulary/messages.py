@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 
 
 class FormatError(ValueError):
@@ -17,11 +17,6 @@ class FormatError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def utcnow() -> datetime:
-    """The one clock: an aware UTC datetime."""
-    return datetime.now(timezone.utc)
 
 
 def parse_ts(value) -> datetime:
@@ -41,20 +36,6 @@ def parse_ts(value) -> datetime:
         dt = datetime.fromisoformat(text)
         return dt.astimezone(timezone.utc) if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
     raise ValueError(f"not a timestamp: {value!r}")
-
-
-def parse_day(value) -> datetime:
-    """A UTC day (``YYYY-MM-DD``, a date or a datetime) -> its midnight as an aware datetime.
-    Raises ``ValueError`` with the offending text."""
-    if isinstance(value, datetime):
-        value = value.astimezone(timezone.utc).date() if value.tzinfo else value.date()
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
-    try:
-        day = datetime.strptime(str(value).strip(), "%Y-%m-%d")
-    except ValueError as exc:
-        raise ValueError(f"not a day (expected YYYY-MM-DD): {value!r}") from exc
-    return day.replace(tzinfo=timezone.utc)
 
 
 def parse_data_url(value: str) -> tuple[str | None, bytes]:

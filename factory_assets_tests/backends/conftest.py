@@ -95,7 +95,7 @@ def play_sagemaker_byoc_training(cfg, job_name: str, work) -> str:
 def small_model(tmp_path_factory):
     """A real model, trained quickly on a few simulated frames (its quality is not under test here)."""
     from factory_assets.backends.local import LocalBackendTrainer
-    from factory_assets.ingest.simdata import write_simulated_dataset
+    from factory_assets.simulation.datasets import write_simulated_dataset
 
     root = tmp_path_factory.mktemp("small_model")
     dataset = write_simulated_dataset(root / "dataset", n_train=24, n_valid=6, seed=7)

@@ -21,7 +21,7 @@ def sm_env(sm_config, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cli_dataset(tmp_path_factory):
-    from factory_assets.ingest.simdata import write_simulated_dataset
+    from factory_assets.simulation.datasets import write_simulated_dataset
 
     return write_simulated_dataset(tmp_path_factory.mktemp("cli") / "dataset", n_train=20, n_valid=6, seed=5)
 

@@ -10,7 +10,7 @@ from factory_assets_tests.backends.conftest import BYOC_IMAGE, ROLE, moto_traini
 
 @pytest.fixture(scope="module")
 def dagster_dataset(tmp_path_factory):
-    from factory_assets.ingest.simdata import write_simulated_dataset
+    from factory_assets.simulation.datasets import write_simulated_dataset
 
     return write_simulated_dataset(tmp_path_factory.mktemp("dg") / "dataset", n_train=20, n_valid=6, seed=6)
 

@@ -11,7 +11,7 @@ from factory_assets_tests.backends.conftest import BYOC_IMAGE, ROLE, moto_traini
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
-    from factory_assets.ingest.simdata import write_simulated_dataset
+    from factory_assets.simulation.datasets import write_simulated_dataset
 
     return write_simulated_dataset(tmp_path_factory.mktemp("sm") / "dataset", n_train=40, n_valid=12, seed=3)
 

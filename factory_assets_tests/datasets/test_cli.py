@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from factory_assets.cli import main
 from factory_assets.datasets.labels import effective_labels
-from factory_assets.ingest.simdata import write_simulated_dataset
+from factory_assets.simulation.datasets import write_simulated_dataset
 from factory_assets_tests.datasets.test_labels import T0, simulate_day
 
 

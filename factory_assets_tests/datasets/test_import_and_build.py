@@ -9,7 +9,7 @@ import pytest
 from factory_assets.datasets.importer import DatasetImportError, import_dataset
 from factory_assets.datasets.lst import read_lst
 from factory_assets.datasets.manifests import DatasetBuildError, build_dataset, current_dataset
-from factory_assets.ingest.simdata import write_simulated_dataset
+from factory_assets.simulation.datasets import write_simulated_dataset
 
 LAYOUT = ["all-imgs", "train-imgs", "valid-imgs", "train-annots/train.lst", "valid-annots/valid.lst"]
 

@@ -88,7 +88,7 @@ def test_training_manifests_upload_to_s3_under_the_version(fdb, resources, tmp_p
 
 def _import_range_tags(fdb) -> dict:
     """The days the imported frames were captured on (their files' times) as a partition range."""
-    from factory_assets.clock import day_key
+    from factory_assets.vocabulary.clock import day_key
 
     first = fdb.labels.find_one(sort=[("frame_ts", 1)])["frame_ts"]
     last = fdb.labels.find_one(sort=[("frame_ts", -1)])["frame_ts"]

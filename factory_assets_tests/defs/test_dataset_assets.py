@@ -80,7 +80,7 @@ def test_the_manifests_of_a_single_partition_run_hold_only_that_day(fdb, resourc
 def test_a_range_run_builds_one_dataset_from_exactly_the_days_of_its_range(fdb, resources):
     """A backfill of labeled_images + training_manifests over a range (single_run policy)
     is one run; the manifests read its days from context.partition_keys."""
-    from factory_assets.clock import utcnow
+    from factory_assets.vocabulary.clock import utcnow
 
     for d in range(4):
         simulate_day(fdb, seconds=120, start=T0 + timedelta(days=d), seed=d, change_every=10)

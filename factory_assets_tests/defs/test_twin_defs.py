@@ -239,7 +239,7 @@ def test_bootstrap_waits_for_varied_stock_then_requests_the_first_training_run(f
     request = _bootstrap_tick(resources)
     assert isinstance(request, dg.RunRequest) and request.run_key.startswith("bootstrap:")
     # the first model trains on the last 7 days (today included), as one range run
-    from factory_assets.clock import recent_days
+    from factory_assets.vocabulary.clock import recent_days
 
     days = recent_days(7)
     assert (request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]) \

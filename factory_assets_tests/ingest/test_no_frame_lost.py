@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from factory_assets.ingest.broker import start_broker
+from factory_assets.simulation.broker import start_broker
 from factory_assets.storage.frames import wait_until
 from factory_assets_tests.helpers import cam_payload, jpeg_bytes
 

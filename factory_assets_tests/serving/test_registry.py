@@ -1,4 +1,5 @@
-from factory_assets.storage.models import (get_endpoint, latest_model, load_model, register_model,
+from factory_assets.serving.models import load_model
+from factory_assets.storage.models import (get_endpoint, latest_model, register_model,
                                            rollback_endpoint, set_checks, set_endpoint_version)
 
 

@@ -71,7 +71,7 @@ def write_simulated_slot_dataset(out_dir: Path, n_train: int = 80, n_valid: int 
     (``<split>.slots``). ``train_types`` limits which workpiece types the train split shows
     (the valid split shows all three), to test colours never seen in training."""
     from factory_assets.datasets.lst import LstRow, format_slots, write_lst
-    from factory_assets.ingest.render import SLOTS as RACK, encode_jpeg, render_warehouse
+    from factory_assets.simulation.render import SLOTS as RACK, encode_jpeg, render_warehouse
 
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from factory_assets.datasets.lst import ManifestError
-from factory_assets.vision.classes import SLOTS
+from factory_assets.vocabulary import SLOTS
 from factory_assets.vision.evaluate import evaluate
 from factory_assets.vision.model import StockModel
 from factory_assets.vision.slots import SlotStockModel
@@ -43,7 +43,7 @@ def test_per_slot_accuracy_on_frames_it_did_not_train_on_meets_the_bar(slot_resu
 
 
 def test_slot_geometry_is_learned_where_the_renderer_puts_the_workpieces(slot_result):
-    from factory_assets.ingest.render import workpiece_box
+    from factory_assets.simulation.render import workpiece_box
 
     # the test may know the simulator's geometry; the model only saw labelled frames
     for slot, (x, y) in slot_result.model.geometry.in_image().items():
@@ -81,7 +81,7 @@ def test_a_moved_camera_is_recalibrated_from_labelled_frames(slot_dataset, slot_
     import cv2
 
     from factory_assets.datasets.lst import read_slots, slots_path
-    from factory_assets.vision.classes import TYPE_TO_STATE
+    from factory_assets.vocabulary import TYPE_TO_STATE
     from factory_assets.vision.slots import fit_slot_model
 
     image_dir, rows = read_split(slot_dataset, "train")
@@ -144,7 +144,7 @@ def test_a_slot_sidecar_naming_an_unknown_line_is_refused(slot_dataset, tmp_path
 
 
 def test_cli_trains_the_slot_model_and_evaluate_prints_slot_accuracy(slot_dataset, tmp_path, capsys):
-    from factory_assets.vision.cli import main
+    from factory_assets.cli.model import main
 
     assert main(["train", "--dataset", str(slot_dataset), "--out", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out

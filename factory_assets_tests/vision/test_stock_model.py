@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from factory_assets.vision.classes import CLASSES
+from factory_assets.vocabulary import CLASSES
 from factory_assets.vision.evaluate import evaluate
 from factory_assets.vision.model import ARTIFACT_NAME, ModelFormatError, StockModel
 from factory_assets.vision.train import LocalTrainer, Trainer, choose_threshold, scene_of
@@ -69,7 +69,7 @@ def test_evaluation_report_has_per_class_metrics_confusion_counts_and_model_iden
 
 
 def test_cli_trains_and_evaluate_json_prints_one_object_that_meets_the_bar(tmp_path, capsys):
-    from factory_assets.vision.cli import main
+    from factory_assets.cli.model import main
 
     dataset = _real_dataset()
     assert main(["train", "--dataset", str(dataset), "--out", str(tmp_path / "m"), "--seed", "0"]) == 0
@@ -163,7 +163,7 @@ def test_predicting_one_jpeg_from_bytes_matches_predicting_its_decoded_array(rea
 
 
 def test_cli_evaluate_json_prints_exactly_one_json_object(real_model, capsys):
-    from factory_assets.vision.cli import main
+    from factory_assets.cli.model import main
 
     assert main(["evaluate", "--model", str(real_model.model_dir), "--dataset", str(_real_dataset()), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -282,7 +282,7 @@ def test_threshold_maximises_accuracy_and_prefers_the_middle_when_tied():
 
 
 def test_evaluate_cli_reports_a_missing_model_as_one_json_error(tmp_path, capsys, synthetic_dataset):
-    from factory_assets.vision.cli import main
+    from factory_assets.cli.model import main
 
     assert main(["evaluate", "--model", str(tmp_path / "none"), "--dataset", str(synthetic_dataset), "--json"]) == 2
     assert "error" in json.loads(capsys.readouterr().out)
@@ -291,7 +291,7 @@ def test_evaluate_cli_reports_a_missing_model_as_one_json_error(tmp_path, capsys
 def test_trainer_reaches_the_bootstrap_bar_on_the_simulated_factory(tmp_path):
     """The simulated factory bootstraps the first model from rendered frames: 300
     training frames must give >= 0.95 per-label accuracy on 100 held-out ones."""
-    from factory_assets.ingest.simdata import write_simulated_dataset
+    from factory_assets.simulation.datasets import write_simulated_dataset
 
     dataset = write_simulated_dataset(tmp_path / "sim", n_train=300, n_valid=100, seed=0)
     result = LocalTrainer().train(dataset, tmp_path / "m", seed=0)

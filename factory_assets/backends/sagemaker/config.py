@@ -7,6 +7,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass, fields
+from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class SageMakerConfig:
     prefix: str = "factory-assets"
     training_instance_type: str | None = None  # None: per algorithm (DEFAULT_TRAINING_INSTANCE)
     inference_instance_type: str = DEFAULT_INFERENCE_INSTANCE
-    endpoint_name: str = "factory-stock"
+    endpoint_name: str = DEFAULT_ENDPOINT
     algorithm: str = "builtin"
     byoc_image_uri: str | None = None
     epochs: int = 10

@@ -13,7 +13,7 @@ def record_model(fdb, result, *, dataset_version: str | None, code_version: str 
     and under ``sagemaker`` the training job (name, ARN, S3 artifact, billable seconds,
     instance type, image, algorithm)."""
     from factory_assets.storage.models import annotate_model, register_external_model, register_model
-    from factory_assets.vision.classes import CLASSES
+    from factory_assets.vocabulary import CLASSES
 
     job = result.job
     info = {"algorithm": result.algorithm, "region": region,

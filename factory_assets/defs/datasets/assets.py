@@ -34,7 +34,7 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
     from factory_assets.datasets.labels import combination, effective_labels
     from factory_assets.datasets.summary import label_tables
     from factory_assets.storage.frames import frame_image_bytes
-    from factory_assets.vision.classes import CLASSES
+    from factory_assets.vocabulary import CLASSES
     from factory_assets.vision.preview import grid_png
 
     fdb = mongo.fdb()
@@ -87,7 +87,7 @@ def training_manifests(context: dg.AssetExecutionContext, mongo: MongoResource,
     version is a content hash recorded in MongoDB ``datasets``."""
     from factory_assets.datasets.manifests import build_dataset, record_upload, upload_to_s3
     from factory_assets.datasets.summary import split_table
-    from factory_assets.vision.classes import CLASSES
+    from factory_assets.vocabulary import CLASSES
 
     fdb = mongo.fdb()
     days = sorted(context.partition_keys)

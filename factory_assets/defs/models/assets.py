@@ -74,7 +74,8 @@ def stock_model(context: dg.AssetExecutionContext, mongo: MongoResource,
     import time
 
     from factory_assets.datasets.summary import metrics_table
-    from factory_assets.storage.models import get_endpoint, load_model, register_model, set_checks
+    from factory_assets.serving.models import load_model
+    from factory_assets.storage.models import get_endpoint, register_model, set_checks
     from factory_assets.vision.evaluate import evaluate
     from factory_assets.vision.preview import confusion_png
     from factory_assets.vision.version import code_version

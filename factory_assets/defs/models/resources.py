@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from factory_assets.defs.models.sagemaker import SageMakerResource
+from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -15,7 +16,7 @@ class EndpointResource(dg.ConfigurableResource):
     at ``url``. ``backend="sagemaker"``: the SageMaker runtime ``invoke_endpoint``
     (``sagemaker_endpoint_url`` lets it point at any compatible server)."""
 
-    name: str = Field(default="factory-stock", description="endpoint name (MongoDB `endpoints` document)")
+    name: str = Field(default=DEFAULT_ENDPOINT, description="endpoint name (MongoDB `endpoints` document)")
     backend: str = Field(default="local", description="local | sagemaker")
     url: Optional[str] = Field(default=None, description=f"local server URL; default {DEFAULT_URL} (definitions.py "
                                                          "binds FACTORY_ENDPOINT_URL)")

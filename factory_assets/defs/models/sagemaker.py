@@ -14,6 +14,7 @@ import dagster as dg
 from pydantic import Field
 
 from factory_assets.backends.sagemaker.config import BACKEND_ENV, ENV, SageMakerConfig
+from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 
 class SageMakerResource(dg.ConfigurableResource):
@@ -27,7 +28,7 @@ class SageMakerResource(dg.ConfigurableResource):
     training_instance_type: Optional[str] = Field(default=None, description="default: ml.g4dn.xlarge (builtin), "
                                                                             "ml.m5.xlarge (byoc)")
     inference_instance_type: str = "ml.m5.large"
-    endpoint_name: str = "factory-stock"
+    endpoint_name: str = DEFAULT_ENDPOINT
     algorithm: str = Field(default="builtin", description="builtin | byoc")
     byoc_image_uri: Optional[str] = Field(default=None, description="ECR image built from the repo's Dockerfile")
     epochs: int = 10
@@ -105,7 +106,8 @@ def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, mode
     """``stock_model`` on SageMaker: train (built-in or byoc), evaluate, register, check."""
     from factory_assets.backends.sagemaker import SageMakerTrainer, TrainingJobFailed, TrainingJobTimeout
     from factory_assets.backends.sagemaker.registry import record_model
-    from factory_assets.storage.models import get_endpoint, get_model, load_model, set_checks
+    from factory_assets.serving.models import load_model
+    from factory_assets.storage.models import get_endpoint, get_model, set_checks
     from factory_assets.vision.version import code_version
 
     accuracy_check, regression_check = checks

@@ -54,7 +54,7 @@ def new_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource,
     the failed attempts of its first frame, so a frame that keeps failing gets a new run
     until it is quarantined). Frames the live updater inferred are reported as one
     ``stock_inferences`` event per day and ``REPORT_INTERVAL``."""
-    from factory_assets.clock import day_key, utcnow
+    from factory_assets.vocabulary.clock import day_key, utcnow
     from factory_assets.storage.frames import frame_ts
     from factory_assets.storage.models import served_version
     from factory_assets.twin.batch import failed_attempts
@@ -106,7 +106,7 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
     with the number of changes, the version range and the last observation's provenance
     (frame, frame time, model). Pictures are left to ``twin_state`` runs. Cursor: the
     last twin version reported per factory."""
-    from factory_assets.clock import utcnow
+    from factory_assets.vocabulary.clock import utcnow
 
     fdb = mongo.fdb()
     cursor = json.loads(context.cursor) if context.cursor else {}
@@ -158,7 +158,7 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
     retrains. Both use the last ``retrain_window.days`` days (one run over that partition
     range). A new run key every 300 frames, so a model that fails its checks is retried
     with more data."""
-    from factory_assets.clock import recent_days
+    from factory_assets.vocabulary.clock import recent_days
     from factory_assets.storage.models import served_version
     from factory_assets.twin.drift import bootstrap_readiness, controller_disagreement
 

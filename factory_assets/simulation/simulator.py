@@ -29,13 +29,11 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from factory_assets.ingest.render import SLOTS, TYPES, encode_jpeg, render_warehouse
+from factory_assets.simulation.render import SLOTS, TYPES, encode_jpeg, render_warehouse
+from factory_assets.vocabulary import CAMERA_TOPIC, ORDER_TOPIC, STOCK_TOPIC  # an order: {"type": "RED", "ts": ...}
 
-CAMERA_TOPIC = "i/cam"
-STOCK_TOPIC = "f/i/stock"
 BME680_TOPIC = "i/bme680"
 LDR_TOPIC = "i/ldr"
-ORDER_TOPIC = "f/o/order"  # the Fischertechnik cloud's order: {"type": "RED", "ts": ...}
 
 
 def iso_ms(dt: datetime) -> str:

@@ -2,7 +2,7 @@
 from datetime import datetime, timedelta, timezone
 
 from factory_assets.ingest.service import Ingestor
-from factory_assets.stack_console import StatusProbe, plain_line, render
+from factory_assets.cli.console import StatusProbe, plain_line, render
 from factory_assets_tests.helpers import jpeg_bytes
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)

@@ -53,7 +53,7 @@ def test_retrain_refuses_a_misspelt_day_or_a_reversed_range_before_touching_dags
 def test_one_day_parser_and_window_of_recent_days():
     from datetime import datetime, timezone
 
-    from factory_assets.clock import day_range, parse_day, recent_days
+    from factory_assets.vocabulary.clock import day_range, parse_day, recent_days
 
     assert parse_day("2026-11-22") == datetime(2026, 11, 22, tzinfo=timezone.utc)
     assert day_range("2026-11-29", "2026-12-01") == ["2026-11-29", "2026-11-30", "2026-12-01"]

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 
 def _day(text: str) -> datetime:
-    from factory_assets.clock import parse_day
+    from factory_assets.vocabulary.clock import parse_day
 
     return parse_day(text)
 

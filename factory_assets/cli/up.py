@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from factory_assets import config
+from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 
 def free_port(preferred: int) -> int:
@@ -67,7 +68,7 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     cli = [py, "-m", "factory_assets.cli"]
     mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
     services = [
-        Service("mqtt-broker", [py, "-m", "factory_assets.ingest.broker", "--port", str(mqtt_port)], mqtt_port),
+        Service("mqtt-broker", [py, "-m", "factory_assets.simulation.broker", "--port", str(mqtt_port)], mqtt_port),
         Service("ingester", cli + ["ingest", "mqtt", "--url", mqtt_url]),
         Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", str(fps), "--seed", str(seed),
                                      "--change-every", "6"]),
@@ -87,7 +88,7 @@ def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Se
 
     services = []
     if importlib.util.find_spec("factory_assets.serving.server"):
-        services.append(Service("inference-server", cli + ["serve", "--endpoint", "factory-stock",
+        services.append(Service("inference-server", cli + ["serve", "--endpoint", DEFAULT_ENDPOINT,
                                                            "--port", str(serve_port)], serve_port))
     if importlib.util.find_spec("factory_assets.twin.live"):
         services.append(Service("twin-updater", cli + ["twin", "live", "--endpoint-url",
@@ -113,7 +114,7 @@ class StatusDisplay:
     """The refreshing console: a rich Live panel on a terminal, a plain line every 30 s elsewhere."""
 
     def __init__(self, services, mongo_uri: str, links: dict, log_dir, verbose: bool = False):
-        from factory_assets.stack_console import StatusProbe
+        from factory_assets.cli.console import StatusProbe
 
         self.services = services
         self.links = links
@@ -142,7 +143,7 @@ class StatusDisplay:
         return self
 
     def refresh(self) -> None:
-        from factory_assets.stack_console import plain_line, render
+        from factory_assets.cli.console import plain_line, render
 
         now = time.monotonic()
         if self._status is None or now - self._last_read >= 2.0:

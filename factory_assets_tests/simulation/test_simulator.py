@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from factory_assets.ingest.render import SLOTS, TYPES, encode_jpeg, render_warehouse, slot_box
-from factory_assets.ingest.simulator import FactorySimulator, run_simulation
+from factory_assets.simulation.render import SLOTS, TYPES, encode_jpeg, render_warehouse, slot_box
+from factory_assets.simulation.simulator import FactorySimulator, run_simulation
 from factory_assets_tests.fixtures.mqtt import MqttRecorder, mqtt_broker  # noqa: F401
 
 TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -261,7 +261,7 @@ def test_the_simulator_reconnects_after_a_broker_restart_and_frames_arrive_again
 
 def test_the_simulate_command_runs_standalone_and_prints_progress(mqtt_broker):
     with MqttRecorder(mqtt_broker.url) as rec:
-        proc = subprocess.run([sys.executable, "-m", "factory_assets.ingest.sim_cli", "simulate",
+        proc = subprocess.run([sys.executable, "-m", "factory_assets.cli.simulate", "simulate",
                                "--mqtt", mqtt_broker.url, "--frames", "6", "--fps", "10", "--seed", "3",
                                "--progress-every", "0.2"],
                               capture_output=True, text=True, timeout=60)
@@ -275,7 +275,7 @@ def test_the_simulate_command_runs_standalone_and_prints_progress(mqtt_broker):
 def test_the_simulate_subcommand_registers_on_another_parser():
     import argparse
 
-    from factory_assets.ingest.sim_cli import register
+    from factory_assets.cli.simulate import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

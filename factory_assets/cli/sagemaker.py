@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _status(args) -> int:
 
     cfg = _config(args).validate(training=False)
     sm = cfg.sagemaker_client()
-    jobs = sm.list_training_jobs(NameContains="factory-stock", SortBy="CreationTime", SortOrder="Descending",
+    jobs = sm.list_training_jobs(NameContains=DEFAULT_ENDPOINT, SortBy="CreationTime", SortOrder="Descending",
                                  MaxResults=args.limit).get("TrainingJobSummaries", [])
     print(json.dumps({
         "settings": cfg.public_view(),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from factory_assets.ingest.broker import port_accepts, start_broker
+from factory_assets.simulation.broker import port_accepts, start_broker
 from factory_assets_tests.fixtures.mqtt import MqttRecorder, mqtt_broker  # noqa: F401
 
 
@@ -89,7 +89,7 @@ def test_start_broker_on_a_given_port_uses_that_port():
 
 
 def test_a_second_broker_on_a_busy_port_fails_with_the_reason(mqtt_broker):
-    from factory_assets.ingest.broker import BrokerError
+    from factory_assets.simulation.broker import BrokerError
 
     with pytest.raises(BrokerError, match="did not start"):
         start_broker(mqtt_broker.port, startup_timeout=10)
@@ -97,7 +97,7 @@ def test_a_second_broker_on_a_busy_port_fails_with_the_reason(mqtt_broker):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_the_module_runs_in_the_foreground_until_a_signal_and_exits_cleanly(sig):
-    proc = subprocess.Popen([sys.executable, "-m", "factory_assets.ingest.broker", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "factory_assets.simulation.broker", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()

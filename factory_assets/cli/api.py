@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from factory_assets.vocabulary import ORDER_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--mqtt", default=None, help="broker for orders, e.g. mqtt://127.0.0.1:1883 (or FACTORY_MQTT_URL)")
-    p.add_argument("--order-topic", default=os.environ.get("FACTORY_ORDER_TOPIC", "f/o/order"))
+    p.add_argument("--order-topic", default=os.environ.get("FACTORY_ORDER_TOPIC", ORDER_TOPIC))
     p.add_argument("--reads", choices=("auto", "open", "closed"), default="auto",
                    help="auto: reads open only when bound to a loopback address")
     p.add_argument("--cors", default="", help="comma-separated allowed origins")

@@ -12,17 +12,17 @@ import sys
 
 # Domain modules that contribute subcommands, in help order.
 COMMAND_MODULES = (
-    "factory_assets.storage.cli",
-    "factory_assets.ingest.cli",
-    "factory_assets.ingest.sim_cli",
-    "factory_assets.datasets.cli",
-    "factory_assets.vision.cli",
-    "factory_assets.serving.cli",
-    "factory_assets.twin.cli",
-    "factory_assets.api.cli",
-    "factory_assets.retrain_cli",
-    "factory_assets.backends.cli",
-    "factory_assets.stack",
+    "factory_assets.cli.db",
+    "factory_assets.cli.ingest",
+    "factory_assets.cli.simulate",
+    "factory_assets.cli.dataset",
+    "factory_assets.cli.model",
+    "factory_assets.cli.serve",
+    "factory_assets.cli.twin",
+    "factory_assets.cli.api",
+    "factory_assets.cli.retrain",
+    "factory_assets.cli.sagemaker",
+    "factory_assets.cli.up",
 )
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from factory_assets.vocabulary import SLOTS, TYPES  # noqa: F401 (re-exported for the simulation)
+
 WIDTH, HEIGHT = 320, 240
-SLOTS: tuple[str, ...] = ("A1", "A2", "A3", "B1", "B2", "B3", "C1", "C2", "C3")
 ROWS: tuple[str, ...] = ("A", "B", "C")
 COLUMNS: tuple[str, ...] = ("1", "2", "3")
-TYPES: tuple[str, ...] = ("BLUE", "RED", "WHITE")
 
 # rack geometry (pixels of the 320x240 picture, before jitter)
 POST_X: tuple[int, ...] = (52, 132, 212, 292)  # centres of the 4 vertical posts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from factory_assets.vocabulary import DEFAULT_ENDPOINT, DEFAULT_FACTORY_ID
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class FactoryStatus:
 class StatusProbe:
     """Reads ``FactoryStatus`` every call; frames/s from the change of the frame counter."""
 
-    def __init__(self, uri: str, database: str, endpoint: str = "factory-stock", factory_id: str = "factory-1"):
+    def __init__(self, uri: str, database: str, endpoint: str = DEFAULT_ENDPOINT, factory_id: str = DEFAULT_FACTORY_ID):
         self.uri = uri
         self.database = database
         self.endpoint = endpoint

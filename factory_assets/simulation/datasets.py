@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory_assets.ingest.render import SLOTS, TYPES, encode_jpeg, render_warehouse
+from factory_assets.simulation.render import encode_jpeg, render_warehouse
+from factory_assets.vocabulary import CLASSES, SLOTS, TYPE_TO_COLOUR, TYPES
 
-TYPE_TO_COLUMN = {"BLUE": 0, "RED": 1, "WHITE": 2}
+TYPE_TO_COLUMN = {t: CLASSES.index(c) for t, c in TYPE_TO_COLOUR.items()}
 
 
 def random_stock(rng) -> dict:

@@ -1,7 +1,7 @@
 """``train`` and ``evaluate`` subcommands for the stock model.
 
 The main ``factory_assets`` CLI calls ``register(subparsers)``; ``main`` runs the
-two commands standalone: ``python -m factory_assets.vision.cli train ...``.
+two commands standalone: ``python -m factory_assets.cli.model train ...``.
 Heavy imports (cv2, sklearn) happen inside the command functions.
 """
 from __future__ import annotations

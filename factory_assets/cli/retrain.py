@@ -13,8 +13,8 @@ import os
 def _retrain(args) -> int:
     import dagster as dg
 
-    from factory_assets import stack
-    from factory_assets.clock import day_range
+    from factory_assets.cli import up as stack
+    from factory_assets.vocabulary.clock import day_range
 
     day_range(args.from_day, args.to_day)  # ValueError naming a bad day, or --from after --to
     os.environ.setdefault("DAGSTER_HOME", str(stack.dagster_home()))

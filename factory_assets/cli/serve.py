@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
-DEFAULT_ENDPOINT = "factory-stock"
 
 
 def _serve(args) -> int:

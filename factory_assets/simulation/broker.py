@@ -1,6 +1,6 @@
 """A real MQTT broker for tests, demos and ``make run``: Mosquitto, or amqtt as the pip-only fallback.
 
-``python -m factory_assets.ingest.broker --port 1883`` runs a broker bound to
+``python -m factory_assets.simulation.broker --port 1883`` runs a broker bound to
 127.0.0.1 in the foreground until SIGTERM/SIGINT, then shuts it down cleanly.
 ``--port 0`` picks a free port; the first line on stdout is always
 ``listening mqtt://127.0.0.1:PORT`` once the listener accepts connections.
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
     import logging
 
-    p = argparse.ArgumentParser(prog="python -m factory_assets.ingest.broker",
+    p = argparse.ArgumentParser(prog="python -m factory_assets.simulation.broker",
                                 description="Run an MQTT broker (Mosquitto, else amqtt) on 127.0.0.1 until SIGTERM/SIGINT.")
     p.add_argument("--port", type=int, default=1883, help="TCP port (0 = any free port)")
     p.add_argument("--host", default=HOST, help="address to bind (default 127.0.0.1)")
@@ -307,7 +307,7 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         if self.running:
             return self
-        cmd = [sys.executable, "-m", "factory_assets.ingest.broker", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "factory_assets.simulation.broker", "--port", str(self.port),
                "--host", self.host, "--exit-with-parent", str(os.getpid()), "--broker", self.kind]
         if self.data_dir is not None:
             cmd += ["--data-dir", str(self.data_dir)]

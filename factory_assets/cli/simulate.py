@@ -1,7 +1,7 @@
 """``simulate``: run the simulated factory against an MQTT broker.
 
 ``factory_assets.cli`` adds it with :func:`register`; standalone:
-``python -m factory_assets.ingest.sim_cli simulate --mqtt mqtt://127.0.0.1:1883``.
+``python -m factory_assets.cli.simulate simulate --mqtt mqtt://127.0.0.1:1883``.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from factory_assets.ingest.simulator import run_simulation
+    from factory_assets.simulation.simulator import run_simulation
 
     stop = threading.Event()
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m factory_assets.ingest.sim_cli")
+    parser = argparse.ArgumentParser(prog="python -m factory_assets.cli.simulate")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
