@@ -2,6 +2,8 @@
 with resources bound once here."""
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from dagster_aws.s3 import S3Resource
@@ -14,6 +16,12 @@ from factory_assets.defs.resources import MongoResource
 from factory_assets.defs.twin.sensors import RetrainWindow
 
 DOMAINS = [camera, datasets, models, twin]
+
+
+def _bound(field: str, env: str) -> dict:
+    """``{field: dg.EnvVar(env)}`` when the variable is set (make run sets it), else nothing
+    (the resource's default applies), so `dg dev` on its own still loads."""
+    return {field: dg.EnvVar(env)} if os.environ.get(env) else {}
 
 
 def _collect(attr: str) -> list:
@@ -29,7 +37,7 @@ defs = dg.Definitions(
     resources={
         "mongo": MongoResource(),
         # make run / factory-assets up set FACTORY_ENDPOINT_URL for dagster (factory_assets/cli/up.py)
-        "endpoint": EndpointResource(url=dg.EnvVar("FACTORY_ENDPOINT_URL"), **backend_from_env()),
+        "endpoint": EndpointResource(**_bound("url", "FACTORY_ENDPOINT_URL"), **backend_from_env()),
         "retrain_window": RetrainWindow(),
         "model_policy": ModelPolicyResource(),
         "dataset_target": DatasetTargetResource(),
