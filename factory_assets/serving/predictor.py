@@ -41,6 +41,8 @@ class Prediction:
     thresholds: dict | None = None
     classes: tuple = CLASSES
     present: dict = field(default_factory=dict)
+    model_kind: str | None = None  # "slots" for the per-slot model; None when the endpoint did not say
+    slots: dict | None = None      # per-slot model: slot -> {"state", "type", "probability"}; None otherwise
 
     def __post_init__(self):
         if not self.present and self.thresholds:
@@ -59,23 +61,31 @@ class Predictor(Protocol):
 
 def parse_response(body: bytes | str, latency_ms: float, version_header: str | None = None) -> Prediction:
     """A SageMaker image-classifier response: a JSON list of probabilities, or our
-    verbose object ``{"prediction": [...], "model_version": ..., "thresholds": {...}}``."""
+    verbose object ``{"prediction": [...], "model_version": ..., "thresholds": {...}}``,
+    which a per-slot model extends with ``model_kind`` and ``slots`` (slot -> state).
+    The plain list (SageMaker's built-in algorithm) has no slots: ``slots`` stays None."""
     try:
         data = json.loads(body)
     except (ValueError, TypeError) as exc:
         raise EndpointUnavailable(f"endpoint returned non-JSON: {str(body)[:200]!r}") from exc
     if isinstance(data, list):
         probs, version, thresholds, classes = data, version_header, None, CLASSES
+        model_kind, slots = None, None
     elif isinstance(data, dict) and isinstance(data.get("prediction"), list):
         probs = data["prediction"]
         version = data.get("model_version") or version_header
         thresholds = data.get("thresholds")
         classes = tuple(data.get("labels") or CLASSES)
+        model_kind = data.get("model_kind")
+        slots = data.get("slots")
+        if slots is not None and not isinstance(slots, dict):
+            raise EndpointUnavailable(f"unexpected slots in endpoint response: {str(slots)[:200]!r}")
     else:
         raise EndpointUnavailable(f"unexpected endpoint response: {str(body)[:200]!r}")
     if len(probs) != len(CLASSES):
         raise EndpointUnavailable(f"expected {len(CLASSES)} probabilities, got {len(probs)}")
-    return Prediction([float(p) for p in probs], version, latency_ms, thresholds, classes)
+    return Prediction([float(p) for p in probs], version, latency_ms, thresholds, classes,
+                      model_kind=model_kind, slots=slots or None)
 
 
 class HttpEndpointPredictor:
@@ -220,9 +230,15 @@ class InProcessPredictor:
         from factory_assets.vision.decode import ImageDecodeError
 
         started = time.perf_counter()
+        details = getattr(self.model, "predict_details", None)
         try:
-            probs = self.model.predict_proba_bytes(image)
+            if details is None:  # a model without details: presence only
+                d = {"probabilities": self.model.predict_proba_bytes(image), "slots": None,
+                     "model_kind": getattr(self.model, "kind", None)}
+            else:
+                d = details(image)
         except (ImageDecodeError, ValueError) as exc:
             raise BadInput(str(exc), 400) from exc
-        return Prediction(probs, self.model.version, (time.perf_counter() - started) * 1000,
-                          dict(self.model.thresholds), tuple(self.model.classes))
+        return Prediction([float(p) for p in d["probabilities"]], self.model.version,
+                          (time.perf_counter() - started) * 1000, dict(self.model.thresholds),
+                          tuple(self.model.classes), model_kind=d.get("model_kind"), slots=d.get("slots"))

@@ -11,15 +11,23 @@ from datetime import datetime, timezone
 
 
 def build_inference(frame: dict, *, probabilities: dict, thresholds: dict, model_version: str,
-                    latency_ms: float, source: str) -> dict:
+                    latency_ms: float, source: str, slots: dict | None = None,
+                    model_kind: str | None = None) -> dict:
+    """One inference document. ``slots`` (a per-slot model's slot -> state) and ``model_kind``
+    are stored only when given, so a presence model's documents keep their shape."""
     from factory_assets.storage.frames import frame_ts
 
     present = {c: bool(p >= thresholds.get(c, 0.5)) for c, p in probabilities.items()}
-    return {"frame_id": frame["_id"], "frame_seq": frame.get("seq"), "frame_ts": frame_ts(frame),
+    doc = {"frame_id": frame["_id"], "frame_seq": frame.get("seq"), "frame_ts": frame_ts(frame),
             "camera_id": frame.get("camera_id"), "factory_id": frame.get("factory_id", "factory-1"),
             "model_version": model_version, "probabilities": probabilities, "present": present,
             "thresholds": thresholds, "latency_ms": round(float(latency_ms), 3), "source": source,
             "created_at": datetime.now(timezone.utc)}
+    if slots:
+        doc["slots"] = slots
+    if model_kind:
+        doc["model_kind"] = model_kind
+    return doc
 
 
 def record_inference(fdb, doc: dict) -> bool:

@@ -95,8 +95,10 @@ def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: d
         return None
     version = pred.model_version or "unknown"
     thresholds = getattr(pred, "thresholds", None) or thresholds_for(fdb, version, thresholds_cache)
+    # a per-slot model's slots travel with the inference, so the twin shows observed.slots and delta.slots
     doc = build_inference(frame, probabilities=dict(zip(COLOURS, pred.probabilities)), thresholds=thresholds,
-                          model_version=version, latency_ms=pred.latency_ms, source=source)
+                          model_version=version, latency_ms=pred.latency_ms, source=source,
+                          slots=getattr(pred, "slots", None), model_kind=getattr(pred, "model_kind", None))
     record_inference(fdb, doc)
     apply_observation(fdb, Observation.from_inference(doc, source))
     return doc
@@ -113,15 +115,15 @@ class LiveStats:
 
 class LiveTwinUpdater:
     def __init__(self, fdb, predictor, *, cursor_name: str = "twin-live", batch: int = 32,
-                 max_backlog: int = 200, poll_seconds: float = 0.05, log=print,
+                 max_backlog: int = 200, poll_seconds: float = 0.05, log=None,
                  max_idle_seconds: float = 1.0, change_stream: bool = True):
+        # ``log`` is accepted for compatibility and ignored: progress goes to this module's logger.
         self.fdb = fdb
         self.predictor = predictor
         self.cursor_name = cursor_name
         self.batch = batch
         self.max_backlog = max_backlog
         self.poll_seconds = poll_seconds
-        self.log = log
         self.cursor = load_cursor(fdb, cursor_name)
         self.stats = LiveStats()
         self._thresholds: dict = {}
@@ -132,7 +134,7 @@ class LiveTwinUpdater:
         # Between frames: a change stream where the server offers one, else a 50 ms-1 s poll.
         self.waiter = ChangeWaiter(fdb, cursor_name, extra={"mqtt": {"fullDocument.topic": STOCK_TOPIC}},
                                    min_interval=poll_seconds, max_interval=max_idle_seconds,
-                                   change_stream=change_stream, log=log)
+                                   change_stream=change_stream)
 
     def _save_cursor(self) -> None:
         if self.cursor != self._saved_cursor:  # no write while nothing moves
@@ -168,7 +170,7 @@ class LiveTwinUpdater:
             # recent frames so the twin is live now; the batch path infers the older ones.
             skip_to = page.horizon - self.max_backlog
             self.stats.skipped_to_batch += skip_to - self.cursor
-            self.log(f"live: {skip_to - self.cursor} older frames left to the batch path")
+            logger.info("live: %d older frames left to the batch path", skip_to - self.cursor)
             self.cursor = skip_to
             self._save_cursor()
             page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
@@ -222,8 +224,8 @@ class LiveTwinUpdater:
                     # Endpoint or MongoDB restarting: nothing was skipped (the cursor only moves
                     # past stored inferences), so wait and resume from the stored cursor.
                     what = "endpoint" if isinstance(exc, EndpointUnavailable) else "MongoDB"
-                    self.log(f"live: {what} unavailable ({exc.__class__.__name__}: {str(exc)[:200]}); "
-                             f"retrying in {backoff:.1f}s")
+                    logger.warning("live: %s unavailable (%s: %s); retrying in %.1fs", what,
+                                   exc.__class__.__name__, str(exc)[:200], backoff)
                     if isinstance(exc, PyMongoError):
                         self.waiter.close(save=False)
                     time.sleep(backoff)
@@ -231,8 +233,8 @@ class LiveTwinUpdater:
                     changed = None
                     continue
                 if time.monotonic() - last_log > 30:
-                    self.log(f"live: inferred={self.stats.inferred} rejected={self.stats.rejected} "
-                             f"cursor={self.cursor}")
+                    logger.info("live: inferred=%d rejected=%d cursor=%d", self.stats.inferred,
+                                self.stats.rejected, self.cursor)
                     last_log = time.monotonic()
                 if handled or self._more:
                     self.waiter.activity()

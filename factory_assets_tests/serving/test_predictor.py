@@ -8,6 +8,7 @@ import pytest
 from factory_assets.serving.predictor import (BadInput, EndpointUnavailable, HttpEndpointPredictor,
                                               InProcessPredictor, SageMakerRuntimePredictor)
 from factory_assets.serving.server import InferenceServer
+from factory_assets_tests.twin.slot_model import slot_jpeg, slot_model, slot_model_server  # noqa: F401
 
 
 @pytest.fixture
@@ -85,3 +86,42 @@ def test_the_http_predictor_recovers_after_the_server_restarts(trained_models, s
         assert predictor.predict(sim_jpeg).model_version == trained_models[1].version
     finally:
         srv.stop()
+
+
+def test_every_predictor_carries_a_per_slot_models_slots(slot_model_server, slot_model, slot_jpeg, aws_env):
+    model = slot_model.model
+    expected = model.predict_details(slot_jpeg)
+    predictions = [HttpEndpointPredictor(slot_model_server.url).predict(slot_jpeg),
+                   SageMakerRuntimePredictor("factory-stock", endpoint_url=slot_model_server.url).predict(slot_jpeg),
+                   InProcessPredictor(model).predict(slot_jpeg)]
+    for p in predictions:
+        assert p.model_kind == "slots"
+        assert p.slots == expected["slots"]
+        assert p.probabilities == pytest.approx(expected["probabilities"], abs=1e-6)
+        assert p.present == expected["present"]
+        assert p.model_version == model.version
+
+
+def test_a_presence_model_and_the_plain_list_answer_have_no_slots(server, trained_models, sim_jpeg, aws_env):
+    assert HttpEndpointPredictor(server.url).predict(sim_jpeg).slots is None
+    assert InProcessPredictor(trained_models[0].model).predict(sim_jpeg).slots is None
+
+
+def test_the_built_in_algorithms_plain_list_still_parses_without_slots(slot_model_server, slot_model, slot_jpeg,
+                                                                      aws_env):
+    # SageMaker's built-in image classifier answers a bare list: no slots, no kind, still a prediction
+    plain = SageMakerRuntimePredictor("factory-stock", endpoint_url=slot_model_server.url,
+                                      verbose=False).predict(slot_jpeg)
+    assert plain.slots is None and plain.model_kind is None
+    assert len(plain.probabilities) == 3
+    assert plain.probabilities == pytest.approx(slot_model.model.predict_proba_bytes(slot_jpeg), abs=1e-6)
+
+
+def test_a_verbose_answer_with_malformed_slots_is_endpoint_unavailable():
+    from factory_assets.serving.predictor import parse_response
+
+    with pytest.raises(EndpointUnavailable, match="slots"):
+        parse_response(b'{"prediction": [0.1, 0.2, 0.3], "slots": [1, 2]}', 1.0)
+    parsed = parse_response(b'{"prediction": [0.9, 0.2, 0.3], "model_kind": "slots", '
+                            b'"slots": {"A1": {"state": "blue", "type": "BLUE", "probability": 0.9}}}', 1.0)
+    assert parsed.model_kind == "slots" and parsed.slots["A1"]["type"] == "BLUE"
