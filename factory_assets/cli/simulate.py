@@ -28,7 +28,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sensor-interval", type=float, default=5.0, metavar="S",
                    help="publish i/bme680 and i/ldr every S seconds (default 5)")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="S",
-                   help="print a progress line every S simulated seconds (0 = never)")
+                   help="log a progress line every S simulated seconds (0 = never)")
     p.set_defaults(func=run)
     return p
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from factory_assets.simulation.simulator import run_simulation
+    from factory_assets.simulation.publisher import run_simulation
 
     stop = threading.Event()
 
@@ -47,16 +47,13 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
 
-    def log(line: str) -> None:
-        print(line, flush=True)
-
     print(f"simulating factory {args.factory_id} (camera {args.camera_id}, seed {args.seed}, {args.fps:g} fps) "
           f"-> {args.mqtt}", flush=True)
     try:
         result = run_simulation(args.mqtt, fps=args.fps, duration_s=args.duration, max_frames=args.frames,
                                 seed=args.seed, stock_interval_s=args.stock_interval, camera_id=args.camera_id,
                                 factory_id=args.factory_id, change_every_s=args.change_every,
-                                sensor_interval_s=args.sensor_interval, stop_event=stop, log=log,
+                                sensor_interval_s=args.sensor_interval, stop_event=stop,
                                 progress_every_s=args.progress_every)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -68,10 +65,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from factory_assets.cli import configure_logging
+
     parser = argparse.ArgumentParser(prog="python -m factory_assets.cli.simulate")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
+    configure_logging()
     return args.func(args)
 
 

@@ -2,7 +2,7 @@
 
 from factory_assets.ingest.mqtt import MqttIngester
 from factory_assets.ingest.service import Ingestor
-from factory_assets.simulation.simulator import run_simulation
+from factory_assets.simulation.publisher import run_simulation
 from factory_assets.storage.frames import parse_ts, wait_until
 
 

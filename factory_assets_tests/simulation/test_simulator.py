@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import cv2
@@ -15,7 +14,8 @@ import numpy as np
 import pytest
 
 from factory_assets.simulation.render import SLOTS, TYPES, encode_jpeg, render_warehouse, slot_box
-from factory_assets.simulation.simulator import FactorySimulator, run_simulation
+from factory_assets.simulation.factory import FactorySimulator
+from factory_assets.simulation.publisher import run_in_background, run_simulation
 from factory_assets_tests.fixtures.mqtt import MqttRecorder, mqtt_broker  # noqa: F401
 
 TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -64,21 +64,6 @@ def jpeg_of(camera_message: dict) -> bytes:
 def stock_of(stock_message: dict) -> dict[str, str | None]:
     return {it["location"]: (it["workpiece"]["type"] if it["workpiece"] else None)
             for it in stock_message["stockItems"]}
-
-
-def run_in_background(url: str, **kwargs):
-    stop = threading.Event()
-    out: dict = {}
-
-    def target():
-        try:
-            out["result"] = run_simulation(url, stop_event=stop, **kwargs)
-        except BaseException as exc:  # surfaced by the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return stop, thread, out
 
 
 def random_stock(rng: np.random.Generator) -> dict[str, str | None]:
@@ -268,7 +253,8 @@ def test_the_simulate_command_runs_standalone_and_prints_progress(mqtt_broker):
         assert proc.returncode == 0, proc.stderr
         assert rec.wait_until(lambda: rec.count("i/cam") == 6, 5)
     assert "done: 6 frames" in proc.stdout
-    assert "t=" in proc.stdout and "stock=" in proc.stdout
+    # progress lines are log records (stderr), the result is the command's output (stdout)
+    assert "t=" in proc.stderr and "stock=" in proc.stderr
     assert rec.count("f/i/stock") >= 1
 
 
