@@ -59,7 +59,7 @@ def scan(root: Path) -> list[Path]:
 
 
 def ingest_dir(ingestor: Ingestor, root: Path, *, watch: bool = False, poll_seconds: float = 1.0,
-               duration: float | None = None, rescan: bool = False, log=print) -> dict:
+               duration: float | None = None, rescan: bool = False) -> dict:
     """Ingest the images under ``root``; files recorded as ingested (same mtime and size) are skipped."""
     root = Path(root)
     if not root.is_dir():
@@ -95,7 +95,7 @@ def ingest_dir(ingestor: Ingestor, root: Path, *, watch: bool = False, poll_seco
                 if len(batch) >= ingestor.batch_size:
                     store()
             store()
-            log(ingestor.stats.line())
+            logger.info("%s", ingestor.stats.line())
             if not watch or (deadline and time.monotonic() >= deadline):
                 break
             time.sleep(poll_seconds)
@@ -105,7 +105,7 @@ def ingest_dir(ingestor: Ingestor, root: Path, *, watch: bool = False, poll_seco
 
 
 def ingest_video(ingestor: Ingestor, url: str, *, fps: float = 1.0, max_frames: int | None = None,
-                 start: datetime | None = None, rescan: bool = False, log=print) -> dict:
+                 start: datetime | None = None, rescan: bool = False) -> dict:
     """Sample a video file or RTSP stream at ``fps`` and store the frames as JPEG.
 
     A video file resumes after the last frame index recorded as stored (same file, same fps)."""
@@ -164,5 +164,5 @@ def ingest_video(ingestor: Ingestor, url: str, *, fps: float = 1.0, max_frames: 
     finally:
         cap.release()
         store()
-    log(ingestor.stats.line())
+    logger.info("%s", ingestor.stats.line())
     return {**ingestor.stats.summary(), "resumed_after_frame": resume_after}

@@ -63,7 +63,7 @@ class _Received:
 
 class MqttIngester:
     def __init__(self, ingestor: Ingestor, url: str, *, client_id: str | None = None,
-                 progress_every: float = 5.0, log=print, max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+                 progress_every: float = 5.0, log=None, max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
                  keepalive: int = 30, stop_timeout: float = 10.0):
         self.ingestor = ingestor
         self.ingestor.auto_flush = False  # we flush, then acknowledge
@@ -71,7 +71,7 @@ class MqttIngester:
         self.host, self.port = parse_mqtt_url(url)
         self.client_id = client_id or default_client_id(ingestor.factory_id, ingestor.camera_id)
         self.progress_every = progress_every
-        self.log = log
+        del log  # accepted for old callers; records go to this module's logger
         self.max_buffer_bytes = max_buffer_bytes
         self.keepalive = keepalive
         self.stop_timeout = stop_timeout
@@ -98,26 +98,26 @@ class MqttIngester:
     # -- paho callbacks (network thread) ----------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
-            self.log(f"MQTT connect to {self.host}:{self.port} refused: {reason_code}")
+            logger.warning("MQTT connect to %s:%s refused: %s", self.host, self.port, reason_code)
             return
         with self._cond:
             self._connection += 1
         client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
         self.connects += 1
         self.connected.set()
-        self.log(f"MQTT connected to {self.host}:{self.port} as {self.client_id} "
-                 f"(connection #{self.connects}, session present: {bool(flags.session_present)})")
+        logger.info("MQTT connected to %s:%s as %s (connection #%d, session present: %s)", self.host,
+                    self.port, self.client_id, self.connects, bool(flags.session_present))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
         if not any(rc.is_failure for rc in reason_codes):
             self.subscribed.set()
-            self.log(f"MQTT subscribed to {', '.join(SUBSCRIPTIONS)} (QoS 1)")
+            logger.info("MQTT subscribed to %s (QoS 1)", ", ".join(SUBSCRIPTIONS))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         self.connected.clear()
         self.subscribed.clear()
         if not self._stopping.is_set():
-            self.log(f"MQTT disconnected ({reason_code}); reconnecting")
+            logger.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
         payload = bytes(msg.payload)
@@ -164,7 +164,7 @@ class MqttIngester:
                 break  # stopped while the database was down: these stay unacknowledged
             self._acknowledge(batch)
             if self.progress_every and time.monotonic() - last_progress >= self.progress_every:
-                self.log(self.ingestor.stats.line())
+                logger.info("%s", self.ingestor.stats.line())
                 last_progress = time.monotonic()
 
     def _store(self) -> bool:
@@ -179,17 +179,19 @@ class MqttIngester:
                 if failing_since is None:
                     failing_since = now
                 if now - last_log >= FAILURE_LOG_EVERY_S:
-                    self.log(f"store failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                             f"{self.ingestor.pending} records kept in memory, retrying with backoff")
+                    logger.warning("store failed (%s: %s); %d records kept in memory, retrying with backoff "
+                                   "(next report in %.0f s)", type(exc).__name__, str(exc)[:200],
+                                   self.ingestor.pending, FAILURE_LOG_EVERY_S)
                     last_log = now
                 if self._stop.wait(min(0.1 * 2 ** attempt, MAX_BACKOFF_S)):
-                    self.log(f"stopping with {self.ingestor.pending} records not stored; "
-                             "the broker redelivers their messages")
+                    logger.warning("stopping with %d records not stored; the broker redelivers their messages",
+                                   self.ingestor.pending)
                     return False
                 attempt += 1
                 continue
             if failing_since is not None:
-                self.log(f"store recovered after {time.monotonic() - failing_since:.1f}s and {attempt + 1} attempts")
+                logger.info("store recovered after %.1fs and %d attempts", time.monotonic() - failing_since,
+                            attempt + 1)
             return True
 
     def _acknowledge(self, batch: list[_Received]) -> None:

@@ -18,11 +18,11 @@ def test_a_folder_is_ingested_recursively_and_a_second_run_reads_nothing_again(f
     (tmp_path / "day1" / "b.png").write_bytes(png_bytes())
     (tmp_path / "day1" / "broken.jpg").write_bytes(jpeg_bytes(seed=2)[:500])
     (tmp_path / "notes.txt").write_text("not an image")
-    first = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, log=lambda *_: None)
-    second = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, log=lambda *_: None)
+    first = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path)
+    second = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path)
     assert (first["frames"], first["quarantined"]) == (2, 1)
     assert (second["frames"], second["duplicates"], second["skipped_files"]) == (0, 0, 3)
-    rescan = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, rescan=True, log=lambda *_: None)
+    rescan = ingest_dir(Ingestor(fdb, camera_id="folder"), tmp_path, rescan=True)
     assert (rescan["frames"], rescan["duplicates"]) == (0, 2)  # re-read, still stored once
     assert fdb.frames.count_documents({}) == 2
     q = fdb.quarantine.find_one()
@@ -35,7 +35,7 @@ def test_watch_mode_picks_up_files_added_later(fdb, tmp_path):
     (tmp_path / "first.jpg").write_bytes(jpeg_bytes(seed=1))
     timer = threading.Timer(0.6, lambda: (tmp_path / "later.jpg").write_bytes(jpeg_bytes(seed=3)))
     timer.start()
-    summary = ingest_dir(Ingestor(fdb), tmp_path, watch=True, poll_seconds=0.2, duration=2.0, log=lambda *_: None)
+    summary = ingest_dir(Ingestor(fdb), tmp_path, watch=True, poll_seconds=0.2, duration=2.0)
     assert summary["frames"] == 2
 
 
@@ -45,9 +45,9 @@ def test_a_video_file_is_sampled_at_the_requested_fps_idempotently(fdb, tmp_path
     for i in range(30):  # 3 s at 10 fps
         writer.write(np.full((240, 320, 3), (i * 8) % 255, np.uint8))
     writer.release()
-    summary = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, log=lambda *_: None)
-    again = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, log=lambda *_: None)
-    rescan = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, rescan=True, log=lambda *_: None)
+    summary = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0)
+    again = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0)
+    rescan = ingest_video(Ingestor(fdb, camera_id="video"), path, fps=2.0, rescan=True)
     assert summary["frames"] == 6
     assert again["frames"] == 0 and again["duplicates"] == 0  # resumed after the last stored frame
     assert rescan["frames"] == 0 and rescan["duplicates"] == 6
@@ -70,9 +70,8 @@ def test_a_video_file_stopped_part_way_resumes_after_the_last_stored_frame(fdb, 
     for i in range(30):
         writer.write(np.full((240, 320, 3), (i * 8) % 255, np.uint8))
     writer.release()
-    first = ingest_video(Ingestor(fdb, camera_id="video", batch_size=2), path, fps=2.0, max_frames=4,
-                         log=lambda *_: None)
-    rest = ingest_video(Ingestor(fdb, camera_id="video", batch_size=2), path, fps=2.0, log=lambda *_: None)
+    first = ingest_video(Ingestor(fdb, camera_id="video", batch_size=2), path, fps=2.0, max_frames=4)
+    rest = ingest_video(Ingestor(fdb, camera_id="video", batch_size=2), path, fps=2.0)
     assert first["frames"] == 4 and rest["frames"] == 2 and rest["duplicates"] == 0
     assert sorted(d["source"]["frame_index"] for d in fdb.frames.find()) == [0, 5, 10, 15, 20, 25]
 

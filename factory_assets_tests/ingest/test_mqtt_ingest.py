@@ -22,7 +22,7 @@ def publish_frames(client, start: int, n: int):
 
 def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_losing_good_frames(fdb, mqtt_broker):
     broker = mqtt_broker
-    ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
+    ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0).start()
     try:
         assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
         pub = publisher(broker)
@@ -43,7 +43,7 @@ def test_a_simulated_stream_with_bad_messages_is_stored_and_quarantined_without_
 
 def test_the_ingester_reconnects_after_a_broker_restart_and_keeps_ingesting(fdb, mqtt_broker):
     broker = mqtt_broker
-    ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0, log=lambda *_: None).start()
+    ingester = MqttIngester(Ingestor(fdb), broker.url, progress_every=0).start()
     try:
         assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
         pub = publisher(broker)

@@ -298,7 +298,7 @@ def test_while_mongodb_is_down_the_ingester_holds_at_most_its_byte_limit_and_the
     payloads = [cam_payload(IMAGES[i], frame_ts(i)) for i in range(N_FRAMES)]
     limit = 3 * max(len(p) for p in payloads)
     ingester = MqttIngester(Ingestor(fdb, batch_size=2), broker.url, client_id=f"bounded-{uuid.uuid4().hex[:6]}",
-                            progress_every=0, log=lambda *_: None, max_buffer_bytes=limit).start()
+                            progress_every=0, max_buffer_bytes=limit).start()
     pub = None
     try:
         assert ingester.subscribed.wait(30)

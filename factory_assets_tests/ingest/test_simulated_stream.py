@@ -7,7 +7,7 @@ from factory_assets.storage.frames import parse_ts, wait_until
 
 
 def test_a_simulated_stream_lands_in_mongodb_frame_for_frame_with_consistent_stock(fdb, mqtt_broker):
-    ingester = MqttIngester(Ingestor(fdb), mqtt_broker.url, progress_every=0, log=lambda *_: None).start()
+    ingester = MqttIngester(Ingestor(fdb), mqtt_broker.url, progress_every=0).start()
     truth: dict = {}
     try:
         assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
