@@ -19,7 +19,7 @@ GRACE_SECONDS = 30.0
 def start(paths: MLPaths, host: str = "127.0.0.1", port: int = 8080):
     from factory_assets.serving.server import serve
 
-    return serve(host, port, model_dir=str(paths.model_dir), log=logger.info)
+    return serve(host, port, model_dir=str(paths.model_dir))
 
 
 def run(paths: MLPaths, host: str | None = None, port: int | None = None, grace: float = GRACE_SECONDS) -> int:
@@ -29,10 +29,14 @@ def run(paths: MLPaths, host: str | None = None, port: int | None = None, grace:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # the entry point's readiness line on stdout (what a supervisor or the tests wait for), not a log record
     print(f"serving {server.slot.current.version} on {server.url}", flush=True)
     stop.wait()
     stopper = threading.Thread(target=server.stop, name="drain", daemon=True)
     stopper.start()
     stopper.join(grace)
-    print("stopped" if not stopper.is_alive() else f"still draining after {grace:g} s; exiting", flush=True)
+    if stopper.is_alive():
+        logger.warning("still draining after %g s; exiting", grace)
+    else:
+        logger.info("stopped")
     return 0

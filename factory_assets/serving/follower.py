@@ -19,6 +19,8 @@ from factory_assets.vocabulary.clock import utcnow
 
 logger = logging.getLogger(__name__)
 
+OUTAGE_LOG_EVERY_S = 60.0
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -60,7 +62,7 @@ class EndpointFollower(threading.Thread):
     """Polls the endpoint document and hot-swaps to its configured model version."""
 
     def __init__(self, slot: ModelSlot, endpoint_name: str, *, uri: str | None = None, database: str | None = None,
-                 poll_seconds: float = 1.0, server_url: str | None = None, log=None):
+                 poll_seconds: float = 1.0, server_url: str | None = None):
         super().__init__(name=f"follow-{endpoint_name}", daemon=True)
         self.slot = slot
         self.endpoint_name = endpoint_name
@@ -68,10 +70,11 @@ class EndpointFollower(threading.Thread):
         self.database = database
         self.poll_seconds = poll_seconds
         self.server_url = server_url
-        self.log = log or logger.info
         self._stop = threading.Event()
         self._failed: dict[str, float] = {}
         self._fdb = None
+        self._unavailable_since: float | None = None  # the registry outage being reported
+        self._last_outage_log = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,12 +102,12 @@ class EndpointFollower(threading.Thread):
                 try:
                     model = load_model(fdb, wanted)
                     self.slot.swap(model)
-                    self.log(f"serve: now serving {wanted} (loaded in {time.perf_counter() - started:.2f}s; "
-                             f"was {current.version if current else 'none'})")
+                    logger.info("now serving %s (loaded in %.2fs; was %s)", wanted, time.perf_counter() - started,
+                                current.version if current else "none")
                 except Exception as exc:  # keep serving the old model
                     self._failed[wanted] = time.monotonic()
-                    self.log(f"serve: cannot load model {wanted}: {exc}; still serving "
-                             f"{current.version if current else 'nothing'}")
+                    logger.error("cannot load model %s: %s; still serving %s (retrying in 30 s)", wanted, exc,
+                                 current.version if current else "nothing")
         served = self.slot.current.version if self.slot.current else None
         if served != doc.get("served_version") or (served and served == wanted and doc.get("status") != "InService"):
             report_served(fdb, self.endpoint_name, served, url=self.server_url)
@@ -115,6 +118,18 @@ class EndpointFollower(threading.Thread):
             try:
                 self.sync_once()
             except Exception as exc:  # MongoDB restarting: keep serving, try again
-                self.log(f"serve: endpoint document unavailable ({exc.__class__.__name__}: {exc})")
                 self._fdb = None
+                now = time.monotonic()
+                if self._unavailable_since is None:
+                    self._unavailable_since = now
+                if now - self._last_outage_log >= OUTAGE_LOG_EVERY_S:  # one line per outage and then per minute
+                    self._last_outage_log = now
+                    logger.warning("endpoint document unavailable for %.0fs (%s: %s); still serving %s",
+                                   now - self._unavailable_since, exc.__class__.__name__, str(exc)[:200],
+                                   self.slot.current.version if self.slot.current else "nothing")
+            else:
+                if self._unavailable_since is not None:
+                    logger.info("endpoint document reachable again after %.1fs",
+                                time.monotonic() - self._unavailable_since)
+                    self._unavailable_since, self._last_outage_log = None, 0.0
             self._stop.wait(self.poll_seconds)

@@ -54,12 +54,12 @@ class InferenceServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, slot: ModelSlot | None = None,
                  endpoint_name: str | None = None, access_log: bool = False, log=None,
                  limits: InferenceLimits = InferenceLimits()):
+        """``log`` is accepted for old callers and ignored: records go to this module's logger."""
         from factory_assets.web import ConcurrencyLimit, RequestLimits, ServerLimits, WebServer
 
         self.slot = slot or ModelSlot()
         self.endpoint_name = endpoint_name
         self.limits = limits
-        self.log = log or logger.info
         self.stats = Stats()
         self.app = InferenceApp(self.slot, endpoint_name, stats=self.stats,
                                 predict_threads=limits.prediction_threads())
@@ -96,11 +96,11 @@ class InferenceServer:
         if not self.endpoint_name:
             raise ValueError("an endpoint name is needed to follow the registry")
         self.follower = EndpointFollower(self.slot, self.endpoint_name, uri=uri, database=database,
-                                         poll_seconds=poll_seconds, server_url=self.url, log=self.log)
+                                         poll_seconds=poll_seconds, server_url=self.url)
         try:
             self.follower.sync_once()  # serve at once when a model is already deployed
         except Exception as exc:
-            self.log(f"serve: registry not reachable yet ({exc.__class__.__name__}); will keep trying")
+            logger.warning("registry not reachable yet (%s); will keep trying", exc.__class__.__name__)
         self.follower.start()
         return self.follower
 
@@ -138,15 +138,15 @@ def build_server(host: str = "127.0.0.1", port: int = 8080, *, model_dir: str | 
                  endpoint_name: str | None = None, uri: str | None = None, database: str | None = None,
                  poll_seconds: float = 1.0, access_log: bool = False, log=None,
                  limits: InferenceLimits = InferenceLimits()) -> InferenceServer:
-    """A bound, not yet serving server: a fixed model from ``model_dir``, or following ``endpoint_name``."""
-    log = log or logger.info
+    """A bound, not yet serving server: a fixed model from ``model_dir``, or following ``endpoint_name``.
+    ``log`` is accepted for old callers and ignored."""
     _limit_threads()
-    server = InferenceServer(host, port, endpoint_name=endpoint_name, access_log=access_log, log=log, limits=limits)
+    server = InferenceServer(host, port, endpoint_name=endpoint_name, access_log=access_log, limits=limits)
     if model_dir:
         from factory_assets.vision.model import StockModel
 
         server.slot.swap(StockModel.load(model_dir))
-        log(f"serve: serving {server.slot.current.version} from {model_dir}")
+        logger.info("serving %s from %s", server.slot.current.version, model_dir)
     elif endpoint_name:
         server.follow(uri, database, poll_seconds)
     return server

@@ -78,7 +78,8 @@ async def _serve(port: int, host: str, parent_pid: int | None) -> None:
     await broker.start()
     server = broker._servers["default"].instance  # noqa: SLF001 - amqtt exposes no public accessor
     actual_port = server.sockets[0].getsockname()[1]
-    print(f"{READY_PREFIX}mqtt://{host}:{actual_port}", flush=True)
+    print(f"{READY_PREFIX}mqtt://{host}:{actual_port}", flush=True)  # the readiness line (stdout), not a log record
+    logger.info("amqtt broker listening on %s:%d", host, actual_port)
 
     async def watch_parent() -> None:
         while not stop.is_set():
@@ -90,7 +91,7 @@ async def _serve(port: int, host: str, parent_pid: int | None) -> None:
     await stop.wait()
     if watcher:
         watcher.cancel()
-    print(f"broker on port {actual_port}: shutting down", file=sys.stderr, flush=True)
+    logger.info("broker on port %d: shutting down", actual_port)
     server.close()  # accept no new connection while the sessions are being closed
     try:
         # amqtt's shutdown sometimes hangs in a session's handler when a client disconnects at
@@ -98,8 +99,7 @@ async def _serve(port: int, host: str, parent_pid: int | None) -> None:
         # what is left, so the sockets are closed either way.
         await asyncio.wait_for(broker.shutdown(), timeout=SHUTDOWN_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - we are exiting anyway
-        print(f"broker shutdown incomplete after {SHUTDOWN_TIMEOUT_S}s ({exc!r}); exiting anyway",
-              file=sys.stderr, flush=True)
+        logger.warning("broker shutdown incomplete after %ss (%r); exiting anyway", SHUTDOWN_TIMEOUT_S, exc)
 
 
 # -- Mosquitto ---------------------------------------------------------------------------
@@ -184,13 +184,14 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
                             stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     running = threading.Event()
 
+    mosquitto_log = logging.getLogger(f"{__name__}.mosquitto")
+
     def pump() -> None:  # forward Mosquitto's log; "running" means every listener is open
         for line in proc.stderr:
             if " running" in line:
                 running.set()
             if "should not be run as root" not in line:
-                sys.stderr.write(line)
-                sys.stderr.flush()
+                mosquitto_log.log(_mosquitto_level(line), "%s", _mosquitto_message(line))
 
     threading.Thread(target=pump, daemon=True).start()
     stop = threading.Event()
@@ -198,17 +199,16 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
         signal.signal(sig, lambda *_: stop.set())
     while not running.wait(0.05):
         if proc.poll() is not None:
-            print(f"broker failed to start: mosquitto exited with code {proc.returncode}",
-                  file=sys.stderr, flush=True)
+            logger.error("broker failed to start: mosquitto exited with code %s", proc.returncode)
             return 1
-    print(f"{READY_PREFIX}mqtt://{host}:{port}", flush=True)
+    print(f"{READY_PREFIX}mqtt://{host}:{port}", flush=True)  # the readiness line (stdout), not a log record
     while not stop.wait(0.5):
         if parent_pid and os.getppid() != parent_pid:  # parent died: we were re-parented
             break
         if proc.poll() is not None:
-            print(f"mosquitto exited with code {proc.returncode}", file=sys.stderr, flush=True)
+            logger.error("mosquitto exited with code %s", proc.returncode)
             return proc.returncode or 1
-    print(f"broker on port {port}: shutting down", file=sys.stderr, flush=True)
+    logger.info("broker on port %d: shutting down", port)
     proc.send_signal(signal.SIGTERM)  # Mosquitto saves its persistence database on SIGTERM
     try:
         return proc.wait(timeout=SHUTDOWN_TIMEOUT_S * 3)
@@ -218,9 +218,27 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
         return 1
 
 
+def _mosquitto_message(line: str) -> str:
+    """Mosquitto's line without its own ``1700000000: `` timestamp (the log record has one)."""
+    stamp, sep, rest = line.rstrip().partition(": ")
+    return rest if sep and stamp.isdigit() else line.rstrip()
+
+
+def _mosquitto_level(line: str) -> int:
+    lowered = line.lower()
+    if "error" in lowered:
+        return logging.ERROR
+    if "warning" in lowered:
+        return logging.WARNING
+    if "saving in-memory database" in lowered:  # every autosave_interval: noise
+        return logging.DEBUG
+    return logging.INFO
+
+
 def main(argv: list[str] | None = None) -> int:
     import asyncio
-    import logging
+
+    from factory_assets.cli import configure_logging
 
     p = argparse.ArgumentParser(prog="python -m factory_assets.simulation.broker",
                                 description="Run an MQTT broker (Mosquitto, else amqtt) on 127.0.0.1 until SIGTERM/SIGINT.")
@@ -228,30 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=HOST, help="address to bind (default 127.0.0.1)")
     p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                    help="exit when the process PID (our parent) goes away")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default=None, type=str.upper,
+                   help="default: FACTORY_LOG_LEVEL or INFO (amqtt's own records: WARNING unless given)")
     p.add_argument("--broker", choices=BROKERS, default=None,
                    help="default: FACTORY_MQTT_BROKER, else auto (Mosquitto when installed)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="Mosquitto persistence directory (default <factory home>/mosquitto)")
     args = p.parse_args(argv)
+    configure_logging(args.log_level)
+    if args.log_level:
+        logging.getLogger("amqtt").setLevel(args.log_level)
     try:
         kind = broker_kind(args.broker)
     except (ValueError, BrokerError) as exc:
-        print(f"broker failed to start: {exc}", file=sys.stderr, flush=True)
+        logger.error("broker failed to start: %s", exc)
         return 1
     if kind == "mosquitto":
         return _serve_mosquitto(args.port, args.host, args.exit_with_parent, args.data_dir)
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transitions").setLevel(logging.WARNING)
     try:
         asyncio.run(_serve(args.port, args.host, args.exit_with_parent))
     except OSError as exc:  # e.g. port already in use
-        print(f"broker failed to start: {exc}", file=sys.stderr, flush=True)
+        logger.error("broker failed to start: %s", exc)
         return 1
     except Exception as exc:  # amqtt wraps bind errors in BrokerError
-        print(f"broker failed to start: {exc}", file=sys.stderr, flush=True)
+        logger.error("broker failed to start: %s", exc)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory_assets import config
+
+
+logger = logging.getLogger(__name__)
 
 
 class EmbeddedMongoError(RuntimeError):
@@ -160,7 +164,7 @@ def serve(data_dir: Path, port: int, state_file: Path) -> None:
     tmp = state_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     tmp.replace(state_file)
-    print(f"embedded MongoDB listening on {state['uri']}", flush=True)
+    logger.info("embedded MongoDB listening on %s (data in %s)", state["uri"], data_dir)
     try:
         while not stop.wait(1.0):
             pass
@@ -171,7 +175,7 @@ def serve(data_dir: Path, port: int, state_file: Path) -> None:
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         server.stop()
-        print("embedded MongoDB stopped", flush=True)
+        logger.info("embedded MongoDB stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--state", type=Path, required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FACTORY_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     serve(args.data, args.port, args.state)
 
 

@@ -342,7 +342,7 @@ class ChangeWaiter:
         self.max_interval = max_interval
         self.interval = min_interval
         self.mode = "change_stream" if change_stream else "poll"
-        self.log = log or logger.info
+        del log  # accepted for old callers and ignored: this module's logger reports
         self._stream = None
         self._token_saved_at = 0.0
         self._token_dirty = False
@@ -401,8 +401,8 @@ class ChangeWaiter:
         except (OperationFailure, ConfigurationError) as exc:
             # A standalone server: "$changeStream stage is only supported on replica sets" (40573).
             self.mode = "poll"
-            self.log(f"change streams unavailable ({str(exc)[:120]}); polling adaptively "
-                     f"every {self.min_interval:g}-{self.max_interval:g}s")
+            logger.info("%s: change streams unavailable (%s); polling adaptively every %g-%gs", self.name,
+                        str(exc)[:120], self.min_interval, self.max_interval)
         return self
 
     def activity(self) -> None:

@@ -18,7 +18,7 @@ def server(model_server):
 
 @pytest.fixture
 def empty_server():
-    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None).start()
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock").start()
     yield srv
     srv.stop()
 
@@ -156,7 +156,7 @@ def test_the_server_follows_the_endpoint_document_and_hot_swaps_under_load(fdb, 
         register_model(fdb, m, dataset_version="d", code_version="c")
         set_checks(fdb, m.version, True, {})
     set_endpoint_version(fdb, "factory-stock", a.version)
-    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock")
     srv.follow(mongo_uri, database_name, poll_seconds=0.1)
     srv.start()
     try:

@@ -34,7 +34,7 @@ def _read_until_closed(s: socket.socket) -> bytes:
 
 def test_stalled_uploads_hold_no_threads_and_are_answered_408_and_closed_while_others_are_served(
         trained_models, sim_jpeg):
-    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None,
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock",
                           limits=InferenceLimits(body_timeout=1.0))
     srv.slot.swap(trained_models[0].model)
     srv.start()
@@ -77,7 +77,7 @@ class GatedModel:
 
 def test_requests_beyond_the_concurrency_bound_get_503_with_the_json_error_body(trained_models, sim_jpeg):
     model = GatedModel(trained_models[0].model)
-    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None,
+    srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock",
                           limits=InferenceLimits(max_concurrent_requests=2, predict_threads=2))
     srv.slot.swap(model)  # warm-up passes the open gate
     srv.start()
@@ -111,7 +111,7 @@ def test_requests_beyond_the_concurrency_bound_get_503_with_the_json_error_body(
 
 
 def test_an_idle_keep_alive_connection_is_closed_by_the_server_after_its_timeout(trained_models):
-    srv = InferenceServer("127.0.0.1", 0, log=lambda *_: None, limits=InferenceLimits(keep_alive_timeout=1))
+    srv = InferenceServer("127.0.0.1", 0, limits=InferenceLimits(keep_alive_timeout=1))
     srv.slot.swap(trained_models[0].model)
     srv.start()
     try:
@@ -185,13 +185,13 @@ def test_other_methods_are_405_with_a_json_error_and_the_keep_alive_connection_s
 
 
 def test_a_slot_models_verbose_answer_adds_per_slot_states_and_the_plain_answer_stays_the_list(tmp_path):
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer
     from factory_assets_tests.vision.synthetic import write_simulated_slot_dataset
 
     dataset = write_simulated_slot_dataset(tmp_path / "ds", n_train=80, n_valid=4, seed=3)
     model = LocalTrainer().train(dataset, tmp_path / "model", seed=0).model
     image = sorted((dataset / "valid-imgs").rglob("*.jp*g"))[0].read_bytes()
-    with InferenceServer("127.0.0.1", 0, log=lambda *_: None) as srv:
+    with InferenceServer("127.0.0.1", 0) as srv:
         srv.slot.swap(model)
         plain = requests.post(f"{srv.url}/invocations", data=image, headers={"Content-Type": "image/jpeg"}).json()
         verbose = requests.post(f"{srv.url}/invocations", data=image, headers={
@@ -203,7 +203,7 @@ def test_a_slot_models_verbose_answer_adds_per_slot_states_and_the_plain_answer_
 
 
 def test_connections_beyond_the_connection_bound_get_503_in_the_sagemaker_error_format(model_server):
-    srv = InferenceServer("127.0.0.1", 0, log=lambda *_: None, limits=InferenceLimits(max_connections=2))
+    srv = InferenceServer("127.0.0.1", 0, limits=InferenceLimits(max_connections=2))
     srv.slot.swap(model_server.slot.current.model)
     srv.start()
     try:
