@@ -46,8 +46,7 @@ def main(argv=None) -> int:
     from factory_assets.twin.drift import BOOTSTRAP_MIN_FRAMES, BOOTSTRAP_MIN_SITUATIONS, BOOTSTRAP_MIN_SLOTS_VARIED
     from factory_assets.twin.state import reported_presence
     from factory_assets.vocabulary import CLASSES, SLOTS, TYPE_TO_STATE
-    from factory_assets.vision.evaluate import evaluate
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer, evaluate
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=15.0)

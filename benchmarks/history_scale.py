@@ -254,7 +254,7 @@ def main() -> None:
 
     from factory_assets.simulation.render import encode_jpeg, render_warehouse
     from factory_assets.simulation.datasets import random_stock, write_simulated_dataset
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer
 
     rng = np.random.default_rng(0)
     images = [encode_jpeg(render_warehouse(random_stock(rng), rng=rng)) for _ in range(64)]

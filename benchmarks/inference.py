@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--body-timeout", type=float, default=5.0, help="the server's body deadline")
     args = parser.parse_args()
 
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer
 
     work = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     if (SHARED / "train-annots" / "train.lst").is_file():

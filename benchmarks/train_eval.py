@@ -44,9 +44,10 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from factory_assets.vision.evaluate import evaluate
+    from factory_assets.backends.local import LocalTrainer, evaluate
+    from factory_assets.datasets.reading import load_image, read_split, scene_of
     from factory_assets.vision.features import augment
-    from factory_assets.vision.train import LocalTrainer, fit_stock_model, load_image, read_split, scene_of
+    from factory_assets.vision.fit import fit_stock_model
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

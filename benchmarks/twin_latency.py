@@ -59,7 +59,7 @@ def main() -> None:
     from factory_assets.storage.frames import parse_ts
     from factory_assets.storage.models import register_model, set_endpoint_version
     from factory_assets.storage.mongo import connect
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer
     from factory_assets.vision.version import code_version
 
     home = Path(tempfile.mkdtemp(prefix="bench-twin-"))

@@ -1,6 +1,6 @@
 """Training backends behind one ``Trainer`` protocol.
 
-``local`` trains on this machine (``factory_assets.vision.train.LocalTrainer``);
+``local`` trains on this machine (``factory_assets.backends.local.LocalTrainer``);
 ``sagemaker`` trains on AWS SageMaker, with the built-in image-classification
 algorithm (as the original project did) or with our own model in a
 bring-your-own container (``factory_assets/container``). The same assets,

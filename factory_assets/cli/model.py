@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from factory_assets.vision.train import DatasetError, LocalTrainer
+    from factory_assets.backends.local import DatasetError, LocalTrainer
 
     try:
         result = LocalTrainer().train(Path(args.dataset), Path(args.out), seed=args.seed)
@@ -36,9 +36,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from factory_assets.vision.evaluate import evaluate
+    from factory_assets.backends.local import evaluate
     from factory_assets.vision.model import ModelFormatError, StockModel
-    from factory_assets.vision.train import DatasetError
+    from factory_assets.datasets.reading import DatasetError
 
     try:
         model = StockModel.load(Path(args.model))

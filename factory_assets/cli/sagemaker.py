@@ -45,7 +45,7 @@ def _train(args) -> int:
     with tempfile.TemporaryDirectory(prefix="sagemaker-model-") as out:
         result = trainer.train(dataset_dir, Path(out), seed=args.seed)
         if result.model is not None:
-            from factory_assets.vision.evaluate import evaluate
+            from factory_assets.backends.local import evaluate
 
             valid = evaluate(result.model, dataset_dir, "valid")
             metrics = {"valid": {k: valid[k] for k in ("per_label_accuracy", "exact_match", "n_images")},

@@ -68,17 +68,16 @@ def run(paths: MLPaths) -> int:
             result = LocalBackendTrainer(**options).train(dataset, paths.model_dir, seed=seed)
             summary = {"model_version": result.version, "seed": seed}
             if (dataset / "valid-imgs").exists():
-                from factory_assets.vision.evaluate import evaluate
+                from factory_assets.backends.local import evaluate
 
                 summary["valid"] = evaluate(result.model, dataset, "valid")
             (paths.model_dir / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n",
                                                              encoding="utf-8")
         logger.info("model %s written to %s", result.version, paths.model_dir)
-        print(f"model {result.version} written to {paths.model_dir}", flush=True)
         return 0
     except Exception as exc:  # the contract: the reason goes to /opt/ml/output/failure, exit non-zero
         reason = f"{exc.__class__.__name__}: {exc}"
-        traceback.print_exc()
+        logger.exception("training failed: %s", reason)
         paths.output_dir.mkdir(parents=True, exist_ok=True)
         paths.failure.write_text(reason[:FAILURE_LIMIT], encoding="utf-8")
         return 1

@@ -1,23 +1,23 @@
-"""Evaluating a stock model on one split of a dataset (default: ``valid``)."""
+"""Scoring a stock model on frames and their labels (arrays; reading a dataset split is
+``factory_assets.backends.local.evaluate``)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-from factory_assets.vocabulary import CLASSES, SLOT_STATES, SLOTS, TYPE_TO_STATE
-from factory_assets.vision.model import StockModel
-from factory_assets.vision.train import label_metrics, load_image, read_split, read_split_slots
+from factory_assets.vocabulary import CLASSES
+from factory_assets.vision.metrics import label_metrics, slot_metrics
 
 
-def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict:
+def evaluate_arrays(model, images: list[np.ndarray], labels: np.ndarray,
+                    slot_states: np.ndarray | None = None) -> dict:
     """Per-label accuracy, exact match, per-class precision/recall/f1/accuracy and
-    confusion counts (tp, fp, tn, fn) of ``model`` on ``split``, with the model's
-    own thresholds."""
-    image_dir, rows = read_split(Path(dataset_dir), split)
-    images = [load_image(image_dir / r.path) for r in rows]
-    y = np.array([r.labels for r in rows], dtype=int)
+    confusion counts (tp, fp, tn, fn) of ``model`` on ``images`` with presence ``labels``
+    (n, 3), with the model's own thresholds. For a per-slot model, ``slots``: the slot
+    metrics on the frames whose ``slot_states`` (n, 9; a row of -1: no per-slot label)
+    are known (None when none are). ``proba`` and ``predicted`` per frame, in order."""
+    y = np.asarray(labels, dtype=int).reshape(len(images), len(CLASSES))
     t0 = time.perf_counter()
     slot_proba = None
     if getattr(model, "kind", "presence") == "slots":
@@ -31,10 +31,9 @@ def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict
     out = label_metrics(pred, y)
     out["model_kind"] = getattr(model, "kind", "presence")
     if slot_proba is not None:
-        out["slots"] = slot_metrics(slot_proba, rows, read_split_slots(Path(dataset_dir), split, rows))
+        known = np.zeros(len(images), bool) if slot_states is None else (np.asarray(slot_states) >= 0).all(axis=1)
+        out["slots"] = slot_metrics(slot_proba[known], np.asarray(slot_states)[known]) if known.any() else None
     out.update({
-        "split": split,
-        "dataset": str(dataset_dir),
         "model_version": model.version,
         "thresholds": dict(model.thresholds),
         "classes": list(CLASSES),
@@ -44,26 +43,7 @@ def evaluate(model: StockModel, dataset_dir: Path, split: str = "valid") -> dict
         "accuracy": {c: out["per_class"][c]["accuracy"] for c in CLASSES},
         "confusion": {c: {k: out["per_class"][c][k] for k in ("tp", "fp", "tn", "fn")} for c in CLASSES},
         "predict_ms_per_image": 1000.0 * elapsed / max(len(images), 1),
-        "images": [
-            {"path": r.path, "labels": list(r.labels), "proba": [round(float(p), 4) for p in proba[i]],
-             "predicted": pred[i].tolist()}
-            for i, r in enumerate(rows)
-        ],
+        "proba": [[round(float(p), 4) for p in row] for row in proba],
+        "predicted": pred.tolist(),
     })
     return out
-
-
-def slot_metrics(slot_proba: np.ndarray, rows, slot_rows: dict) -> dict | None:
-    """Per-slot accuracy, frames with all nine slots right, per-slot-state confusion, on the
-    rows that carry per-slot labels (None when none do)."""
-    keep = [i for i, r in enumerate(rows) if r.index in slot_rows]
-    if not keep:
-        return None
-    truth = np.array([[TYPE_TO_STATE.get(slot_rows[rows[i].index][s] or "", 0) for s in SLOTS] for i in keep])
-    pred = slot_proba[keep].argmax(axis=-1)
-    confusion = {t: {p: int(((truth == a) & (pred == b)).sum()) for b, p in enumerate(SLOT_STATES)}
-                 for a, t in enumerate(SLOT_STATES)}
-    return {"n_images": len(keep), "slot_accuracy": float((pred == truth).mean()),
-            "frames_all_slots_right": float((pred == truth).all(axis=1).mean()),
-            "per_slot_accuracy": {s: float((pred[:, j] == truth[:, j]).mean()) for j, s in enumerate(SLOTS)},
-            "confusion": confusion}

@@ -437,7 +437,7 @@ def _fit_slot_model(images, states, seed, n_augment, config, geometry, reference
     from sklearn.linear_model import LogisticRegression
 
     from factory_assets.vision.features import augment, build_reference
-    from factory_assets.vision.train import DatasetError
+    from factory_assets.vision.fit import DatasetError
 
     t0 = time.perf_counter()
     cfg = config or FeatureConfig()

@@ -173,7 +173,7 @@ def test_a_manual_correction_of_an_imported_frame_keeps_its_imported_split(fdb):
 def test_a_built_dataset_carries_the_auto_labels_slots_in_a_sidecar_and_trains_the_slot_model(fdb, tmp_path):
     from factory_assets.datasets.lst import read_lst, read_slots
     from factory_assets.datasets.manifests import dataset_digest
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer
 
     simulate_day(fdb, seconds=120, change_every=8)
     auto_label(fdb, T0, T0 + timedelta(days=1))

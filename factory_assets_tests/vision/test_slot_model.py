@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from factory_assets.backends.local import LocalTrainer, evaluate
 from factory_assets.datasets.lst import ManifestError
+from factory_assets.datasets.reading import load_image, read_split
 from factory_assets.vocabulary import SLOTS
-from factory_assets.vision.evaluate import evaluate
 from factory_assets.vision.model import StockModel
 from factory_assets.vision.slots import SlotStockModel
-from factory_assets.vision.train import LocalTrainer, load_image, read_split
 from factory_assets_tests.vision.synthetic import write_simulated_slot_dataset
 
 SLOT_BAR = 0.97

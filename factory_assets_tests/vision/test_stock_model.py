@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from factory_assets.backends import Trainer
+from factory_assets.backends.local import LocalTrainer, evaluate
+from factory_assets.datasets.reading import scene_of
 from factory_assets.vocabulary import CLASSES
-from factory_assets.vision.evaluate import evaluate
+from factory_assets.vision.fit import choose_threshold
 from factory_assets.vision.model import ARTIFACT_NAME, ModelFormatError, StockModel
-from factory_assets.vision.train import LocalTrainer, Trainer, choose_threshold, scene_of
 from factory_assets_tests.vision.synthetic import write_synthetic_dataset
 
 # read in place from /work/shared, never copied into the project
@@ -103,7 +105,8 @@ def _perturb(img: np.ndarray, p: dict) -> np.ndarray:
 def test_model_holds_up_on_perturbed_copies_of_held_out_train_scenes():
     """Robustness without touching the validation split: fit on 6 of the 8 train
     scenes, then predict shifted / rotated / relit copies of the 2 held-out scenes."""
-    from factory_assets.vision.train import fit_stock_model, load_image, read_split
+    from factory_assets.datasets.reading import load_image, read_split
+    from factory_assets.vision.fit import fit_stock_model
 
     image_dir, rows = read_split(_real_dataset(), "train")
     held_out = {"blue, red, white", "only red"}

@@ -39,7 +39,7 @@ def train_model(dataset_dir: Path, seed: int):
     import tempfile
 
     from factory_assets import config
-    from factory_assets.vision.train import LocalTrainer
+    from factory_assets.backends.local import LocalTrainer
 
     models_dir = config.factory_home() / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def stock_model(context: dg.AssetExecutionContext, mongo: MongoResource,
     from factory_assets.datasets.summary import metrics_table
     from factory_assets.serving.models import load_model
     from factory_assets.storage.models import get_endpoint, register_model, set_checks
-    from factory_assets.vision.evaluate import evaluate
+    from factory_assets.backends.local import evaluate
     from factory_assets.vision.preview import confusion_png
     from factory_assets.vision.version import code_version
 

@@ -124,7 +124,7 @@ def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, mode
         except TrainingJobTimeout as exc:
             raise dg.Failure(str(exc), metadata={"training_job": exc.name}, allow_retries=False) from exc
         if result.model is not None:  # our own model: our evaluation on the validation split
-            from factory_assets.vision.evaluate import evaluate
+            from factory_assets.backends.local import evaluate
 
             valid = evaluate(result.model, dataset_dir, "valid")
             accuracy = float(valid["per_label_accuracy"])
@@ -146,7 +146,7 @@ def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, mode
         if deployed.get("trainer") == "sagemaker-builtin" or result.model is None:
             baseline = ((deployed.get("metrics") or {}).get("valid") or {}).get("per_label_accuracy")
         else:
-            from factory_assets.vision.evaluate import evaluate
+            from factory_assets.backends.local import evaluate
 
             baseline = evaluate(load_model(fdb, deployed_version), dataset_dir, "valid")["per_label_accuracy"]
     regression_ok = baseline is None or (accuracy is not None and accuracy >= baseline - model_policy.max_regression)
