@@ -11,7 +11,7 @@ _TRAINED: dict = {}
 @pytest.fixture(scope="session")
 def slot_model(tmp_path_factory):
     if "result" not in _TRAINED:
-        from factory_assets.vision.train import LocalTrainer
+        from factory_assets.backends.local import LocalTrainer
         from factory_assets_tests.vision.synthetic import write_simulated_slot_dataset
 
         root = tmp_path_factory.mktemp("slot_model")
