@@ -29,14 +29,12 @@ def run(paths: MLPaths, host: str | None = None, port: int | None = None, grace:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    # the entry point's readiness line on stdout (what a supervisor or the tests wait for), not a log record
+    # the entry point's readiness line on stdout (what a supervisor or the tests wait for), not a log record,
     print(f"serving {server.slot.current.version} on {server.url}", flush=True)
     stop.wait()
     stopper = threading.Thread(target=server.stop, name="drain", daemon=True)
     stopper.start()
     stopper.join(grace)
-    if stopper.is_alive():
-        logger.warning("still draining after %g s; exiting", grace)
-    else:
-        logger.info("stopped")
+    # and its final status line on stdout
+    print("stopped" if not stopper.is_alive() else f"still draining after {grace:g} s; exiting", flush=True)
     return 0

@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("factory_assets.simulation.broker" if __name__ == "__main__" else __name__)  # also run with -m
 
 HOST = "127.0.0.1"
 BROKERS = ("auto", "mosquitto", "amqtt")
@@ -184,7 +184,7 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
                             stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     running = threading.Event()
 
-    mosquitto_log = logging.getLogger(f"{__name__}.mosquitto")
+    mosquitto_log = logging.getLogger(f"{logger.name}.mosquitto")
 
     def pump() -> None:  # forward Mosquitto's log; "running" means every listener is open
         for line in proc.stderr:
@@ -235,6 +235,12 @@ def _mosquitto_level(line: str) -> int:
     return logging.INFO
 
 
+def _not_a_port_probe(record: logging.LogRecord) -> bool:
+    """amqtt logs an ERROR and a WARNING for every connection that closes without a packet:
+    what a readiness probe (``factory-assets up``, a load balancer) does. Not a problem."""
+    return "No data to decode MQTT packet fixed header" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     import asyncio
 
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     if args.log_level:
         logging.getLogger("amqtt").setLevel(args.log_level)
+    logging.getLogger("amqtt.broker").addFilter(_not_a_port_probe)
     try:
         kind = broker_kind(args.broker)
     except (ValueError, BrokerError) as exc:

@@ -24,7 +24,7 @@ from pathlib import Path
 from factory_assets import config
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("factory_assets.storage.embedded" if __name__ == "__main__" else __name__)  # also run with -m
 
 
 class EmbeddedMongoError(RuntimeError):
