@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import traceback
 from pathlib import Path
 
 from factory_assets.container.paths import MLPaths
