@@ -28,6 +28,8 @@ from factory_assets.vocabulary import (CAMERA_TOPIC, SENSOR_TOPICS, STOCK_TOPIC,
 
 logger = logging.getLogger(__name__)
 
+QUARANTINE_LOG_EVERY_S = 30.0
+
 
 class BadMessage(FormatError):
     """A message that cannot be stored as it is; ``reason`` names the quarantine reason."""
@@ -108,6 +110,7 @@ class Ingestor:
         # False: the caller flushes (the MQTT writer acknowledges messages only after its own flush)
         self.auto_flush = auto_flush
         self.on_stored = on_stored  # callback(list of stored frame docs), for benchmarks and live updates
+        self._quarantine_logged: dict[str, tuple[float, int]] = {}  # reason -> (last WARNING, quiet since)
 
     # -- entry points ------------------------------------------------------------
     def handle_mqtt(self, topic: str, payload: bytes, source: dict | None = None) -> None:
@@ -154,7 +157,16 @@ class Ingestor:
         fingerprint, update = quarantine_update(reason=reason, message=message, source=source,
                                                 payload=payload, topic=topic)
         self._quarantine.append((fingerprint, update, reason))
-        logger.warning("quarantined (%s): %s [%s]", reason, message, source)
+        # A stream of bad messages is one WARNING per reason every QUARANTINE_LOG_EVERY_S (the rest DEBUG)
+        now = time.monotonic()
+        last, quiet = self._quarantine_logged.get(reason, (-1e9, 0))
+        if now - last >= QUARANTINE_LOG_EVERY_S:
+            more = f" (and {quiet} more since the last report)" if quiet else ""
+            logger.warning("quarantined (%s): %s [%s]%s", reason, message, source, more)
+            self._quarantine_logged[reason] = (now, 0)
+        else:
+            logger.debug("quarantined (%s): %s [%s]", reason, message, source)
+            self._quarantine_logged[reason] = (last, quiet + 1)
 
     def _maybe_flush(self) -> None:
         if self.auto_flush and self.pending >= self.batch_size:
