@@ -105,7 +105,7 @@ def _say(text: str) -> None:
 
 def service_links(services: list[Service]) -> dict[str, str]:
     """Where a person points a browser or a client, for the services that serve HTTP."""
-    names = {"inference-server": "inference server (/ping)", "api": "twin page & API (/docs)"}
+    names = {"inference-server": "inference server (/ping)", "twin-api": "twin page & API (/docs)"}
     return {names[s.name]: f"http://127.0.0.1:{s.ready_port}" for s in services
             if s.name in names and s.ready_port}
 
