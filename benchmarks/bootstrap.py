@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import cv2
 
     from factory_assets.datasets.lst import LstRow, format_slots, write_lst
-    from factory_assets.simulation.simulator import FactorySimulator
+    from factory_assets.simulation.factory import FactorySimulator
     from factory_assets.twin.drift import BOOTSTRAP_MIN_FRAMES, BOOTSTRAP_MIN_SITUATIONS, BOOTSTRAP_MIN_SLOTS_VARIED
     from factory_assets.twin.state import reported_presence
     from factory_assets.vocabulary import CLASSES, SLOTS, TYPE_TO_STATE

@@ -69,7 +69,7 @@ def frame_latency(api_url: str, broker_url: str, n: int) -> dict:
     from selenium.webdriver.support.ui import WebDriverWait
 
     from factory_assets.ingest.mqtt import parse_mqtt_url
-    from factory_assets.simulation.simulator import FactorySimulator, iso_ms
+    from factory_assets.simulation.factory import FactorySimulator, iso_ms
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"

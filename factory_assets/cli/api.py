@@ -14,7 +14,6 @@ def _serve(args) -> int:
     from factory_assets.storage.mongo import connect
     from factory_assets.web import ServerLimits, WebServer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     open_reads = {"open": True, "closed": False, "auto": None}[args.reads]
     settings = ApiSettings(open_reads=open_reads, host=args.host,
                            cors_origins=tuple(o for o in (args.cors or "").split(",") if o),

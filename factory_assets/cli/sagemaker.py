@@ -40,8 +40,7 @@ def _train(args) -> int:
     cfg = _config(args).validate(algorithm=args.algorithm)
     fdb = connect()
     dataset_dir, version, s3_uri = _dataset(fdb, args.dataset)
-    trainer = SageMakerTrainer(cfg, algorithm=args.algorithm, dataset_version=version, dataset_s3_uri=s3_uri,
-                               log=lambda m: print(m, flush=True))
+    trainer = SageMakerTrainer(cfg, algorithm=args.algorithm, dataset_version=version, dataset_s3_uri=s3_uri)
     with tempfile.TemporaryDirectory(prefix="sagemaker-model-") as out:
         result = trainer.train(dataset_dir, Path(out), seed=args.seed)
         if result.model is not None:
@@ -84,7 +83,7 @@ def _deploy(args) -> int:
         raise ValueError(f"model {args.version} failed its checks ({doc.get('checks')}); --force to deploy anyway")
     cfg = _config(args).validate(training=False, algorithm=info.get("algorithm"))
     state = deploy(cfg.sagemaker_client(), cfg, version=args.version, image=model_image(doc, cfg),
-                   model_data_url=info["s3_artifact"], log=lambda m: print(m, flush=True))
+                   model_data_url=info["s3_artifact"])
     record_deployment(fdb, cfg.endpoint_name, args.version, state)
     print(json.dumps(state, default=str))
     return 0
@@ -103,7 +102,7 @@ def rollback_sagemaker(endpoint_name: str | None = None) -> dict:
     doc = get_endpoint(fdb, cfg.endpoint_name) or {}
     if not doc.get("previous_versions"):
         raise ValueError(f"endpoint {cfg.endpoint_name} has no previous version to roll back to")
-    state = rollback(cfg.sagemaker_client(), cfg, doc["previous_versions"][-1], log=lambda m: print(m, flush=True))
+    state = rollback(cfg.sagemaker_client(), cfg, doc["previous_versions"][-1])
     record_rollback(fdb, cfg.endpoint_name, state)
     return state
 

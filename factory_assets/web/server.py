@@ -71,7 +71,7 @@ class WebServer:
         import uvicorn
 
         config = uvicorn.Config(
-            self.app, log_level=self.log_level, access_log=self.access_log, lifespan="auto",
+            self.app, log_level=self.log_level, access_log=self.access_log, lifespan="auto", log_config=None,
             http=_http_protocol(self.limits.header_timeout, self.overload_error),
             limit_concurrency=self.limits.limit_concurrency,
             timeout_keep_alive=int(max(1, self.limits.timeout_keep_alive)),

@@ -14,7 +14,7 @@ def test_an_order_reaches_the_simulated_factory_and_is_done_when_the_controller_
     from factory_assets.api.app import ApiSettings, TwinApiServer
     from factory_assets.ingest.mqtt import MqttIngester
     from factory_assets.ingest.service import Ingestor
-    from factory_assets.simulation.simulator import run_simulation
+    from factory_assets.simulation.publisher import run_simulation
     from factory_assets.twin.desired import reported_counts
     from factory_assets.twin.live import apply_latest_stock
 

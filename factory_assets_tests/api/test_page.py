@@ -35,7 +35,7 @@ def browser():
 def _seed_frame_and_observation(fdb):
     """One simulated camera frame, stored by the real ingest path, and the camera's view of it."""
     from factory_assets.ingest.service import Ingestor
-    from factory_assets.simulation.simulator import FactorySimulator
+    from factory_assets.simulation.factory import FactorySimulator
     from factory_assets.twin.state import Observation
     from factory_assets.twin.store import apply_observation
 

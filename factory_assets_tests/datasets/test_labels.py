@@ -9,7 +9,7 @@ from factory_assets.datasets.autolabel import auto_label
 from factory_assets.datasets.labels import LabelError, effective_labels, label_from_csv, label_manually
 from factory_assets.datasets.manifests import assign_splits, build_dataset
 from factory_assets.ingest.service import Ingestor
-from factory_assets.simulation.simulator import FactorySimulator
+from factory_assets.simulation.factory import FactorySimulator
 from factory_assets.twin.state import reported_presence
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)

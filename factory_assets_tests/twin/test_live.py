@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from factory_assets.simulation.simulator import FactorySimulator
+from factory_assets.simulation.factory import FactorySimulator
 from factory_assets.serving.predictor import EndpointUnavailable, HttpEndpointPredictor
 from factory_assets.serving.server import InferenceServer
 from factory_assets.storage.frames import build_frame, insert_frames
@@ -102,7 +102,7 @@ def test_simulated_factory_to_twin_end_to_end_matches_the_ground_truth(fdb, mqtt
 
     from factory_assets.ingest.mqtt import MqttIngester
     from factory_assets.ingest.service import Ingestor
-    from factory_assets.simulation.simulator import run_simulation
+    from factory_assets.simulation.publisher import run_simulation
     from factory_assets.storage.frames import parse_ts, wait_until
 
     ingester = MqttIngester(Ingestor(fdb), mqtt_broker.url, progress_every=0, log=lambda *_: None).start()
