@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,27 +39,14 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from factory_assets.cli.up import free_port, wait_port
+
 FPS = 4.0
 DAY_FRAMES = 1_000
 DAY = datetime(2026, 6, 30, tzinfo=timezone.utc)  # the newest day of the history
 MODEL_VERSION = "bench-history"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.2)
-    return False
 
 
 def cpu_seconds(pid: int) -> float:

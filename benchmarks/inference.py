@@ -31,14 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+from factory_assets.cli.up import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "fischertechnik-warehouse"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -21,7 +21,8 @@ from factory_assets import config
 from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 
-def free_port(preferred: int) -> int:
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else any free port (0: any)."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
@@ -40,10 +41,11 @@ class Service:
     proc: subprocess.Popen | None = None
 
 
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> bool:
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Until 127.0.0.1:``port`` accepts connections (False on timeout, or when ``proc`` exits)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             return False
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -230,7 +232,7 @@ def up(args) -> int:
             if out is not None:
                 out.close()  # the child holds its own descriptor
             _say(f"started {svc.name} (pid {svc.proc.pid})")
-            if svc.ready_port and not _wait_port(svc.ready_port, 60, svc.proc):
+            if svc.ready_port and not wait_port(svc.ready_port, 60, svc.proc):
                 raise RuntimeError(f"{svc.name} did not come up on port {svc.ready_port}; "
                                    f"see {log_dir / (svc.name + '.log')}")
         console = StatusDisplay(services, env["MONGODB_URI"], links, log_dir, verbose=args.verbose).start()

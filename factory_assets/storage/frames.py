@@ -33,10 +33,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Iterable
 
-from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from factory_assets.vocabulary import parse_data_url, parse_ts, utcnow  # noqa: F401 (re-exported)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from factory_assets.vocabulary import FormatError, parse_data_url  # noqa: F401 (re-exported)
+from factory_assets.vocabulary import FormatError
 
 JPEG = "image/jpeg"
 PNG = "image/png"

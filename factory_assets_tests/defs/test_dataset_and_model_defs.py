@@ -2,7 +2,6 @@
 inference server, and S3 served by moto in server mode on 127.0.0.1."""
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import dagster as dg
@@ -200,3 +199,24 @@ def test_model_endpoint_with_no_model_that_passed_fails_once_without_retries(fdb
     assert "No model has passed its checks" in str(failure.event_specific_data.error)
     # the asset has a retry policy for an unreachable server; this deterministic failure skips it
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_a_per_slot_model_shows_its_slot_accuracy_and_a_per_slot_table(fdb, tmp_path, resources, monkeypatch):
+    # auto-labels from the controller's stock reports carry the slots: the model trained is per slot
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    simulate_day(fdb, seconds=240, seed=2, change_every=5.0)
+    res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=0.0),
+           "endpoint": EndpointResource(url="http://127.0.0.1:9")}
+    result = dg.materialize([labeled_images, training_manifests, stock_model], resources=res,
+                            partition_key=T0.strftime("%Y-%m-%d"))
+    md = result.asset_materializations_for_node("stock_model")[0].metadata
+    assert md["model_kind"].value == "slots"
+    assert isinstance(md["slot_accuracy"].value, float) and 0.0 <= md["slot_accuracy"].value <= 1.0
+    assert md["slot_validation_images"].value > 0
+    rows = md["per_slot_accuracy"].value.records
+    assert [r.data["slot"] for r in rows] == ["A1", "A2", "A3", "B1", "B2", "B3", "C1", "C2", "C3"]
+    assert all(isinstance(r.data["accuracy"], float) for r in rows)
+    assert {r.data["truth"] for r in md["slot_confusion"].value.records} == {"empty", "blue", "red", "white"}
+    registered = fdb.models.find_one({"_id": md["model_version"].value})["metrics"]["valid"]
+    assert registered["model_kind"] == "slots"
+    assert registered["slots"]["slot_accuracy"] == md["slot_accuracy"].value
