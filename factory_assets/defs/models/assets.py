@@ -53,6 +53,27 @@ def train_model(dataset_dir: Path, seed: int):
     return result, final_dir
 
 
+def slot_metadata(metrics: dict) -> dict:
+    """A per-slot model's validation metrics as metadata: the model kind, slot accuracy and the
+    share of frames with all nine slots right as numbers, per-slot accuracy and the slot-state
+    confusion as tables. Empty for a presence model (or a split without per-slot labels)."""
+    import pandas as pd
+
+    slots = metrics.get("slots") if metrics.get("model_kind") == "slots" else None
+    if not slots:
+        return {}
+    per_slot = pd.DataFrame([{"slot": slot, "accuracy": float(acc)}
+                             for slot, acc in slots["per_slot_accuracy"].items()])
+    confusion = pd.DataFrame([{"truth": truth, **{f"predicted_{p}": int(n) for p, n in row.items()}}
+                              for truth, row in slots["confusion"].items()])
+    return {"model_kind": dg.MetadataValue.text("slots"),
+            "slot_accuracy": dg.MetadataValue.float(float(slots["slot_accuracy"])),
+            "frames_all_slots_right": dg.MetadataValue.float(float(slots["frames_all_slots_right"])),
+            "slot_validation_images": dg.MetadataValue.int(int(slots["n_images"])),
+            "per_slot_accuracy": table(per_slot),
+            "slot_confusion": table(confusion)}
+
+
 @dg.asset(
     deps=["training_manifests"],
     group_name="models",
@@ -93,6 +114,7 @@ def stock_model(context: dg.AssetExecutionContext, mongo: MongoResource,
     metrics = evaluate(result.model, dataset_dir, "valid")
     summary = {k: metrics[k] for k in ("per_label_accuracy", "exact_match", "n_images", "precision", "recall",
                                        "f1", "accuracy", "confusion", "thresholds")}
+    summary.update({k: metrics[k] for k in ("model_kind", "slots") if metrics.get(k) is not None})
     register_model(fdb, result.model, dataset_version=dataset["version"], code_version=code_version(),
                    metrics={"valid": summary, "train": result.metrics, "train_seconds": round(train_seconds, 2)})
 
@@ -122,6 +144,7 @@ def stock_model(context: dg.AssetExecutionContext, mongo: MongoResource,
             "metrics": table(metrics_table(metrics)),
             "confusion": png_markdown(confusion_png(metrics["confusion"]), "per-class confusion"),
             "model_dir": dg.MetadataValue.path(str(model_dir)),
+            **slot_metadata(metrics),
         },
         check_results=[
             dg.AssetCheckResult(check_name=ACCURACY_CHECK, passed=bool(accuracy_ok), metadata={
