@@ -72,7 +72,7 @@ def test_stop_terminates_the_process_cleanly_and_frees_the_port():
     broker = start_broker()
     proc = broker.proc
     broker.stop()
-    assert proc.returncode == 0
+    assert proc.returncode == 0, broker.log_text()[-3000:]
     assert not broker.running
     assert not port_accepts(broker.port)
     broker.close()
