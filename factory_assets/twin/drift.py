@@ -3,16 +3,20 @@
 Drift compares the deployed model's latest inferences with the stock the factory's
 controller reported (``f/i/stock``) at each frame's time: the controller is the
 ground truth the auto-labels come from, so a model that disagrees with it on many
-recent frames has met stock situations it never saw. Bootstrap readiness asks
+recent frames has met stock situations it never saw. A per-slot model is compared slot
+by slot (the share of slot readings that differ), on *stable* frames only: a frame within
+``STABLE_MARGIN_S`` of a reported stock change may show the rack mid-move, and nine slots
+per frame would count that twice over. A presence model is compared on colour presence. Bootstrap readiness asks
 whether the factory has shown enough to train a first model.
 """
 from __future__ import annotations
 
 import logging
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from datetime import timedelta
 
-from factory_assets.twin.state import COLOURS, reported_presence, stock_slots
+from factory_assets.twin.state import COLOURS, SLOTS, observed_slots, reported_presence, stock_slots
 from factory_assets.vocabulary import STOCK_TOPIC
 
 logger = logging.getLogger(__name__)
@@ -23,38 +27,67 @@ BOOTSTRAP_MIN_FRAMES = 120
 BOOTSTRAP_MIN_SITUATIONS = 4  # distinct (per-slot) stock situations reported
 BOOTSTRAP_MIN_SLOTS_VARIED = 3  # slots seen both empty and occupied, enough to place the rack
 BOOTSTRAP_REPORTS_SCANNED = 500
+STABLE_MARGIN_S = 2.0         # a frame this close to a reported stock change is not compared slot by slot
 
 
 @dataclass(frozen=True)
 class Disagreement:
-    share: float    # of the compared inferences, the share whose presence differs from the controller's
-    compared: int   # inferences that had a stock report at or before their frame
+    share: float    # presence: share of compared frames that differ; slots: share of compared slot readings
+    compared: int   # inferences that had a stock report at or before their frame (stable ones, per slot)
+    basis: str = "presence"  # "slots" when every compared inference and its report carry slots
 
     @property
     def drifted(self) -> bool:
         return self.compared >= DRIFT_WINDOW and self.share > DRIFT_MAX_DISAGREEMENT
 
 
+def _report_has_slots(payload: dict | None) -> bool:
+    return any((item or {}).get("location") in SLOTS for item in (payload or {}).get("stockItems") or [])
+
+
+def _seen_slots(inference: dict) -> dict | None:
+    seen = observed_slots(inference.get("slots"))
+    return {s: v["type"] for s, v in seen.items()} if seen else None
+
+
 def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> Disagreement:
     """How often the latest ``n`` inferences of ``model_version`` differ from the stock
-    the controller reported at that frame's time."""
-    recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1})
+    the controller reported at that frame's time: slot by slot on stable frames when the
+    inferences and the reports carry slots, colour presence otherwise."""
+    recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1, "slots": 1})
                   .sort("frame_ts", -1).limit(n))
     if not recent:
         return Disagreement(0.0, 0)
     lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
     first = fdb.mqtt.find_one({"topic": STOCK_TOPIC, "ts": {"$lte": lo}}, sort=[("ts", -1)])
-    reports = ([first] if first else []) + list(fdb.mqtt.find({"topic": STOCK_TOPIC, "ts": {"$gt": lo, "$lte": hi}})
-                                                 .sort("ts", 1))
+    # a little past the newest frame too: a change reported just after a frame makes it unstable
+    later = fdb.mqtt.find({"topic": STOCK_TOPIC, "ts": {"$gt": lo, "$lte": hi + timedelta(seconds=STABLE_MARGIN_S)}})
+    reports = ([first] if first else []) + list(later.sort("ts", 1))
     times = [r["ts"] for r in reports]
+    slots = [stock_slots(r["payload"]) for r in reports]
+    matched = [(inf, i) for inf in recent if (i := bisect_right(times, inf["frame_ts"]) - 1) >= 0]
+    if not matched:
+        return Disagreement(0.0, 0)
+    if all(inf.get("slots") and _report_has_slots(reports[i].get("payload")) for inf, i in matched):
+        return _slot_disagreement(matched, times, slots)
+    differing = sum(reported_presence(slots[i]) != inf["present"] for inf, i in matched)
+    return Disagreement(differing / len(matched), len(matched))
+
+
+def _slot_disagreement(matched: list, times: list, slots: list) -> Disagreement:
+    margin = timedelta(seconds=STABLE_MARGIN_S)
+    changes = [times[k] for k in range(1, len(slots)) if slots[k] != slots[k - 1]]
     compared = differing = 0
-    for inf in recent:
-        i = bisect_right(times, inf["frame_ts"]) - 1
-        if i < 0:
-            continue
+    for inf, i in matched:
+        ts = inf["frame_ts"]
+        k = bisect_left(changes, ts - margin)
+        if k < len(changes) and changes[k] <= ts + margin:
+            continue  # the rack changed around this frame: not a fair comparison
+        seen = _seen_slots(inf)
         compared += 1
-        differing += reported_presence(stock_slots(reports[i]["payload"])) != inf["present"]
-    return Disagreement(differing / compared if compared else 0.0, compared)
+        differing += sum(seen.get(s) != slots[i].get(s) for s in SLOTS)
+    share = differing / (compared * len(SLOTS)) if compared else 0.0
+    return Disagreement(share, compared, "slots")
 
 
 @dataclass(frozen=True)
