@@ -66,10 +66,19 @@ def _set(args) -> int:
 
 
 def _rollback(args) -> int:
-    from factory_assets.storage.models import rollback_endpoint
+    from factory_assets.storage.models import get_endpoint, rollback_endpoint
     from factory_assets.storage.mongo import connect
 
-    doc = rollback_endpoint(connect(), args.name)
+    fdb = connect()
+    if (get_endpoint(fdb, args.name) or {}).get("backend") == "sagemaker":
+        # a SageMaker endpoint: move the endpoint itself back to the previous config, then the registry
+        from factory_assets.cli.sagemaker import rollback_sagemaker
+
+        state = rollback_sagemaker(args.name)
+        print(f"sagemaker endpoint {args.name}: back to {state.get('config')} ({state.get('status')})")
+        print(json.dumps(state, default=str))
+        return 0
+    doc = rollback_endpoint(fdb, args.name)
     print(f"endpoint {args.name}: {doc.get('rolled_back_from')} -> {doc.get('model_version')} "
           "(the server swaps once it has loaded it)")
     return 0
