@@ -213,6 +213,8 @@ class LiveTwinUpdater:
         deadline = time.monotonic() + duration if duration else None
         backoff = 0.2
         last_log = time.monotonic()
+        outages: dict[str, int] = {}
+        last_outage_log: dict[str, float] = {}
         changed = None
         try:
             while not (stop and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
@@ -220,12 +222,21 @@ class LiveTwinUpdater:
                     self.waiter.open()  # before reading, so a frame arriving meanwhile still wakes us
                     handled = self.step(changed)
                     backoff = 0.2
+                    for what, count in list(outages.items()):
+                        logger.info("live: %s available again after %d failed attempts", what, count)
+                        del outages[what]
                 except (EndpointUnavailable, PyMongoError) as exc:
                     # Endpoint or MongoDB restarting: nothing was skipped (the cursor only moves
                     # past stored inferences), so wait and resume from the stored cursor.
                     what = "endpoint" if isinstance(exc, EndpointUnavailable) else "MongoDB"
-                    logger.warning("live: %s unavailable (%s: %s); retrying in %.1fs", what,
-                                   exc.__class__.__name__, str(exc)[:200], backoff)
+                    now = time.monotonic()
+                    outages[what] = outages.get(what, 0) + 1
+                    if outages[what] == 1 or now - last_outage_log.get(what, 0.0) >= 60:
+                        # the first failure, then one line a minute: a model-less bootstrap or a
+                        # long outage must not flood the log
+                        logger.warning("live: %s unavailable (%s: %s); retrying (%d attempts so far)", what,
+                                       exc.__class__.__name__, str(exc)[:200], outages[what])
+                        last_outage_log[what] = now
                     if isinstance(exc, PyMongoError):
                         self.waiter.close(save=False)
                     time.sleep(backoff)
