@@ -174,10 +174,17 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
         drift = controller_disagreement(fdb, deployed)
         if not drift.drifted:
             return dg.SkipReason(f"Model {deployed} is deployed; it disagrees with the controller on "
-                                 f"{drift.share:.0%} of its latest {drift.compared} frames.")
+                                 f"{drift.share:.0%} of {_what(drift)}.")
         return _range_request(f"drift:{deployed}:{frames // 300}", days,
-                              f"disagrees with the controller on {drift.share:.0%}")
+                              f"disagrees with the controller on {drift.share:.0%} of {_what(drift)}")
     readiness = bootstrap_readiness(fdb)
     if not readiness.ready:
         return dg.SkipReason(f"Waiting for data: {readiness.describe()}.")
     return _range_request(f"bootstrap:{frames // 300}", days, "no model deployed yet")
+
+
+def _what(drift) -> str:
+    """What the drift share counts: slot readings (per-slot model) or frames (presence model)."""
+    if drift.basis == "slots":
+        return f"the slot readings of its latest stable frames ({drift.compared} compared)"
+    return f"its latest {drift.compared} frames"
