@@ -9,11 +9,19 @@ rotation <= 2.5 deg, scale +-4 %, contrast x0.7-1.3, brightness +-30, noise, JPE
 quality 40-90; a fixed seed); ``--perturbed-cv`` also reports the model-selection
 figure that uses the train split only: leave-one-scene-out over the train scenes,
 each held-out scene's perturbed copies predicted by a model fitted without it
-(about 2.5 minutes). If the shared dataset is absent, prints a JSON message saying
-so and exits 0.
+(about 2.5 minutes). ``--hard-cv`` is the harder train-only harness the design was
+chosen on: the same leave-one-scene-out, the held-out photos perturbed one type at a
+time at the extremes of the issue's ranges (shift, rotation, scale, contrast,
+brightness, noise, JPEG 40), all of them at once at random signs, only the geometric
+or only the photometric ones at their extremes, and random copies at the issue's
+ranges and at 1.5x them; per set per-label accuracy, exact match and errors per
+class. If the shared dataset is absent, prints a JSON message saying so and exits 0.
 
     .venv/bin/python benchmarks/train_eval.py [--dataset DIR] [--seed 0] [--simulated 5000]
-        [--perturbed 10] [--perturbed-cv]
+        [--perturbed 10] [--perturbed-cv] [--hard-cv] [--robust]
+
+``--robust`` trains every model of the run with ``fit_stock_model(robust=True)`` (the
+design chosen on ``--hard-cv``; not the default, see the README).
 """
 from __future__ import annotations
 
@@ -36,7 +44,19 @@ def main(argv=None) -> int:
     ap.add_argument("--perturbed", type=int, default=10, help="perturbed copies per validation photo (0: skip)")
     ap.add_argument("--perturbed-cv", action="store_true",
                     help="also leave-one-scene-out on perturbed copies of the train scenes (train split only)")
+    ap.add_argument("--hard-cv", action="store_true",
+                    help="also the per-perturbation-type leave-one-scene-out harness (train split only)")
+    ap.add_argument("--robust", action="store_true", help="fit_stock_model(robust=True) for every model")
     args = ap.parse_args(argv)
+    if args.robust:
+        import functools
+
+        from factory_assets.vision import fit as fit_module
+
+        fit_module.fit_stock_model = functools.partial(fit_module.fit_stock_model, robust=True)
+        import factory_assets.backends.local as local_module
+
+        local_module.fit_stock_model = fit_module.fit_stock_model
     dataset = Path(args.dataset)
     if not (dataset / "train-annots" / "train.lst").is_file():
         print(json.dumps({"skipped": True, "reason": f"dataset absent: {dataset.resolve()}"}))
@@ -116,6 +136,8 @@ def main(argv=None) -> int:
                                      "n_images": int(len(pred)),
                                      "per_label_accuracy": round(float((pred == truth).mean()), 4),
                                      "exact_match": round(float((pred == truth).all(axis=1).mean()), 4)}
+    if args.hard_cv:
+        out["hard_train_cv"] = hard_cv(dataset, args.seed)
     if args.simulated:
         tdir, trows = read_split(dataset, "train")
         base = [load_image(tdir / r.path) for r in trows]
@@ -130,6 +152,95 @@ def main(argv=None) -> int:
                             "n_augment_per_image": sim_metrics["n_augment_per_image"]}
     print(json.dumps(out))
     return 0
+
+
+def _warp(img, dx=0.0, dy=0.0, angle=0.0, scale=1.0):
+    import cv2
+
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    m[:, 2] += (dx, dy)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _photometric(img, rng, contrast=1.0, bright=0.0, noise=0.0, quality=None):
+    import cv2
+    import numpy as np
+
+    x = img.astype(np.float32)
+    mean = float(x.mean())
+    x = (x - mean) * contrast + mean + bright
+    if noise:
+        x += rng.normal(0.0, noise, x.shape).astype(np.float32)
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    if quality:
+        x = cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])[1], cv2.IMREAD_COLOR)
+    return x
+
+
+def _hard_sets(img, rng) -> dict:
+    """Perturbed copies of one photo per perturbation type (see the module docstring)."""
+    from factory_assets.vision.perturb import perturb
+
+    sign = lambda: float(rng.choice([-1.0, 1.0]))  # noqa: E731
+
+    def scaled(k):  # the issue's ranges times k
+        x = _warp(img, *rng.uniform(-8 * k, 8 * k, 2), angle=rng.uniform(-2.5 * k, 2.5 * k),
+                  scale=rng.uniform(1 - 0.04 * k, 1 + 0.04 * k))
+        return _photometric(x, rng, rng.uniform(1 - 0.3 * k, 1 + 0.3 * k), rng.uniform(-30 * k, 30 * k),
+                            rng.uniform(0, 6 * k), int(rng.integers(30, 91)))
+
+    def geo():
+        return _warp(img, 8 * sign(), 8 * sign(), 2.5 * sign(), 1 + 0.04 * sign())
+
+    def photo(x):
+        return _photometric(x, rng, float(rng.choice([0.7, 1.3])), 30 * sign(), 6.0, 40)
+
+    return {
+        "original": [img],
+        "shift 8px": [_warp(img, dx, dy) for dx in (-8, 8) for dy in (-8, 8)],
+        "rotation 2.5deg": [_warp(img, angle=a) for a in (-2.5, 2.5)],
+        "scale 4%": [_warp(img, scale=s) for s in (0.96, 1.04)],
+        "contrast x0.7/x1.3": [_photometric(img, rng, contrast=c) for c in (0.7, 1.3)],
+        "brightness -30/+30": [_photometric(img, rng, bright=b) for b in (-30, 30)],
+        "noise sigma 6": [_photometric(img, rng, noise=6.0) for _ in range(2)],
+        "jpeg quality 40": [_photometric(img, rng, quality=40)],
+        "issue ranges (vision.perturb)": [perturb(img, rng) for _ in range(10)],
+        "1.5x the issue ranges": [scaled(1.5) for _ in range(10)],
+        "all at extremes": [photo(geo()) for _ in range(10)],
+        "geometric at extremes": [geo() for _ in range(6)],
+        "photometric at extremes": [photo(img) for _ in range(6)],
+    }
+
+
+def hard_cv(dataset: Path, seed: int = 0) -> dict:
+    """Leave one train scene out; per perturbation set, the held-out photos' copies scored."""
+    import numpy as np
+
+    from factory_assets.datasets.reading import load_image, read_split, scene_of
+    from factory_assets.vision.fit import fit_stock_model
+    from factory_assets.vocabulary import CLASSES
+
+    tdir, trows = read_split(dataset, "train")
+    imgs = [load_image(tdir / r.path) for r in trows]
+    y = np.array([r.labels for r in trows])
+    groups = [scene_of(r.path) for r in trows]
+    sets = [_hard_sets(im, np.random.default_rng(100 + i)) for i, im in enumerate(imgs)]
+    ok = {k: [] for k in sets[0]}
+    for g in sorted(set(groups)):
+        fit = [i for i in range(len(trows)) if groups[i] != g]
+        m, _ = fit_stock_model([imgs[i] for i in fit], y[fit], [groups[i] for i in fit], seed=seed)
+        for i in (i for i in range(len(trows)) if groups[i] == g):
+            for k, copies in sets[i].items():
+                pred = np.array([[d[c] for c in CLASSES] for d in m.predict(copies)]).astype(int)
+                ok[k].append(pred == y[i])
+    out = {}
+    for k, parts in ok.items():
+        a = np.concatenate(parts)
+        out[k] = {"n_images": int(len(a)), "per_label_accuracy": round(float(a.mean()), 4),
+                  "exact_match": round(float(a.all(axis=1).mean()), 4),
+                  "errors": {c: int((~a[:, j]).sum()) for j, c in enumerate(CLASSES)}}
+    return out
 
 
 if __name__ == "__main__":

@@ -3,8 +3,16 @@
 Pipeline for one BGR frame (any size, designed for 320x240):
 
 1. shrink to ``WORK_SIZE`` (160x120) with area averaging;
-2. gray-world normalisation: every channel scaled so its mean is ``GRAY_TARGET``
-   (removes the colour cast and most of the exposure change between sessions);
+2. lighting normalisation (``FeatureConfig.normalise``):
+
+   * ``"gray-world"`` (the first models): every channel scaled so its mean is
+     ``GRAY_TARGET`` (removes the colour cast and most of an exposure *gain*);
+   * ``"affine"``: every channel shifted so its mean is ``GRAY_TARGET`` and the
+     image scaled so its (channel-averaged) standard deviation is ``AFFINE_STD``:
+     undoes a brightness *offset* and a contrast change exactly (up to clipping),
+     which gray-world scaling does not; optionally after a Gaussian blur of
+     ``FeatureConfig.blur`` px (sensor noise and JPEG block artefacts fall below
+     the evidence thresholds instead of crossing them);
 3. three *evidence maps* in CIE Lab, one per class (``CLASSES`` order):
 
    * blue  - strongly negative b* on a reasonably bright pixel (the blue disc is
@@ -33,6 +41,8 @@ import numpy as np
 
 WORK_SIZE = (160, 120)  # (width, height) the features are computed at
 GRAY_TARGET = 110.0
+AFFINE_STD = 70.0  # typical per-channel spread of the gray-world-normalised training photos
+NORMALISATIONS = ("gray-world", "affine")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,17 @@ class FeatureConfig:
     white_l: float = 65.0  # white evidence: L* above this ...
     white_chroma: float = 15.0  # ... fading out as chroma grows by this much
     align: bool = True
+    normalise: str = "gray-world"  # see the module docstring; the default is the first models' one
+    blur: float = 0.0  # Gaussian sigma (work-image px) before the evidence maps; 0 disables it
+
+    def __post_init__(self):
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, not {self.normalise!r}")
+
+    @property
+    def is_v1(self) -> bool:
+        """True when the features are the first models' (artifact format 1 can describe them)."""
+        return self.normalise == "gray-world" and not self.blur
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,8 +117,14 @@ def evidence_maps(small: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     import cv2
 
     f = small.astype(np.float32)
-    mu = f.reshape(-1, 3).mean(axis=0) + 1e-3
-    f = np.clip(f * (GRAY_TARGET / mu), 0.0, 255.0) * (1.0 / 255.0)
+    if cfg.blur:
+        f = cv2.GaussianBlur(f, (0, 0), float(cfg.blur))
+    mu = f.reshape(-1, 3).mean(axis=0)
+    if cfg.normalise == "affine":
+        sd = float(f.reshape(-1, 3).std(axis=0).mean())
+        f = np.clip((f - mu) * np.float32(AFFINE_STD / (sd + 1e-3)) + np.float32(GRAY_TARGET), 0.0, 255.0) * (1.0 / 255.0)
+    else:
+        f = np.clip(f * (GRAY_TARGET / (mu + 1e-3)), 0.0, 255.0) * (1.0 / 255.0)
     lab = cv2.cvtColor(f, cv2.COLOR_BGR2Lab)  # float: L 0..100, a/b about -127..127
     L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
     chroma = np.sqrt(a * a + b * b)
@@ -207,10 +234,17 @@ def extract(img: np.ndarray, reference: np.ndarray | None, cfg: FeatureConfig,
     return finish(pooled_evidence(img, reference, [cfg], extra_shift)[0], cfg)
 
 
-def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03) -> np.ndarray:
+def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03,
+            degrade: bool = False) -> np.ndarray:
     """A plausible other session: the camera moved a little (shift, rotation, zoom
     and a perspective change - each corner moves by up to ``perspective`` of the
-    frame size), exposure, contrast and white-balance change, sensor noise."""
+    frame size), exposure, contrast and white-balance change, sensor noise.
+
+    ``degrade`` then applies, on top, the photometric part of the robustness target
+    (``vision.perturb``) at a little more than its ranges: contrast x0.7-1.3 about the
+    mean, brightness offset +-30, sensor noise sigma 0-6 and a JPEG round trip at
+    quality 30-90 (the presence model's training; without it the draws, and so the
+    copies, are those of the first models)."""
     import cv2
 
     h, w = img.shape[:2]
@@ -230,4 +264,13 @@ def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03
     mean = float(out.mean())
     out = (out - mean) * rng.uniform(0.75, 1.25) + mean
     out += rng.normal(0.0, 2.0, out.shape).astype(np.float32)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if not degrade:
+        return out
+    x = out.astype(np.float32)
+    mean = float(x.mean())
+    x = (x - mean) * rng.uniform(0.7, 1.3) + mean + rng.uniform(-30.0, 30.0)
+    x += rng.normal(0.0, rng.uniform(0.0, 6.0), x.shape).astype(np.float32)
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 91))])
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else x

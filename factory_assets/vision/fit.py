@@ -6,7 +6,10 @@ Method (``fit_stock_model``):
 1. an alignment reference (mean gradient image) from the training frames;
 2. features (``features.extract``) of every training frame and of ``n_augment``
    augmented copies of it (shift / rotation / zoom / exposure / contrast / white
-   balance / noise), so the model sees more than the few real sessions;
+   balance / noise), so the model sees more than the few real sessions. With
+   ``robust=True`` (not the default, see ``ROBUST_FEATURES``): ``ROBUST_FEATURES``,
+   copies degraded as the robustness target (``features.augment(degrade=True)``)
+   and the wider ``ROBUST_*_CANDIDATES``;
 3. per class, a spatial matched filter ``w = mean(features | present) -
    mean(features | absent)``, smoothed over the cell grid and cut to its strongest
    part, then a 1-D logistic regression of the label on ``<w, features>``;
@@ -104,13 +107,24 @@ def _folds(groups: list[str], seed: int) -> list[np.ndarray]:
 # Hyper-parameters chosen per class by cross-validation on the train split:
 # white evidence thresholds (L*, chroma), max filter over cells, matched-filter cut.
 WHITE_CANDIDATES: tuple[tuple[float, float], ...] = ((65.0, 15.0), (50.0, 25.0))
-POOL_CANDIDATES: tuple[int, ...] = (3, 1)
 KEEP_CANDIDATES: tuple[float, ...] = (0.5, 0.7)
+POOL_CANDIDATES: tuple[int, ...] = (3, 1)
+# ``robust=True``: a design chosen on a train-only harness (leave one train scene out,
+# the held-out photos perturbed one perturbation type at a time, at the issue's ranges,
+# at 1.5x them and at their extremes: ``benchmarks/train_eval.py --hard-cv --robust``):
+# gray-world scaling leaves a brightness offset / contrast change in the evidence and
+# JPEG at quality 40 made red evidence appear and vanish on the dark session; affine
+# normalisation, a 0.7 px blur and the degrading augmentation removed most of it there.
+# NOT the default: evaluated once on the validation split it missed the red piece on 3
+# of the 8 original photos (per-label 0.875, exact 0.625; README "Benchmarks").
+ROBUST_FEATURES = FeatureConfig(normalise="affine", blur=0.7)
+ROBUST_KEEP_CANDIDATES: tuple[float, ...] = (0.5, 0.7, 0.85, 0.95)
+ROBUST_POOL_CANDIDATES: tuple[int, ...] = (3, 1, 5)
 
 
 def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[str], seed: int = 0,
                     config: FeatureConfig | None = None, n_augment: int | None = None,
-                    keep: float | None = None) -> tuple[StockModel, dict]:
+                    keep: float | None = None, robust: bool = False) -> tuple[StockModel, dict]:
     """Fit on in-memory frames. Returns the model and the training/CV metrics.
 
     With ``config`` and ``keep`` left as None, the white-evidence thresholds, the
@@ -123,7 +137,7 @@ def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[s
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
-        return _fit_stock_model(images, labels, groups, seed, config, n_augment, keep)
+        return _fit_stock_model(images, labels, groups, seed, config, n_augment, keep, robust)
 
 
 def _oof(X: np.ndarray, Y: np.ndarray, owner: np.ndarray, folds, grid, keep) -> np.ndarray:
@@ -151,9 +165,11 @@ def _cv_score(oof: np.ndarray, y: np.ndarray, original: np.ndarray) -> float:
     return float(np.mean(parts))
 
 
-def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> tuple[StockModel, dict]:
+def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep, robust=False) -> tuple[StockModel, dict]:
     select = config is None and keep is None
-    base = config or FeatureConfig()
+    base = config or (ROBUST_FEATURES if robust else FeatureConfig())
+    pool_candidates = ROBUST_POOL_CANDIDATES if robust else POOL_CANDIDATES
+    keep_candidates = ROBUST_KEEP_CANDIDATES if robust else KEEP_CANDIDATES
     labels = np.asarray(labels, dtype=int).reshape(len(images), len(CLASSES))
     n = len(images)
     if n < 2:
@@ -175,7 +191,8 @@ def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> t
         owner.append(i)
         for _ in range(n_augment):
             residual = tuple(rng.uniform(-2.0, 2.0, 2))  # what alignment leaves (perspective)
-            for k, p in enumerate(pooled_evidence(augment(img, rng), reference, cfgs, extra_shift=residual)):
+            copy = augment(img, rng, degrade=robust)
+            for k, p in enumerate(pooled_evidence(copy, reference, cfgs, extra_shift=residual)):
                 pooled[k].append(p)
             owner.append(i)
     pooled = [np.stack(p) for p in pooled]
@@ -194,9 +211,9 @@ def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep) -> t
         for c, name in enumerate(CLASSES):
             best = None
             for k in (range(len(cfgs)) if name == "white" else [0]):
-                for pool in POOL_CANDIDATES:
+                for pool in pool_candidates:
                     Xc = class_features(k, c, pool)
-                    for kp in KEEP_CANDIDATES:
+                    for kp in keep_candidates:
                         score = _cv_score(_oof(Xc, Y[:, c], owner, folds, base.grid, kp), Y[:, c], original)
                         if best is None or score > best[0] + 1e-9:
                             best = (score, k, pool, kp)

@@ -3,7 +3,8 @@
 A model is small and pickle-free: a single ``.npz`` (numpy arrays only, no
 object arrays) holding
 
-* ``model_json``    - UTF-8 JSON (as uint8): format, classes, feature config,
+* ``model_json``    - UTF-8 JSON (as uint8): format (``/1``, or ``/2`` when the feature
+  config uses the affine normalisation or blur of ``features``), classes, feature config,
   per-class logistic calibration, thresholds;
 * ``reference``     - (120, 160) float32 gradient image the frames are aligned to;
 * ``weights``       - (3, n_cells) float32 spatial matched filter per class;
@@ -32,7 +33,9 @@ from factory_assets.vocabulary import CLASSES
 from factory_assets.vision.features import WORK_SIZE, FeatureConfig, extract
 
 ARTIFACT_NAME = "stock_model.npz"
-FORMAT = "factory-assets-stock-model/1"
+FORMAT = "factory-assets-stock-model/1"  # features as the first models (``FeatureConfig.is_v1``)
+FORMAT_V2 = "factory-assets-stock-model/2"  # + FeatureConfig.normalise / blur; readers of /1 must refuse it
+FORMATS = (FORMAT, FORMAT_V2)
 SLOT_FORMAT = "factory-assets-slot-model/1"  # vision.slots.SlotStockModel; from_bytes/load read both
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the artifact bytes are reproducible
 
@@ -70,7 +73,7 @@ class StockModel:
         if self.weights.shape != (len(self.classes), rows * cols):
             raise ModelFormatError(f"weights have shape {self.weights.shape}, expected {(len(self.classes), rows * cols)}")
         self._model_json = {
-            "format": FORMAT,
+            "format": FORMAT if self.config.is_v1 else FORMAT_V2,
             "classes": list(self.classes),
             "config": self.config.to_dict(),
             "calibration": [[float(a), float(b)] for a, b in self.calibration],
@@ -152,8 +155,8 @@ class StockModel:
                 metadata = json.loads(npz["metadata_json"].tobytes().decode("utf-8")) if "metadata_json" in npz.files else {}
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise ModelFormatError(f"not a stock model artifact: {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise ModelFormatError(f"unsupported model format {meta.get('format')!r} (expected {FORMAT!r})")
+        if meta.get("format") not in FORMATS:
+            raise ModelFormatError(f"unsupported model format {meta.get('format')!r} (expected one of {FORMATS})")
         return cls(reference=reference, weights=weights, calibration=np.array(meta["calibration"]),
                    thresholds=meta["thresholds"], config=FeatureConfig.from_dict(meta["config"]),
                    metadata=metadata, classes=tuple(meta["classes"]))
