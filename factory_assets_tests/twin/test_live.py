@@ -171,8 +171,9 @@ def test_the_updater_rides_out_a_mongodb_restart_without_skipping_or_duplicating
         live.start()
         assert wait_until(lambda: fdb.inferences.count_documents({}) == 5, timeout=20)
         embedded.stop()
-        # down for longer than the client's 10 s server selection timeout: the updater sees the error
-        assert wait_until(lambda: any("MongoDB unavailable" in m for m in logs), timeout=30)
+        # down until the updater has seen the error: the change stream and then a read each wait
+        # out the client's 10 s server selection first, so the bound is generous
+        assert wait_until(lambda: any("MongoDB unavailable" in m for m in logs), timeout=120)
         embedded.start(port=port)
         insert_sim_frames(fdb, 5, start=T0 + timedelta(minutes=1))
         assert wait_until(lambda: fdb.inferences.count_documents({}) == 10, timeout=60)
