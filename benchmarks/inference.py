@@ -153,7 +153,8 @@ def main() -> None:
             except OSError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+                server.kill()  # reading stderr of a live process would block
+                raise SystemExit(f"server did not start: {server.communicate()[1].decode()[-2000:]}")
             time.sleep(0.1)
 
         from factory_assets.vision.model import StockModel

@@ -26,7 +26,7 @@ def free_port(preferred: int = 0) -> int:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
-            return preferred
+            return s.getsockname()[1]  # ``preferred``, or the one picked for 0
         except OSError:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
