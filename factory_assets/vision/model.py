@@ -162,13 +162,7 @@ class StockModel:
                    metadata=metadata, classes=tuple(meta["classes"]))
 
     def save(self, model_dir: Path) -> Path:
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        path = model_dir / ARTIFACT_NAME
-        tmp = path.with_suffix(".npz.tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
-        return path
+        return save_artifact(self, model_dir)
 
     @classmethod
     def load(cls, model_dir: Path) -> "StockModel":  # or a SlotStockModel, by the artifact's format
@@ -190,3 +184,14 @@ def _decode(data: bytes) -> np.ndarray:
             raise ValueError("bytes could not be decoded as an image")
         return img
     return decode_image(data)
+
+
+def save_artifact(model, model_dir: Path) -> Path:
+    """``model.to_bytes()`` to ``model_dir/model.npz``, atomically (either model kind)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / ARTIFACT_NAME
+    tmp = path.with_suffix(".npz.tmp")
+    tmp.write_bytes(model.to_bytes())
+    tmp.replace(path)
+    return path

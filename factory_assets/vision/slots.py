@@ -383,15 +383,9 @@ class SlotStockModel:
                    config=FeatureConfig.from_dict(meta["config"]), metadata=metadata)
 
     def save(self, model_dir: Path) -> Path:
-        from factory_assets.vision.model import ARTIFACT_NAME
+        from factory_assets.vision.model import save_artifact
 
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        path = model_dir / ARTIFACT_NAME
-        tmp = path.with_suffix(".npz.tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
-        return path
+        return save_artifact(self, model_dir)
 
 
 def _slot_proba(feats, mean, scale, coef, intercept, colour_scale, beta) -> np.ndarray:
