@@ -187,7 +187,7 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def save_artifact(model, model_dir: Path) -> Path:
-    """``model.to_bytes()`` to ``model_dir/model.npz``, atomically (either model kind)."""
+    """``model.to_bytes()`` to ``model_dir/ARTIFACT_NAME``, atomically (either model kind)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / ARTIFACT_NAME
