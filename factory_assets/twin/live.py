@@ -110,6 +110,7 @@ class LiveStats:
     rejected: int = 0
     skipped_to_batch: int = 0
     endpoint_errors: int = 0
+    database_errors: int = 0  # reads or writes that failed because MongoDB was unreachable
     latencies_ms: list = field(default_factory=list)
 
 
@@ -229,6 +230,8 @@ class LiveTwinUpdater:
                     # Endpoint or MongoDB restarting: nothing was skipped (the cursor only moves
                     # past stored inferences), so wait and resume from the stored cursor.
                     what = "endpoint" if isinstance(exc, EndpointUnavailable) else "MongoDB"
+                    if what == "MongoDB":
+                        self.stats.database_errors += 1
                     now = time.monotonic()
                     outages[what] = outages.get(what, 0) + 1
                     if outages[what] == 1 or now - last_outage_log.get(what, 0.0) >= 60:
