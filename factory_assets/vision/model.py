@@ -54,6 +54,18 @@ def _json_array(obj: Any) -> np.ndarray:
     return np.frombuffer(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8"), dtype=np.uint8)
 
 
+def pack_artifact(entries: dict[str, bytes]) -> bytes:
+    """``.npy`` entries -> a reproducible ``.npz`` (fixed dates and modes), for either model kind."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, payload in entries.items():
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, payload)
+    return buf.getvalue()
+
+
 class StockModel:
     """Multi-label presence model; see the module docstring for the maths."""
 
@@ -126,20 +138,12 @@ class StockModel:
 
     # ---- persistence -----------------------------------------------------
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        entries = {
+        return pack_artifact({
             "model_json.npy": _npy_bytes(_json_array(self._model_json)),
             "reference.npy": _npy_bytes(self.reference),
             "weights.npy": _npy_bytes(self.weights),
             "metadata_json.npy": _npy_bytes(_json_array(self.metadata)),
-        }
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name, payload in entries.items():
-                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, payload)
-        return buf.getvalue()
+        })
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "StockModel":  # or a SlotStockModel, by the artifact's format

@@ -35,17 +35,15 @@ Pipeline for one BGR frame:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from factory_assets.vocabulary import CLASSES, SLOT_STATES, SLOTS, STATE_TO_TYPE
+from factory_assets.vision.model import _json_array, _npy_bytes, pack_artifact
 from factory_assets.vision.features import WORK_SIZE, FeatureConfig, estimate_shift, evidence_maps, gradient_image, shrink
 
 logger = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ SLOT_FORMAT = "factory-assets-slot-model/1"
 PATCH = (4, 3)  # (cols, rows) of the coarse patch per slot and colour
 BOX_FRACTION = 0.45  # half box = this fraction of the lattice spacing
 N_FEATURES = PATCH[0] * PATCH[1] * 3 + 9
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 class GeometryError(ValueError):
@@ -233,16 +230,6 @@ def slot_features(maps: np.ndarray, geometry: SlotGeometry) -> np.ndarray:
     return out
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _json_array(obj: Any) -> np.ndarray:
-    return np.frombuffer(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8"), dtype=np.uint8)
-
-
 _PATCH_N = PATCH[0] * PATCH[1]
 N_OCC_FEATURES = 6 + _PATCH_N
 BETAS = (5.0, 10.0, 20.0, 40.0)
@@ -363,16 +350,9 @@ class SlotStockModel:
 
     # ---- persistence -----------------------------------------------------
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
         entries = dict(self._arrays())
         entries["metadata_json.npy"] = _npy_bytes(_json_array(self.metadata))
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name, payload in entries.items():
-                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, payload)
-        return buf.getvalue()
+        return pack_artifact(entries)
 
     @classmethod
     def from_npz(cls, npz, meta: dict) -> "SlotStockModel":
