@@ -27,24 +27,31 @@ class LstRow:
         return {c: bool(v) for c, v in zip(CLASSES, self.labels)}
 
 
+def _indexed_rows(path: Path, n_columns: int, columns: str, comments: bool = False):
+    """The tab-separated rows of a manifest or its sidecar: (``file:line``, line, index, columns),
+    refusing a row with the wrong column count or a non-integer index, naming file and line."""
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or (comments and line.startswith("#")):
+            continue
+        where = f"{path}:{lineno}"
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) != n_columns:
+            raise ManifestError(f"{where}: expected {n_columns} tab-separated columns ({columns}), "
+                                f"found {len(cols)}")
+        try:
+            index = int(cols[0])
+        except ValueError:
+            raise ManifestError(f"{where}: index {cols[0]!r} is not an integer") from None
+        yield where, lineno, index, cols
+
+
 def read_lst(path: Path, image_dir: Path | None = None, n_classes: int = len(CLASSES)) -> list[LstRow]:
     """Parse and validate a manifest. With ``image_dir``, every path must exist inside it."""
     path = Path(path)
     rows: list[LstRow] = []
     seen: dict[int, int] = {}
     root = Path(image_dir).resolve() if image_dir is not None else None
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        cols = line.rstrip("\r\n").split("\t")
-        if len(cols) != n_classes + 2:
-            raise ManifestError(f"{where}: expected {n_classes + 2} tab-separated columns "
-                                f"(index, {', '.join(CLASSES)}, path), found {len(cols)}")
-        try:
-            index = int(cols[0])
-        except ValueError:
-            raise ManifestError(f"{where}: index {cols[0]!r} is not an integer") from None
+    for where, lineno, index, cols in _indexed_rows(path, n_classes + 2, f"index, {', '.join(CLASSES)}, path"):
         if index in seen:
             raise ManifestError(f"{where}: duplicate index {index} (first on line {seen[index]})")
         seen[index] = lineno
@@ -108,18 +115,8 @@ def read_slots(path: Path) -> dict[int, dict]:
     if not path.is_file():
         return {}
     out: dict[int, dict] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        where = f"{path}:{lineno}"
-        cols = line.split("\t")
-        if len(cols) != len(SLOT_NAMES) + 2:
-            raise ManifestError(f"{where}: expected {len(SLOT_NAMES) + 2} tab-separated columns "
-                                f"(index, A1..C3, path), found {len(cols)}")
-        try:
-            index = int(cols[0])
-        except ValueError:
-            raise ManifestError(f"{where}: index {cols[0]!r} is not an integer") from None
+    for where, _lineno, index, cols in _indexed_rows(path, len(SLOT_NAMES) + 2, "index, A1..C3, path",
+                                                     comments=True):
         slots = {}
         for name, value in zip(SLOT_NAMES, cols[1:-1]):
             value = value.strip().upper()
