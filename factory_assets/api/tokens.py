@@ -10,7 +10,7 @@ import hashlib
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from factory_assets.vocabulary import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def create_token(fdb, name: str, scope: str = "write") -> str:
         raise ValueError(f"an active token named {name!r} exists; revoke it first")
     token = PREFIX + secrets.token_urlsafe(32)
     tokens(fdb).insert_one({"_id": _hash(token), "name": name, "scope": scope, "hint": token[:7],
-                            "created_at": datetime.now(timezone.utc), "revoked_at": None})
+                            "created_at": utcnow(), "revoked_at": None})
     logger.info("API token %r created (scope %s)", name, scope)
     return token
 
@@ -61,7 +61,7 @@ def check_token(fdb, token: str | None) -> TokenInfo | None:
 
 def revoke_token(fdb, name: str) -> int:
     result = tokens(fdb).update_many({"name": name, "revoked_at": None},
-                                     {"$set": {"revoked_at": datetime.now(timezone.utc)}})
+                                     {"$set": {"revoked_at": utcnow()}})
     return result.modified_count
 
 

@@ -9,23 +9,20 @@ workpiece of that type; the per-slot stock (A1..C3) is kept when known.
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from bson import ObjectId
 from pymongo import UpdateOne
 
 from factory_assets.vocabulary import CLASSES
+from factory_assets.vocabulary import utcnow
 
 PRIORITY = {"manual": 3, "import": 2, "auto": 1}
 
 
 class LabelError(ValueError):
     """A label that cannot be stored (unknown frame, bad colour, bad CSV line)."""
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def combination(present: dict) -> str:
@@ -55,7 +52,7 @@ def upsert_labels(fdb, docs: list[dict]) -> dict:
     """Store labels idempotently (one per frame and source). Returns counts."""
     if not docs:
         return {"new": 0, "changed": 0, "unchanged": 0}
-    now = _now()
+    now = utcnow()
     ops = [UpdateOne({"frame_id": d["frame_id"], "source": d["source"]},
                      {"$set": {**d, "updated_at": now}, "$setOnInsert": {"created_at": now}}, upsert=True)
            for d in docs]
@@ -152,7 +149,7 @@ def label_manually(fdb, frame_id: str, present: dict | None, *, user: str | None
     if present is None:
         raise LabelError("give the colours present or the slots")
     doc = label_doc(frame, present, "manual", slots=slots,
-                    provenance={"user": user or "cli", "note": note, "at": _now()})
+                    provenance={"user": user or "cli", "note": note, "at": utcnow()})
     upsert_labels(fdb, [doc])
     return doc
 
@@ -182,6 +179,6 @@ def label_from_csv(fdb, path: Path, *, user: str | None = None) -> int:
             except LabelError as exc:
                 raise LabelError(f"{where}: {exc}") from None
             docs.append(label_doc(frame, present, "manual",
-                                  provenance={"user": user or "cli", "file": str(path), "line": lineno, "at": _now()}))
+                                  provenance={"user": user or "cli", "file": str(path), "line": lineno, "at": utcnow()}))
     upsert_labels(fdb, docs)
     return len(docs)

@@ -24,6 +24,7 @@ from pathlib import Path
 from factory_assets.datasets.labels import combination, effective_labels
 from factory_assets.datasets.lst import SLOT_NAMES, LstRow, format_lst, format_slots
 from factory_assets.vocabulary import CLASSES
+from factory_assets.vocabulary import utcnow
 
 SPLITS_COLLECTION = "dataset_splits"
 SITUATIONS_COLLECTION = "dataset_situations"  # one document per stock situation, looked up by _id
@@ -34,10 +35,6 @@ EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
 class DatasetBuildError(ValueError):
     """The labelled frames do not make a usable dataset (e.g. an empty split)."""
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _hash_key(label: dict) -> str:
@@ -76,7 +73,7 @@ def _situation_splits(fdb, keys: list[str]) -> dict:
                                      return_document=ReturnDocument.AFTER)["n"]
         split = "valid" if n % VALID_EVERY == 2 % VALID_EVERY else "train"
         coll.update_one({"_id": sid}, {"$setOnInsert": {"split": split, "situation": key, "n": n,
-                                                        "assigned_at": _now()}}, upsert=True)
+                                                        "assigned_at": utcnow()}}, upsert=True)
         # two builds racing: whoever stored first wins, and both use that
         out[key] = coll.find_one({"_id": sid}, {"split": 1})["split"]
     return out
@@ -113,7 +110,7 @@ def assign_splits(fdb, labels: list[dict]) -> dict:
         from pymongo import UpdateOne
 
         coll.bulk_write([UpdateOne({"_id": frame_id}, {"$setOnInsert": {"split": split, "combination": combo_of[frame_id],
-                                                                        "assigned_at": _now()}}, upsert=True)
+                                                                        "assigned_at": utcnow()}}, upsert=True)
                          for frame_id, split in new.items()], ordered=False)
         # Two builds racing: whoever stored first wins, and both use that.
         stored = {d["_id"]: d["split"] for d in coll.find({"_id": {"$in": list(new)}})}
@@ -234,8 +231,8 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
         sources[lab["source"]] = sources.get(lab["source"], 0) + 1
         combos[combination(lab["present"])] = combos.get(combination(lab["present"]), 0) + 1
     doc = {"version": version, "path": str(final), "counts": counts, "sources": sources, "combinations": combos,
-           "days": days, "range": {"start": start, "end": end}, "built_at": _now()}
-    fdb.datasets.update_one({"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now()}}, upsert=True)
+           "days": days, "range": {"start": start, "end": end}, "built_at": utcnow()}
+    fdb.datasets.update_one({"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": utcnow()}}, upsert=True)
     return BuiltDataset(version, final, counts, doc, reused)
 
 

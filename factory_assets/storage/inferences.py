@@ -7,7 +7,7 @@ Its indexes are created with the others in ``storage/indexes.py``.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from factory_assets.vocabulary import utcnow
 
 
 def build_inference(frame: dict, *, probabilities: dict, thresholds: dict, model_version: str,
@@ -22,7 +22,7 @@ def build_inference(frame: dict, *, probabilities: dict, thresholds: dict, model
             "camera_id": frame.get("camera_id"), "factory_id": frame.get("factory_id", "factory-1"),
             "model_version": model_version, "probabilities": probabilities, "present": present,
             "thresholds": thresholds, "latency_ms": round(float(latency_ms), 3), "source": source,
-            "created_at": datetime.now(timezone.utc)}
+            "created_at": utcnow()}
     if slots:
         doc["slots"] = slots
     if model_kind:

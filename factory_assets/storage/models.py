@@ -12,8 +12,6 @@ inference server follows ``model_version``; deploying is one conditional write.
 """
 from __future__ import annotations
 
-from datetime import datetime
-
 from pymongo import DESCENDING, ReturnDocument
 
 from factory_assets.vocabulary.clock import utcnow
@@ -23,10 +21,6 @@ BUCKET = "model_artifacts"
 
 class ModelNotFound(LookupError):
     """No model with that version in the registry."""
-
-
-def _now() -> datetime:
-    return utcnow()
 
 
 def _bucket(fdb):
@@ -56,7 +50,7 @@ def register_model(fdb, model, *, dataset_version: str | None, code_version: str
     if size is not None:
         doc["artifact_bytes"] = size
     return fdb.models.find_one_and_update(
-        {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now(), "passed_checks": None}},
+        {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": utcnow(), "passed_checks": None}},
         upsert=True, return_document=ReturnDocument.AFTER)
 
 
@@ -69,7 +63,7 @@ def register_external_model(fdb, version: str, *, dataset_version: str | None, c
            "metrics": metrics or {}, "trainer": trainer, "classes": list(classes or ()),
            "thresholds": dict(thresholds or {}), **(fields or {})}
     return fdb.models.find_one_and_update(
-        {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": _now(), "passed_checks": None}},
+        {"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": utcnow(), "passed_checks": None}},
         upsert=True, return_document=ReturnDocument.AFTER)
 
 
@@ -80,7 +74,7 @@ def annotate_model(fdb, version: str, fields: dict) -> None:
 
 def set_checks(fdb, version: str, passed: bool, checks: dict) -> None:
     fdb.models.update_one({"_id": version}, {"$set": {"passed_checks": bool(passed), "checks": checks,
-                                                      "checked_at": _now()}})
+                                                      "checked_at": utcnow()}})
 
 
 def get_model(fdb, version: str) -> dict | None:
@@ -94,8 +88,6 @@ def load_model_bytes(fdb, version: str) -> bytes:
         return _bucket(fdb).open_download_stream_by_name(version).read()
     except gridfs.errors.NoFile:
         raise ModelNotFound(f"model {version!r} is not in the registry") from None
-
-
 
 
 def latest_model(fdb, passed_checks: bool | None = True) -> dict | None:
@@ -127,8 +119,8 @@ def set_endpoint_version(fdb, name: str, version: str, *, url: str | None = None
     current = get_endpoint(fdb, name) or {}
     if current.get("model_version") == version:
         return current
-    update: dict = {"$set": {"model_version": version, "status": "Updating", "updated_at": _now()},
-                    "$setOnInsert": {"created_at": _now()}}
+    update: dict = {"$set": {"model_version": version, "status": "Updating", "updated_at": utcnow()},
+                    "$setOnInsert": {"created_at": utcnow()}}
     if url:
         update["$set"]["url"] = url
     if current.get("model_version"):
@@ -145,7 +137,7 @@ def rollback_endpoint(fdb, name: str) -> dict:
     previous = current["previous_versions"][-1]
     return fdb.endpoints.find_one_and_update(
         {"name": name, "model_version": current["model_version"]},
-        {"$set": {"model_version": previous, "status": "Updating", "updated_at": _now(),
+        {"$set": {"model_version": previous, "status": "Updating", "updated_at": utcnow(),
                   "rolled_back_from": current["model_version"]},
          "$pop": {"previous_versions": 1}},
         return_document=ReturnDocument.AFTER) or get_endpoint(fdb, name)
@@ -154,7 +146,7 @@ def rollback_endpoint(fdb, name: str) -> dict:
 def report_served(fdb, name: str, version: str | None, *, url: str | None = None) -> None:
     """The server reports what it serves; ``InService`` once it serves the configured version."""
     doc = get_endpoint(fdb, name) or {}
-    fields: dict = {"served_version": version, "served_at": _now()}
+    fields: dict = {"served_version": version, "served_at": utcnow()}
     if url:
         fields["server_url"] = url
     if version and doc.get("model_version") == version:
@@ -171,5 +163,5 @@ def served_version(fdb, name: str) -> str | None:
 def mark_in_service(fdb, name: str, version: str) -> dict | None:
     """Record that endpoint ``name`` serves ``version`` (the deployment finished)."""
     return fdb.endpoints.find_one_and_update(
-        {"name": name}, {"$set": {"status": "InService", "served_version": version, "updated_at": _now()}},
+        {"name": name}, {"$set": {"status": "InService", "served_version": version, "updated_at": utcnow()}},
         return_document=ReturnDocument.AFTER)

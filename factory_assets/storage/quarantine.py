@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from datetime import datetime, timezone
+from factory_assets.vocabulary import utcnow
 
 PREVIEW_BYTES = 2048
 
@@ -33,7 +33,7 @@ def quarantine_update(*, reason: str, message: str, source: dict, payload: bytes
     source_key = "|".join(f"{k}={source[k]}" for k in sorted(source) if k in ("kind", "topic", "path", "url"))
     fingerprint = hashlib.sha256(reason.encode() + b"\0" + source_key.encode() + b"\0" + raw).hexdigest()
     preview, encoding = _preview(payload)
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     update = {"$setOnInsert": {"fingerprint": fingerprint, "reason": reason, "error": message,
                                "source": source, "topic": topic, "received_at": now,
                                "payload_size": len(raw), "payload_preview": preview,

@@ -11,13 +11,13 @@ report shows the count reached (then ``done``).
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
 from factory_assets.storage.frames import parse_ts
 from factory_assets.twin.state import COLOURS, TYPE_TO_COLOUR
+from factory_assets.vocabulary import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ class UnknownFactory(LookupError):
 
 class DesiredInvalid(ValueError):
     pass
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def orders(fdb):
@@ -103,7 +99,7 @@ def set_desired(fdb, factory_id: str, stock: dict, expected_version: int) -> tup
     if twin.get("version", 0) != expected_version:
         raise VersionConflict(twin.get("version", 0))
     need = plan_orders(twin, stock, pending_counts(fdb, factory_id))
-    now = _now()
+    now = utcnow()
     desired = {**((twin.get("desired") or {}).get("stock") or {}), **stock}
     new_version = expected_version + 1
     result = fdb.twin.update_one(
@@ -135,7 +131,7 @@ def set_desired(fdb, factory_id: str, stock: dict, expected_version: int) -> tup
 
 
 def mark_published(fdb, order_id: str) -> None:
-    orders(fdb).update_one({"_id": order_id, "published_at": None}, {"$set": {"published_at": _now()}})
+    orders(fdb).update_one({"_id": order_id, "published_at": None}, {"$set": {"published_at": utcnow()}})
 
 
 def reconcile_orders(fdb, twin: dict | None) -> list[str]:
@@ -152,7 +148,7 @@ def reconcile_orders(fdb, twin: dict | None) -> list[str]:
             continue
         if counts.get(order["colour"], 0) >= order["target_count"]:
             res = orders(fdb).update_one({"_id": order["_id"], "status": "pending"},
-                                         {"$set": {"status": "done", "done_at": _now(),
+                                         {"$set": {"status": "done", "done_at": utcnow(),
                                                    "done_version": twin.get("version")}})
             if res.modified_count:
                 done.append(order["_id"])

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from factory_assets.storage.frames import assign_missing_seqs, frame_ts, read_frames_after
 from factory_assets.storage.inferences import inferred_frame_ids
 from factory_assets.twin.batch import given_up_frame_ids
+from factory_assets.vocabulary import utcnow
 
 
 @dataclass
@@ -36,7 +37,7 @@ def plan_frames(fdb, cursor: int, model_version: str, *, limit: int = 1000,
                              projection={"_id": 1, "seq": 1, "ts": 1, "received_at": 1, "camera_id": 1})
     if not page.frames:
         return FramePlan(cursor=page.cursor)
-    now = now or datetime.now(timezone.utc)
+    now = now or utcnow()
     ids = [f["_id"] for f in page.frames]
     # a poison frame given up after repeated failures (twin/batch.py) is settled too: never stalls the cursor
     done = inferred_frame_ids(fdb, ids, model_version) | given_up_frame_ids(fdb, ids, model_version)

@@ -10,19 +10,14 @@ the same guard on ``ts``. Every change of state is appended to ``twin_history``.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from pymongo.errors import DuplicateKeyError
 
 from factory_assets.storage.frames import parse_ts
 from factory_assets.twin.state import COLOURS, Observation, Reported, compute_delta
+from factory_assets.vocabulary import utcnow
 
 LEGACY_PARTITION = "DTPartition"
 MAX_RETRIES = 50
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _is_newer_observation(current: dict | None, obs: Observation) -> bool:
@@ -43,7 +38,7 @@ def _cas(fdb, factory_id: str, build) -> tuple[bool, dict | None]:
         if fields is None:
             return False, doc
         version = (doc or {}).get("version", 0)
-        fields["updated_at"] = _now()
+        fields["updated_at"] = utcnow()
         fields["version"] = version + 1
         # Written in the same atomic update as the version: readers (the API's event stream)
         # know for certain whether a twin_history entry for this version is on its way.
@@ -75,7 +70,7 @@ def _nest(fields: dict) -> dict:
 
 def apply_observation(fdb, obs: Observation) -> bool:
     """Update the twin from one inference; False when the twin already shows a newer frame."""
-    now = _now()
+    now = utcnow()
     changed_colours: list[str] = []
 
     def build(doc):
@@ -118,7 +113,7 @@ def apply_observation(fdb, obs: Observation) -> bool:
 
 def apply_reported(fdb, rep: Reported) -> bool:
     """Update the twin from a stock report; False when a newer report is already applied."""
-    now = _now()
+    now = utcnow()
     changed_slots: list[str] = []
 
     def build(doc):
