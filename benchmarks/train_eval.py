@@ -224,6 +224,16 @@ def hard_cv(dataset: Path, seed: int = 0) -> dict:
     """Leave one train scene out; per perturbation set, the held-out photos' copies scored."""
     import numpy as np
 
+    return _scene_out_sets(dataset, seed, lambda imgs: [_hard_sets(im, np.random.default_rng(100 + i))
+                                                          for i, im in enumerate(imgs)])
+
+
+def _scene_out_sets(dataset: Path, seed: int, make_sets) -> dict:
+    """Leave one train scene out: ``make_sets(photos)`` gives each photo its named sets of
+    copies; every held-out photo's copies are predicted by the model fitted without its
+    scene. Per set: per-label accuracy, exact match and errors per class."""
+    import numpy as np
+
     from factory_assets.datasets.reading import load_image, read_split, scene_of
     from factory_assets.vision.fit import fit_stock_model
     from factory_assets.vocabulary import CLASSES
@@ -232,7 +242,7 @@ def hard_cv(dataset: Path, seed: int = 0) -> dict:
     imgs = [load_image(tdir / r.path) for r in trows]
     y = np.array([r.labels for r in trows])
     groups = [scene_of(r.path) for r in trows]
-    sets = [_hard_sets(im, np.random.default_rng(100 + i)) for i, im in enumerate(imgs)]
+    sets = make_sets(imgs)
     ok = {k: [] for k in sets[0]}
     for g in sorted(set(groups)):
         fit = [i for i in range(len(trows)) if groups[i] != g]
@@ -264,34 +274,15 @@ def moved_cv(dataset: Path, seed: int = 0) -> dict:
     """Leave one train scene out; its photos seen from a moved camera, alone and perturbed."""
     import numpy as np
 
-    from factory_assets.datasets.reading import load_image, read_split, scene_of
-    from factory_assets.vision.fit import fit_stock_model
     from factory_assets.vision.perturb import perturb
-    from factory_assets.vocabulary import CLASSES
 
-    tdir, trows = read_split(dataset, "train")
-    imgs = [load_image(tdir / r.path) for r in trows]
-    y = np.array([r.labels for r in trows])
-    groups = [scene_of(r.path) for r in trows]
-    rng = np.random.default_rng(11)
-    sets = {"moved camera": [[_moved(im, rng, z) for z in MOVED_ZOOMS] for im in imgs],
-            "moved camera + the issue's perturbations": [
-                [perturb(_moved(im, rng, z), rng) for z in MOVED_PERTURBED_ZOOMS for _ in range(3)] for im in imgs]}
-    ok = {k: [] for k in sets}
-    for g in sorted(set(groups)):
-        fit = [i for i in range(len(trows)) if groups[i] != g]
-        m, _ = fit_stock_model([imgs[i] for i in fit], y[fit], [groups[i] for i in fit], seed=seed)
-        for i in (i for i in range(len(trows)) if groups[i] == g):
-            for k, copies in sets.items():
-                pred = np.array([[d[c] for c in CLASSES] for d in m.predict(copies[i])]).astype(int)
-                ok[k].append(pred == y[i])
-    out = {}
-    for k, parts in ok.items():
-        a = np.concatenate(parts)
-        out[k] = {"n_images": int(len(a)), "per_label_accuracy": round(float(a.mean()), 4),
-                  "exact_match": round(float(a.all(axis=1).mean()), 4),
-                  "errors": {c: int((~a[:, j]).sum()) for j, c in enumerate(CLASSES)}}
-    return out
+    def make_sets(imgs):
+        rng = np.random.default_rng(11)
+        moved = [[_moved(im, rng, z) for z in MOVED_ZOOMS] for im in imgs]
+        perturbed = [[perturb(_moved(im, rng, z), rng) for z in MOVED_PERTURBED_ZOOMS for _ in range(3)] for im in imgs]
+        return [{"moved camera": m, "moved camera + the issue's perturbations": p} for m, p in zip(moved, perturbed)]
+
+    return _scene_out_sets(dataset, seed, make_sets)
 
 
 if __name__ == "__main__":

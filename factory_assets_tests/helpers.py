@@ -32,3 +32,9 @@ def stock_payload(ts: str, slots: dict[str, str | None]) -> bytes:
     items = [{"workpiece": ({"id": f"wp-{loc}", "type": t, "state": "RAW"} if t else None), "location": loc}
              for loc, t in slots.items()]
     return json.dumps({"ts": ts, "stockItems": items}).encode()
+
+
+def predict_once(predictor, image: bytes, content_type: str = "image/jpeg"):
+    """One prediction from a predictor made for it; its connections are closed afterwards."""
+    with predictor:
+        return predictor.predict(image, content_type)

@@ -80,6 +80,13 @@ class StatusProbe:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+            self._client = None
+
+    def __enter__(self) -> "StatusProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _ago(moment: datetime | None) -> str:

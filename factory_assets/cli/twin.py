@@ -17,6 +17,8 @@ def _live(args) -> int:
         stats = updater.run(duration=args.duration)
     except KeyboardInterrupt:
         stats = updater.stats
+    finally:
+        predictor.close()
     print(f"summary: inferred={stats.inferred} rejected={stats.rejected} "
           f"left_to_batch={stats.skipped_to_batch}", flush=True)
     return 0

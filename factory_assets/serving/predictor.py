@@ -7,6 +7,8 @@ any compatible server, ours included), ``InProcessPredictor`` runs a model in th
 calling process. They raise the same two errors, so callers decide once:
 ``BadInput`` (the image was rejected: quarantine it, go on) and
 ``EndpointUnavailable`` (retry later; never advance past the frame).
+Each is a context manager: ``close()`` releases its connections (an HTTP keep-alive
+socket per thread, boto3's pool); a closed predictor reconnects if used again.
 """
 from __future__ import annotations
 
@@ -59,6 +61,19 @@ class Predictor(Protocol):
     def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction: ...
 
 
+class _Closing:
+    """``with predictor: ...`` closes it at the end."""
+
+    def close(self) -> None:  # pragma: no cover - overridden where there is something to release
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def parse_response(body: bytes | str, latency_ms: float, version_header: str | None = None) -> Prediction:
     """A SageMaker image-classifier response: a JSON list of probabilities, or our
     verbose object ``{"prediction": [...], "model_version": ..., "thresholds": {...}}``,
@@ -88,7 +103,7 @@ def parse_response(body: bytes | str, latency_ms: float, version_header: str | N
                       model_kind=model_kind, slots=slots or None)
 
 
-class HttpEndpointPredictor:
+class HttpEndpointPredictor(_Closing):
     """Our server over HTTP/1.1 keep-alive (one connection per thread)."""
 
     def __init__(self, url: str, timeout: float = 10.0, retries: int = 1):
@@ -103,6 +118,8 @@ class HttpEndpointPredictor:
         self.timeout = timeout
         self.retries = retries
         self._local = threading.local()
+        self._open: set = set()  # every thread's connection, so close() reaches them all
+        self._open_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"HttpEndpointPredictor({self.url!r})"
@@ -112,12 +129,30 @@ class HttpEndpointPredictor:
 
         conn = getattr(self._local, "conn", None)
         if conn is None or fresh:
-            if conn is not None:
-                conn.close()
+            self._drop()
             cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
             conn = cls(self._host, self._port, timeout=self.timeout)
             self._local.conn = conn
+            with self._open_lock:
+                self._open.add(conn)
         return conn
+
+    def _drop(self) -> None:
+        """Close this thread's connection (the server closed it, or it failed)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._open_lock:
+                self._open.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        """Close every thread's keep-alive connection."""
+        with self._open_lock:
+            conns, self._open = list(self._open), set()
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
 
     def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
         import http.client
@@ -134,11 +169,11 @@ class HttpEndpointPredictor:
             except (OSError, http.client.HTTPException) as exc:
                 # A kept-alive connection the server closed, or the server is down: retry once on a new one.
                 last_exc = exc
-                self._local.conn = None
+                self._drop()
                 continue
             latency = (time.perf_counter() - started) * 1000
             if resp.getheader("Connection", "").lower() == "close":
-                self._local.conn = None
+                self._drop()
             if resp.status == 200:
                 return parse_response(body, latency, resp.getheader("X-Model-Version"))
             message = _error_message(body)
@@ -157,7 +192,7 @@ class HttpEndpointPredictor:
             resp.read()
             return resp.status == 200, resp.getheader("X-Model-Version")
         except (OSError, http.client.HTTPException):
-            self._local.conn = None
+            self._drop()
             return False, None
 
 
@@ -169,7 +204,7 @@ def _error_message(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace")
 
 
-class SageMakerRuntimePredictor:
+class SageMakerRuntimePredictor(_Closing):
     """A SageMaker endpoint through boto3 ``sagemaker-runtime`` ``invoke_endpoint``."""
 
     def __init__(self, endpoint_name: str, region: str = "us-east-1", endpoint_url: str | None = None,
@@ -179,6 +214,7 @@ class SageMakerRuntimePredictor:
         self.endpoint_url = endpoint_url
         self.verbose = verbose
         self._client = client
+        self._given_client = client
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -196,6 +232,13 @@ class SageMakerRuntimePredictor:
                                             config=Config(retries={"max_attempts": 2, "mode": "standard"},
                                                           connect_timeout=5, read_timeout=30))
             return self._client
+
+    def close(self) -> None:
+        """Close boto3's connection pool (a client given to the constructor is the caller's)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and client is not self._given_client:
+            client.close()
 
     def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -220,7 +263,7 @@ class SageMakerRuntimePredictor:
         return parse_response(body, latency, version)
 
 
-class InProcessPredictor:
+class InProcessPredictor(_Closing):
     """A ``StockModel`` in this process (CLI, tests of callers, batch scoring without a server)."""
 
     def __init__(self, model):

@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 
 from factory_assets_tests.backends.conftest import BYOC_IMAGE, ROLE, moto_training_job
+from factory_assets_tests.helpers import predict_once
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def _deploy_and_invoke(sm_config, fdb, mongo_uri, database_name, endpoint, model
     import numpy as np
 
     ok, jpeg = cv2.imencode(".jpg", np.full((240, 320, 3), 100, np.uint8))
-    prediction = endpoint.predictor().predict(jpeg.tobytes())
+    prediction = predict_once(endpoint.predictor(), jpeg.tobytes())
     assert len(prediction.probabilities) == 3 and prediction.model_version == model.version
 
 

@@ -31,8 +31,8 @@ def test_the_probe_reports_frames_their_rate_quarantine_and_the_deployed_model(f
 
 
 def test_an_unreachable_database_is_reported_not_raised():
-    probe = StatusProbe("mongodb://127.0.0.1:1/?directConnection=true", "nothing")
-    status = probe.read(now=1.0)
+    with StatusProbe("mongodb://127.0.0.1:1/?directConnection=true", "nothing") as probe:
+        status = probe.read(now=1.0)
     assert not status.reachable
     assert "MongoDB unreachable" in plain_line([], status)
 
@@ -41,7 +41,8 @@ def test_the_panel_renders_services_health_and_links(fdb, mongo_uri, database_na
     from rich.console import Console
 
     store(fdb, 2)
-    status = StatusProbe(mongo_uri, database_name).read(now=1.0)
+    with StatusProbe(mongo_uri, database_name) as probe:
+        status = probe.read(now=1.0)
     console = Console(record=True, width=140)
     console.print(render([], status, {"twin page & API (/docs)": "http://127.0.0.1:8000"}, "/tmp/logs"))
     text = console.export_text()

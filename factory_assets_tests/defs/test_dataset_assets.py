@@ -12,7 +12,6 @@ from factory_assets.defs.datasets import asset_checks, assets
 from factory_assets.defs.datasets.assets import (labeled_images, training_manifests,
                                                  training_manifests_match_their_version)
 from factory_assets.defs.datasets.resources import DatasetTargetResource
-from factory_assets.defs.partitions import daily_partitions
 from factory_assets.defs.resources import MongoResource
 from factory_assets_tests.datasets.test_labels import T0, simulate_day
 
@@ -42,8 +41,7 @@ def test_a_daily_partitioned_job_with_the_unpartitioned_manifests_bootstraps_a_d
     (like retrain_job) for today auto-labels today's frames and builds both splits."""
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     simulate_day(fdb, seconds=240, start=today + timedelta(minutes=1), seed=3, change_every=10)
-    job = dg.define_asset_job("retrain_like", selection=["labeled_images", "training_manifests"],
-                              partitions_def=daily_partitions)
+    job = dg.define_asset_job("retrain_like", selection=["labeled_images", "training_manifests"])
     defs = dg.Definitions(assets=assets, asset_checks=asset_checks, jobs=[job], resources=resources)
     result = defs.resolve_job_def("retrain_like").execute_in_process(partition_key=_day(today))
     assert result.success

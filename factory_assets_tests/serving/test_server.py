@@ -9,6 +9,7 @@ import requests
 
 from factory_assets.serving.server import MAX_PAYLOAD_BYTES, InferenceServer
 from factory_assets.storage.frames import wait_until
+from factory_assets_tests.helpers import predict_once
 
 
 @pytest.fixture
@@ -185,7 +186,7 @@ def test_the_server_follows_the_endpoint_document_and_hot_swaps_under_load(fdb, 
             t.join()
         assert failures == []
         assert versions[0] == a.version and versions[-1] == b.version
-        assert HttpEndpointPredictor(srv.url).predict(sim_jpeg).model_version == b.version
+        assert predict_once(HttpEndpointPredictor(srv.url), sim_jpeg).model_version == b.version
         assert wait_until(lambda: get_endpoint(fdb, "factory-stock").get("status") == "InService", timeout=10)
         doc = get_endpoint(fdb, "factory-stock")
         assert doc["served_version"] == b.version and doc["status"] == "InService"

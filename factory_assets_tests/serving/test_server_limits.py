@@ -15,6 +15,7 @@ import requests
 from factory_assets.serving.predictor import EndpointUnavailable, HttpEndpointPredictor
 from factory_assets.serving.server import InferenceLimits, InferenceServer
 from factory_assets.storage.frames import wait_until
+from factory_assets_tests.helpers import predict_once
 
 
 def _stalled_upload(port: int, body: bytes) -> socket.socket:
@@ -98,7 +99,7 @@ def test_requests_beyond_the_concurrency_bound_get_503_with_the_json_error_body(
         assert r.json()["error"] == "ServiceUnavailable" and "retry" in r.json()["message"]
         # callers see it as an outage to retry, never as a bad image
         try:
-            HttpEndpointPredictor(srv.url, retries=0).predict(sim_jpeg)
+            predict_once(HttpEndpointPredictor(srv.url, retries=0), sim_jpeg)
             raise AssertionError("expected EndpointUnavailable")
         except EndpointUnavailable as exc:
             assert "503" in str(exc)

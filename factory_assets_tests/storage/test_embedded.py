@@ -34,7 +34,8 @@ def test_db_start_status_stop_manage_a_daemon_other_processes_can_discover(tmp_p
     assert cli("db", "start", env=env).returncode == 0
     try:
         uri = cli("db", "uri", env=env).stdout.strip()
-        assert MongoClient(uri).smart_factory.probe.count_documents({}) == 1
+        with MongoClient(uri) as again:
+            assert again.smart_factory.probe.count_documents({}) == 1
     finally:
         cli("db", "stop", env=env)
 

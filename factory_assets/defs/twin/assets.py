@@ -1,4 +1,6 @@
 """Twin domain: stock inferences per frame and the digital twin's state."""
+import contextlib
+
 import dagster as dg
 
 from factory_assets.defs.metadata import partition_bounds, png_markdown, table
@@ -51,22 +53,22 @@ def stock_inferences(context: dg.AssetExecutionContext, config: StockInferencesC
     if version is None:
         raise dg.Failure("No model is deployed on the endpoint yet: materialize model_endpoint first.",
                          allow_retries=False)
-    predictor = endpoint.predictor()
     frame_ids = [d["_id"] for d in fdb.frames.find(day_query(start, end), {"_id": 1})]
     done = inferred_frame_ids(fdb, frame_ids, version) if frame_ids else set()
     skipped = given_up_frame_ids(fdb, [i for i in frame_ids if i not in done], version)
     todo = [i for i in frame_ids if i not in done and i not in skipped]
     inferred = failed = 0
     given_up: list = []
-    for lo in range(0, len(todo), FETCH_BATCH):
-        frames = fdb.frames.find({"_id": {"$in": todo[lo:lo + FETCH_BATCH]}}).sort("seq", 1)
-        try:
-            outcome = infer_frames(fdb, predictor, frames, model_version=version,
-                                   max_attempts=config.max_attempts_per_frame)
-        except EndpointUnavailable as exc:
-            # Nothing half-written: every stored inference is complete; a retry resumes here.
-            raise dg.Failure(f"Endpoint unavailable after {inferred} frames: {exc}") from exc
-        inferred, failed, given_up = inferred + outcome.inferred, failed + outcome.failed, given_up + outcome.given_up
+    with endpoint.predictor() as predictor:  # its keep-alive socket is closed when the day is done
+        for lo in range(0, len(todo), FETCH_BATCH):
+            frames = fdb.frames.find({"_id": {"$in": todo[lo:lo + FETCH_BATCH]}}).sort("seq", 1)
+            try:
+                outcome = infer_frames(fdb, predictor, frames, model_version=version,
+                                       max_attempts=config.max_attempts_per_frame)
+            except EndpointUnavailable as exc:
+                # Nothing half-written: every stored inference is complete; a retry resumes here.
+                raise dg.Failure(f"Endpoint unavailable after {inferred} frames: {exc}") from exc
+            inferred, failed, given_up = inferred + outcome.inferred, failed + outcome.failed, given_up + outcome.given_up
     if given_up:
         context.log.warning(f"{len(given_up)} frames quarantined after {config.max_attempts_per_frame} failed "
                             f"inferences: {', '.join(map(str, given_up[:10]))}")
@@ -148,7 +150,8 @@ def twin_state(context: dg.AssetExecutionContext, config: TwinStateConfig, mongo
 
     fdb = mongo.fdb()
     version = served_version(fdb, endpoint.name)
-    twin = sync_twin(fdb, endpoint.predictor() if version else None, version, reinfer_latest=config.reinfer_latest)
+    with endpoint.predictor() if version else contextlib.nullcontext() as predictor:
+        twin = sync_twin(fdb, predictor, version, reinfer_latest=config.reinfer_latest)
     last = context.instance.get_latest_materialization_event(context.asset_key)
     last_md = last.asset_materialization.metadata if last and last.asset_materialization else {}
     changed = "version" not in last_md or last_md["version"].value != int((twin or {}).get("version", 0))
