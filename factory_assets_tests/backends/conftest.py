@@ -1,6 +1,7 @@
 """AWS for the backend tests: moto in server mode on 127.0.0.1 (S3 and the SageMaker
-control plane), reached over HTTP by the real boto3 clients of the code under test,
-and our own inference server as the SageMaker runtime."""
+control plane, with ``UpdateEndpoint`` added where moto lacks it: ``moto_sagemaker``),
+reached over HTTP by the real boto3 clients of the code under test, and our own
+inference server as the SageMaker runtime."""
 from __future__ import annotations
 
 import uuid
@@ -17,6 +18,9 @@ BYOC_IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/factory-stock:1"
 def moto_url():
     from moto.server import ThreadedMotoServer
 
+    from factory_assets_tests.backends.moto_sagemaker import add_update_endpoint
+
+    add_update_endpoint()  # moto 5.2.5 has no UpdateEndpoint: blue/green and rollback need it
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

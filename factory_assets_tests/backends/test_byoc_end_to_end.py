@@ -142,22 +142,22 @@ def test_the_serve_entry_point_answers_the_contract_and_stops_on_sigterm(small_m
             proc.wait()
 
 
-def _moto_has_update_endpoint() -> bool:
-    from moto.sagemaker.models import SageMakerModelBackend
-
-    return hasattr(SageMakerModelBackend, "update_endpoint")
-
-
-@pytest.mark.skipif(not _moto_has_update_endpoint(),
-                    reason="moto does not implement SageMaker UpdateEndpoint (5.2.5): the blue/green update "
-                           "and rollback run only against AWS or a newer moto")
 def test_a_second_version_updates_the_endpoint_blue_green_and_rolls_back(sm_config):
     from factory_assets.backends.sagemaker import deploy, rollback
 
     sm = sm_config.sagemaker_client()
+    seen: list[str] = []
     first = deploy(sm, sm_config, version="a" * 16, image=BYOC_IMAGE, model_data_url="s3://b/a/model.tar.gz", poll=0.01)
     second = deploy(sm, sm_config, version="b" * 16, image=BYOC_IMAGE, model_data_url="s3://b/b/model.tar.gz",
-                    poll=0.01)
+                    poll=0.01, log=seen.append)
     assert second["action"] == "updated" and second["previous_config"] == first["config"]
+    assert second["config"] != first["config"] and second["status"] == "InService"
+    # the deployment waited through SageMaker's Updating state rather than returning mid-update
+    assert any("Updating" in line for line in seen) and "InService" in seen[-1]
+    variants = sm.describe_endpoint(EndpointName=sm_config.endpoint_name)["ProductionVariants"]
+    assert [v["VariantName"] for v in variants] == ["AllTraffic"]
+    assert deploy(sm, sm_config, version="b" * 16, image=BYOC_IMAGE, model_data_url="s3://b/b/model.tar.gz",
+                  poll=0.01)["action"] == "unchanged"
     back = rollback(sm, sm_config, "a" * 16, poll=0.01)
     assert back["config"] == first["config"] and back["status"] == "InService"
+    assert sm.describe_endpoint(EndpointName=sm_config.endpoint_name)["EndpointConfigName"] == first["config"]

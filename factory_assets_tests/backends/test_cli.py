@@ -94,11 +94,6 @@ def _register(fdb, *versions):
                                 classes=("blue", "red", "white"), thresholds={"blue": 0.5, "red": 0.5, "white": 0.5})
 
 
-def _moto_has_update_endpoint() -> bool:
-    from moto.sagemaker.models import SageMakerModelBackend
-
-    return hasattr(SageMakerModelBackend, "update_endpoint")
-
 
 def test_endpoint_rollback_of_a_sagemaker_endpoint_goes_to_sagemaker_not_only_the_registry(sm_env, fdb, capsys):
     # the registry alone could roll back (a previous version is recorded), but the SageMaker endpoint has
@@ -127,9 +122,6 @@ def test_endpoint_rollback_of_a_local_endpoint_moves_the_registry_only(fdb, caps
     assert fdb.endpoints.find_one({"name": "local-stock"})["model_version"] == A
 
 
-@pytest.mark.skipif(not _moto_has_update_endpoint(),
-                    reason="moto does not implement SageMaker UpdateEndpoint (5.2.5): the SageMaker rollback "
-                           "itself runs only against AWS or a newer moto")
 def test_endpoint_rollback_returns_the_sagemaker_endpoint_to_the_previous_config(sm_env, fdb, capsys):
     from factory_assets.backends.sagemaker import deploy
     from factory_assets.backends.sagemaker.registry import record_deployment
