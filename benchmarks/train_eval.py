@@ -121,26 +121,15 @@ def main(argv=None) -> int:
         out["perturbed_valid"] = {"n_images": int(len(pred)), "per_label_accuracy": round(float((pred == truth).mean()), 4),
                                   "exact_match": round(float((pred == truth).all(axis=1).mean()), 4)}
     if args.perturbed_cv:
-        from factory_assets.vocabulary import CLASSES
+        from factory_assets.backends.local import leave_one_scene_out
         from factory_assets.vision.perturb import perturbed_copies
 
-        tdir, trows = read_split(dataset, "train")
-        imgs = [load_image(tdir / r.path) for r in trows]
-        y = np.array([r.labels for r in trows])
-        groups = [scene_of(r.path) for r in trows]
-        copies = perturbed_copies(imgs, 10, seed=7)
-        pred, truth = [], []
-        for g in sorted(set(groups)):
-            fit = [i for i in range(len(trows)) if groups[i] != g]
-            m, _ = fit_stock_model([imgs[i] for i in fit], y[fit], [groups[i] for i in fit], seed=args.seed)
-            for i in (i for i in range(len(trows)) if groups[i] == g):
-                pred += [[d[c] for c in CLASSES] for d in m.predict(copies[i])]
-                truth += [list(y[i])] * len(copies[i])
-        pred, truth = np.array(pred).astype(int), np.array(truth)
+        ok = leave_one_scene_out(dataset, lambda photos: [
+            {"perturbed": c} for c in perturbed_copies(photos, 10, seed=7)], seed=args.seed)["perturbed"]
         out["perturbed_train_cv"] = {"scheme": "leave-one-scene-out on the train split, 10 perturbed copies each",
-                                     "n_images": int(len(pred)),
-                                     "per_label_accuracy": round(float((pred == truth).mean()), 4),
-                                     "exact_match": round(float((pred == truth).all(axis=1).mean()), 4)}
+                                     "n_images": int(len(ok)),
+                                     "per_label_accuracy": round(float(ok.mean()), 4),
+                                     "exact_match": round(float(ok.all(axis=1).mean()), 4)}
     if args.hard_cv:
         out["hard_train_cv"] = hard_cv(dataset, args.seed)
     if args.moved_cv:
@@ -229,31 +218,13 @@ def hard_cv(dataset: Path, seed: int = 0) -> dict:
 
 
 def _scene_out_sets(dataset: Path, seed: int, make_sets) -> dict:
-    """Leave one train scene out: ``make_sets(photos)`` gives each photo its named sets of
-    copies; every held-out photo's copies are predicted by the model fitted without its
-    scene. Per set: per-label accuracy, exact match and errors per class."""
-    import numpy as np
-
-    from factory_assets.datasets.reading import load_image, read_split, scene_of
-    from factory_assets.vision.fit import fit_stock_model
+    """``backends.local.leave_one_scene_out`` over the named sets ``make_sets(photos)``
+    gives each photo; per set: per-label accuracy, exact match and errors per class."""
+    from factory_assets.backends.local import leave_one_scene_out
     from factory_assets.vocabulary import CLASSES
 
-    tdir, trows = read_split(dataset, "train")
-    imgs = [load_image(tdir / r.path) for r in trows]
-    y = np.array([r.labels for r in trows])
-    groups = [scene_of(r.path) for r in trows]
-    sets = make_sets(imgs)
-    ok = {k: [] for k in sets[0]}
-    for g in sorted(set(groups)):
-        fit = [i for i in range(len(trows)) if groups[i] != g]
-        m, _ = fit_stock_model([imgs[i] for i in fit], y[fit], [groups[i] for i in fit], seed=seed)
-        for i in (i for i in range(len(trows)) if groups[i] == g):
-            for k, copies in sets[i].items():
-                pred = np.array([[d[c] for c in CLASSES] for d in m.predict(copies)]).astype(int)
-                ok[k].append(pred == y[i])
     out = {}
-    for k, parts in ok.items():
-        a = np.concatenate(parts)
+    for k, a in leave_one_scene_out(dataset, make_sets, seed=seed).items():
         out[k] = {"n_images": int(len(a)), "per_label_accuracy": round(float(a.mean()), 4),
                   "exact_match": round(float(a.all(axis=1).mean()), 4),
                   "errors": {c: int((~a[:, j]).sum()) for j, c in enumerate(CLASSES)}}

@@ -127,6 +127,29 @@ def evaluate(model, dataset_dir: Path, split: str = "valid") -> dict:
     return out
 
 
+def leave_one_scene_out(dataset_dir: Path, copies_of, seed: int = 0) -> dict[str, np.ndarray]:
+    """Robustness on the train split only. The presence model is fitted once per train
+    scene without it, and predicts copies of that scene's photos. ``copies_of(photos)``
+    gives, per photo, named lists of copies (perturbed, moved...). Returns, per name, a
+    boolean array ``(n_copies, n_classes)``: prediction equals label."""
+    from factory_assets.vocabulary import CLASSES
+
+    image_dir, rows = read_split(Path(dataset_dir), "train")
+    images = [load_image(image_dir / r.path) for r in rows]
+    labels = np.array([r.labels for r in rows], dtype=int)
+    groups = [scene_of(r.path) for r in rows]
+    copies = copies_of(images)
+    ok: dict[str, list] = {name: [] for name in copies[0]}
+    for held in sorted(set(groups)):
+        fit = [i for i, g in enumerate(groups) if g != held]
+        model, _ = fit_stock_model([images[i] for i in fit], labels[fit], [groups[i] for i in fit], seed=seed)
+        for i in (i for i, g in enumerate(groups) if g == held):
+            for name, imgs in copies[i].items():
+                pred = np.array([[d[c] for c in CLASSES] for d in model.predict(imgs)]).astype(int)
+                ok[name].append(pred == labels[i])
+    return {name: np.concatenate(parts) for name, parts in ok.items()}
+
+
 class LocalBackendTrainer:
     """``Trainer`` on this machine; a thin wrapper so callers depend on the backend
     protocol rather than on ``LocalTrainer``'s options."""
