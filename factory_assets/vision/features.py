@@ -267,10 +267,6 @@ def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03
     out = np.clip(out, 0, 255).astype(np.uint8)
     if not degrade:
         return out
-    x = out.astype(np.float32)
-    mean = float(x.mean())
-    x = (x - mean) * rng.uniform(0.7, 1.3) + mean + rng.uniform(-30.0, 30.0)
-    x += rng.normal(0.0, rng.uniform(0.0, 6.0), x.shape).astype(np.float32)
-    x = np.clip(x, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 91))])
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else x
+    from factory_assets.vision.perturb import photometric
+
+    return photometric(out, rng, min_quality=30)

@@ -18,13 +18,23 @@ def perturb(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     dx, dy = rng.uniform(-8.0, 8.0, 2) * (w / 320.0)
     m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
     m[:, 2] += (dx, dy)
-    x = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    x = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return photometric(x, rng)
+
+
+def photometric(img: np.ndarray, rng: np.random.Generator, min_quality: int = 40) -> np.ndarray:
+    """The photometric part of the target: contrast x0.7-1.3 about the mean, brightness
+    +-30, sensor noise sigma 0-6, then a JPEG round trip at quality ``min_quality``-90.
+    ``features.augment(degrade=True)`` trains on the same draws (with ``min_quality`` 30)."""
+    import cv2
+
+    x = img.astype(np.float32)
     mean = float(x.mean())
     x = (x - mean) * rng.uniform(0.7, 1.3) + mean + rng.uniform(-30.0, 30.0)
     x += rng.normal(0.0, rng.uniform(0.0, 6.0), x.shape).astype(np.float32)
     x = np.clip(x, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 91))])
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    ok, buf = cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(min_quality, 91))])
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else x
 
 
 def perturbed_copies(images: list[np.ndarray], n: int, seed: int = 0) -> list[list[np.ndarray]]:
