@@ -64,6 +64,11 @@ def dagster_home() -> Path:
     return home
 
 
+# The code location `dagster dev` loads: the installed module, so `factory-assets up` works from
+# any directory after `pip install .` (workspace.yaml names the same module, for the repository).
+DAGSTER_TARGET = ["-m", "factory_assets.definitions"]
+
+
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
                    dagster: bool = True) -> list[Service]:
     py = sys.executable
@@ -78,7 +83,7 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
     if not dagster:
         return services
-    services.append(Service("dagster", [py, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
+    services.append(Service("dagster", [py, "-m", "dagster", "dev", *DAGSTER_TARGET, "-h", "127.0.0.1",
                                         "-p", str(dagster_port)], dagster_port,
                             env={"DAGSTER_HOME": str(dagster_home())}))
     return services
