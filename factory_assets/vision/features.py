@@ -247,12 +247,10 @@ def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03
     copies, are those of the first models)."""
     import cv2
 
+    from factory_assets.vision.perturb import photometric, random_similarity
+
     h, w = img.shape[:2]
-    angle = rng.uniform(-3.0, 3.0)
-    scale = rng.uniform(0.95, 1.05)
-    tx, ty = rng.uniform(-8.0, 8.0, 2) * (w / 320.0)
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
-    m[:, 2] += (tx, ty)
+    m = random_similarity(rng, w, h, max_angle=3.0, max_zoom=0.05)
     src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
     dst = src @ m[:, :2].T.astype(np.float32) + m[:, 2].astype(np.float32)
     dst += (rng.uniform(-perspective, perspective, (4, 2)) * (w, h)).astype(np.float32)
@@ -265,8 +263,4 @@ def augment(img: np.ndarray, rng: np.random.Generator, perspective: float = 0.03
     out = (out - mean) * rng.uniform(0.75, 1.25) + mean
     out += rng.normal(0.0, 2.0, out.shape).astype(np.float32)
     out = np.clip(out, 0, 255).astype(np.uint8)
-    if not degrade:
-        return out
-    from factory_assets.vision.perturb import photometric
-
-    return photometric(out, rng, min_quality=30)
+    return photometric(out, rng, min_quality=30) if degrade else out

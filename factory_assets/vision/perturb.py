@@ -13,13 +13,24 @@ def perturb(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     import cv2
 
     h, w = img.shape[:2]
-    angle = rng.uniform(-2.5, 2.5)
-    scale = rng.uniform(0.96, 1.04)
-    dx, dy = rng.uniform(-8.0, 8.0, 2) * (w / 320.0)
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
-    m[:, 2] += (dx, dy)
+    m = random_similarity(rng, w, h, max_angle=2.5, max_zoom=0.04)
     x = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return photometric(x, rng)
+
+
+def random_similarity(rng: np.random.Generator, w: int, h: int, *, max_angle: float, max_zoom: float,
+                      max_shift: float = 8.0) -> np.ndarray:
+    """A camera that moved a little: the 2x3 map of a rotation within +-``max_angle`` degrees
+    and a zoom within +-``max_zoom`` about the centre, then a shift within +-``max_shift`` px
+    (of a 320 px wide frame, scaled to ``w``). Draws angle, zoom, then the shift."""
+    import cv2
+
+    angle = rng.uniform(-max_angle, max_angle)
+    scale = rng.uniform(1.0 - max_zoom, 1.0 + max_zoom)
+    shift = rng.uniform(-max_shift, max_shift, 2) * (w / 320.0)
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
+    m[:, 2] += shift
+    return m
 
 
 def photometric(img: np.ndarray, rng: np.random.Generator, min_quality: int = 40) -> np.ndarray:
