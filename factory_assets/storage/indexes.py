@@ -1,7 +1,12 @@
 """Indexes, created idempotently (create_index is a no-op when one exists)."""
 from __future__ import annotations
 
+import logging
+
 from pymongo import ASCENDING, DESCENDING
+from pymongo.errors import DuplicateKeyError, OperationFailure
+
+log = logging.getLogger(__name__)
 
 # Named here, not imported from datasets.manifests, so connect() stays light.
 SPLITS_COLLECTION = "dataset_splits"
@@ -48,9 +53,29 @@ def ensure_indexes(fdb) -> None:
     # twin_live_sensor reads a factory's changes after the version it last saw.
     fdb.twin_history.create_index([("factory_id", ASCENDING), ("version", ASCENDING)], name="factory_version")
     fdb.twin.create_index([("updated_at", DESCENDING)], name="updated_at")
-    fdb.twin_legacy.create_index([("_partition", ASCENDING), ("ts", ASCENDING)], name="partition_ts")
+    _ensure_one_legacy_document_per_partition(fdb.twin_legacy)
     fdb.datasets.create_index([("built_at", DESCENDING)], name="built_at")
     # Sticky splits: the share of validation frames per label combination.
     splits = fdb.db[SPLITS_COLLECTION]
     splits.create_index([("combination", ASCENDING), ("split", ASCENDING)], name="combination_split")
     _done.add(key)
+
+
+def _ensure_one_legacy_document_per_partition(coll) -> None:
+    """A unique ``_partition``: concurrent first writers of the legacy twin cannot both insert.
+
+    Versions before this index could leave two documents for one partition under that race;
+    they are collapsed to the newest (by ``ts``) before the index is built.
+    """
+    try:
+        coll.create_index([("_partition", ASCENDING)], unique=True, name="partition_unique")
+        return
+    except (DuplicateKeyError, OperationFailure) as exc:
+        if isinstance(exc, OperationFailure) and exc.code not in (11000, 11001):
+            raise
+    removed = 0
+    for group in coll.aggregate([{"$group": {"_id": "$_partition", "n": {"$sum": 1}}}, {"$match": {"n": {"$gt": 1}}}]):
+        keep = coll.find_one({"_partition": group["_id"]}, sort=[("ts", DESCENDING)], projection={"_id": 1})
+        removed += coll.delete_many({"_partition": group["_id"], "_id": {"$ne": keep["_id"]}}).deleted_count
+    log.warning("%s: removed %d older duplicate legacy twin documents", coll.name, removed)
+    coll.create_index([("_partition", ASCENDING)], unique=True, name="partition_unique")

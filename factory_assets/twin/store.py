@@ -142,15 +142,29 @@ def apply_reported(fdb, rep: Reported) -> bool:
 
 
 def _write_legacy(fdb, obs: Observation) -> None:
-    """The original shape the Unity twin's Realm schema reads, guarded on ``ts``."""
+    """The original shape the Unity twin's Realm schema reads, guarded on ``ts``.
+
+    ``_partition`` is unique (storage.indexes): of two first writers one inserts and the other
+    gets DuplicateKeyError, then retries its guarded update, so the newer frame always wins.
+    """
     fields = {"ts": obs.frame_ts, "is_present": {c: bool(obs.present[c]) for c in COLOURS}}
     coll = fdb.twin_legacy
-    result = coll.update_one({"_partition": LEGACY_PARTITION, "ts": {"$lte": obs.frame_ts}}, {"$set": fields})
-    if result.matched_count == 0 and coll.count_documents({"_partition": LEGACY_PARTITION}, limit=1) == 0:
+    for _ in range(MAX_RETRIES):
+        # A document without ts (written by another tool) counts as older than any frame.
+        older = {"$or": [{"ts": {"$lte": obs.frame_ts}}, {"ts": None}]}
+        if coll.update_one({"_partition": LEGACY_PARTITION, **older}, {"$set": fields}).matched_count:
+            return
+        current = coll.find_one({"_partition": LEGACY_PARTITION}, projection={"ts": 1})
+        if current is not None:
+            if current.get("ts") is not None and parse_ts(current["ts"]) > obs.frame_ts:
+                return  # the document shows a newer frame, and ts only grows
+            continue  # an older frame was inserted after our update looked: look again
         try:
             coll.insert_one({"_partition": LEGACY_PARTITION, **fields})
+            return
         except DuplicateKeyError:
-            pass
+            continue  # another writer inserted first: compare against its ts
+    raise RuntimeError(f"legacy twin {LEGACY_PARTITION}: too much write contention")
 
 
 def get_twin(fdb, factory_id: str = "factory-1") -> dict | None:

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 from factory_assets.twin.render import render_twin_png
 from factory_assets.twin.state import Observation, reported_from_stock
-from factory_assets.twin.store import apply_observation, apply_reported, get_twin
+from factory_assets.twin.store import _write_legacy, apply_observation, apply_reported, get_twin
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
 THRESHOLDS = {"blue": 0.5, "red": 0.5, "white": 0.5}
@@ -49,9 +49,39 @@ def test_out_of_order_concurrent_writers_end_on_the_newest_frame(fdb):
         t.join()
     twin = get_twin(fdb)
     assert twin["observed"]["frame_id"] == "frame-59"
+    assert fdb.twin_legacy.count_documents({}) == 1
     assert fdb.twin_legacy.find_one()["ts"] == T0 + timedelta(seconds=59)
     versions = [d["version"] for d in fdb.twin_history.find().sort("version", 1)]
     assert len(versions) == len(set(versions))  # the version is monotonic: no two writes share one
+
+
+def test_first_writers_of_the_legacy_twin_racing_leave_one_document_on_the_newest_frame(fdb):
+    # CI once saw the loser of this insert race drop the newest frame (two inserts, no unique key).
+    for round_ in range(5):
+        fdb.twin_legacy.delete_many({})
+        frames = [obs(100 * round_ + i, blue=bool(i % 2)) for i in range(8)]
+        barrier = threading.Barrier(len(frames))
+
+        def write(o):
+            barrier.wait()
+            _write_legacy(fdb, o)
+
+        threads = [threading.Thread(target=write, args=(o,)) for o in frames]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert fdb.twin_legacy.count_documents({}) == 1
+        newest = frames[-1]
+        assert fdb.twin_legacy.find_one()["ts"] == newest.frame_ts
+        assert fdb.twin_legacy.find_one()["is_present"]["blue"] is bool(newest.present["blue"])
+
+
+def test_a_legacy_document_without_ts_from_another_tool_is_replaced_by_the_first_observation(fdb):
+    fdb.twin_legacy.insert_one({"_partition": "DTPartition", "is_present": {"blue": False}})
+    assert apply_observation(fdb, obs(1, blue=True))
+    assert fdb.twin_legacy.count_documents({}) == 1
+    assert fdb.twin_legacy.find_one()["is_present"]["blue"] is True
 
 
 def test_reinferring_the_same_frame_with_a_new_model_updates_the_twin(fdb):
