@@ -109,6 +109,11 @@ class FrameSequence:
         self.key = f"seq:{fdb.names.frames}"
         self.lease_seconds = lease_seconds
         self.owner = uuid.uuid4().hex
+        # Blocks whose insert or release failed (database down mid-flush). Each stays pending,
+        # holding readers below it, until a later insert_frames of the same documents through
+        # this sequence has completed: then no write of the old block can still land, and it is
+        # released at once instead of after its lease (see insert_frames).
+        self.unsettled: list[Allocation] = []
 
     def allocate(self, n: int) -> Allocation:
         if n < 1:
@@ -163,7 +168,14 @@ class InsertResult:
 
 
 def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) -> InsertResult:
-    """Insert frame documents with sequence numbers; duplicates are counted, not stored."""
+    """Insert frame documents with sequence numbers; duplicates are counted, not stored.
+
+    When the database fails mid-call the exception propagates and the block stays pending
+    (a write may still be in flight). A caller that retries the same documents through the
+    same ``sequence`` (the Ingestor's flush) settles that block as soon as the retry completes:
+    by then every one of those frames is stored under the new block or found as a duplicate
+    under the old one, so readers resume at once rather than after the lease.
+    """
     if not docs:
         return InsertResult()
     seq = sequence or FrameSequence(fdb)
@@ -178,10 +190,18 @@ def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) 
     except BulkWriteError as exc:
         for err in exc.details.get("writeErrors", []):
             if err.get("code") != 11000:
+                seq.unsettled.append(alloc)
                 raise
             failed.add(err["index"])
-    finally:
+    except Exception:
+        seq.unsettled.append(alloc)
+        raise
+    try:
         released = seq.release(alloc)
+    except Exception:
+        seq.unsettled.append(alloc)
+        raise
+    _settle_earlier_blocks(seq)
     result.inserted_ids = [d["_id"] for i, d in enumerate(docs) if i not in failed]
     result.inserted = len(result.inserted_ids)
     result.duplicates = len(failed)
@@ -190,6 +210,20 @@ def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) 
         # move the frames past the horizon so they are read, not skipped.
         resequence(fdb, result.inserted_ids, seq)
     return result
+
+
+def _settle_earlier_blocks(seq: FrameSequence) -> None:
+    """Release the blocks of failed attempts, now that their documents were written again."""
+    while seq.unsettled:
+        earlier = seq.unsettled[0]
+        if not seq.release(earlier):
+            # Reaped as expired: a reader may have passed it. Frames that landed under it are
+            # moved past the horizon, as insert_frames does for its own block.
+            landed = [d["_id"] for d in seq.fdb.frames.find(
+                {"seq": {"$gte": earlier.lo, "$lte": earlier.hi}}, {"_id": 1})]
+            if landed:
+                resequence(seq.fdb, landed, seq)
+        seq.unsettled.pop(0)
 
 
 def resequence(fdb, ids: list, sequence: FrameSequence) -> None:

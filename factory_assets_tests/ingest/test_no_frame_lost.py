@@ -318,3 +318,52 @@ def test_while_mongodb_is_down_the_ingester_holds_at_most_its_byte_limit_and_the
             pub.close()
         ingester.stop()
         mongo.stop()
+
+
+def test_readers_resume_at_once_after_mongodb_goes_down_between_allocating_and_inserting_a_batch(tmp_path):
+    # The block allocated before the outage used to stay pending for its whole lease (120 s),
+    # holding the live updater and the frame sensor below it although nothing was in flight.
+    from pymongo.errors import PyMongoError
+
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.storage.frames import FrameSequence, read_frames_after
+    from factory_assets.storage.mongo import connect
+
+    mongo = KillableMongo(tmp_path / "mongo").start()
+    try:
+        fdb = connect(mongo.uri, "resume")
+
+        class OutageAfterAllocating(FrameSequence):
+            """Stops the real server right after the first block is allocated: the outage lands mid-flush."""
+            outages = 1
+
+            def allocate(self, n):
+                alloc = super().allocate(n)
+                if self.outages:
+                    self.outages -= 1
+                    mongo.stop()
+                return alloc
+
+        ingestor = Ingestor(fdb, batch_size=1000, auto_flush=False)
+        ingestor.sequence = OutageAfterAllocating(ingestor.fdb)
+        for i in range(10):
+            ingestor.handle_mqtt("i/cam", cam_payload(IMAGES[i], ts=frame_ts(i)))
+        with pytest.raises(PyMongoError):
+            ingestor.flush()
+        assert ingestor.pending == 10  # nothing left memory
+        mongo.start()
+
+        def flushed() -> bool:
+            try:
+                ingestor.flush()
+                return True
+            except PyMongoError:  # the client is still reconnecting
+                return False
+
+        assert wait_until(flushed, 60)
+        page = read_frames_after(fdb, 0, limit=100)
+        assert len(page.frames) == 10  # readable now, not after the lease
+        assert fdb.counters.find_one({"_id": ingestor.sequence.key})["pending"] == []
+        assert ingestor.sequence.unsettled == []
+    finally:
+        mongo.stop()
