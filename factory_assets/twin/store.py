@@ -10,6 +10,8 @@ the same guard on ``ts``. Every change of state is appended to ``twin_history``.
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 from pymongo.errors import DuplicateKeyError
 
 from factory_assets.storage.frames import parse_ts
@@ -150,13 +152,13 @@ def _write_legacy(fdb, obs: Observation) -> None:
     fields = {"ts": obs.frame_ts, "is_present": {c: bool(obs.present[c]) for c in COLOURS}}
     coll = fdb.twin_legacy
     for _ in range(MAX_RETRIES):
-        # A document without ts (written by another tool) counts as older than any frame.
-        older = {"$or": [{"ts": {"$lte": obs.frame_ts}}, {"ts": None}]}
+        # A document whose ts is missing or not a date (written by another tool) is older than any frame.
+        older = {"$or": [{"ts": {"$lte": obs.frame_ts}}, {"ts": {"$not": {"$type": "date"}}}]}
         if coll.update_one({"_partition": LEGACY_PARTITION, **older}, {"$set": fields}).matched_count:
             return
         current = coll.find_one({"_partition": LEGACY_PARTITION}, projection={"ts": 1})
         if current is not None:
-            if current.get("ts") is not None and parse_ts(current["ts"]) > obs.frame_ts:
+            if isinstance(current.get("ts"), datetime) and parse_ts(current["ts"]) > obs.frame_ts:
                 return  # the document shows a newer frame, and ts only grows
             continue  # an older frame was inserted after our update looked: look again
         try:

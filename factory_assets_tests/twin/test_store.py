@@ -2,6 +2,8 @@ import random
 import threading
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from factory_assets.twin.render import render_twin_png
 from factory_assets.twin.state import Observation, reported_from_stock
 from factory_assets.twin.store import _write_legacy, apply_observation, apply_reported, get_twin
@@ -77,11 +79,15 @@ def test_first_writers_of_the_legacy_twin_racing_leave_one_document_on_the_newes
         assert fdb.twin_legacy.find_one()["is_present"]["blue"] is bool(newest.present["blue"])
 
 
-def test_a_legacy_document_without_ts_from_another_tool_is_replaced_by_the_first_observation(fdb):
-    fdb.twin_legacy.insert_one({"_partition": "DTPartition", "is_present": {"blue": False}})
+@pytest.mark.parametrize("ts", [None, "2026-11-23T11:00:00Z", 17], ids=["missing", "a-string", "a-number"])
+def test_a_legacy_document_without_a_date_ts_from_another_tool_is_replaced_by_the_first_observation(fdb, ts):
+    # another tool's document must not stop the updater (it used to loop, then raise)
+    fdb.twin_legacy.insert_one({"_partition": "DTPartition", "is_present": {"blue": False},
+                                **({"ts": ts} if ts is not None else {})})
     assert apply_observation(fdb, obs(1, blue=True))
     assert fdb.twin_legacy.count_documents({}) == 1
-    assert fdb.twin_legacy.find_one()["is_present"]["blue"] is True
+    doc = fdb.twin_legacy.find_one()
+    assert doc["is_present"]["blue"] is True and doc["ts"] == T0 + timedelta(seconds=1)
 
 
 def test_reinferring_the_same_frame_with_a_new_model_updates_the_twin(fdb):
