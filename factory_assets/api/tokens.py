@@ -10,6 +10,9 @@ import hashlib
 import logging
 import secrets
 from dataclasses import dataclass
+
+from pymongo.errors import DuplicateKeyError
+
 from factory_assets.vocabulary import utcnow
 
 logger = logging.getLogger(__name__)
@@ -40,11 +43,15 @@ def create_token(fdb, name: str, scope: str = "write") -> str:
         raise ValueError(f"scope must be one of {SCOPES}")
     if not name or len(name) > 100:
         raise ValueError("a token needs a name of 1-100 characters")
-    if tokens(fdb).count_documents({"name": name, "revoked_at": None}, limit=1):
-        raise ValueError(f"an active token named {name!r} exists; revoke it first")
+    ensure_indexes(fdb)  # the CLI may create the first token before any API has started
     token = PREFIX + secrets.token_urlsafe(32)
-    tokens(fdb).insert_one({"_id": _hash(token), "name": name, "scope": scope, "hint": token[:7],
-                            "created_at": utcnow(), "revoked_at": None})
+    try:
+        # active_name is unique (ensure_indexes) and unset on revoke: two creators racing on one
+        # name cannot both succeed, where a count-then-insert let both through
+        tokens(fdb).insert_one({"_id": _hash(token), "name": name, "active_name": name, "scope": scope,
+                                "hint": token[:7], "created_at": utcnow(), "revoked_at": None})
+    except DuplicateKeyError:
+        raise ValueError(f"an active token named {name!r} exists; revoke it first") from None
     logger.info("API token %r created (scope %s)", name, scope)
     return token
 
@@ -61,7 +68,7 @@ def check_token(fdb, token: str | None) -> TokenInfo | None:
 
 def revoke_token(fdb, name: str) -> int:
     result = tokens(fdb).update_many({"name": name, "revoked_at": None},
-                                     {"$set": {"revoked_at": utcnow()}})
+                                     {"$set": {"revoked_at": utcnow()}, "$unset": {"active_name": ""}})
     return result.modified_count
 
 
@@ -72,4 +79,14 @@ def list_tokens(fdb) -> list[dict]:
 
 
 def ensure_indexes(fdb) -> None:
-    tokens(fdb).create_index("name", name="name")
+    coll = tokens(fdb)
+    coll.create_index("name", name="name")
+    # Tokens created before active_name existed: the oldest active one per name gets it
+    # (a duplicate left by the old race stays valid and is revoked with its name).
+    taken = set(coll.distinct("active_name"))
+    for doc in coll.find({"revoked_at": None, "active_name": {"$exists": False}},
+                         {"name": 1}).sort("created_at", 1):
+        if doc["name"] not in taken:
+            coll.update_one({"_id": doc["_id"]}, {"$set": {"active_name": doc["name"]}})
+            taken.add(doc["name"])
+    coll.create_index("active_name", unique=True, sparse=True, name="active_name")
