@@ -13,6 +13,7 @@ inference server follows ``model_version``; deploying is one conditional write.
 from __future__ import annotations
 
 from pymongo import DESCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 from factory_assets.vocabulary.clock import utcnow
 
@@ -116,17 +117,29 @@ def set_endpoint_version(fdb, name: str, version: str, *, url: str | None = None
         raise ModelNotFound(f"model {version!r} is not in the registry")
     if require_passed and model.get("passed_checks") is False:
         raise ValueError(f"model {version} failed its checks ({model.get('checks')}); refusing to deploy it")
-    current = get_endpoint(fdb, name) or {}
-    if current.get("model_version") == version:
-        return current
-    update: dict = {"$set": {"model_version": version, "status": "Updating", "updated_at": utcnow()},
-                    "$setOnInsert": {"created_at": utcnow()}}
-    if url:
-        update["$set"]["url"] = url
-    if current.get("model_version"):
-        update["$push"] = {"previous_versions": {"$each": [current["model_version"]], "$slice": -20}}
-    return fdb.endpoints.find_one_and_update({"name": name}, update, upsert=True,
-                                             return_document=ReturnDocument.AFTER)
+    for _ in range(50):  # compare-and-swap on the version read; retries only under contention
+        current = get_endpoint(fdb, name) or {}
+        if current.get("model_version") == version:
+            return current
+        update: dict = {"$set": {"model_version": version, "status": "Updating", "updated_at": utcnow()},
+                        "$setOnInsert": {"created_at": utcnow()}}
+        if url:
+            update["$set"]["url"] = url
+        if current.get("model_version"):
+            update["$push"] = {"previous_versions": {"$each": [current["model_version"]], "$slice": -20}}
+        if not current:
+            try:  # ``name`` is unique: of two first deploys one inserts, the other retries
+                return fdb.endpoints.find_one_and_update({"name": name}, update, upsert=True,
+                                                         return_document=ReturnDocument.AFTER)
+            except DuplicateKeyError:
+                continue
+        # Two deploys racing from the same version used to both push it, losing the first
+        # one's version from the rollback history.
+        doc = fdb.endpoints.find_one_and_update({"name": name, "model_version": current.get("model_version")},
+                                                update, return_document=ReturnDocument.AFTER)
+        if doc is not None:
+            return doc
+    raise RuntimeError(f"endpoint {name}: too much write contention")
 
 
 def rollback_endpoint(fdb, name: str) -> dict:
@@ -145,13 +158,12 @@ def rollback_endpoint(fdb, name: str) -> dict:
 
 def report_served(fdb, name: str, version: str | None, *, url: str | None = None) -> None:
     """The server reports what it serves; ``InService`` once it serves the configured version."""
-    doc = get_endpoint(fdb, name) or {}
     fields: dict = {"served_version": version, "served_at": utcnow()}
     if url:
         fields["server_url"] = url
-    if version and doc.get("model_version") == version:
-        fields["status"] = "InService"
     fdb.endpoints.update_one({"name": name}, {"$set": fields})
+    if version:  # in the same write as the check: a deploy landing meanwhile stays Updating
+        fdb.endpoints.update_one({"name": name, "model_version": version}, {"$set": {"status": "InService"}})
 
 
 def served_version(fdb, name: str) -> str | None:
@@ -161,7 +173,9 @@ def served_version(fdb, name: str) -> str | None:
 
 
 def mark_in_service(fdb, name: str, version: str) -> dict | None:
-    """Record that endpoint ``name`` serves ``version`` (the deployment finished)."""
+    """Record that endpoint ``name`` serves ``version`` (the deployment finished); when a newer
+    deploy or a rollback has re-pointed the endpoint meanwhile, it is left as that one wrote it."""
     return fdb.endpoints.find_one_and_update(
-        {"name": name}, {"$set": {"status": "InService", "served_version": version, "updated_at": utcnow()}},
-        return_document=ReturnDocument.AFTER)
+        {"name": name, "model_version": version},
+        {"$set": {"status": "InService", "served_version": version, "updated_at": utcnow()}},
+        return_document=ReturnDocument.AFTER) or get_endpoint(fdb, name)

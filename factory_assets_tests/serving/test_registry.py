@@ -52,3 +52,49 @@ def test_rollback_returns_to_the_previous_version(fdb, trained_models):
     doc = rollback_endpoint(fdb, "ep")
     assert doc["model_version"] == a.version and doc["rolled_back_from"] == b.version
     assert doc["previous_versions"] == []
+
+
+def _registered(fdb, versions):
+    from factory_assets.storage.models import register_external_model
+
+    for v in versions:
+        register_external_model(fdb, v, dataset_version="d", code_version="c", trainer="test")
+        set_checks(fdb, v, True, {})
+
+
+def test_racing_deploys_each_leave_their_version_in_the_rollback_history(fdb):
+    # two deploys read the same current version; both used to push it and one version vanished
+    import threading
+
+    _registered(fdb, ["v0"] + [f"v{i}" for i in range(1, 7)])
+    set_endpoint_version(fdb, "ep", "v0")
+    barrier = threading.Barrier(6)
+
+    def deploy(v):
+        barrier.wait()
+        set_endpoint_version(fdb, "ep", v)
+
+    threads = [threading.Thread(target=deploy, args=(f"v{i}",)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    doc = get_endpoint(fdb, "ep")
+    history = doc["previous_versions"] + [doc["model_version"]]
+    assert history[0] == "v0"
+    assert sorted(history) == [f"v{i}" for i in range(7)]  # every version once, none twice
+
+
+def test_a_deploy_that_finishes_after_a_newer_one_does_not_mark_the_endpoint_in_service(fdb):
+    from factory_assets.storage.models import mark_in_service, report_served
+
+    _registered(fdb, ["old", "new"])
+    set_endpoint_version(fdb, "ep", "old")
+    set_endpoint_version(fdb, "ep", "new")  # a newer deploy re-points the endpoint
+    doc = mark_in_service(fdb, "ep", "old")  # the slow deploy of "old" finishes late
+    assert doc["model_version"] == "new" and doc["status"] == "Updating"
+    report_served(fdb, "ep", "old")  # the server still serves the old one
+    assert get_endpoint(fdb, "ep")["status"] == "Updating"
+    report_served(fdb, "ep", "new")
+    assert get_endpoint(fdb, "ep")["status"] == "InService"
+    assert get_endpoint(fdb, "ep")["served_version"] == "new"

@@ -40,7 +40,8 @@ def record_deployment(fdb, endpoint_name: str, version: str, deployed: dict) -> 
     before = get_endpoint(fdb, endpoint_name) or {}
     if before.get("model_version") != version:
         set_endpoint_version(fdb, endpoint_name, version)
-    fdb.endpoints.update_one({"name": endpoint_name}, {"$set": {
+    # only while the endpoint still points at this version: a newer deploy or a rollback wins
+    fdb.endpoints.update_one({"name": endpoint_name, "model_version": version}, {"$set": {
         "backend": "sagemaker", "status": deployed.get("status"), "served_version": version,
         "sagemaker": {k: deployed.get(k) for k in ("config", "model_name", "previous_config", "instance_type",
                                                   "arn", "action")}}})
