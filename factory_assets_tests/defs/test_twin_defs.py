@@ -208,7 +208,8 @@ def test_the_live_sensor_reports_each_ended_interval_of_twin_changes_once_with_i
                                               model_version=version, latency_ms=1.0, source="live"))
         apply_observation(fdb, Observation.from_inference(fdb.inferences.find_one({"frame_id": f["_id"]}), "live"))
     ctx = dg.build_sensor_context(resources={"mongo": resources["mongo"]})
-    # the changes were written just now: their interval has not ended, nothing is reported yet
+    # changes of an interval that has not ended (dated ahead, so no clock boundary can close it mid-test)
+    fdb.twin_history.update_many({}, {"$set": {"at": datetime.now(timezone.utc) + timedelta(days=1)}})
     assert not twin_live_sensor(ctx).asset_events
     fdb.twin_history.update_many({}, {"$set": {"at": OLD}})  # the same changes, in an interval that has ended
     result = twin_live_sensor(dg.build_sensor_context(resources={"mongo": resources["mongo"]}))
@@ -219,6 +220,21 @@ def test_the_live_sensor_reports_each_ended_interval_of_twin_changes_once_with_i
     assert "twin" not in event.metadata  # no picture per sensor event
     again = twin_live_sensor(dg.build_sensor_context(cursor=result.cursor, resources={"mongo": resources["mongo"]}))
     assert not again.asset_events
+
+
+def test_the_live_sensor_does_not_pass_a_version_of_an_open_interval_held_by_a_slow_writer(fdb, resources):
+    # a writer that took its ``at`` early and won its swap late holds the higher version with the earlier ``at``
+    open_at = datetime.now(timezone.utc) + timedelta(days=1)
+    fdb.twin.insert_one({"_id": "factory-1", "version": 2})
+    fdb.twin_history.insert_many([
+        {"factory_id": "factory-1", "version": 1, "at": open_at, "kind": "reported", "changed": ["A1"]},
+        {"factory_id": "factory-1", "version": 2, "at": OLD, "kind": "reported", "changed": ["A2"]}])
+    first = twin_live_sensor(dg.build_sensor_context(resources={"mongo": resources["mongo"]}))
+    assert not first.asset_events
+    fdb.twin_history.update_one({"version": 1}, {"$set": {"at": OLD}})  # its interval has ended now
+    second = twin_live_sensor(dg.build_sensor_context(cursor=first.cursor, resources={"mongo": resources["mongo"]}))
+    [event] = second.asset_events
+    assert (event.metadata["first_version"].value, event.metadata["last_version"].value) == (1, 2)
 
 
 def _bootstrap_tick(resources):

@@ -114,10 +114,15 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
     events = []
     for factory_id in sorted(fdb.twin.distinct("_id"), key=str):
         last = int(cursor.get(str(factory_id), 0))
-        history = fdb.twin_history.find({"factory_id": factory_id, "version": {"$gt": last},
-                                         "at": {"$lt": closed_before}}).sort("version", 1).limit(5000)
+        history = fdb.twin_history.find({"factory_id": factory_id, "version": {"$gt": last}}
+                                        ).sort("version", 1).limit(5000)
         buckets: dict = {}
         for h in history:
+            # In version order, up to the first change of an open interval: a writer that took its
+            # ``at`` early and won its swap late holds a higher version with an earlier ``at``, and
+            # filtering on ``at`` would move the cursor past the version of an open interval.
+            if h["at"] >= closed_before:
+                break
             buckets.setdefault(_bucket(h["at"]), []).append(h)
         for start, entries in sorted(buckets.items()):
             observed = [h for h in entries if h["kind"] == "observed"]
