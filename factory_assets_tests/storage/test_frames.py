@@ -80,15 +80,25 @@ def test_two_concurrent_ingesters_and_a_cursor_reader_miss_nothing_and_read_noth
     stop = threading.Event()
     seen: list = []
 
+    class SlowToInsert(FrameSequence):
+        """Pauses between allocating a block and inserting it: widens the window a reader must not pass."""
+
+        def __init__(self, rnd):
+            super().__init__(fdb)
+            self.rnd = rnd
+
+        def allocate(self, n):
+            alloc = super().allocate(n)
+            if self.rnd.random() < 0.3:
+                threading.Event().wait(self.rnd.random() * 0.01)
+            return alloc
+
     def writer(camera: str, seed: int):
         rnd = random.Random(seed)
-        seq = FrameSequence(fdb)
+        seq = SlowToInsert(rnd)
         i = 0
         while i < n_per_writer:
             batch = [frame(i + k, camera) for k in range(min(rnd.randint(1, 6), n_per_writer - i))]
-            # sleep between allocation and insert to widen the visibility race
-            if rnd.random() < 0.3:
-                threading.Event().wait(rnd.random() * 0.01)
             insert_frames(fdb, batch, seq)
             i += len(batch)
 
