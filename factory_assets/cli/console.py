@@ -112,6 +112,8 @@ def render(services, status: FactoryStatus, links: dict[str, str], log_dir) -> "
         running = s.proc is not None and s.proc.poll() is None
         state = Text("up", style="green") if running else Text(
             "starting" if s.proc is None else f"exited {s.proc.returncode}", style="yellow" if s.proc is None else "red")
+        if getattr(s, "restarts", 0):
+            state.append(f" (restarted {s.restarts}×)", style="yellow")
         svc.add_row(s.name, state, str(s.proc.pid) if s.proc else "")
 
     health = Table(title="factory", title_justify="left", box=None, padding=(0, 2))

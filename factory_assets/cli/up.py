@@ -5,6 +5,8 @@ broker, the MQTT ingester, the simulated factory, the inference server, the live
 twin updater and ``dagster dev``. Each child runs in its own process group; on
 Ctrl-C / SIGTERM they are stopped in reverse order (SIGTERM, then SIGKILL after
 a grace period), and the embedded MongoDB is stopped if this command started it.
+A service that exits meanwhile is restarted with backoff (``cli/supervisor.py``);
+one in a crash loop stops the stack with the path of its log.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from factory_assets import config
+from factory_assets.cli.supervisor import CrashLoop, Supervisor
 from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 
@@ -39,6 +42,7 @@ class Service:
     ready_port: int | None = None  # wait until this TCP port accepts connections
     env: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    restarts: int = 0  # by the supervisor, after the service exited
 
 
 def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
@@ -225,27 +229,29 @@ def up(args) -> int:
     links.update(service_links(services))
     code = 0
     console = None
+    def start(svc: Service) -> subprocess.Popen:
+        out = None if args.verbose else open(log_dir / f"{svc.name}.log", "ab", buffering=0)  # None: inherit
+        proc = subprocess.Popen(svc.argv, env={**env, **svc.env}, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT if out is not None else None)
+        if out is not None:
+            out.close()  # the child holds its own descriptor
+        return proc
+
     try:
         for svc in services:
-            if args.verbose:
-                out = None  # inherit: every service streams to this terminal
-            else:
-                out = open(log_dir / f"{svc.name}.log", "ab", buffering=0)
-            svc.proc = subprocess.Popen(svc.argv, env={**env, **svc.env}, start_new_session=True,
-                                        stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT if out is not None else None)
-            if out is not None:
-                out.close()  # the child holds its own descriptor
+            svc.proc = start(svc)
             _say(f"started {svc.name} (pid {svc.proc.pid})")
             if svc.ready_port and not wait_port(svc.ready_port, 60, svc.proc):
                 raise RuntimeError(f"{svc.name} did not come up on port {svc.ready_port}; "
                                    f"see {log_dir / (svc.name + '.log')}")
         console = StatusDisplay(services, env["MONGODB_URI"], links, log_dir, verbose=args.verbose).start()
+        supervisor = Supervisor(services, start, time.monotonic(), say=_say)
         while not stopping:
-            for svc in services:
-                if svc.proc.poll() is not None:
-                    raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}; "
-                                       f"see {log_dir / (svc.name + '.log')}")
+            try:
+                supervisor.step(time.monotonic())  # a service that exited is restarted, with backoff
+            except CrashLoop as exc:
+                raise RuntimeError(f"{exc}; see {log_dir / (exc.service + '.log')}") from exc
             console.refresh()
             time.sleep(0.5)
     except RuntimeError as exc:
