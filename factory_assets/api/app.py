@@ -43,6 +43,8 @@ class ApiSettings:
     order_topic: str = ORDER_TOPIC
     change_streams: bool = True
     poll_interval: float = 0.1
+    hub_ready_timeout: float = 10.0  # startup waits (at most this) for the twin reader's first read
+    order_sweep_interval: float = 10.0  # pending unpublished orders are re-sent at least this often
     default_factories: tuple[str, ...] = (DEFAULT_FACTORY,)
     extra: dict = field(default_factory=dict)
 
@@ -105,7 +107,8 @@ def create_app(fdb, settings: ApiSettings | None = None):
     settings = settings or ApiSettings()
     des.ensure_indexes(fdb)
     tok.ensure_indexes(fdb)
-    publisher = OrderPublisher(settings.mqtt_url, settings.order_topic) if settings.mqtt_url else None
+    publisher = (OrderPublisher(settings.mqtt_url, settings.order_topic, sweep_interval=settings.order_sweep_interval)
+                 if settings.mqtt_url else None)
 
     def on_twin(doc):
         des.reconcile_orders(fdb, doc)
@@ -115,11 +118,21 @@ def create_app(fdb, settings: ApiSettings | None = None):
     @asynccontextmanager
     async def lifespan(app):
         hub.start(asyncio.get_running_loop())
+        sweeper = None
         if publisher is not None:
-            publisher.start()
+            publisher.start(fdb)
+            sweeper = asyncio.create_task(publisher.run_sweeps(fdb), name="order-sweeps")
         try:
+            # No request before the hub's first read of the twins: a client's catch-up read made
+            # earlier could miss a change landing before that read (the hub takes it as seen).
+            if not await asyncio.to_thread(hub.ready.wait, settings.hub_ready_timeout):
+                logger.warning("twin hub: no first read of the twins within %.0f s (MongoDB unavailable?); "
+                               "serving anyway, streams wait for it", settings.hub_ready_timeout)
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.gather(sweeper, return_exceptions=True)
             hub.close()
             if publisher is not None:
                 publisher.stop()
@@ -437,6 +450,8 @@ class TwinApiServer:
         return self.web.url
 
     def start(self) -> "TwinApiServer":
+        # returns once the server accepts connections: after the lifespan startup, which waits
+        # (at most ``hub_ready_timeout``) for the twin hub's first read
         self.web.start()
         return self
 

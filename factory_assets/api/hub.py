@@ -37,6 +37,9 @@ LATE_WINDOW = 8
 # writer died between the two writes. Emitting the version before its entry would lose the
 # entry for a client that disconnects right then (its Last-Event-ID is already past it).
 HISTORY_WAIT_SECONDS = 15.0
+# How long a stream waits for the hub's first read of the twins (only when the API started
+# without it: the server's startup already waits for it).
+HUB_READY_SECONDS = 10.0
 
 
 def expects_history(doc: dict) -> bool:
@@ -79,6 +82,7 @@ def twin_json(doc: dict | None) -> dict | None:
     out = to_json(doc)
     out["factory_id"] = out.pop("_id", out.get("factory_id"))
     out.setdefault("desired", {})
+    out.pop("on_order", None)  # order bookkeeping (changes without a version): GET .../orders shows the orders
     return out
 
 
@@ -204,8 +208,9 @@ class TwinHub:
         backoff = 0.2
         while not self._stop.is_set():
             try:
-                self._prime()
-                self.ready.set()
+                if not self.ready.is_set():  # once: after an outage, _poll_once catches up from what was seen
+                    self._prime()
+                    self.ready.set()
                 if self.change_streams and self._watch():
                     continue
                 self._poll()
@@ -348,6 +353,9 @@ async def follow(hub: TwinHub, fdb, factory_id: str, last_id: int | None, *, kee
     made while the replay is read is queued and nothing falls between the two."""
     sub = hub.subscribe(factory_id)
     try:
+        if not hub.ready.is_set():
+            # a catch-up read before the hub's first read could miss a change between the two
+            await asyncio.to_thread(hub.ready.wait, HUB_READY_SECONDS)
         sent = -1
         replayed = -1  # the history up to this version was read from the database
         for message in await asyncio.to_thread(_catch_up, fdb, factory_id, last_id):

@@ -24,7 +24,10 @@ def api(fdb):
     from factory_assets.api.app import ApiSettings, TwinApiServer
 
     report(fdb, 0)
+    # start() returns once the server accepts connections, which is after the twin reader's
+    # first read: a test's first change is news to every stream, no further wait needed
     server = TwinApiServer(fdb, ApiSettings(keepalive=0.5)).start()
+    assert server.hub.ready.is_set()
     yield server
     server.stop()
 

@@ -173,3 +173,56 @@ def test_websocket_refuses_an_unknown_factory_with_a_json_error(api):
     with connect(api.url.replace("http://", "ws://") + "/api/factories/nope/twin/ws") as ws:
         msg = json.loads(ws.recv(timeout=20))
     assert msg == {"type": "error", "error": "UnknownFactory", "message": msg["message"]}
+
+
+def test_a_change_while_the_reader_starts_reaches_a_client_that_connected_at_once(fdb, monkeypatch):
+    from factory_assets.api import hub as hub_module
+    from factory_assets.api.app import ApiSettings, TwinApiServer
+
+    report(fdb, 0)
+    go = threading.Event()
+    real_prime = hub_module.TwinHub._prime
+
+    def slow_first_read(self):  # the reader's first read of the twins, held until the test lets it go
+        assert go.wait(60)
+        real_prime(self)
+
+    monkeypatch.setattr(hub_module.TwinHub, "_prime", slow_first_read)
+    server = TwinApiServer(fdb, ApiSettings(keepalive=0.5))
+    started, waiting = threading.Event(), threading.Event()
+
+    class Ready(threading.Event):  # notes that the server's startup waits for the reader
+        def wait(self, timeout=None):
+            waiting.set()
+            return super().wait(timeout)
+
+    server.hub.ready = Ready()
+    url = f"{server.url}/api/factories/factory-1/twin/events"
+
+    def start():
+        server.start()
+        started.set()
+        waiting.set()
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    early = None
+    try:
+        assert waiting.wait(60)
+        if started.is_set():  # the server answers before its reader's first read: a client connects now
+            early = SseReader(url).start()
+            assert early.wait(lambda s: s.events) and early.events[0]["id"] == 1
+        report(fdb, 1)  # lands after that client's catch-up read, before the reader's first read
+        go.set()
+        starter.join(60)
+        assert started.is_set()
+        sse = early or SseReader(url).start()
+        report(fdb, 2)
+        assert sse.wait(lambda s: s.events and s.events[-1]["id"] == 3)
+        sse.disconnect()
+        first = sse.events[0]["id"]
+        assert [v for e in sse.events[1:] for v in history_versions(e)] == list(range(first + 1, 4))
+    finally:
+        go.set()
+        starter.join(60)
+        server.stop()
