@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
-from factory_assets.storage.frames import ChangeWaiter, assign_missing_seqs, frame_image_bytes, read_frames_after
+from factory_assets.storage.frames import (ChangeWaiter, assign_missing_seqs, frame_image_bytes, parse_ts,
+                                           read_frames_after)
 from factory_assets.storage.inferences import build_inference, inferred_frame_ids, record_inference
 from factory_assets.storage.quarantine import quarantine
-from factory_assets.twin.state import COLOURS, Observation, reported_from_stock
+from factory_assets.twin.state import COLOURS, Observation, Reported, reported_from_stock
 from factory_assets.twin.store import apply_observation, apply_reported
 from factory_assets.vocabulary import STOCK_TOPIC
 
@@ -60,8 +62,24 @@ def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TI
     msg = fdb.mqtt.find_one(query, sort=[("ts", -1)])
     if not msg:
         return False
-    rep = reported_from_stock(msg["payload"], msg["ts"], msg.get("factory_id") or "factory-1", msg.get("message_id"))
-    return apply_reported(fdb, rep)
+    rep = reported_or_quarantine(fdb, msg)
+    return apply_reported(fdb, rep) if rep is not None else False
+
+
+def reported_or_quarantine(fdb, msg: dict) -> Reported | None:
+    """The twin's view of a stored ``f/i/stock`` message, or None when it cannot be read
+    (then it is quarantined with the reason, and the caller moves past it)."""
+    try:
+        return reported_from_stock(msg["payload"], msg["ts"], msg.get("factory_id") or "factory-1",
+                                   msg.get("message_id"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # FormatError is a ValueError
+        logger.warning("stock report %s cannot be read (%s: %s); skipped", msg.get("_id"),
+                       exc.__class__.__name__, str(exc)[:200])
+        payload = msg.get("payload")
+        quarantine(fdb, reason="stock_report_unreadable", message=f"{exc.__class__.__name__}: {exc}",
+                   source={"kind": "mqtt", "topic": STOCK_TOPIC, "path": str(msg.get("_id"))},
+                   payload=payload if isinstance(payload, (str, bytes)) else repr(payload), topic=STOCK_TOPIC)
+        return None
 
 
 def latest_stock_ts(fdb, factory_id: str | None = None):
@@ -86,12 +104,18 @@ def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: d
     from factory_assets.serving.predictor import BadInput
     from factory_assets.vision.decode import ImageDecodeError
 
+    source_ref = {"kind": "frame", "frame_id": str(frame["_id"]), "path": str(frame["_id"])}
     try:
+        # a frame another tool wrote: bad base64 in ``data``, no image, no or an unreadable ``ts``
         image = frame_image_bytes(frame)
+        parse_ts(frame["ts"])
+    except (ValueError, KeyError, TypeError) as exc:  # FormatError is a ValueError
+        quarantine(fdb, reason="frame_unreadable", message=f"{exc.__class__.__name__}: {exc}", source=source_ref)
+        return None
+    try:
         pred = predictor.predict(image, frame.get("content_type") or "image/jpeg")
-    except (BadInput, ImageDecodeError, KeyError) as exc:
-        quarantine(fdb, reason="inference_rejected", message=str(exc),
-                   source={"kind": "frame", "frame_id": str(frame["_id"]), "path": str(frame["_id"])})
+    except (BadInput, ImageDecodeError) as exc:
+        quarantine(fdb, reason="inference_rejected", message=str(exc), source=source_ref)
         return None
     version = pred.model_version or "unknown"
     thresholds = getattr(pred, "thresholds", None) or thresholds_for(fdb, version, thresholds_cache)
@@ -111,7 +135,9 @@ class LiveStats:
     skipped_to_batch: int = 0
     endpoint_errors: int = 0
     database_errors: int = 0  # reads or writes that failed because MongoDB was unreachable
-    latencies_ms: list = field(default_factory=list)
+    failed: int = 0  # frames an unexpected error stopped: left to the batch path
+    # the most recent ones only: a process that runs for months must not keep every latency
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class LiveTwinUpdater:
@@ -148,15 +174,17 @@ class LiveTwinUpdater:
             query["ts"] = {"$gt": self._stock_after}  # only reports newer than the last one seen
         msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
         if msg:
-            rep = reported_from_stock(msg["payload"], msg["ts"], msg.get("factory_id") or "factory-1",
-                                      msg.get("message_id"))
-            apply_reported(self.fdb, rep)
-            self._stock_after = msg["ts"]
+            rep = reported_or_quarantine(self.fdb, msg)
+            if rep is not None:
+                apply_reported(self.fdb, rep)
+            self._stock_after = msg["ts"]  # an unreadable report is quarantined and passed, never retried
 
     def step(self, changed: set | None = None) -> int:
         """Process at most one page of new frames; returns how many were handled.
 
         ``changed``: the collections a wake-up reported (None: look at everything)."""
+        from pymongo.errors import PyMongoError
+
         from factory_assets.serving.predictor import EndpointUnavailable
 
         now = time.monotonic()
@@ -193,9 +221,19 @@ class LiveTwinUpdater:
                     self.stats.endpoint_errors += 1
                     self._save_cursor()
                     raise exc
+                except PyMongoError:
+                    self._save_cursor()
+                    raise
+                except Exception:  # noqa: BLE001 - one frame must not stop the live path
+                    # A bug or an input nobody foresaw: retrying would stop here for ever (and a
+                    # restarted process with it). The batch path infers what the live path left,
+                    # and gives up on a frame that keeps failing (twin/batch.py).
+                    logger.exception("live: frame %s failed; left to the batch path", frame["_id"])
+                    self.stats.failed += 1
+                    doc = False
                 if doc is None:
                     self.stats.rejected += 1
-                else:
+                elif doc is not False:
                     self.stats.inferred += 1
                     self.stats.latencies_ms.append(doc["latency_ms"])
             self.cursor = frame["seq"]

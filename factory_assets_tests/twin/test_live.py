@@ -87,6 +87,48 @@ def test_a_corrupt_frame_is_quarantined_and_the_rest_of_the_batch_proceeds(fdb, 
     assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
 
 
+@pytest.mark.parametrize("damage", [
+    {"$unset": {"image": ""}, "$set": {"data": "data:image/jpeg;base64,@@not base64@@"}},
+    {"$unset": {"ts": ""}},
+    {"$set": {"ts": "1714567890"}},
+], ids=["bad-base64", "no-ts", "ts-not-a-time"])
+def test_a_frame_another_tool_wrote_badly_is_quarantined_and_the_updater_carries_on(fdb, model_server, damage):
+    # it used to raise out of run(): the process exited before its cursor moved, and every restart did the same
+    insert_sim_frames(fdb, 3)
+    bad = fdb.frames.find_one({"seq": 2})
+    fdb.frames.update_one({"_id": bad["_id"]}, damage)
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    while updater.step():
+        pass
+    assert updater.stats.rejected == 1 and updater.stats.inferred == 2 and updater.cursor == 3
+    q = fdb.quarantine.find_one({"reason": "frame_unreadable"})
+    assert q is not None and q["source"]["frame_id"] == str(bad["_id"])
+    assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
+
+
+@pytest.mark.parametrize("item", [{"location": "A1", "workpiece": "RED"}, {"location": ["A1"], "workpiece": None}],
+                         ids=["workpiece-a-string", "location-a-list"])
+def test_an_unreadable_stock_report_is_quarantined_and_the_next_one_is_applied(fdb, model_server, item):
+    from factory_assets.vocabulary import STOCK_TOPIC
+
+    def report(ts, items, n):
+        fdb.mqtt.insert_one({"topic": STOCK_TOPIC, "ts": ts, "factory_id": "factory-1", "message_id": f"stock-{n}",
+                             "payload": {"ts": ts.isoformat(), "stockItems": items}})
+
+    insert_sim_frames(fdb, 2)
+    report(T0, [item], 1)
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    while updater.step():
+        pass
+    assert updater.stats.inferred == 2
+    assert fdb.quarantine.count_documents({"reason": "stock_report_unreadable"}) == 1
+    assert (get_twin(fdb).get("reported") or {}).get("ts") is None
+    report(T0 + timedelta(seconds=5), [{"location": "B2", "workpiece": {"type": "RED", "id": "wp-1"}}], 2)
+    updater.step()
+    assert get_twin(fdb)["reported"]["slots"]["B2"] == "RED"
+    assert fdb.quarantine.count_documents({"reason": "stock_report_unreadable"}) == 1  # passed, not retried
+
+
 def test_a_long_backlog_is_left_to_the_batch_path_so_the_twin_is_live_at_once(fdb, model_server):
     insert_sim_frames(fdb, 40)
     updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), max_backlog=10, log=lambda *_: None)
