@@ -397,8 +397,11 @@ def create_app(fdb, settings: ApiSettings | None = None):
 
     @app.get("/api/health")
     def health():
-        return {"status": "ok", "reader": hub.stats.mode, "subscribers": hub.stats.subscribers,
-                "events": hub.stats.events, "reads_open": settings.reads_open}
+        alive = hub.alive()
+        body = {"status": "ok" if alive else "degraded", "reader": hub.stats.mode if alive else "stopped",
+                "subscribers": hub.stats.subscribers, "events": hub.stats.events,
+                "reader_errors": hub.stats.errors, "reads_open": settings.reads_open}
+        return body if alive else JSONResponse(body, status_code=503)
 
     return app
 

@@ -152,6 +152,10 @@ class TwinHub:
         self._thread.start()
         return self
 
+    def alive(self) -> bool:
+        """The reader thread runs (health reports a stopped one: streams would be silent)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the reader and end every subscriber's stream."""
         self._stop.set()
@@ -218,6 +222,13 @@ class TwinHub:
                 self.stats.errors += 1
                 logger.warning("twin hub: MongoDB unavailable (%s); retrying in %.1fs",
                                exc.__class__.__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:  # noqa: BLE001 - the one reader must outlive a bad document
+                # (e.g. InvalidBSON from another tool's write): a dead reader would leave every
+                # stream silent while the API answers as if all were well
+                self.stats.errors += 1
+                logger.exception("twin hub: reader failed (%s); retrying in %.1fs", exc.__class__.__name__, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 

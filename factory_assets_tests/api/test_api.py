@@ -135,3 +135,14 @@ def test_the_openapi_page_documents_the_routes(api):
     assert {"/api/factories/{factory_id}/twin", "/api/factories/{factory_id}/twin/events",
             "/api/factories/{factory_id}/twin/desired"} <= set(spec["paths"])
     assert httpx.get(f"{api.url}/docs").status_code == 200
+
+
+def test_health_says_degraded_with_503_when_the_twin_reader_has_stopped(api):
+    # a stopped reader leaves every stream silent: health must not answer "ok" then
+    ok = httpx.get(f"{api.url}/api/health")
+    assert ok.status_code == 200 and ok.json()["status"] == "ok" and ok.json()["reader_errors"] == 0
+    api.hub._stop.set()  # the reader thread ends, as it would after an error it could not survive
+    api.hub._thread.join(10)
+    degraded = httpx.get(f"{api.url}/api/health")
+    assert degraded.status_code == 503
+    assert degraded.json()["status"] == "degraded" and degraded.json()["reader"] == "stopped"
