@@ -84,3 +84,39 @@ class Supervisor:
     def waiting(self) -> list[str]:
         """The services that exited and wait for their restart."""
         return [s.name for s in self.services if self._state[s.name].restart_at is not None]
+
+
+class DatabaseWatch:
+    """Restarts the embedded MongoDB ``up`` relies on when its process died, on the same port
+    (every service has that URI); retries back off like a service's. A daemon stopped on
+    purpose (``factory-assets db stop``) is left stopped."""
+
+    def __init__(self, embedded, now: float, policy: RestartPolicy | None = None,
+                 say: Callable[[str], None] | None = None, check_every: float = 2.0):
+        self.embedded = embedded
+        self.port = embedded.port()
+        self.policy = policy or RestartPolicy()
+        self.say = say or logger.warning
+        self.check_every = check_every
+        self.restarts = 0
+        self._next = now
+        self._backoff = self.policy.backoff_first
+
+    def step(self, now: float) -> None:
+        if now < self._next or self.port is None:
+            return
+        self._next = now + self.check_every
+        if not self.embedded.died():
+            if self.restarts:
+                self._backoff = self.policy.backoff_first
+            return
+        self.say(f"embedded MongoDB stopped unexpectedly; restarting it on port {self.port}")
+        try:
+            self.embedded.start(port=self.port)
+        except Exception as exc:  # noqa: BLE001 - e.g. the port taken meanwhile: try again later
+            self.say(f"embedded MongoDB did not restart ({exc}); retrying in {self._backoff:.0f} s")
+            self._next = now + self._backoff
+            self._backoff = min(self._backoff * 2, self.policy.backoff_max)
+            return
+        self.restarts += 1
+        self.say(f"embedded MongoDB is back (restart {self.restarts}); services reconnect by themselves")

@@ -6,7 +6,8 @@ twin updater and ``dagster dev``. Each child runs in its own process group; on
 Ctrl-C / SIGTERM they are stopped in reverse order (SIGTERM, then SIGKILL after
 a grace period), and the embedded MongoDB is stopped if this command started it.
 A service that exits meanwhile is restarted with backoff (``cli/supervisor.py``);
-one in a crash loop stops the stack with the path of its log.
+one in a crash loop stops the stack with the path of its log. The embedded MongoDB is
+restarted on its port if its process dies.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from factory_assets import config
-from factory_assets.cli.supervisor import CrashLoop, Supervisor
+from factory_assets.cli.supervisor import CrashLoop, DatabaseWatch, Supervisor
 from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
 
@@ -203,7 +204,8 @@ def up(args) -> int:
     env = dict(os.environ)
     started_db = False
     embedded = EmbeddedMongo()
-    if not env.get("MONGODB_URI"):
+    using_embedded = not env.get("MONGODB_URI")
+    if using_embedded:
         started_db = not embedded.status().running
         status = embedded.start()
         env["MONGODB_URI"] = status.uri
@@ -247,7 +249,10 @@ def up(args) -> int:
                                    f"see {log_dir / (svc.name + '.log')}")
         console = StatusDisplay(services, env["MONGODB_URI"], links, log_dir, verbose=args.verbose).start()
         supervisor = Supervisor(services, start, time.monotonic(), say=_say)
+        db_watch = DatabaseWatch(embedded, time.monotonic(), say=_say) if using_embedded else None
         while not stopping:
+            if db_watch is not None:
+                db_watch.step(time.monotonic())  # the embedded MongoDB, when its process died
             try:
                 supervisor.step(time.monotonic())  # a service that exited is restarted, with backoff
             except CrashLoop as exc:

@@ -98,6 +98,22 @@ class EmbeddedMongo:
     def uri(self) -> str | None:
         return self.status().uri
 
+    def died(self) -> bool:
+        """The daemon was started and its process is gone (killed, out of memory), as opposed
+        to stopped (``stop`` removes the state file) or merely slow to answer."""
+        state = self._read_state()
+        if not state:
+            return False
+        try:  # reap it when it is our own child, or a zombie would look alive
+            os.waitpid(state["pid"], os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return not _pid_alive(state["pid"])
+
+    def port(self) -> int | None:
+        state = self._read_state()
+        return int(state["port"]) if state else None
+
     # -- lifecycle -----------------------------------------------------
     def start(self, port: int | None = None, timeout: float = 30.0) -> EmbeddedStatus:
         current = self.status()

@@ -99,3 +99,38 @@ def test_crashes_spread_beyond_the_window_are_not_a_crash_loop():
         sup.step(now + 1.0)
     assert svc.restarts == 6
     svc.proc.wait()
+
+
+def test_up_restarts_the_embedded_mongodb_on_its_port_when_its_process_dies_and_not_after_db_stop(tmp_path):
+    # every service holds the daemon's URI: the restarted one must answer on the same port, with the data
+    import os
+    import signal
+
+    from pymongo import MongoClient, WriteConcern
+
+    from factory_assets.cli.supervisor import DatabaseWatch
+    from factory_assets.storage.embedded import EmbeddedMongo
+    from factory_assets.storage.frames import wait_until
+
+    embedded = EmbeddedMongo(home=tmp_path)
+    first = embedded.start(port=0)
+    try:
+        with MongoClient(first.uri, serverSelectionTimeoutMS=10000) as client:
+            # journaled, as the ingester writes: it survives a SIGKILL
+            client.smart_factory.get_collection("probe", write_concern=WriteConcern(j=True)).insert_one({"x": 1})
+        said = []
+        watch = DatabaseWatch(embedded, now=0.0, say=said.append, check_every=2.0)
+        watch.step(0.0)
+        assert watch.restarts == 0 and said == []  # alive: left alone
+        os.kill(first.pid, signal.SIGKILL)
+        assert wait_until(embedded.died, 30)  # the kill is delivered asynchronously
+        watch.step(2.0)
+        again = embedded.status()
+        assert watch.restarts == 1 and again.running and again.pid != first.pid and again.uri == first.uri
+        with MongoClient(again.uri, serverSelectionTimeoutMS=10000) as client:
+            assert client.smart_factory.probe.count_documents({}) == 1
+        embedded.stop()  # stopped on purpose: not restarted
+        watch.step(4.0)
+        assert watch.restarts == 1 and not embedded.status().running
+    finally:
+        embedded.stop()
