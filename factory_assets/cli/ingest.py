@@ -10,12 +10,24 @@ def _ingestor(args):
     from factory_assets.storage.mongo import connect
 
     return Ingestor(connect(), camera_id=args.camera_id, factory_id=args.factory_id,
-                    max_image_bytes=args.max_image_bytes, batch_size=args.batch_size)
+                    max_image_bytes=args.max_image_bytes, batch_size=args.batch_size,
+                    max_message_bytes=getattr(args, "max_message_bytes", None))
 
 
-def _summary(summary: dict) -> int:
+def _summary(summary: dict, code: int = 0) -> int:
     print("summary: " + json.dumps(summary), flush=True)
-    return 0
+    return code
+
+
+def _stop_on_sigterm():
+    """An event set by SIGTERM (``up`` stopping the service): the run stores what it read, then ends."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
 
 
 def _mqtt(args) -> int:
@@ -25,21 +37,25 @@ def _mqtt(args) -> int:
                             progress_every=args.progress_every,
                             max_buffer_bytes=int(args.max_buffer_mb * 1024 * 1024))
     print(f"ingesting from {args.url} as {ingester.client_id} (Ctrl-C to stop)", flush=True)
-    return _summary(ingester.run_forever(duration=args.duration))
+    summary = ingester.run_forever(duration=args.duration)
+    if ingester.failed is not None:
+        print(f"error: the ingester stopped: {type(ingester.failed).__name__}: {ingester.failed}", flush=True)
+        return _summary(summary, 1)
+    return _summary(summary)
 
 
 def _dir(args) -> int:
     from factory_assets.ingest.files import ingest_dir
 
     return _summary(ingest_dir(_ingestor(args), Path(args.path), watch=args.watch, duration=args.duration,
-                               rescan=args.rescan))
+                               rescan=args.rescan, stop=_stop_on_sigterm()))
 
 
 def _video(args) -> int:
     from factory_assets.ingest.files import ingest_video
 
     return _summary(ingest_video(_ingestor(args), args.source, fps=args.fps, max_frames=args.max_frames,
-                                 rescan=args.rescan))
+                                 rescan=args.rescan, stop=_stop_on_sigterm()))
 
 
 def register(sub) -> None:
@@ -64,6 +80,8 @@ def register(sub) -> None:
                         "beyond it the broker keeps the messages")
     q.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     q.add_argument("--progress-every", type=float, default=5.0)
+    q.add_argument("--max-message-bytes", type=int, default=None,
+                   help="quarantine larger messages on topics other than i/cam (default 1 MiB)")
     add_common(q, "txt-cam")
     q.set_defaults(func=_mqtt)
 
@@ -76,7 +94,8 @@ def register(sub) -> None:
     add_common(q, "folder")
     q.set_defaults(func=_dir)
 
-    q = kinds.add_parser("video", help="a video file or RTSP stream, sampled with OpenCV")
+    q = kinds.add_parser("video", help="a video file or RTSP stream, sampled with OpenCV (a live "
+                                         "rtsp:// or http(s):// stream that drops is reopened with backoff)")
     q.add_argument("source", metavar="PATH_OR_RTSP_URL")
     q.add_argument("--fps", type=float, default=1.0)
     q.add_argument("--max-frames", type=int, default=None)

@@ -13,6 +13,11 @@
 - **Database outages of any length.** The writer thread retries the batch with
   exponential backoff until it is stored (or the ingester is stopped, in which case
   the unacknowledged messages are redelivered next time), logging at a sane rate.
+  Only transient database errors are retried (``service.is_transient``): a message the
+  database cannot or will not store (an integer over 64 bits, a lone surrogate, a
+  document over 16 MiB, a write a validator refuses) is quarantined with its reason,
+  at validation or by bisecting the refused batch, and the batch is acknowledged.
+  Retrying it would never succeed and would hold every later message back.
 - **Idempotent.** A redelivered message becomes the same frame identity or
   ``message_id``, so storing it again is a counted duplicate, never a second document.
   Messages received on an earlier connection are stored but not acknowledged (their
@@ -29,14 +34,12 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from factory_assets.ingest.service import Ingestor
+from factory_assets.ingest.service import Ingestor, retry_store
 
 logger = logging.getLogger(__name__)
 
 SUBSCRIPTIONS = ("#",)  # i/cam, i/bme680, i/ldr, f/i/stock and any other factory topic
 DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
-MAX_BACKOFF_S = 5.0
-FAILURE_LOG_EVERY_S = 30.0
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
@@ -89,6 +92,7 @@ class MqttIngester:
         self.acked = 0
         self.store_failures = 0
         self.throttled = 0  # times paho's thread waited for memory (database slower than the stream)
+        self.failed: BaseException | None = None  # set when the writer thread died (a bug): run_forever ends
 
     @property
     def held_bytes(self) -> int:
@@ -148,6 +152,13 @@ class MqttIngester:
             return batch
 
     def _write_loop(self):
+        try:
+            self._write_batches()
+        except BaseException as exc:  # noqa: BLE001 - a dead writer would silently stop all acknowledgements
+            self.failed = exc
+            logger.exception("the MQTT writer failed; stopping (unacknowledged messages are redelivered)")
+
+    def _write_batches(self):
         last_progress = time.monotonic()
         while True:
             batch = self._take_batch()
@@ -168,31 +179,20 @@ class MqttIngester:
                 last_progress = time.monotonic()
 
     def _store(self) -> bool:
-        """Flush the ingestor until it succeeds (backoff, forever) or the ingester is stopped."""
-        attempt, failing_since, last_log = 0, None, 0.0
-        while True:
-            try:
-                self.ingestor.flush()
-            except Exception as exc:  # noqa: BLE001 - database unreachable: keep the batch, retry
-                self.store_failures += 1
-                now = time.monotonic()
-                if failing_since is None:
-                    failing_since = now
-                if now - last_log >= FAILURE_LOG_EVERY_S:
-                    logger.warning("store failed (%s: %s); %d records kept in memory, retrying with backoff "
-                                   "(next report in %.0f s)", type(exc).__name__, str(exc)[:200],
-                                   self.ingestor.pending, FAILURE_LOG_EVERY_S)
-                    last_log = now
-                if self._stop.wait(min(0.1 * 2 ** attempt, MAX_BACKOFF_S)):
-                    logger.warning("stopping with %d records not stored; the broker redelivers their messages",
-                                   self.ingestor.pending)
-                    return False
-                attempt += 1
-                continue
-            if failing_since is not None:
-                logger.info("store recovered after %.1fs and %d attempts", time.monotonic() - failing_since,
-                            attempt + 1)
+        """Flush the ingestor until it succeeds (backoff, forever) or the ingester is stopped.
+
+        ``flush`` quarantines what the database refuses, so what is retried here is the database
+        being unavailable (transient errors) or refusing every write; nothing else is retried."""
+        def failed(exc):
+            self.store_failures += 1
+            self.ingestor.stats.store_failures += 1
+
+        if retry_store(self.ingestor.flush, stop=self._stop, on_failure=failed,
+                       pending=lambda: self.ingestor.pending):
             return True
+        logger.warning("stopping with %d records not stored; the broker redelivers their messages",
+                       self.ingestor.pending)
+        return False
 
     def _acknowledge(self, batch: list[_Received]) -> None:
         with self._cond:
@@ -251,6 +251,8 @@ class MqttIngester:
             previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
         try:
             while not done.is_set() and (deadline is None or time.monotonic() < deadline):
+                if self.failed is not None:
+                    break
                 done.wait(0.2)
         except KeyboardInterrupt:
             pass

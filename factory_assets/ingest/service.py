@@ -8,31 +8,161 @@ Store, then forget: frames, factory messages and quarantine records stay in memo
 until their write succeeded, so a failed ``flush`` (database down) can simply be
 called again; what was already written is not stored twice (the frame identity,
 ``message_id`` and quarantine ``fingerprint`` indexes).
+
+Storable or quarantined, never stuck: validation encodes each document as BSON (an
+integer over 64 bits, a lone surrogate, a document over 16 MiB cannot be) and
+quarantines what fails with reason ``unstorable``. Only transient database errors
+(``is_transient``: unreachable, timed out, primary changing, shutting down) are
+retried; a write refused for any other reason is bisected down to the record the
+database refuses, which is quarantined with the error, and the rest is stored.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
-from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames
+from factory_assets.storage.frames import FrameSequence, _settle_earlier_blocks, build_frame, insert_frames
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.vision.decode import inspect_image
 from factory_assets.vocabulary import (CAMERA_TOPIC, SENSOR_TOPICS, STOCK_TOPIC, FormatError, parse_data_url,
                                      parse_ts, utcnow)
+from factory_assets.vocabulary.messages import parse_stock_report
 
 
 logger = logging.getLogger(__name__)
 
 QUARANTINE_LOG_EVERY_S = 30.0
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's BSON document limit (the server's maxBsonObjectSize)
+# A factory message (JSON, no image: stock reports, sensors, states) is a few hundred bytes. 1 MiB
+# bounds what parsing one costs (JSON may grow ~6x as Python objects and BSON) far below 16 MiB.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_ID_CHARS = 128  # camera_id / factory_id carried by a message
+MAX_BACKOFF_S = 5.0
+FAILURE_LOG_EVERY_S = 30.0
+
+# Server error codes that say "not now" rather than "not this document": unreachable, shutting
+# down, primary stepping down or not writable, timeouts, lock and write conflicts.
+TRANSIENT_CODES = frozenset({6, 7, 24, 50, 64, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11601, 11602,
+                             13435, 13436})
+TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError")
 
 
 class BadMessage(FormatError):
     """A message that cannot be stored as it is; ``reason`` names the quarantine reason."""
+
+
+class DatabaseRefused(RuntimeError):
+    """The database refused a write that is not transient and then refused the quarantine record
+    too: it is refusing writes, not one record. Nothing left memory; ``flush`` again later."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error worth retrying as it is (the database is unreachable or busy), as opposed
+    to one refusing the data (an unencodable or rejected document), which retrying never fixes."""
+    from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
+
+    if isinstance(exc, ConnectionFailure):  # AutoReconnect, NotPrimary, NetworkTimeout, ServerSelectionTimeout...
+        return True
+    if isinstance(exc, PyMongoError) and any(exc.has_error_label(label) for label in TRANSIENT_LABELS):
+        return True
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        refused = [e for e in details.get("writeErrors", []) if e.get("code") != 11000]
+        concern = details.get("writeConcernErrors", [])
+        codes = [e.get("code") for e in refused + concern]
+        return bool(codes) and all(code in TRANSIENT_CODES for code in codes)
+    if isinstance(exc, OperationFailure):
+        return exc.code in TRANSIENT_CODES
+    return False
+
+
+def retry_store(store, *, stop: threading.Event | None = None, on_failure=None, pending=lambda: 0,
+                what: str = "store") -> bool:
+    """Call ``store()`` until it returns: transient database errors (``is_transient``) and
+    ``DatabaseRefused`` are retried with exponential backoff (0.1 s doubling to 5 s), logged at
+    most every 30 s; anything else propagates. False when ``stop`` was set while retrying."""
+    attempt, failing_since, last_log = 0, None, -FAILURE_LOG_EVERY_S
+    while True:
+        try:
+            store()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not (is_transient(exc) or isinstance(exc, DatabaseRefused)):
+                raise
+            if on_failure is not None:
+                on_failure(exc)
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+            if now - last_log >= FAILURE_LOG_EVERY_S:
+                logger.warning("%s failed (%s: %s); %d records kept in memory, retrying with backoff "
+                               "(next report in %.0f s)", what, type(exc).__name__, str(exc)[:200], pending(),
+                               FAILURE_LOG_EVERY_S)
+                last_log = now
+            delay = min(0.1 * 2 ** attempt, MAX_BACKOFF_S)
+            if stop is not None:
+                if stop.wait(delay):
+                    return False
+            else:
+                time.sleep(delay)
+            attempt += 1
+            continue
+        if failing_since is not None:
+            logger.info("%s recovered after %.1fs and %d attempts", what, time.monotonic() - failing_since,
+                        attempt + 1)
+        return True
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (lone surrogates, e.g. from undecodable file names)
+    spelled out as ``\\udcff`` escapes, so it can go into a BSON string."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable(value):
+    """Strings made storable, in dicts and lists too (sources and topics of quarantine records)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return value
+
+
+def check_storable(doc: dict, what: str) -> None:
+    """Raise ``BadMessage("unstorable")`` unless ``doc`` encodes as BSON within MongoDB's limit."""
+    import bson
+
+    try:
+        size = len(bson.encode(doc))
+    except (bson.errors.InvalidDocument, OverflowError, UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise BadMessage("unstorable", f"{what} cannot be stored in MongoDB: {type(exc).__name__}: "
+                                       f"{storable_text(str(exc))[:300]}") from exc
+    if size > MAX_DOCUMENT_BYTES:
+        raise BadMessage("unstorable", f"{what} is {size} bytes as BSON, over MongoDB's {MAX_DOCUMENT_BYTES} "
+                                       "byte document limit")
+
+
+def _short_id(doc: dict, key: str) -> str | None:
+    """``camera_id`` / ``factory_id`` as a message may give it: absent, null or empty (the
+    ingester's own is used) or a short string."""
+    value = doc.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        shown = type(value).__name__ if not isinstance(value, str) else f"{len(value)} characters"
+        raise BadMessage("bad_id", f"'{key}' must be a string of at most {MAX_ID_CHARS} characters, got {shown}")
+    return value
 
 
 @dataclass
@@ -42,6 +172,7 @@ class IngestStats:
     messages: int = 0
     quarantined: int = 0
     bytes: int = 0
+    store_failures: int = 0  # failed attempts to write (database down), each retried
     started: float = field(default_factory=time.monotonic)
     reasons: dict = field(default_factory=dict)
 
@@ -55,7 +186,7 @@ class IngestStats:
 
     def summary(self) -> dict:
         return {"frames": self.frames, "duplicates": self.duplicates, "messages": self.messages,
-                "quarantined": self.quarantined, "bytes": self.bytes,
+                "quarantined": self.quarantined, "bytes": self.bytes, "store_failures": self.store_failures,
                 "seconds": round(time.monotonic() - self.started, 3),
                 "frames_per_second": round(self.rate(), 2), "quarantine_reasons": dict(self.reasons)}
 
@@ -96,16 +227,17 @@ def journaled(fdb):
 class Ingestor:
     def __init__(self, fdb, *, camera_id: str = "txt-cam", factory_id: str = "factory-1",
                  max_image_bytes: int | None = None, batch_size: int = 64, on_stored=None,
-                 auto_flush: bool = True):
+                 auto_flush: bool = True, max_message_bytes: int | None = None):
         self.fdb = journaled(fdb)
         self.camera_id = camera_id
         self.factory_id = factory_id
         self.max_image_bytes = max_image_bytes or config.max_image_bytes()
+        self.max_message_bytes = max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES  # any topic but i/cam
         self.batch_size = batch_size
         self.sequence = FrameSequence(self.fdb)
         self.stats = IngestStats()
         self._frames: list[dict] = []
-        self._messages: dict[str, list[dict]] = {}
+        self._messages: dict[str, list[tuple[dict, bytes]]] = {}  # collection -> (document, raw payload)
         self._quarantine: list[tuple[str, dict, str]] = []  # (fingerprint, upsert, reason), not yet written
         # False: the caller flushes (the MQTT writer acknowledges messages only after its own flush)
         self.auto_flush = auto_flush
@@ -117,11 +249,14 @@ class Ingestor:
         """Validate one message and queue what it becomes (frame, message or quarantine record)."""
         source = source or {"kind": "mqtt", "topic": topic}
         try:
-            if len(payload) > self.max_image_bytes * 4 // 3 + 1024:
-                raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the limit")
             if topic == CAMERA_TOPIC:
+                if len(payload) > self.max_image_bytes * 4 // 3 + 1024:  # base64 of the largest image
+                    raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the limit")
                 self._camera_message(payload, source)
             else:
+                if len(payload) > self.max_message_bytes:
+                    raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the "
+                                                 f"{self.max_message_bytes} byte limit of a factory message")
                 self._factory_message(topic, payload, source)
         except FormatError as exc:
             self.reject(exc.reason, str(exc), source, payload, topic)
@@ -142,21 +277,37 @@ class Ingestor:
                    camera_id: str | None = None, factory_id: str | None = None, raw=None) -> bool:
         try:
             info = inspect_image(image, declared_type, self.max_image_bytes)
+            frame = build_frame(image, ts=ts, camera_id=camera_id or self.camera_id,
+                                factory_id=factory_id or self.factory_id, content_type=info.content_type,
+                                width=info.width, height=info.height, source=source)
+            check_storable(frame, "the frame document")
         except FormatError as exc:
             self.reject(exc.reason, str(exc), source, raw if raw is not None else image, source.get("topic"))
             return False
-        self._frames.append(build_frame(image, ts=ts, camera_id=camera_id or self.camera_id,
-                                        factory_id=factory_id or self.factory_id,
-                                        content_type=info.content_type, width=info.width,
-                                        height=info.height, source=source))
+        self._frames.append(frame)
         self.stats.bytes += len(image)
         return True
 
     def reject(self, reason: str, message: str, source: dict, payload, topic: str | None = None) -> None:
         """Queue a quarantine record; it is written (and counted) by the next ``flush``."""
+        record = self._quarantine_record(reason, message, source, payload, topic)
+        self._quarantine.append(record)
+        self._log_quarantined(reason, record)
+
+    @staticmethod
+    def _quarantine_record(reason: str, message: str, source: dict, payload, topic) -> tuple[str, dict, str]:
+        # what the message could not be stored for may also spoil its quarantine record (a lone
+        # surrogate quoted in the error, a file name that is not UTF-8): those strings are escaped
+        message, source, topic = storable_text(str(message)), _storable(source), _storable(topic)
+        if isinstance(payload, str):
+            payload = storable_text(payload)
         fingerprint, update = quarantine_update(reason=reason, message=message, source=source,
                                                 payload=payload, topic=topic)
-        self._quarantine.append((fingerprint, update, reason))
+        return fingerprint, update, reason
+
+    def _log_quarantined(self, reason: str, record: tuple[str, dict, str]) -> None:
+        fields = record[1]["$setOnInsert"]
+        message, source = fields["error"], fields["source"]
         # A stream of bad messages is one WARNING per reason every QUARANTINE_LOG_EVERY_S (the rest DEBUG)
         now = time.monotonic()
         last, quiet = self._quarantine_logged.get(reason, (-1e9, 0))
@@ -173,66 +324,77 @@ class Ingestor:
             self.flush()
 
     def flush(self) -> None:
-        """Write everything pending. Each part leaves memory only once written: after an
-        exception (database down) calling ``flush`` again retries exactly what is left."""
-        if self._frames:
-            docs = self._frames
-            result = insert_frames(self.fdb, docs, self.sequence)  # re-sequences on every call
-            self._frames = []
-            self.stats.frames += result.inserted
-            self.stats.duplicates += result.duplicates
-            if self.on_stored and result.inserted:
-                stored = set(result.inserted_ids)
-                self.on_stored([d for d in docs if d.get("_id") in stored])
+        """Write everything pending. Each record leaves memory only once written (or quarantined):
+        after an exception calling ``flush`` again retries exactly what is left.
+
+        Raises only a transient database error (``is_transient``: database down) or
+        ``DatabaseRefused``. A write the database refuses for any other reason is bisected to
+        the record(s) it refuses; each is quarantined with reason ``unstorable`` and the error,
+        the rest is stored."""
+        self._write_isolating(self._frames, self._insert_frames, self._frame_refused)
+        if self.sequence.unsettled:
+            # blocks of refused attempts: every frame they held is now stored or quarantined and
+            # none of their writes is in flight (a refusal is a final answer), so readers may pass
+            try:
+                _settle_earlier_blocks(self.sequence)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                raise DatabaseRefused(f"cannot settle sequence blocks: {type(exc).__name__}: {str(exc)[:200]}") \
+                    from exc
         for coll in list(self._messages):
-            if self._messages[coll]:
-                self._insert_messages(coll, self._messages[coll])
+            self._write_isolating(self._messages[coll], lambda part, c=coll: self._insert_messages(c, part),
+                                  self._message_refused)
             del self._messages[coll]
-        if self._quarantine:
-            quarantine_many(self.fdb, [(fp, update) for fp, update, _ in self._quarantine])
-            for _, _, reason in self._quarantine:
-                self.stats.quarantined += 1
-                self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
-            self._quarantine = []
+        self._write_isolating(self._quarantine, self._write_quarantine, self._quarantine_refused)
 
     @property
     def pending(self) -> int:
         return len(self._frames) + sum(len(v) for v in self._messages.values()) + len(self._quarantine)
 
-    # -- message kinds -----------------------------------------------------------
-    def _camera_message(self, payload: bytes, source: dict) -> None:
-        doc = _json_object(payload)
-        ts = _ts(doc)
-        data = doc.get("data")
-        if not data:
-            raise BadMessage("missing_field", "camera message has no 'data'")
-        if not isinstance(data, str):
-            raise BadMessage("bad_data_url", "'data' must be a data URL string")
-        declared, image = parse_data_url(data)
-        self._add_image(image, ts=ts, source=source, declared_type=declared,
-                        camera_id=doc.get("camera_id"), factory_id=doc.get("factory_id"), raw=payload)
+    # -- writing, and finding the record a refused write was refused for -----------
+    @staticmethod
+    def _write_isolating(pending: list, write, refused) -> None:
+        """``write`` the records of ``pending`` (removing each written one from it); on an error
+        that is not transient, bisect: a single record still refused goes to ``refused(record, exc)``.
+        Transient errors propagate with the unwritten records still in ``pending``."""
+        size = len(pending)
+        while pending:
+            part = pending[:size]
+            try:
+                write(part)
+            except Exception as exc:  # noqa: BLE001 - classified: transient propagates, the rest is isolated
+                if is_transient(exc):
+                    raise
+                if len(part) > 1:
+                    size = (len(part) + 1) // 2
+                    continue
+                try:
+                    write(part)  # refused alone, twice in a row: it is this record, not a passing fault
+                except Exception as again:  # noqa: BLE001 - classified as above
+                    if is_transient(again):
+                        raise
+                    refused(part[0], again)  # raises when even the quarantine refuses: the record stays
+                del pending[:1]
+            else:
+                del pending[:len(part)]
+            size = len(pending)
 
-    def _factory_message(self, topic: str, payload: bytes, source: dict) -> None:
-        doc = _json_object(payload)
-        ts = _ts(doc)
-        if topic == STOCK_TOPIC:
-            items = doc.get("stockItems")
-            if not isinstance(items, list):
-                raise BadMessage("missing_field", "stock message has no 'stockItems' list")
-            for item in items:
-                if not isinstance(item, dict) or "location" not in item:
-                    raise BadMessage("missing_field", "a stock item has no 'location'")
-        coll = "sensors" if topic in SENSOR_TOPICS else "mqtt"
-        message = {"topic": topic, "ts": ts, "received_at": utcnow(),
-                   "factory_id": doc.get("factory_id", self.factory_id), "source": source,
-                   "payload": doc,
-                   # one document per message: a redelivery carries the same bytes
-                   "message_id": hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()}
-        self._messages.setdefault(coll, []).append(message)
+    def _insert_frames(self, docs: list[dict]) -> None:
+        result = insert_frames(self.fdb, docs, self.sequence)  # re-sequences on every call
+        self.stats.frames += result.inserted
+        self.stats.duplicates += result.duplicates
+        if self.on_stored and result.inserted:
+            stored = set(result.inserted_ids)
+            try:
+                self.on_stored([d for d in docs if d.get("_id") in stored])
+            except Exception:  # noqa: BLE001 - a listener's failure must not un-store the frames
+                logger.exception("on_stored callback failed")
 
-    def _insert_messages(self, coll: str, docs: list[dict]) -> None:
+    def _insert_messages(self, coll: str, part: list[tuple[dict, bytes]]) -> None:
         from pymongo.errors import BulkWriteError
 
+        docs = [doc for doc, _ in part]
         try:
             getattr(self.fdb, coll).insert_many(docs, ordered=False)
             stored = len(docs)
@@ -242,3 +404,82 @@ class Ingestor:
                 raise
             stored = len(docs) - len(errors)
         self.stats.messages += stored
+
+    def _write_quarantine(self, part: list[tuple[str, dict, str]]) -> None:
+        quarantine_many(self.fdb, [(fp, update) for fp, update, _ in part])
+        for _, _, reason in part:
+            self.stats.quarantined += 1
+            self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+
+    def _quarantine_now(self, *, message: str, source: dict, payload, topic, refused: Exception) -> None:
+        """Write the ``unstorable`` record of a refused record at once. That write succeeding is
+        what shows the database refuses this record rather than every write; when it fails, the
+        record stays pending (``DatabaseRefused``, or the transient error)."""
+        record = self._quarantine_record("unstorable", message, source, payload, topic)
+        try:
+            self._write_quarantine([record])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            raise DatabaseRefused(f"the database refused a record ({type(refused).__name__}: "
+                                  f"{str(refused)[:200]}) and its quarantine record ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]})") from exc
+        self._log_quarantined("unstorable", record)
+
+    def _frame_refused(self, doc: dict, exc: Exception) -> None:
+        source = doc.get("source") or {}
+        self._quarantine_now(message=f"the database refused the frame: {type(exc).__name__}: {str(exc)[:500]}",
+                             source=source, payload=bytes(doc.get("image") or b""), topic=source.get("topic"),
+                             refused=exc)
+
+    def _message_refused(self, item: tuple[dict, bytes], exc: Exception) -> None:
+        doc, raw = item
+        self._quarantine_now(message=f"the database refused the message: {type(exc).__name__}: {str(exc)[:500]}",
+                             source=doc.get("source") or {}, payload=raw, topic=doc.get("topic"), refused=exc)
+
+    def _quarantine_refused(self, record: tuple[str, dict, str], exc: Exception) -> None:
+        # escaped strings should make this unreachable; still, a quarantine record the database
+        # refuses is replaced by one holding just its reason, rather than holding the batch back
+        fingerprint, update, reason = record
+        fields = update.get("$setOnInsert", {})
+        plain_fp, plain = quarantine_update(
+            reason=reason, message=f"quarantine record refused ({type(exc).__name__}); original error: "
+                                   f"{storable_text(str(fields.get('error')))[:300]}",
+            source={"kind": storable_text(str((fields.get("source") or {}).get("kind")))},
+            payload=fingerprint.encode(), topic=None)
+        try:
+            self._write_quarantine([(plain_fp, plain, reason)])
+        except Exception as again:
+            if is_transient(again):
+                raise
+            raise DatabaseRefused(f"the database refuses quarantine records: {type(again).__name__}: "
+                                  f"{str(again)[:200]}") from again
+
+    # -- message kinds -----------------------------------------------------------
+    def _camera_message(self, payload: bytes, source: dict) -> None:
+        doc = _json_object(payload)
+        ts = _ts(doc)
+        camera_id, factory_id = _short_id(doc, "camera_id"), _short_id(doc, "factory_id")
+        data = doc.get("data")
+        if not data:
+            raise BadMessage("missing_field", "camera message has no 'data'")
+        if not isinstance(data, str):
+            raise BadMessage("bad_data_url", "'data' must be a data URL string")
+        declared, image = parse_data_url(data)
+        self._add_image(image, ts=ts, source=source, declared_type=declared,
+                        camera_id=camera_id, factory_id=factory_id, raw=payload)
+
+    def _factory_message(self, topic: str, payload: bytes, source: dict) -> None:
+        doc = _json_object(payload)
+        ts = _ts(doc)
+        factory_id = _short_id(doc, "factory_id")
+        if topic == STOCK_TOPIC:
+            parse_stock_report(doc)  # FormatError -> quarantined with its reason
+        coll = "sensors" if topic in SENSOR_TOPICS else "mqtt"
+        message = {"topic": topic, "ts": ts, "received_at": utcnow(),
+                   "factory_id": factory_id or self.factory_id, "source": source,
+                   "payload": doc,
+                   # one document per message: a redelivery carries the same bytes
+                   "message_id": hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()}
+        check_storable(message, f"the {topic} message")
+        self._messages.setdefault(coll, []).append((message, payload))

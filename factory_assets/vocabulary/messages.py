@@ -1,4 +1,5 @@
-"""The formats of the factory's messages: timestamps, ``data:`` URLs, the stock report.
+"""The formats of the factory's messages: timestamps, ``data:`` URLs, the stock report,
+and camera URLs as they may be shown (``redact_url``).
 
 One parser for each, so a camera message is read in one place on its way in
 (rather than walking up to vision for its image and down to storage for its time).
@@ -56,16 +57,63 @@ def parse_data_url(value: str) -> tuple[str | None, bytes]:
         raise FormatError("bad_base64", f"invalid base64: {exc}") from exc
 
 
+def parse_stock_report(payload) -> dict:
+    """A ``f/i/stock`` payload as the ingester accepts it -> slot -> workpiece type (None when empty).
+
+    Raises ``FormatError`` (the quarantine's reason) unless ``stockItems`` is a list of objects,
+    each with a ``location`` that is one of the rack's slots (``"A1"``..``"C3"``) and a
+    ``workpiece`` that is an object or null, whose ``type``, when given, is a known type
+    (any case). Readers of stored reports (``stock_slots``) can then rely on that shape."""
+    from factory_assets.vocabulary import SLOTS, TYPES
+
+    items = payload.get("stockItems") if isinstance(payload, dict) else None
+    if not isinstance(items, list):
+        raise FormatError("missing_field", "stock message has no 'stockItems' list")
+    slots: dict = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "location" not in item:
+            raise FormatError("missing_field", f"stock item {i} has no 'location'")
+        loc = item["location"]
+        if not isinstance(loc, str) or loc not in SLOTS:
+            raise FormatError("bad_stock_item", f"stock item {i}: 'location' must be one of the rack slots "
+                                                f"{SLOTS[0]}..{SLOTS[-1]}, got {_shown(loc)}")
+        workpiece = item.get("workpiece")
+        if workpiece is not None and not isinstance(workpiece, dict):
+            raise FormatError("bad_stock_item", f"stock item {i} ({loc}): 'workpiece' must be an object or null, "
+                                                f"got {_shown(workpiece)}")
+        kind = (workpiece or {}).get("type")
+        if kind is not None and not (isinstance(kind, str) and kind.upper() in TYPES):
+            raise FormatError("bad_stock_item", f"stock item {i} ({loc}): workpiece 'type' must be one of "
+                                                f"{', '.join(TYPES)}, got {_shown(kind)}")
+        slots[loc] = kind.upper() if kind else None
+    return slots
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value for an error message: its type and a short, storable repr."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(value).__name__} {text}".encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def stock_slots(payload: dict | None) -> dict:
-    """A ``f/i/stock`` payload -> slot -> workpiece type (``"BLUE"``...; empty and unknown slots None)."""
+    """A ``f/i/stock`` payload -> slot -> workpiece type (``"BLUE"``...; empty and unknown slots None).
+
+    Lenient, for stored reports of any age or origin: an item that is not an object, whose
+    ``location`` is not a slot name or whose ``workpiece`` is not an object is ignored
+    (the ingester quarantines such reports, see ``parse_stock_report``)."""
     from factory_assets.vocabulary import SLOTS
 
     slots: dict = {s: None for s in SLOTS}
-    for item in (payload or {}).get("stockItems") or []:
-        loc = (item or {}).get("location")
-        if loc not in slots:
+    items = payload.get("stockItems") if isinstance(payload, dict) else None
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
             continue
-        kind = (item.get("workpiece") or {}).get("type")
+        loc = item.get("location")
+        if not isinstance(loc, str) or loc not in slots:
+            continue
+        workpiece = item.get("workpiece")
+        kind = workpiece.get("type") if isinstance(workpiece, dict) else None
         slots[loc] = str(kind).upper() if kind else None
     return slots
 
@@ -83,3 +131,24 @@ def reported_presence(slots: dict) -> dict:
 
     types = {t for t in slots.values() if t}
     return {c: any(TYPE_TO_COLOUR.get(t) == c for t in types) for c in CLASSES}
+
+
+def redact_url(url: str) -> str:
+    """A URL or path fit for logs, errors and stored documents: credentials become ``***``.
+
+    ``rtsp://user:pass@cam:554/live`` -> ``rtsp://***@cam:554/live``. Unlike a MongoDB URI, a
+    camera's URL often carries its password unencoded, so the credentials end at the *last*
+    ``@`` of the authority; when an ``@`` follows a ``/`` too (a password holding ``/``, or a
+    path holding ``@``) everything up to that ``@`` is hidden: a host too many is hidden rather
+    than a password shown. Anything without ``scheme://`` (a file path) is returned as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest or not scheme or not all(c.isalnum() or c in "+.-" for c in scheme):
+        return url
+    end = len(rest)
+    for mark in "/?#":
+        pos = rest.find(mark)
+        if pos != -1:
+            end = min(end, pos)
+    authority = rest[:end]
+    at = authority.rfind("@") if "@" in authority else rest.rfind("@")
+    return f"{scheme}://***@{rest[at + 1:]}"

@@ -60,3 +60,32 @@ def test_the_ingester_reconnects_after_a_broker_restart_and_keeps_ingesting(fdb,
     finally:
         ingester.stop()
     assert sorted(d["seq"] for d in fdb.frames.find()) == list(range(1, 11))
+
+
+def test_stock_reports_with_malformed_items_are_quarantined_at_ingest_with_a_clear_reason(fdb):
+    import json
+
+    from factory_assets.vocabulary import stock_slots
+
+    def report(*items) -> bytes:
+        return json.dumps({"ts": "2026-11-23T10:00:01Z", "stockItems": list(items)}).encode()
+
+    good = stock_payload("2026-11-23T10:00:00Z", {"A1": "RED", "B2": None})
+    bad = {
+        "workpiece-a-string": report({"location": "A1", "workpiece": "RED"}),
+        "location-a-list": report({"location": ["A1"], "workpiece": {"type": "RED"}}),
+        "unknown-slot": report({"location": "D4", "workpiece": None}),
+        "unknown-type": report({"location": "A2", "workpiece": {"type": "GREEN"}}),
+        "type-not-a-string": report({"location": "A3", "workpiece": {"type": 3}}),
+    }
+    ingestor = Ingestor(fdb)
+    for payload in [good, *bad.values()]:
+        ingestor.handle_mqtt("f/i/stock", payload)
+    ingestor.flush()
+    stored = list(fdb.mqtt.find({"topic": "f/i/stock"}))
+    assert len(stored) == 1 and stock_slots(stored[0]["payload"])["A1"] == "RED"
+    errors = sorted(d["error"] for d in fdb.quarantine.find({"reason": "bad_stock_item"}))
+    assert len(errors) == len(bad), errors
+    assert any("'workpiece' must be an object or null" in e and "str 'RED'" in e for e in errors)
+    assert any("'location' must be one of the rack slots A1..C3" in e and "list" in e for e in errors)
+    assert any("GREEN" in e for e in errors) and any("int 3" in e for e in errors)

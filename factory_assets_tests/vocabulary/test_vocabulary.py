@@ -57,3 +57,42 @@ def test_the_stock_report_becomes_slots_colours_and_presence():
     assert slot_colours(slots)["A1"] == "red" and slot_colours(slots)["C3"] is None
     assert reported_presence(slots) == {"blue": False, "red": True, "white": True}
     assert stock_slots(None) == {s: None for s in SLOTS}
+
+
+def test_the_ingester_reads_a_stock_report_only_in_the_controllers_shape():
+    from factory_assets.vocabulary.messages import parse_stock_report
+
+    report = {"stockItems": [{"location": "A1", "workpiece": {"type": "red", "id": "wp-1"}},
+                             {"location": "C3", "workpiece": None}, {"location": "B2"}]}
+    assert parse_stock_report(report) == {"A1": "RED", "C3": None, "B2": None}
+    for items, reason, words in (
+            (None, "missing_field", "'stockItems' list"),
+            ([{"workpiece": None}], "missing_field", "'location'"),
+            (["A1"], "missing_field", "'location'"),
+            ([{"location": "A1", "workpiece": "RED"}], "bad_stock_item", "'workpiece' must be an object or null"),
+            ([{"location": ["A1"], "workpiece": None}], "bad_stock_item", "A1..C3"),
+            ([{"location": "Z9", "workpiece": None}], "bad_stock_item", "A1..C3"),
+            ([{"location": "A1", "workpiece": {"type": "GREEN"}}], "bad_stock_item", "BLUE, RED, WHITE"),
+            ([{"location": "A1", "workpiece": {"type": ["RED"]}}], "bad_stock_item", "BLUE, RED, WHITE")):
+        with pytest.raises(FormatError) as err:
+            parse_stock_report({"stockItems": items})
+        assert err.value.reason == reason and words in str(err.value), (items, str(err.value))
+
+
+def test_a_stored_stock_report_of_any_shape_is_read_without_crashing():
+    # reports stored before the ingester checked their shape (or written by another tool)
+    report = {"stockItems": [{"location": ["A1"], "workpiece": {"type": "RED"}}, {"location": "A2", "workpiece": "RED"},
+                             "B1", None, {"location": "B2", "workpiece": {"type": "BLUE"}}]}
+    assert stock_slots(report) == {**{s: None for s in SLOTS}, "B2": "BLUE"}
+    assert stock_slots({"stockItems": "A1"}) == stock_slots([1]) == {s: None for s in SLOTS}
+
+
+def test_a_camera_url_is_shown_without_its_credentials():
+    from factory_assets.vocabulary.messages import redact_url
+
+    assert redact_url("rtsp://admin:s3cret@10.0.0.5:554/live") == "rtsp://***@10.0.0.5:554/live"
+    # cameras take passwords unencoded: an '@' or '/' in one must not leave part of it shown
+    assert redact_url("rtsp://admin:p@ss@cam:554/live") == "rtsp://***@cam:554/live"
+    assert "pa/ss" not in redact_url("rtsp://admin:pa/ss@cam/live")
+    assert redact_url("rtsp://cam:554/live") == "rtsp://cam:554/live"
+    assert redact_url("/videos/line@2.avi") == "/videos/line@2.avi"  # a file path is not a URL
