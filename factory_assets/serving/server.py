@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 class InferenceLimits:
     max_concurrent_requests: int = 32    # in progress at once (body received); 503 beyond
     max_connections: int = 1024          # open connections; uvicorn answers 503 beyond
+    # bytes of request bodies being received at once, over all connections (503 beyond): without
+    # it, 1,024 connections could each hold a body just under the 6 MiB payload limit (6 GiB)
+    max_buffered_bytes: int = 128 * 1024 * 1024
     body_timeout: float = 10.0           # a request body must arrive within this (else 408)
     keep_alive_timeout: float = 5.0      # idle keep-alive connections closed after this
     graceful_shutdown: float = 30.0      # SIGTERM: in-flight requests get this long
@@ -66,7 +69,7 @@ class InferenceServer:
         asgi = RequestLimits(ConcurrencyLimit(self.app, max_requests=limits.max_concurrent_requests,
                                               error=sagemaker_error),
                              max_body_bytes=MAX_PAYLOAD_BYTES, body_timeout=limits.body_timeout,
-                             error=sagemaker_error)
+                             error=sagemaker_error, max_buffered_bytes=limits.max_buffered_bytes)
         self.web = WebServer(asgi, host, port, access_log=access_log, log_level="info" if access_log else "warning",
                              overload_error=sagemaker_error,
                              limits=ServerLimits(limit_concurrency=limits.max_connections,

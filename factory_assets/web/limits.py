@@ -34,11 +34,15 @@ class RequestLimits:
     message) -> (body, headers), so each app keeps its own error format."""
 
     def __init__(self, app, *, max_body_bytes: int, body_timeout: float = 30.0,
-                 error: ErrorFactory = json_error):
+                 error: ErrorFactory = json_error, max_buffered_bytes: int | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.error = error
+        # All bodies being received at once share this budget (None: no budget): without it, every
+        # open connection may hold a body just under max_body_bytes. Beyond it, 503 at once.
+        self.max_buffered_bytes = max_buffered_bytes
+        self.buffered = 0  # bytes of bodies being received now (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -64,6 +68,11 @@ class RequestLimits:
             await self._reply(send, 408, "RequestTimeout",
                               f"request body not received within {self.body_timeout:g} s")
             return
+        except _OverBudget:
+            await self._reply(send, 503, "ServiceUnavailable",
+                              "too many request bodies being received at once; retry shortly",
+                              extra=[(b"retry-after", b"1")])
+            return
         except _Disconnected:
             return
         delivered = False
@@ -80,26 +89,40 @@ class RequestLimits:
     async def _read_body(self, receive: Callable[[], Awaitable[dict]]) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _BodyTooLarge()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise _BodyTooLarge()
+                if self.max_buffered_bytes is not None and self.buffered + len(chunk) > self.max_buffered_bytes:
+                    raise _OverBudget()
+                self.buffered += len(chunk)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        finally:
+            # received (the app holds it now, under its own bounds), refused, timed out or gone
+            self.buffered -= sum(len(c) for c in chunks)
 
-    async def _reply(self, send, status: int, code: str, message: str) -> None:
+    async def _reply(self, send, status: int, code: str, message: str,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
         body, headers = self.error(status, code, message)
+        if extra:
+            headers = headers + [h for h in extra if all(h[0] != name for name, _ in headers)]
         await send({"type": "http.response.start", "status": status,
                     "headers": headers + [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
 
 class _Disconnected(Exception):
+    pass
+
+
+class _OverBudget(Exception):
     pass
 
 

@@ -118,3 +118,22 @@ def test_a_kept_alive_connection_serves_request_after_request_with_the_header_de
             first = session.post(f"{srv.url}/echo", data=b"a", timeout=5)
             second = session.post(f"{srv.url}/echo", data=b"bb", timeout=5)
         assert first.json() == {"bytes": 1} and second.json() == {"bytes": 2}
+
+
+def test_bodies_being_received_share_a_byte_budget_and_beyond_it_a_request_gets_503_at_once():
+    # without a budget every open connection may hold a body just under the size limit
+    from factory_assets.storage.frames import wait_until
+
+    limits = RequestLimits(echo_app(), max_body_bytes=1024, body_timeout=30.0, max_buffered_bytes=1500)
+    with WebServer(limits, port=0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as slow:
+            slow.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1024\r\n\r\n" + b"x" * 1000)
+            assert wait_until(lambda: limits.buffered == 1000, 10)  # the slow body is being received
+            refused = requests.post(f"{srv.url}/echo", data=b"y" * 600, timeout=5)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"] == "ServiceUnavailable"
+            assert requests.post(f"{srv.url}/echo", data=b"y" * 400, timeout=5).json() == {"bytes": 400}
+            slow.sendall(b"x" * 24)  # the slow body completes: its bytes leave the budget
+            assert b'{"bytes":1024}' in slow.recv(4096)
+        assert wait_until(lambda: limits.buffered == 0, 10)
+        assert requests.post(f"{srv.url}/echo", data=b"y" * 600, timeout=5).json() == {"bytes": 600}
