@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
-from factory_assets.storage.frames import FrameSequence, _settle_earlier_blocks, build_frame, insert_frames
+from factory_assets.storage.frames import FrameSequence, settle_earlier_blocks, build_frame, insert_frames
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.vision.decode import inspect_image
 from factory_assets.vocabulary import (CAMERA_TOPIC, SENSOR_TOPICS, STOCK_TOPIC, FormatError, parse_data_url,
@@ -336,7 +336,7 @@ class Ingestor:
             # blocks of refused attempts: every frame they held is now stored or quarantined and
             # none of their writes is in flight (a refusal is a final answer), so readers may pass
             try:
-                _settle_earlier_blocks(self.sequence)
+                settle_earlier_blocks(self.sequence)
             except Exception as exc:
                 if is_transient(exc):
                     raise

@@ -201,7 +201,7 @@ def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) 
     except Exception:
         seq.unsettled.append(alloc)
         raise
-    _settle_earlier_blocks(seq)
+    settle_earlier_blocks(seq)
     result.inserted_ids = [d["_id"] for i, d in enumerate(docs) if i not in failed]
     result.inserted = len(result.inserted_ids)
     result.duplicates = len(failed)
@@ -212,7 +212,7 @@ def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) 
     return result
 
 
-def _settle_earlier_blocks(seq: FrameSequence) -> None:
+def settle_earlier_blocks(seq: FrameSequence) -> None:
     """Release the blocks of failed attempts, now that their documents were written again."""
     while seq.unsettled:
         earlier = seq.unsettled[0]
