@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
-from factory_assets.storage.frames import FrameSequence, settle_earlier_blocks, build_frame, insert_frames
+from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, settle_earlier_blocks
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.vision.decode import inspect_image
 from factory_assets.vocabulary import (CAMERA_TOPIC, SENSOR_TOPICS, STOCK_TOPIC, FormatError, parse_data_url,
