@@ -29,6 +29,7 @@ from factory_assets.storage.quarantine import quarantine
 from factory_assets.twin.state import COLOURS, Observation, Reported, reported_from_stock
 from factory_assets.twin.store import apply_observation, apply_reported
 from factory_assets.vocabulary import STOCK_TOPIC
+from factory_assets.vocabulary.messages import parse_stock_report
 
 CURSOR_PREFIX = "cursor:"
 
@@ -70,6 +71,9 @@ def reported_or_quarantine(fdb, msg: dict) -> Reported | None:
     """The twin's view of a stored ``f/i/stock`` message, or None when it cannot be read
     (then it is quarantined with the reason, and the caller moves past it)."""
     try:
+        # the ingester's own check (it quarantines such reports on the way in): a report another
+        # tool stored is read as strictly, not with its bad items quietly read as empty slots
+        parse_stock_report(msg["payload"])
         return reported_from_stock(msg["payload"], msg["ts"], msg.get("factory_id") or "factory-1",
                                    msg.get("message_id"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # FormatError is a ValueError
