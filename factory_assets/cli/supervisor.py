@@ -101,16 +101,21 @@ class DatabaseWatch:
         self.restarts = 0
         self._next = now
         self._backoff = self.policy.backoff_first
+        # Set when the daemon was found dead, cleared once a restart succeeds: a failed start
+        # removes the state file, after which died() can no longer tell a death from a stop.
+        self._down = False
 
     def step(self, now: float) -> None:
         if now < self._next or self.port is None:
             return
         self._next = now + self.check_every
-        if not self.embedded.died():
+        if not self._down and not self.embedded.died():
             if self.restarts:
                 self._backoff = self.policy.backoff_first
             return
-        self.say(f"embedded MongoDB stopped unexpectedly; restarting it on port {self.port}")
+        if not self._down:
+            self.say(f"embedded MongoDB stopped unexpectedly; restarting it on port {self.port}")
+        self._down = True
         try:
             self.embedded.start(port=self.port)
         except Exception as exc:  # noqa: BLE001 - e.g. the port taken meanwhile: try again later
@@ -118,5 +123,6 @@ class DatabaseWatch:
             self._next = now + self._backoff
             self._backoff = min(self._backoff * 2, self.policy.backoff_max)
             return
+        self._down = False
         self.restarts += 1
         self.say(f"embedded MongoDB is back (restart {self.restarts}); services reconnect by themselves")

@@ -105,6 +105,7 @@ def test_up_restarts_the_embedded_mongodb_on_its_port_when_its_process_dies_and_
     # every service holds the daemon's URI: the restarted one must answer on the same port, with the data
     import os
     import signal
+    import socket
 
     from pymongo import MongoClient, WriteConcern
 
@@ -129,8 +130,23 @@ def test_up_restarts_the_embedded_mongodb_on_its_port_when_its_process_dies_and_
         assert watch.restarts == 1 and again.running and again.pid != first.pid and again.uri == first.uri
         with MongoClient(again.uri, serverSelectionTimeoutMS=10000) as client:
             assert client.smart_factory.probe.count_documents({}) == 1
+        # a restart that fails (the port taken meanwhile) is retried after its backoff
+        os.kill(again.pid, signal.SIGKILL)
+        assert wait_until(embedded.died, 30)
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", watch.port))
+            squatter.listen()
+            watch.step(4.0)
+            assert watch.restarts == 1 and not embedded.status().running
+            assert "did not restart" in said[-1]
+        watch.step(4.0 + watch.policy.backoff_first)
+        third = embedded.status()
+        assert watch.restarts == 2 and third.running and third.uri == first.uri
+        with MongoClient(third.uri, serverSelectionTimeoutMS=10000) as client:
+            assert client.smart_factory.probe.count_documents({}) == 1
         embedded.stop()  # stopped on purpose: not restarted
-        watch.step(4.0)
-        assert watch.restarts == 1 and not embedded.status().running
+        watch.step(100.0)
+        assert watch.restarts == 2 and not embedded.status().running
     finally:
         embedded.stop()
