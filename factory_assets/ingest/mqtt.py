@@ -13,7 +13,7 @@
 - **Database outages of any length.** The writer thread retries the batch with
   exponential backoff until it is stored (or the ingester is stopped, in which case
   the unacknowledged messages are redelivered next time), logging at a sane rate.
-  Only transient database errors are retried (``service.is_transient``): a message the
+  Only transient database errors are retried (``storage.errors.is_transient``): a message the
   database cannot or will not store (an integer over 64 bits, a lone surrogate, a
   document over 16 MiB, a write a validator refuses) is quarantined with its reason,
   at validation or by bisecting the refused batch, and the batch is acknowledged.

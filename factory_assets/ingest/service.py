@@ -11,10 +11,11 @@ called again; what was already written is not stored twice (the frame identity,
 
 Storable or quarantined, never stuck: validation encodes each document as BSON (an
 integer over 64 bits, a lone surrogate, a document over 16 MiB cannot be) and
-quarantines what fails with reason ``unstorable``. Only transient database errors
-(``is_transient``: unreachable, timed out, primary changing, shutting down) are
-retried; a write refused for any other reason is bisected down to the record the
-database refuses, which is quarantined with the error, and the rest is stored.
+quarantines what fails with reason ``unstorable``. A database error is retried unless it
+refuses the document itself (``storage.errors``: a validator, its size, its field names).
+The server names the documents of a batch it refuses; each is quarantined with the error
+and the rest of the batch is stored and counted once. A batch the driver cannot send at
+all is bisected down to the record it fails on.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
+from factory_assets.storage.errors import DUPLICATE_KEY, is_transient
 from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, settle_earlier_blocks
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.vision.decode import inspect_image
@@ -46,11 +48,12 @@ MAX_ID_CHARS = 128  # camera_id / factory_id carried by a message
 MAX_BACKOFF_S = 5.0
 FAILURE_LOG_EVERY_S = 30.0
 
-# Server error codes that say "not now" rather than "not this document": unreachable, shutting
-# down, primary stepping down or not writable, timeouts, lock and write conflicts.
-TRANSIENT_CODES = frozenset({6, 7, 24, 50, 64, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11601, 11602,
-                             13435, 13436})
-TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError")
+class WriteRefused(Exception):
+    """One document's error in a batch the server answered (its ``writeErrors`` entry)."""
+
+    def __init__(self, error: dict):
+        super().__init__(f"{error.get('errmsg', 'refused')} (code {error.get('code')})")
+        self.code = error.get("code")
 
 
 class BadMessage(FormatError):
@@ -60,26 +63,6 @@ class BadMessage(FormatError):
 class DatabaseRefused(RuntimeError):
     """The database refused a write that is not transient and then refused the quarantine record
     too: it is refusing writes, not one record. Nothing left memory; ``flush`` again later."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A database error worth retrying as it is (the database is unreachable or busy), as opposed
-    to one refusing the data (an unencodable or rejected document), which retrying never fixes."""
-    from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
-
-    if isinstance(exc, ConnectionFailure):  # AutoReconnect, NotPrimary, NetworkTimeout, ServerSelectionTimeout...
-        return True
-    if isinstance(exc, PyMongoError) and any(exc.has_error_label(label) for label in TRANSIENT_LABELS):
-        return True
-    if isinstance(exc, BulkWriteError):
-        details = exc.details or {}
-        refused = [e for e in details.get("writeErrors", []) if e.get("code") != 11000]
-        concern = details.get("writeConcernErrors", [])
-        codes = [e.get("code") for e in refused + concern]
-        return bool(codes) and all(code in TRANSIENT_CODES for code in codes)
-    if isinstance(exc, OperationFailure):
-        return exc.code in TRANSIENT_CODES
-    return False
 
 
 def retry_store(store, *, stop: threading.Event | None = None, on_failure=None, pending=lambda: 0,
@@ -390,20 +373,31 @@ class Ingestor:
                 self.on_stored([d for d in docs if d.get("_id") in stored])
             except Exception:  # noqa: BLE001 - a listener's failure must not un-store the frames
                 logger.exception("on_stored callback failed")
+        for doc, error in result.refused:
+            # What the write stored is counted above; if this quarantine write fails, a retry of
+            # the batch finds those frames as duplicates and this one refused again.
+            doc.pop("_id", None)
+            self._frame_refused(doc, WriteRefused(error))
 
     def _insert_messages(self, coll: str, part: list[tuple[dict, bytes]]) -> None:
         from pymongo.errors import BulkWriteError
 
         docs = [doc for doc, _ in part]
+        refused = []
         try:
             getattr(self.fdb, coll).insert_many(docs, ordered=False)
             stored = len(docs)
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != 11000 for e in errors):
+            if is_transient(exc):
                 raise
+            errors = exc.details.get("writeErrors", [])
+            refused = [e for e in errors if e.get("code") != DUPLICATE_KEY]
             stored = len(docs) - len(errors)
         self.stats.messages += stored
+        for error in refused:  # the server answered for each document: the rest is stored
+            doc, raw = part[error["index"]]
+            doc.pop("_id", None)
+            self._message_refused((doc, raw), WriteRefused(error))
 
     def _write_quarantine(self, part: list[tuple[str, dict, str]]) -> None:
         quarantine_many(self.fdb, [(fp, update) for fp, update, _ in part])

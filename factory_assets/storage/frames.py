@@ -38,6 +38,8 @@ from typing import Iterable
 
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from factory_assets.storage.errors import DUPLICATE_KEY, is_transient
+
 from factory_assets.vocabulary import parse_data_url, parse_ts, utcnow  # noqa: F401 (re-exported)
 
 DEFAULT_LEASE_SECONDS = 120.0
@@ -165,10 +167,14 @@ class InsertResult:
     inserted: int = 0
     duplicates: int = 0
     inserted_ids: list = field(default_factory=list)
+    # (document, server error) of each document the server refused for what it is
+    # (``storage.errors.REFUSAL_CODES``); the rest of the batch is stored
+    refused: list = field(default_factory=list)
 
 
 def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) -> InsertResult:
-    """Insert frame documents with sequence numbers; duplicates are counted, not stored.
+    """Insert frame documents with sequence numbers; duplicates are counted, not stored, and
+    documents the server refuses for what they are come back in ``refused`` (the rest stored).
 
     When the database fails mid-call the exception propagates and the block stays pending
     (a write may still be in flight). A caller that retries the same documents through the
@@ -185,14 +191,18 @@ def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) 
         doc.pop("_id", None)
     result = InsertResult()
     failed: set[int] = set()
+    refused: dict[int, dict] = {}
     try:
         fdb.frames.insert_many(docs, ordered=False)
     except BulkWriteError as exc:
+        if is_transient(exc):  # not a final answer on every document: the caller retries them all
+            seq.unsettled.append(alloc)
+            raise
         for err in exc.details.get("writeErrors", []):
-            if err.get("code") != 11000:
-                seq.unsettled.append(alloc)
-                raise
-            failed.add(err["index"])
+            if err.get("code") == DUPLICATE_KEY:
+                failed.add(err["index"])
+            else:  # refused for what it is; the server has answered for every document
+                refused[err["index"]] = err
     except Exception:
         seq.unsettled.append(alloc)
         raise
@@ -202,7 +212,8 @@ def insert_frames(fdb, docs: list[dict], sequence: FrameSequence | None = None) 
         seq.unsettled.append(alloc)
         raise
     settle_earlier_blocks(seq)
-    result.inserted_ids = [d["_id"] for i, d in enumerate(docs) if i not in failed]
+    result.inserted_ids = [d["_id"] for i, d in enumerate(docs) if i not in failed and i not in refused]
+    result.refused = [(docs[i], err) for i, err in sorted(refused.items())]
     result.inserted = len(result.inserted_ids)
     result.duplicates = len(failed)
     if not released and result.inserted_ids:

@@ -91,14 +91,16 @@ def test_a_factory_message_over_one_mebibyte_is_quarantined_as_oversize(fdb):
     assert fdb.mqtt.count_documents({"topic": "f/i/state/dsi"}) == 1
 
 
-def test_a_record_the_database_refuses_is_quarantined_alone_and_the_rest_of_its_batch_is_stored(fdb, mqtt_broker):
-    # Valid, encodable, yet refused by the server (a validator here): only the database can tell,
-    # so the refused batch is bisected down to the one record and that record quarantined.
+def test_a_record_the_database_refuses_is_quarantined_alone_and_the_rest_of_its_batch_is_stored_and_counted_once(fdb, mqtt_broker):
+    # Valid, encodable, yet refused by the server (a validator here): only the database can tell.
+    # It names the refused document of the batch; that one is quarantined, the rest stored once.
     fdb.db.command("collMod", fdb.names.frames, validator={"camera_id": {"$ne": "refused-cam"}})
     fdb.db.command("collMod", fdb.names.sensors, validator={"payload.br": {"$lte": 100}})
     refused_frame = json.loads(frame(50))
     refused_frame["camera_id"] = "refused-cam"
-    ingester = MqttIngester(Ingestor(fdb, batch_size=8), mqtt_broker.url, progress_every=0).start()
+    listened = []
+    ingester = MqttIngester(Ingestor(fdb, batch_size=8, on_stored=listened.extend), mqtt_broker.url,
+                            progress_every=0).start()
     try:
         assert ingester.subscribed.wait(10)
         messages = ([("i/cam", frame(i)) for i in range(3)] + [("i/cam", json.dumps(refused_frame).encode())]
@@ -115,5 +117,28 @@ def test_a_record_the_database_refuses_is_quarantined_alone_and_the_rest_of_its_
         assert fdb.counters.find_one({"_id": ingester.ingestor.sequence.key})["pending"] == []
         assert ingester.ingestor.sequence.unsettled == []
         assert ingester.store_failures == 0  # nothing was retried: a refusal is not an outage
+        # every stored frame counted once and handed to the listener, none taken for a duplicate
+        stats = ingester.ingestor.stats
+        assert (stats.frames, stats.duplicates, stats.messages, stats.quarantined) == (6, 0, 2, 2)
+        assert sorted(d["_id"] for d in listened) == sorted(d["_id"] for d in fdb.frames.find({}, {"_id": 1}))
     finally:
         ingester.stop()
+
+
+def test_only_a_refusal_of_the_document_itself_is_final_every_other_server_error_is_retried():
+    # an error code nobody listed (365 TemporarilyUnavailable, 46 LockBusy) must not quarantine a good frame
+    from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure, WriteError
+    from bson.errors import InvalidDocument
+
+    from factory_assets.storage.errors import is_transient
+
+    assert is_transient(AutoReconnect("down"))
+    assert is_transient(OperationFailure("busy", code=365)) and is_transient(OperationFailure("lock", code=46))
+    assert not is_transient(WriteError("Document failed validation", code=121))
+    assert not is_transient(OperationFailure("too large", code=10334))
+    assert not is_transient(InvalidDocument("key must not start with '$'"))
+    refused = BulkWriteError({"writeErrors": [{"index": 0, "code": 11000}, {"index": 1, "code": 121}]})
+    assert not is_transient(refused)
+    passing = BulkWriteError({"writeErrors": [{"index": 0, "code": 121}, {"index": 1, "code": 365}]})
+    assert is_transient(passing)
+    assert is_transient(BulkWriteError({"writeErrors": [], "writeConcernErrors": [{"code": 64}]}))
