@@ -190,6 +190,7 @@ class LiveTwinUpdater:
         from pymongo.errors import PyMongoError
 
         from factory_assets.serving.predictor import EndpointUnavailable
+        from factory_assets.storage.errors import is_transient
 
         now = time.monotonic()
         frames_changed = changed is None or "*" in changed or self.fdb.names.frames in changed
@@ -225,13 +226,14 @@ class LiveTwinUpdater:
                     self.stats.endpoint_errors += 1
                     self._save_cursor()
                     raise exc
-                except PyMongoError:
-                    self._save_cursor()
-                    raise
-                except Exception:  # noqa: BLE001 - one frame must not stop the live path
-                    # A bug or an input nobody foresaw: retrying would stop here for ever (and a
-                    # restarted process with it). The batch path infers what the live path left,
-                    # and gives up on a frame that keeps failing (twin/batch.py).
+                except Exception as exc:  # noqa: BLE001 - one frame must not stop the live path
+                    if isinstance(exc, PyMongoError) and is_transient(exc):  # MongoDB down: resume here
+                        self._save_cursor()
+                        raise
+                    # A bug, an input nobody foresaw or a write the database refuses for what it
+                    # is: retrying would stop here for ever (and a restarted process with it). The
+                    # batch path infers what the live path left, and gives up on a frame that
+                    # keeps failing (twin/batch.py).
                     logger.exception("live: frame %s failed; left to the batch path", frame["_id"])
                     self.stats.failed += 1
                     doc = False

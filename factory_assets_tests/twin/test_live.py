@@ -106,6 +106,19 @@ def test_a_frame_another_tool_wrote_badly_is_quarantined_and_the_updater_carries
     assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
 
 
+def test_an_inference_the_database_refuses_is_left_to_the_batch_path_and_the_updater_carries_on(fdb, model_server):
+    # a refusal is a final answer: re-raising it would retry the same frame for ever
+    insert_sim_frames(fdb, 3)
+    refused = fdb.frames.find_one({"seq": 2})
+    fdb.db.command("collMod", fdb.names.inferences, validator={"frame_id": {"$ne": refused["_id"]}})
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    while updater.step():
+        pass
+    assert (updater.stats.inferred, updater.stats.failed, updater.cursor) == (2, 1, 3)
+    assert fdb.inferences.count_documents({}) == 2 and fdb.inferences.count_documents({"frame_id": refused["_id"]}) == 0
+    assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
+
+
 @pytest.mark.parametrize("item", [{"location": "A1", "workpiece": "RED"}, {"location": ["A1"], "workpiece": None}],
                          ids=["workpiece-a-string", "location-a-list"])
 def test_an_unreadable_stock_report_is_quarantined_and_the_next_one_is_applied(fdb, model_server, item):
