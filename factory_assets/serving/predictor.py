@@ -236,7 +236,7 @@ class SageMakerRuntimePredictor(_Closing):
     def close(self) -> None:
         """Close boto3's connection pool (a client given to the constructor is the caller's)."""
         with self._lock:
-            client, self._client = self._client, None
+            client, self._client = self._client, self._given_client
         if client is not None and client is not self._given_client:
             client.close()
 

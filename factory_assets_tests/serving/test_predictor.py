@@ -60,6 +60,19 @@ def test_a_server_that_is_down_is_endpoint_unavailable(make, sim_jpeg, aws_env):
         predictor.predict(sim_jpeg)
 
 
+def test_a_sagemaker_predictor_keeps_using_the_client_it_was_given_after_close(server, sim_jpeg, aws_env):
+    # the caller's client (its credentials, retries, endpoint) must not be swapped for a default one
+    import boto3
+
+    client = boto3.client("sagemaker-runtime", region_name="us-east-1", endpoint_url=server.url)
+    predictor = SageMakerRuntimePredictor("factory-stock", endpoint_url="http://127.0.0.1:9", client=client)
+    predictor.predict(sim_jpeg)
+    predictor.close()
+    assert predictor.predict(sim_jpeg).model_version  # through the given client, not a new one to port 9
+    predictor.close()
+    client.close()
+
+
 def test_a_server_without_a_model_is_endpoint_unavailable_not_bad_input(sim_jpeg):
     srv = InferenceServer("127.0.0.1", 0, log=lambda *_: None).start()
     try:
