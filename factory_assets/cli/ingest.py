@@ -1,6 +1,7 @@
 """``factory-assets ingest mqtt|dir|video``."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def _video(args) -> int:
     from factory_assets.ingest.files import ingest_video
 
     return _summary(ingest_video(_ingestor(args), args.source, fps=args.fps, max_frames=args.max_frames,
-                                 rescan=args.rescan, stop=_stop_on_sigterm()))
+                                 rescan=args.rescan, stop=_stop_on_sigterm(), live=args.live))
 
 
 def register(sub) -> None:
@@ -95,11 +96,15 @@ def register(sub) -> None:
     q.set_defaults(func=_dir)
 
     q = kinds.add_parser("video", help="a video file or RTSP stream, sampled with OpenCV (a live "
-                                         "rtsp:// or http(s):// stream that drops is reopened with backoff)")
+                                         "rtsp:// stream, or an http(s):// one without a frame count, "
+                                         "that drops is reopened with backoff)")
     q.add_argument("source", metavar="PATH_OR_RTSP_URL")
     q.add_argument("--fps", type=float, default=1.0)
     q.add_argument("--max-frames", type=int, default=None)
     q.add_argument("--rescan", action="store_true",
                    help="start a video file from the beginning, not after the last stored frame")
+    q.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                   help="treat the source as a live stream to reopen when it drops (default: rtsp://, "
+                        "or http(s):// without a frame count)")
     add_common(q, "video")
     q.set_defaults(func=_video)

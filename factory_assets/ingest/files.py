@@ -156,18 +156,23 @@ def _store_once(ingestor: Ingestor, write) -> None:
                        str(exc)[:200])
 
 
-def is_live(url: str) -> bool:
-    """A stream that has no end (a camera), as opposed to a video file."""
-    return url.lower().startswith(LIVE_SCHEMES)
+def is_live(url: str, frame_count: float | None = None) -> bool:
+    """A stream that has no end (a camera), as opposed to a video file: RTSP always; HTTP(S)
+    when the stream declares no frame count (an MJPEG camera), not a clip served over HTTP."""
+    lowered = url.lower()
+    if lowered.startswith(("rtsp://", "rtsps://")):
+        return True
+    return lowered.startswith(LIVE_SCHEMES) and (frame_count is None or frame_count <= 0)
 
 
 def ingest_video(ingestor: Ingestor, url: str, *, fps: float = 1.0, max_frames: int | None = None,
                  start: datetime | None = None, rescan: bool = False, stop: threading.Event | None = None,
-                 reconnect_min_s: float = RECONNECT_MIN_S, reconnect_max_s: float = RECONNECT_MAX_S) -> dict:
+                 reconnect_min_s: float = RECONNECT_MIN_S, reconnect_max_s: float = RECONNECT_MAX_S,
+                 live: bool | None = None) -> dict:
     """Sample a video file or RTSP stream at ``fps`` and store the frames as JPEG.
 
     A video file resumes after the last frame index recorded as stored (same file, same fps).
-    A live stream (``is_live``) that stops delivering frames is reopened, waiting
+    A live stream (``is_live``, or ``live=True``) that stops delivering frames is reopened, waiting
     ``reconnect_min_s`` doubling to ``reconnect_max_s`` between attempts, until ``max_frames``
     were taken or ``stop`` is set."""
     import cv2
@@ -177,7 +182,8 @@ def ingest_video(ingestor: Ingestor, url: str, *, fps: float = 1.0, max_frames: 
     if not cap.isOpened():
         raise OSError(f"cannot open video {shown}")
     stop = stop or threading.Event()
-    live = is_live(url)
+    if live is None:
+        live = is_live(url, cap.get(cv2.CAP_PROP_FRAME_COUNT))
     is_file = not live and Path(url).exists()
     if start is None:
         # A file's frames get deterministic timestamps (mtime + position) so a re-run is idempotent.

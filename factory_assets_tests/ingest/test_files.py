@@ -234,11 +234,16 @@ def test_a_live_stream_that_drops_is_reopened_and_a_video_file_that_ends_just_en
     clip = write_clip(tmp_path / "clip.avi", frames=10)  # 1 s at 10 fps: 5 frames at 5 fps per pass
     server = ClipServer(tmp_path)
     try:
-        summary = ingest_video(Ingestor(fdb, camera_id="live", batch_size=4), server.url, fps=5.0, max_frames=12)
+        # the clip declares its frame count, so only live=True makes it a camera that drops
+        summary = ingest_video(Ingestor(fdb, camera_id="live", batch_size=4), server.url, fps=5.0, max_frames=12,
+                               live=True)
+        assert summary["frames"] == 12 and summary["reconnects"] >= 2 and server.requests >= 3
+        assert fdb.frames.count_documents({"camera_id": "live"}) == 12
+        assert all(d["source"]["url"] == server.url for d in fdb.frames.find({"camera_id": "live"}, {"source": 1}))
+        # a clip served over HTTP is a file that ends, not a stream to reopen for ever
+        served = ingest_video(Ingestor(fdb, camera_id="served"), server.url, fps=5.0, max_frames=12)
+        assert served["frames"] == 5 and served["reconnects"] == 0
     finally:
         server.close()
-    assert summary["frames"] == 12 and summary["reconnects"] >= 2 and server.requests >= 3
-    assert fdb.frames.count_documents({"camera_id": "live"}) == 12
-    assert all(d["source"]["url"] == server.url for d in fdb.frames.find({}, {"source": 1}))
     ended = ingest_video(Ingestor(fdb, camera_id="file"), clip, fps=5.0, max_frames=12)
     assert ended["frames"] == 5 and ended["reconnects"] == 0
