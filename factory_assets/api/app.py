@@ -397,11 +397,13 @@ def create_app(fdb, settings: ApiSettings | None = None):
 
     @app.get("/api/health")
     def health():
-        alive = hub.alive()
-        body = {"status": "ok" if alive else "degraded", "reader": hub.stats.mode if alive else "stopped",
+        alive, healthy = hub.alive(), hub.healthy()
+        body = {"status": "ok" if healthy else "degraded",
+                "reader": (hub.stats.mode if healthy else "failing") if alive else "stopped",
                 "subscribers": hub.stats.subscribers, "events": hub.stats.events,
-                "reader_errors": hub.stats.errors, "reads_open": settings.reads_open}
-        return body if alive else JSONResponse(body, status_code=503)
+                "reader_errors": hub.stats.errors, "failing_reads": hub.stats.failing,
+                "bad_documents": hub.stats.bad_documents, "reads_open": settings.reads_open}
+        return body if healthy else JSONResponse(body, status_code=503)
 
     return app
 

@@ -121,8 +121,15 @@ class HubStats:
     mode: str = "starting"
     subscribers: int = 0
     errors: int = 0
+    failing: int = 0  # failed reads in a row; 0 after any read that worked
+    bad_documents: int = 0  # twin documents passed over because they could not be read
     overflows: int = 0
     extra: dict = field(default_factory=dict)
+
+
+# Reads failing this many times in a row (about 0.2 + 0.4 + 0.8 s of backoff, plus the server
+# selection timeouts) make /api/health answer 503: the reader runs, yet every stream is silent.
+DEGRADED_AFTER_FAILURES = 3
 
 
 class TwinHub:
@@ -143,6 +150,7 @@ class TwinHub:
         self._history: dict[str, int] = {}
         self._recent: dict[str, set] = {}
         self._frame_seq: int | None = None
+        self._bad: set[tuple[str, str]] = set()  # (id, version) of twin documents passed over
         self.ready = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -155,6 +163,10 @@ class TwinHub:
     def alive(self) -> bool:
         """The reader thread runs (health reports a stopped one: streams would be silent)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def healthy(self) -> bool:
+        """The reader runs and its reads work (not failing ``DEGRADED_AFTER_FAILURES`` times in a row)."""
+        return self.alive() and self.stats.failing < DEGRADED_AFTER_FAILURES
 
     def close(self) -> None:
         """Stop the reader and end every subscriber's stream."""
@@ -214,12 +226,14 @@ class TwinHub:
             try:
                 if not self.ready.is_set():  # once: after an outage, _poll_once catches up from what was seen
                     self._prime()
+                    self.stats.failing = 0
                     self.ready.set()
                 if self.change_streams and self._watch():
                     continue
                 self._poll()
             except PyMongoError as exc:
                 self.stats.errors += 1
+                self.stats.failing += 1
                 logger.warning("twin hub: MongoDB unavailable (%s); retrying in %.1fs",
                                exc.__class__.__name__, backoff)
                 self._stop.wait(backoff)
@@ -228,6 +242,7 @@ class TwinHub:
                 # (e.g. InvalidBSON from another tool's write): a dead reader would leave every
                 # stream silent while the API answers as if all were well
                 self.stats.errors += 1
+                self.stats.failing += 1
                 logger.exception("twin hub: reader failed (%s); retrying in %.1fs", exc.__class__.__name__, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -261,6 +276,7 @@ class TwinHub:
             while not self._stop.is_set() and stream.alive:
                 change = stream.try_next()
                 self._check_frames()
+                self.stats.failing = 0
                 if change is None:
                     continue
                 self.stats.reads += 1
@@ -268,7 +284,7 @@ class TwinHub:
                 if doc is None and change.get("operationType") in ("insert", "update", "replace"):
                     doc = self.fdb.twin.find_one({"_id": change["documentKey"]["_id"]})
                 if doc is not None:
-                    self._emit(doc)
+                    self._emit_isolated(doc)
         return True
 
     def _poll(self) -> None:
@@ -281,10 +297,33 @@ class TwinHub:
     def _poll_once(self) -> None:
         self.stats.reads += 1
         for head in self.fdb.twin.find({}, {"version": 1}):  # _id index; one small doc per factory
-            if head.get("version", 0) > self._versions.get(head["_id"], -1):
+            if self._isolated(head, lambda h=head: h.get("version", 0) > self._versions.get(h["_id"], -1)):
                 doc = self.fdb.twin.find_one({"_id": head["_id"]})
                 if doc is not None:
-                    self._emit(doc)
+                    self._emit_isolated(doc)
+        self.stats.failing = 0
+
+    def _emit_isolated(self, doc: dict) -> None:
+        self._isolated(doc, lambda: self._emit(doc))
+
+    def _isolated(self, doc: dict, step):
+        """``step()`` for one twin document; a document that cannot be read (another tool's, a
+        version that is not a number) is logged once per version and passed over, so it holds
+        back neither the reader nor the other factories' streams. MongoDB errors propagate."""
+        from pymongo.errors import PyMongoError
+
+        try:
+            return step()
+        except PyMongoError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one document, not the reader
+            key = (repr(doc.get("_id")), repr(doc.get("version")))
+            if key not in self._bad:
+                self._bad.add(key)
+                self.stats.bad_documents += 1
+                logger.error("twin hub: passing over twin document %s version %s (%s: %s)", key[0], key[1],
+                             type(exc).__name__, str(exc)[:200])
+            return None
 
     def _check_frames(self) -> None:
         """The newest camera frame (``frame_seq`` index, no image bytes) -> ``frame`` events."""

@@ -1,6 +1,8 @@
 """The twin API over real HTTP against the embedded MongoDB."""
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 
@@ -146,3 +148,41 @@ def test_health_says_degraded_with_503_when_the_twin_reader_has_stopped(api):
     degraded = httpx.get(f"{api.url}/api/health")
     assert degraded.status_code == 503
     assert degraded.json()["status"] == "degraded" and degraded.json()["reader"] == "stopped"
+
+
+def test_a_twin_document_the_reader_cannot_read_is_passed_over_and_other_factories_keep_streaming(api, fdb):
+    # another tool's document (a version that is not a number) used to fail every read of every factory
+    from factory_assets.storage.frames import wait_until
+
+    fdb.twin.insert_one({"_id": "factory-odd", "version": "seven"})
+    assert wait_until(lambda: api.hub.stats.bad_documents == 1, 10)
+    events = api.hub.stats.events
+    report(fdb, 1)
+    assert wait_until(lambda: api.hub.stats.events > events, 10)  # factory-1's change was still emitted
+    health = httpx.get(f"{api.url}/api/health")
+    assert health.status_code == 200 and health.json()["bad_documents"] == 1
+
+
+def test_health_says_degraded_while_the_running_reader_fails_every_read():
+    # the reader outlives any error, so "alive" alone would answer ok with every stream silent
+    import asyncio
+
+    from pymongo import MongoClient
+
+    from factory_assets.api.hub import DEGRADED_AFTER_FAILURES, TwinHub
+    from factory_assets.storage.frames import wait_until
+    from factory_assets.storage.mongo import CollectionNames, FactoryDB
+
+    with socket.socket() as s:  # a port nothing listens on: MongoDB is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=100)
+    loop = asyncio.new_event_loop()
+    hub = TwinHub(FactoryDB(client["down"], CollectionNames()), change_streams=False).start(loop)
+    try:
+        assert wait_until(lambda: hub.stats.failing >= DEGRADED_AFTER_FAILURES, 30)
+        assert hub.alive() and not hub.healthy()
+    finally:
+        hub.close()
+        loop.close()
+        client.close()
