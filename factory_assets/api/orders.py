@@ -64,17 +64,18 @@ class OrderPublisher:
         self.connected = threading.Event()
         self.sweeps = 0  # sweeps completed (tests wait on it)
         self._client = None
-        self._fdb = None
         self._lock = threading.Lock()
         self._inflight: dict[str, object] = {}  # order id -> MQTTMessageInfo not acknowledged yet
+        self._acked: list[str] = []  # late acknowledgements, marked published by the next sweep
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kick: asyncio.Event | None = None
 
     # -- connection (paho's network thread runs the callbacks) ------------------------------
     def start(self, fdb=None) -> "OrderPublisher":
+        """Connect in the background. ``fdb`` is accepted for callers of the earlier signature:
+        every database call now happens in ``publish`` and ``sweep``, never in paho's thread."""
         import paho.mqtt.client as mqtt
 
-        self._fdb = fdb
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"factory-assets-{self.owner}")
         client.on_connect = self._on_connect
         client.on_disconnect = lambda c, u, f, rc, p=None: self.connected.clear()
@@ -99,16 +100,28 @@ class OrderPublisher:
         self._wake()  # a (re)connection: send what is waiting
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        # paho's network thread: no database call here (it would hold up keepalives and every
+        # other acknowledgement); the sweep it wakes marks the order published
         with self._lock:
             order_id = next((oid for oid, info in self._inflight.items() if info.mid == mid), None)
             if order_id is not None:
                 del self._inflight[order_id]
-        if order_id is not None and self._fdb is not None:
+                self._acked.append(order_id)
+        if order_id is not None:
+            self._wake()
+
+    def _mark_acknowledged(self, fdb) -> None:
+        """Mark the late acknowledgements published, before anything is sent again."""
+        with self._lock:
+            acked, self._acked = self._acked, []
+        for i, order_id in enumerate(acked):
             try:
-                if mark_published(self._fdb, order_id):
+                if mark_published(fdb, order_id):
                     logger.info("order %s acknowledged by the broker (late)", order_id)
-            except Exception:  # noqa: BLE001 (the next sweep finds it unpublished and claimed by us)
-                logger.exception("order %s: could not mark it published", order_id)
+            except Exception:
+                with self._lock:  # MongoDB away: kept for the next sweep (the claim is renewed meanwhile)
+                    self._acked[:0] = acked[i:]
+                raise
 
     def _wake(self) -> None:
         loop, kick = self._loop, self._kick
@@ -175,11 +188,16 @@ class OrderPublisher:
     def sweep(self, fdb, factory_id: str | None = None) -> int:
         """Send the pending orders nobody is sending (unclaimed, or a dead sender's expired
         claim); how many the broker acknowledged within ``ack_timeout``."""
-        if self._client is None or not self.connected.is_set():
+        if self._client is None:
             return 0
+        self._mark_acknowledged(fdb)
         with self._lock:
-            mine = list(self._inflight)
-        renew_claims(fdb, mine, self.owner, self.claim_seconds)  # still ours: paho resends them
+            mine = list(self._inflight) + list(self._acked)
+        # still ours, connected or not: paho resends them on reconnection, and a claim left to
+        # lapse during an outage would let another API process send the same order again
+        renew_claims(fdb, mine, self.owner, self.claim_seconds)
+        if not self.connected.is_set():
+            return 0
         restore_orders(fdb)  # an order a crash left recorded on the twin but not stored
         sent = [(o["_id"], info) for o in unpublished_orders(fdb, factory_id)
                 if (info := self._send(fdb, o)) is not None]
