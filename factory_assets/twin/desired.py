@@ -258,7 +258,15 @@ def reconcile_orders(fdb, twin: dict | None) -> list[str]:
         return []
     counts = reported_counts(twin)
     done = []
+    # marked done by an earlier call that stopped before its $pull: the report may no longer
+    # show the count (a piece taken out since), so the entry would stay on order for good
+    already = {d["_id"] for d in orders(fdb).find(
+        {"_id": {"$in": [e["id"] for e in open_orders]}, "status": "done"}, {"_id": 1})} if open_orders else set()
     for entry in sorted(open_orders, key=lambda e: parse_ts(e["created_at"])):
+        if entry["id"] in already:
+            fdb.twin.update_one({"_id": factory_id, "on_order": {"$exists": True}},
+                                {"$pull": {"on_order": {"id": entry["id"]}}})
+            continue
         if not shows(twin, entry):
             continue
         res = orders(fdb).update_one({"_id": entry["id"], "status": "pending"},

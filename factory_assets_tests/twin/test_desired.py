@@ -126,6 +126,18 @@ def test_a_done_order_leaves_the_twin_once_and_the_next_patch_orders_from_what_i
     assert [o["target_count"] for o in pending(fdb)] == [2, 3]
 
 
+def test_an_order_marked_done_before_a_crash_leaves_the_twin_even_once_the_report_no_longer_shows_it(fdb):
+    # the crash fell between the status update and the $pull, and the piece was taken out since
+    v = rack(fdb, T0)
+    _, (order,) = des.set_desired(fdb, FID, {"red": 1}, v)
+    des.orders(fdb).update_one({"_id": order["_id"]}, {"$set": {"status": "done"}})
+    rack(fdb, order["created_at"].replace(tzinfo=timezone.utc) + timedelta(seconds=1))  # no red piece now
+    twin = fdb.twin.find_one({"_id": FID})
+    assert [e["id"] for e in twin["on_order"]] == [order["_id"]]
+    assert des.reconcile_orders(fdb, twin) == []
+    assert fdb.twin.find_one({"_id": FID})["on_order"] == []
+
+
 def test_orders_placed_before_the_twin_recorded_them_still_count(fdb):
     v = rack(fdb, T0)
     # a pending order stored by an older version of the API, which kept no list on the twin
