@@ -177,10 +177,22 @@ class LiveTwinUpdater:
         if self._stock_after is not None:
             query["ts"] = {"$gt": self._stock_after}  # only reports newer than the last one seen
         msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
-        if msg:
+        if not msg:
+            return
+        try:
             rep = reported_or_quarantine(self.fdb, msg)
             if rep is not None:
                 apply_reported(self.fdb, rep)
+        except Exception as exc:  # noqa: BLE001 - one report must not stop the frames
+            from pymongo.errors import PyMongoError
+
+            from factory_assets.storage.errors import is_transient
+
+            if isinstance(exc, PyMongoError) and is_transient(exc):
+                raise  # MongoDB down: this report is applied after the outage
+            # (e.g. endless write contention on the twin): the next report brings the rack again
+            logger.exception("live: stock report %s could not be applied; passed", msg.get("_id"))
+        if msg.get("ts") is not None:
             self._stock_after = msg["ts"]  # an unreadable report is quarantined and passed, never retried
 
     def step(self, changed: set | None = None) -> int:

@@ -119,6 +119,23 @@ def test_an_inference_the_database_refuses_is_left_to_the_batch_path_and_the_upd
     assert get_twin(fdb)["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
 
 
+def test_a_stock_report_the_twin_cannot_take_is_passed_and_the_frames_are_still_inferred(fdb, model_server):
+    # an error applying one report used to end run(): only frames' errors were guarded
+    from factory_assets.vocabulary import STOCK_TOPIC
+
+    insert_sim_frames(fdb, 3)
+    fdb.db.command("collMod", fdb.names.twin, validator={"reported": {"$exists": False}})
+    fdb.mqtt.insert_one({"topic": STOCK_TOPIC, "ts": T0, "factory_id": "factory-1", "message_id": "stock-1",
+                         "payload": {"ts": T0.isoformat(), "stockItems": [
+                             {"location": "B2", "workpiece": {"type": "RED", "id": "wp-1"}}]}})
+    updater = LiveTwinUpdater(fdb, HttpEndpointPredictor(model_server.url), log=lambda *_: None)
+    while updater.step():
+        pass
+    assert updater.stats.inferred == 3 and updater.cursor == 3
+    twin = get_twin(fdb)
+    assert "reported" not in twin and twin["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
+
+
 @pytest.mark.parametrize("item", [{"location": "A1", "workpiece": "RED"}, {"location": ["A1"], "workpiece": None}],
                          ids=["workpiece-a-string", "location-a-list"])
 def test_an_unreadable_stock_report_is_quarantined_and_the_next_one_is_applied(fdb, model_server, item):
