@@ -49,8 +49,11 @@ def save_cursor(fdb, name: str, seq: int) -> None:
 _TWIN_REPORT_TIME = object()
 
 
+MAX_UNREADABLE_REPORTS = 10  # unreadable newest reports apply_latest_stock passes over before it gives up
+
+
 def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TIME) -> bool:
-    """Apply the newest stock report to the twin. Only reports newer than ``after`` are
+    """Apply the newest readable stock report to the twin. Only reports newer than ``after`` are
     looked at — by default the report time the twin already shows (an older one would be
     rejected anyway) — so the read is an index range over new reports, not the history."""
     if after is _TWIN_REPORT_TIME:
@@ -60,11 +63,13 @@ def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TI
         query["factory_id"] = factory_id
     if after is not None:
         query["ts"] = {"$gt": after}
-    msg = fdb.mqtt.find_one(query, sort=[("ts", -1)])
-    if not msg:
-        return False
-    rep = reported_or_quarantine(fdb, msg)
-    return apply_reported(fdb, rep) if rep is not None else False
+    # newest first: an unreadable newest report (quarantined) falls back to the one before it,
+    # so one bad report does not leave the twin on an older rack until the next good one
+    for msg in fdb.mqtt.find(query, sort=[("ts", -1)], limit=MAX_UNREADABLE_REPORTS + 1):
+        rep = reported_or_quarantine(fdb, msg)
+        if rep is not None:
+            return apply_reported(fdb, rep)
+    return False
 
 
 def reported_or_quarantine(fdb, msg: dict) -> Reported | None:

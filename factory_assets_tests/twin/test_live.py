@@ -136,6 +136,22 @@ def test_a_stock_report_the_twin_cannot_take_is_passed_and_the_frames_are_still_
     assert "reported" not in twin and twin["observed"]["frame_ts"] == T0 + timedelta(seconds=2)
 
 
+def test_the_batch_path_applies_the_newest_readable_report_when_the_newest_is_unreadable(fdb):
+    # the newest report alone used to be tried: one bad report left the twin on no rack at all
+    from factory_assets.twin.live import apply_latest_stock
+    from factory_assets.vocabulary import STOCK_TOPIC
+
+    good = {"ts": T0.isoformat(), "stockItems": [{"location": "B2", "workpiece": {"type": "RED", "id": "wp-1"}}]}
+    bad = {"ts": (T0 + timedelta(seconds=5)).isoformat(), "stockItems": [{"location": "B2", "workpiece": "RED"}]}
+    fdb.mqtt.insert_many([
+        {"topic": STOCK_TOPIC, "ts": T0, "factory_id": "factory-1", "message_id": "good", "payload": good},
+        {"topic": STOCK_TOPIC, "ts": T0 + timedelta(seconds=5), "factory_id": "factory-1", "message_id": "bad",
+         "payload": bad}])
+    assert apply_latest_stock(fdb)
+    assert get_twin(fdb)["reported"]["slots"]["B2"] == "RED"
+    assert fdb.quarantine.count_documents({"reason": "stock_report_unreadable"}) == 1
+
+
 @pytest.mark.parametrize("item", [{"location": "A1", "workpiece": "RED"}, {"location": ["A1"], "workpiece": None}],
                          ids=["workpiece-a-string", "location-a-list"])
 def test_an_unreadable_stock_report_is_quarantined_and_the_next_one_is_applied(fdb, model_server, item):
