@@ -125,7 +125,7 @@ def create_app(fdb, settings: ApiSettings | None = None):
         try:
             # No request before the hub's first read of the twins: a client's catch-up read made
             # earlier could miss a change landing before that read (the hub takes it as seen).
-            if not await asyncio.to_thread(hub.ready.wait, settings.hub_ready_timeout):
+            if not await hub.wait_ready(settings.hub_ready_timeout):
                 logger.warning("twin hub: no first read of the twins within %.0f s (MongoDB unavailable?); "
                                "serving anyway, streams wait for it", settings.hub_ready_timeout)
             yield

@@ -152,6 +152,7 @@ class TwinHub:
         self._frame_seq: int | None = None
         self._bad: set[tuple[str, str]] = set()  # (id, version) of twin documents passed over
         self.ready = threading.Event()
+        self._ready_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> "TwinHub":
@@ -163,6 +164,37 @@ class TwinHub:
     def alive(self) -> bool:
         """The reader thread runs (health reports a stopped one: streams would be silent)."""
         return self._thread is not None and self._thread.is_alive()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait on the event loop, holding no worker thread, for the reader's first read of the
+        twins (``ready``); False after ``timeout`` seconds without it."""
+        if self.ready.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = (loop, loop.create_future())
+        with self._lock:
+            self._ready_waiters.append(waiter)
+        try:
+            if self.ready.is_set():  # set between the check and the registration
+                return True
+            await asyncio.wait_for(asyncio.shield(waiter[1]), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return self.ready.is_set()
+        finally:
+            with self._lock:
+                if waiter in self._ready_waiters:
+                    self._ready_waiters.remove(waiter)
+
+    def _set_ready(self) -> None:
+        self.ready.set()
+        with self._lock:
+            waiters = list(self._ready_waiters)
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(True))
+            except RuntimeError:  # that loop closed meanwhile
+                pass
 
     def healthy(self) -> bool:
         """The reader runs and its reads work (not failing ``DEGRADED_AFTER_FAILURES`` times in a row)."""
@@ -227,7 +259,7 @@ class TwinHub:
                 if not self.ready.is_set():  # once: after an outage, _poll_once catches up from what was seen
                     self._prime()
                     self.stats.failing = 0
-                    self.ready.set()
+                    self._set_ready()
                 if self.change_streams and self._watch():
                     continue
                 self._poll()
@@ -405,7 +437,7 @@ async def follow(hub: TwinHub, fdb, factory_id: str, last_id: int | None, *, kee
     try:
         if not hub.ready.is_set():
             # a catch-up read before the hub's first read could miss a change between the two
-            await asyncio.to_thread(hub.ready.wait, HUB_READY_SECONDS)
+            await hub.wait_ready(HUB_READY_SECONDS)
         sent = -1
         replayed = -1  # the history up to this version was read from the database
         for message in await asyncio.to_thread(_catch_up, fdb, factory_id, last_id):

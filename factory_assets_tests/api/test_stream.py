@@ -191,12 +191,13 @@ def test_a_change_while_the_reader_starts_reaches_a_client_that_connected_at_onc
     server = TwinApiServer(fdb, ApiSettings(keepalive=0.5))
     started, waiting = threading.Event(), threading.Event()
 
-    class Ready(threading.Event):  # notes that the server's startup waits for the reader
-        def wait(self, timeout=None):
-            waiting.set()
-            return super().wait(timeout)
+    real_wait_ready = hub_module.TwinHub.wait_ready
 
-    server.hub.ready = Ready()
+    async def noting_wait_ready(self, timeout):  # notes that the server's startup waits for the reader
+        waiting.set()
+        return await real_wait_ready(self, timeout)
+
+    monkeypatch.setattr(hub_module.TwinHub, "wait_ready", noting_wait_ready)
     url = f"{server.url}/api/factories/factory-1/twin/events"
 
     def start():
@@ -226,3 +227,23 @@ def test_a_change_while_the_reader_starts_reaches_a_client_that_connected_at_onc
         go.set()
         starter.join(60)
         server.stop()
+
+
+def test_streams_waiting_for_the_readers_first_read_hold_no_worker_thread(fdb):
+    # during a startup outage every early client waited in a worker thread, starving catch-up reads
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from factory_assets.api.hub import TwinHub
+
+    hub = TwinHub(fdb)  # not started: its first read has not happened
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        waits = [asyncio.create_task(hub.wait_ready(60)) for _ in range(20)]
+        await asyncio.sleep(0)  # one turn of the loop: every waiter is registered
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10) == "free"  # the one worker is free
+        await asyncio.to_thread(hub._set_ready)  # the reader's first read, from another thread
+        assert await asyncio.gather(*waits) == [True] * 20
+
+    asyncio.run(main())
