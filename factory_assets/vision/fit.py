@@ -9,7 +9,8 @@ Method (``fit_stock_model``):
    balance / noise), so the model sees more than the few real sessions. With
    ``robust=True`` (not the default, see ``ROBUST_FEATURES``): ``ROBUST_FEATURES``,
    copies degraded as the robustness target (``features.augment(degrade=True)``)
-   and the wider ``ROBUST_*_CANDIDATES``;
+   and the wider ``ROBUST_*_CANDIDATES``. With ``far=True`` (not the default, see
+   ``FAR_FEATURES``): red evidence without its offset (``red_a=0``);
 3. per class, a spatial matched filter ``w = mean(features | present) -
    mean(features | absent)``, smoothed over the cell grid and cut to its strongest
    part, then a 1-D logistic regression of the label on ``<w, features>``;
@@ -120,24 +121,41 @@ POOL_CANDIDATES: tuple[int, ...] = (3, 1)
 ROBUST_FEATURES = FeatureConfig(normalise="affine", blur=0.7)
 ROBUST_KEEP_CANDIDATES: tuple[float, ...] = (0.5, 0.7, 0.85, 0.95)
 ROBUST_POOL_CANDIDATES: tuple[int, ...] = (3, 1, 5)
+# ``far=True``: a design chosen on train-only harnesses, above all ``benchmarks/train_eval.py
+# --far-cv`` (leave one train scene out, the held-out photos paler - desaturated, white
+# balance shifted, hazy - and seen from further away and to one side, then the issue's
+# perturbations), which reproduces the validation copies' signature: the red piece missed.
+# A pale disc's a* - 1.3 max(b*, 0) falls to a few units, and JPEG / noise at the
+# issue's ranges push it under the default's 4-unit offset, where its evidence is cut to 0
+# while the orange parts' remains. Without the offset (``red_a=0``) red evidence scales
+# with the chroma and the per-image standardisation of the features absorbs paler colours.
+# Everything else (augmentation, candidates, thresholds) is the default's, and the config
+# is expressible in artifact format 1 (``FeatureConfig.red_a`` is an original field).
+# Train-only it halved the red errors on paler copies with the issue's perturbations and
+# regressed no harness. NOT the default: evaluated once on the validation split it read
+# per-label 0.833 / exact 0.500 on the original photos (red wrong on 4 of 8) and 0.867 /
+# 0.613 and 0.863 / 0.588 on two sets of perturbed copies (default: 1.000 / 1.000,
+# 0.938 / 0.825, 0.946 / 0.838).
+FAR_FEATURES = FeatureConfig(red_a=0.0)
 
 
 def fit_stock_model(images: list[np.ndarray], labels: np.ndarray, groups: list[str], seed: int = 0,
                     config: FeatureConfig | None = None, n_augment: int | None = None,
-                    keep: float | None = None, robust: bool = False) -> tuple[StockModel, dict]:
+                    keep: float | None = None, robust: bool = False, far: bool = False) -> tuple[StockModel, dict]:
     """Fit on in-memory frames. Returns the model and the training/CV metrics.
 
     With ``config`` and ``keep`` left as None, the white-evidence thresholds, the
     per-class max filter and the per-class matched-filter cut are chosen by
     cross-validation (held-out scenes, original frames and augmented copies count
-    half each); given explicitly, they are used as they are.
+    half each); given explicitly, they are used as they are. ``robust`` and ``far``
+    select the alternative designs ``ROBUST_FEATURES`` / ``FAR_FEATURES`` (at most one).
 
     BLAS runs single-threaded: multi-threaded reductions may sum in a different
     order from run to run, and the same seed must give the same model."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
-        return _fit_stock_model(images, labels, groups, seed, config, n_augment, keep, robust)
+        return _fit_stock_model(images, labels, groups, seed, config, n_augment, keep, robust, far)
 
 
 def _oof(X: np.ndarray, Y: np.ndarray, owner: np.ndarray, folds, grid, keep) -> np.ndarray:
@@ -165,9 +183,12 @@ def _cv_score(oof: np.ndarray, y: np.ndarray, original: np.ndarray) -> float:
     return float(np.mean(parts))
 
 
-def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep, robust=False) -> tuple[StockModel, dict]:
+def _fit_stock_model(images, labels, groups, seed, config, n_augment, keep, robust=False,
+                     far=False) -> tuple[StockModel, dict]:
+    if robust and far:
+        raise ValueError("robust and far are two different designs; choose at most one")
     select = config is None and keep is None
-    base = config or (ROBUST_FEATURES if robust else FeatureConfig())
+    base = config or (ROBUST_FEATURES if robust else FAR_FEATURES if far else FeatureConfig())
     pool_candidates = ROBUST_POOL_CANDIDATES if robust else POOL_CANDIDATES
     keep_candidates = ROBUST_KEEP_CANDIDATES if robust else KEEP_CANDIDATES
     labels = np.asarray(labels, dtype=int).reshape(len(images), len(CLASSES))

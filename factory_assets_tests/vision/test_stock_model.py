@@ -328,3 +328,26 @@ def test_feature_hyperparameters_are_chosen_by_cross_validation_on_the_train_spl
     assert set(sel) == set(CLASSES)
     assert all(0.0 <= v["cv_score"] <= 1.0 for v in sel.values())
     assert real_model.model.config.pools == tuple(sel[c]["pool"] for c in CLASSES)
+
+
+def test_far_design_is_opt_in_loadable_in_format_1_and_exclusive_with_robust(real_model, synthetic_dataset):
+    """``fit_stock_model(far=True)`` (red evidence without its offset; chosen on the
+    train-only ``--far-cv`` harness, NOT the default: on its one look at the validation
+    split it read per-label 0.833 / exact 0.5 on the original photos): the default keeps
+    the first models' red offset, the far model is a plain format-1 artifact, and
+    robust / far do not mix."""
+    from factory_assets.datasets.reading import load_image, read_split
+    from factory_assets.vision.fit import FAR_FEATURES, fit_stock_model
+
+    assert real_model.model.config.red_a == 4.0 and FAR_FEATURES.red_a == 0.0
+    image_dir, rows = read_split(synthetic_dataset, "train")
+    images = [load_image(image_dir / r.path) for r in rows]
+    labels = np.array([r.labels for r in rows])
+    groups = [scene_of(r.path) for r in rows]
+    model, _ = fit_stock_model(images, labels, groups, seed=0, far=True, n_augment=2)
+    assert model.config.red_a == 0.0 and model.config.is_v1
+    again = StockModel.from_bytes(model.to_bytes())
+    assert again.version == model.version
+    np.testing.assert_array_equal(again.predict_proba(images[:2]), model.predict_proba(images[:2]))
+    with pytest.raises(ValueError):
+        fit_stock_model(images, labels, groups, seed=0, robust=True, far=True)
