@@ -53,7 +53,6 @@ class WriteRefused(Exception):
 
     def __init__(self, error: dict):
         super().__init__(f"{error.get('errmsg', 'refused')} (code {error.get('code')})")
-        self.code = error.get("code")
 
 
 class BadMessage(FormatError):

@@ -262,12 +262,11 @@ def reconcile_orders(fdb, twin: dict | None) -> list[str]:
     # show the count (a piece taken out since), so the entry would stay on order for good
     already = {d["_id"] for d in orders(fdb).find(
         {"_id": {"$in": [e["id"] for e in open_orders]}, "status": "done"}, {"_id": 1})} if open_orders else set()
+    if already:
+        fdb.twin.update_one({"_id": factory_id, "on_order": {"$exists": True}},
+                            {"$pull": {"on_order": {"id": {"$in": sorted(already)}}}})
     for entry in sorted(open_orders, key=lambda e: parse_ts(e["created_at"])):
-        if entry["id"] in already:
-            fdb.twin.update_one({"_id": factory_id, "on_order": {"$exists": True}},
-                                {"$pull": {"on_order": {"id": entry["id"]}}})
-            continue
-        if not shows(twin, entry):
+        if entry["id"] in already or not shows(twin, entry):
             continue
         res = orders(fdb).update_one({"_id": entry["id"], "status": "pending"},
                                      {"$set": {"status": "done", "done_at": utcnow(),

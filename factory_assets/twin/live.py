@@ -189,11 +189,9 @@ class LiveTwinUpdater:
             if rep is not None:
                 apply_reported(self.fdb, rep)
         except Exception as exc:  # noqa: BLE001 - one report must not stop the frames
-            from pymongo.errors import PyMongoError
-
             from factory_assets.storage.errors import is_transient
 
-            if isinstance(exc, PyMongoError) and is_transient(exc):
+            if is_transient(exc):
                 raise  # MongoDB down: this report is applied after the outage
             # (e.g. endless write contention on the twin): the next report brings the rack again
             logger.exception("live: stock report %s could not be applied; passed", msg.get("_id"))
@@ -204,8 +202,6 @@ class LiveTwinUpdater:
         """Process at most one page of new frames; returns how many were handled.
 
         ``changed``: the collections a wake-up reported (None: look at everything)."""
-        from pymongo.errors import PyMongoError
-
         from factory_assets.serving.predictor import EndpointUnavailable
         from factory_assets.storage.errors import is_transient
 
@@ -244,7 +240,7 @@ class LiveTwinUpdater:
                     self._save_cursor()
                     raise exc
                 except Exception as exc:  # noqa: BLE001 - one frame must not stop the live path
-                    if isinstance(exc, PyMongoError) and is_transient(exc):  # MongoDB down: resume here
+                    if is_transient(exc):  # MongoDB down: resume here
                         self._save_cursor()
                         raise
                     # A bug, an input nobody foresaw or a write the database refuses for what it
