@@ -32,9 +32,9 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 from factory_assets.ingest.service import Ingestor, retry_store
+from factory_assets.vocabulary.mqtt import MqttTarget
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,9 @@ DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme not in ("mqtt", "tcp"):
-        raise ValueError(f"unsupported MQTT URL scheme {parsed.scheme!r} (use mqtt://host:port)")
-    return parsed.hostname or "127.0.0.1", parsed.port or 1883
+    """Host and port of a broker URL (``vocabulary.mqtt.MqttTarget`` has the login and TLS too)."""
+    target = MqttTarget.parse(url)
+    return target.host, target.port
 
 
 def default_client_id(factory_id: str, camera_id: str) -> str:

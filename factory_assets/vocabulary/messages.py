@@ -63,8 +63,11 @@ def parse_stock_report(payload) -> dict:
     Raises ``FormatError`` (the quarantine's reason) unless ``stockItems`` is a list of objects,
     each with a ``location`` that is one of the rack's slots (``"A1"``..``"C3"``) and a
     ``workpiece`` that is an object or null, whose ``type``, when given, is a known type
-    (any case). Readers of stored reports (``stock_slots``) can then rely on that shape."""
+    (any case). An empty slot may be written as ``null`` (this controller), ``{}``, a
+    workpiece whose ``type`` is ``""`` or ``"NONE"`` (other controller generations): all read
+    as empty. Readers of stored reports (``stock_slots``) can then rely on that shape."""
     from factory_assets.vocabulary import SLOTS, TYPES
+    from factory_assets.vocabulary.formats import is_empty_workpiece
 
     items = payload.get("stockItems") if isinstance(payload, dict) else None
     if not isinstance(items, list):
@@ -81,11 +84,14 @@ def parse_stock_report(payload) -> dict:
         if workpiece is not None and not isinstance(workpiece, dict):
             raise FormatError("bad_stock_item", f"stock item {i} ({loc}): 'workpiece' must be an object or null, "
                                                 f"got {_shown(workpiece)}")
-        kind = (workpiece or {}).get("type")
-        if kind is not None and not (isinstance(kind, str) and kind.upper() in TYPES):
+        if is_empty_workpiece(workpiece):  # null, {}, type "" or "NONE": every generation's empty slot
+            slots[loc] = None
+            continue
+        kind = workpiece.get("type")
+        if not (isinstance(kind, str) and kind.upper() in TYPES):
             raise FormatError("bad_stock_item", f"stock item {i} ({loc}): workpiece 'type' must be one of "
                                                 f"{', '.join(TYPES)}, got {_shown(kind)}")
-        slots[loc] = kind.upper() if kind else None
+        slots[loc] = kind.upper()
     return slots
 
 
@@ -114,7 +120,8 @@ def stock_slots(payload: dict | None) -> dict:
             continue
         workpiece = item.get("workpiece")
         kind = workpiece.get("type") if isinstance(workpiece, dict) else None
-        slots[loc] = str(kind).upper() if kind else None
+        kind = str(kind).strip().upper() if kind else None
+        slots[loc] = kind if kind and kind != "NONE" else None
     return slots
 
 
