@@ -20,8 +20,9 @@ from factory_assets.vocabulary import (ALERT_TOPIC, BME680_TOPIC, BROADCAST_TOPI
 # ``2026-11-23T10:00:00.123Z``: UTC, milliseconds, ``Z`` (the controller's ``getnowstr``)
 TS_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 WORKPIECE_STATES: tuple[str, ...] = ("RAW", "PROCESSED", "REJECTED")
-# ``br`` of i/ldr: the brightness in percent as a *string* with one decimal, e.g. "53.3"
-BRIGHTNESS_PATTERN = re.compile(r"^-?\d+\.\d$")
+# ``br`` of i/ldr: the brightness in percent as a *string* rounded to one decimal, e.g. "53.3"; the
+# controller prints it with the stream's default format, so a whole value has no decimal: "53", "100"
+BRIGHTNESS_PATTERN = re.compile(r"^-?\d+(\.\d)?$")
 
 
 def _number(value) -> bool:
@@ -100,7 +101,7 @@ def problems(topic: str, payload) -> list[str]:
     elif topic == LDR_TOPIC:
         _fields(payload, {"ldr": (_int, "an integer"),
                           "br": (lambda v: isinstance(v, str) and bool(BRIGHTNESS_PATTERN.match(v)),
-                                 "a string with one decimal, e.g. \"53.3\"")}, out)
+                                 "a string rounded to one decimal, e.g. \"53.3\" or \"53\"")}, out)
     elif topic == ALERT_TOPIC:
         _fields(payload, {"id": (lambda v: isinstance(v, str), "a string"),
                           "data": (lambda v: isinstance(v, str), "a string"),
@@ -111,7 +112,8 @@ def problems(topic: str, payload) -> list[str]:
         _fields(payload, {"pan": (_number, "a number"), "tilt": (_number, "a number")}, out)
     elif topic == ORDER_STATE_TOPIC:
         _fields(payload, {"state": (lambda v: v in ORDER_STATES, f"one of {', '.join(ORDER_STATES)}"),
-                          "type": (lambda v: v in TYPES or v == "", f"one of {', '.join(TYPES)}")}, out)
+                          "type": (lambda v: v in TYPES or v in ("", "NONE"),
+                                   f"one of {', '.join(TYPES)} (NONE before the first order)")}, out)
     elif topic == ORDER_TOPIC:
         _fields(payload, {"type": (lambda v: v in TYPES, f"exactly one of {', '.join(TYPES)}")}, out)
     elif topic == CAMERA_CONTROL_TOPIC:
