@@ -5,9 +5,11 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 * ``GET  /api/factories``, ``GET /api/factories/{id}/twin`` (``ETag`` = version, ``If-None-Match`` -> 304)
 * ``GET  /api/factories/{id}/twin/history?since=&until=&limit=&cursor=``
 * ``GET  /api/factories/{id}/twin/events`` (SSE, ``Last-Event-ID`` resume) and ``WS .../twin/ws``
-* ``PATCH /api/factories/{id}/twin/desired`` (``If-Match`` required: 428 without, 412 on conflict)
-* ``GET  /api/factories/{id}/orders``, ``GET /api/frames/latest?factory=``, ``GET /api/frames/{id}.jpg``,
-  ``GET /api/frames/{id}/evidence``
+* ``POST /api/factories/{id}/orders`` ``{"type": "RED"}`` (ship one piece; ``Idempotency-Key``),
+  ``GET /api/factories/{id}/orders``, ``GET /api/factories/{id}/orders/{order_id}``
+* ``PATCH /api/factories/{id}/twin/desired`` (``If-Match`` required: 428 without, 412 on conflict;
+  a count below the reported one ships the difference)
+* ``GET /api/frames/latest?factory=``, ``GET /api/frames/{id}.jpg``, ``GET /api/frames/{id}/evidence``
 
 Every error is ``{"error": code, "message": text}`` with a 4xx/5xx status and changes nothing.
 """
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
-from factory_assets.vocabulary import ORDER_TOPIC
+
+from factory_assets.twin.orders import OrderRules
+from factory_assets.vocabulary import ORDER_TOPIC, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +43,17 @@ class ApiSettings:
     max_body_bytes: int = 16 * 1024
     body_timeout: float = 10.0
     keepalive: float = 15.0
-    mqtt_url: str | None = None
+    mqtt_url: str | None = None  # orders go out through this broker (mqtt[s]://[user[:password]@]host:port)
+    mqtt_ca_file: str | None = None
+    mqtt_cert_file: str | None = None
+    mqtt_key_file: str | None = None
+    mqtt_prefixes: tuple[str, ...] = ()  # "PREFIX=FACTORY_ID": a factory's orders go out under its prefix
     order_topic: str = ORDER_TOPIC
     change_streams: bool = True
     poll_interval: float = 0.1
     hub_ready_timeout: float = 10.0  # startup waits (at most this) for the twin reader's first read
-    order_sweep_interval: float = 10.0  # pending unpublished orders are re-sent at least this often
+    order_interval: float = 1.0  # the order dispatcher's pass interval (it also runs when kicked)
+    order_rules: OrderRules = field(default_factory=OrderRules)
     default_factories: tuple[str, ...] = (DEFAULT_FACTORY,)
     extra: dict = field(default_factory=dict)
 
@@ -53,6 +62,20 @@ class ApiSettings:
         if self.open_reads is not None:
             return self.open_reads
         return self.host in ("127.0.0.1", "localhost", "::1")
+
+    def mqtt_target(self):
+        """The broker orders go out through (login and TLS as ``MqttTarget.parse`` reads them), or None."""
+        from factory_assets.vocabulary.mqtt import MqttTarget
+
+        if not self.mqtt_url:
+            return None
+        return MqttTarget.parse(self.mqtt_url, ca_file=self.mqtt_ca_file, cert_file=self.mqtt_cert_file,
+                                key_file=self.mqtt_key_file)
+
+    def topic_prefixes(self) -> tuple:
+        from factory_assets.vocabulary.mqtt import TopicPrefix
+
+        return tuple(TopicPrefix.parse(p) for p in self.mqtt_prefixes)
 
 
 class ApiError(Exception):
@@ -101,27 +124,31 @@ def create_app(fdb, settings: ApiSettings | None = None):
 
     from factory_assets.api import tokens as tok
     from factory_assets.api.hub import TwinHub, follow, history_json, to_json, twin_json
-    from factory_assets.api.orders import OrderPublisher
+    from factory_assets.api.orders import MqttOrderLink, OrderDispatcher
     from factory_assets.twin import desired as des
+    from factory_assets.twin import orders as tw
 
     settings = settings or ApiSettings()
     des.ensure_indexes(fdb)
     tok.ensure_indexes(fdb)
-    publisher = (OrderPublisher(settings.mqtt_url, settings.order_topic, sweep_interval=settings.order_sweep_interval)
-                 if settings.mqtt_url else None)
+    target = settings.mqtt_target()
+    link = (MqttOrderLink(target, prefixes=settings.topic_prefixes(), default_factory=settings.default_factories[0],
+                          order_topic=settings.order_topic) if target is not None else None)
+    dispatcher = (OrderDispatcher(fdb, link, settings.order_rules, interval=settings.order_interval)
+                  if link is not None else None)
 
-    def on_twin(doc):
-        des.reconcile_orders(fdb, doc)
-
-    hub = TwinHub(fdb, poll_interval=settings.poll_interval, change_streams=settings.change_streams, on_twin=on_twin)
+    hub = TwinHub(fdb, poll_interval=settings.poll_interval, change_streams=settings.change_streams)
 
     @asynccontextmanager
     async def lifespan(app):
         hub.start(asyncio.get_running_loop())
         sweeper = None
-        if publisher is not None:
-            publisher.start(fdb)
-            sweeper = asyncio.create_task(publisher.run_sweeps(fdb), name="order-sweeps")
+        if dispatcher is not None:
+            link.start()
+            sweeper = asyncio.create_task(dispatcher.run(), name="order-dispatcher")
+        else:
+            logger.warning("orders: no --mqtt broker; orders are stored as queued and sent once an API "
+                           "process with a broker runs")
         try:
             # No request before the hub's first read of the twins: a client's catch-up read made
             # earlier could miss a change landing before that read (the hub takes it as seen).
@@ -133,22 +160,24 @@ def create_app(fdb, settings: ApiSettings | None = None):
             if sweeper is not None:
                 sweeper.cancel()
                 await asyncio.gather(sweeper, return_exceptions=True)
+                await asyncio.to_thread(dispatcher.release)
             hub.close()
-            if publisher is not None:
-                publisher.stop()
+            if link is not None:
+                link.stop()
 
     app = FastAPI(title="factory_assets twin API", version="1", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # served offline by api.openapi.install
                   description="The digital twin of the Fischertechnik warehouse: state, history, "
-                              "live events (SSE, WebSocket) and desired stock (orders).")
+                              "live events (SSE, WebSocket), orders that ship a piece out, desired stock.")
     app.state.hub = hub
     app.state.settings = settings
-    app.state.publisher = publisher
+    app.state.dispatcher = dispatcher
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "PATCH"], allow_headers=["Authorization", "If-Match",
-                                                                          "If-None-Match", "Content-Type",
-                                                                          "Last-Event-ID"],
-                           expose_headers=["ETag"])
+                           allow_methods=["GET", "PATCH", "POST"],
+                           allow_headers=["Authorization", "If-Match", "If-None-Match", "Content-Type",
+                                          "Last-Event-ID", "Idempotency-Key"],
+                           expose_headers=["ETag", "Location", "Idempotent-Replayed"])
 
     # -- errors: always {"error", "message"} -----------------------------------------------
     @app.exception_handler(ApiError)
@@ -311,13 +340,24 @@ def create_app(fdb, settings: ApiSettings | None = None):
             watcher.cancel()
 
     class DesiredPatch(BaseModel):
-        """The desired stock: target counts per colour (absent colours keep their desired value)."""
+        """The desired stock: counts per colour to leave in the rack (absent colours keep their
+        desired value). A count below what the controller reports (minus what is on order) ships
+        the difference; above the reported count is refused: stock is added at the input station."""
 
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"stock": {"red": 3}}]})
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"stock": {"red": 1}}]})
         stock: dict[Literal["blue", "red", "white"], Annotated[int, Field(ge=0, le=9, strict=True)]]
 
+    def _kick() -> None:
+        if dispatcher is not None:
+            dispatcher.kick()
+
+    def _order_json(doc: dict, events: bool = False) -> dict:
+        return to_json(tw.order_json_fields(doc, events=events))
+
     @app.patch("/api/factories/{factory_id}/twin/desired", dependencies=[Depends(writer)],
-               responses={412: {"description": "version conflict"}, 428: {"description": "If-Match missing"}})
+               responses={412: {"description": "version conflict"}, 428: {"description": "If-Match missing"},
+                          422: {"description": "a count above the reported one (stock is added at the input "
+                                               "station), or above what orders on their way leave"}})
     def patch_desired(factory_id: FactoryId, body: DesiredPatch,
                       if_match: Annotated[str | None, Header()] = None):
         if known_factory(factory_id) is None:
@@ -335,16 +375,68 @@ def create_app(fdb, settings: ApiSettings | None = None):
                            headers={"ETag": _etag(exc.current or 0)}, extra={"version": exc.current}) from None
         except des.DesiredInvalid as exc:
             raise ApiError(422, "DesiredInvalid", str(exc)) from None
-        published = [publisher.publish(fdb, o) if publisher else False for o in created]
-        return JSONResponse({"twin": twin_json(doc),
-                             "orders": [{**to_json(o), "id": o["_id"], "published": p}
-                                        for o, p in zip(created, published)]},
+        if created:
+            _kick()
+        return JSONResponse({"twin": twin_json(doc), "orders": [_order_json(o) for o in created]},
                             status_code=200, headers={"ETag": _etag(doc["version"])})
+
+    class OrderRequest(BaseModel):
+        """Ship one workpiece of this type out of the warehouse (the controller's own order)."""
+
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"type": "RED"}]})
+        type: Literal["BLUE", "RED", "WHITE"]
+
+    IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,255}$"
+
+    @app.post("/api/factories/{factory_id}/orders", dependencies=[Depends(writer)], status_code=201,
+              responses={201: {"description": "the order (queued); a retry with the same Idempotency-Key "
+                                              "returns the same order (header Idempotent-Replayed: true)"},
+                         409: {"description": "no piece of that colour left: the reported stock minus what "
+                                              "is already on order"},
+                         422: {"description": "a bad body, or an Idempotency-Key used for another type"}})
+    def place_order(factory_id: FactoryId, body: OrderRequest,
+                    idempotency_key: Annotated[str | None, Header(
+                        pattern=IDEMPOTENCY_KEY,
+                        description="any unique string (a UUID): a retried request returns the order "
+                                    "the first one placed instead of placing another")] = None):
+        if known_factory(factory_id) is None:
+            raise ApiError(409, "NoStock", f"factory {factory_id!r} has reported no stock yet: nothing to ship")
+        try:
+            _, placed, replayed = tw.place_orders(fdb, factory_id, [body.type], key=idempotency_key)
+        except tw.UnknownFactory:
+            raise ApiError(409, "NoStock", f"factory {factory_id!r} has reported no stock yet: nothing to ship") \
+                from None
+        except tw.NoStock as exc:
+            raise ApiError(409, "NoStock", str(exc)) from None
+        except tw.IdempotencyConflict as exc:
+            raise ApiError(422, "IdempotencyKeyReused", str(exc)) from None
+        (order,) = placed
+        if not replayed:
+            _kick()
+        headers = {"Location": f"/api/factories/{factory_id}/orders/{order['_id']}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(_order_json(order), status_code=201, headers=headers)
 
     @app.get("/api/factories/{factory_id}/orders", dependencies=[Depends(reader)])
     def list_orders(factory_id: FactoryId, limit: Annotated[int, Query(ge=1, le=200)] = 20):
+        twin = known_factory(factory_id)
+        state = fdb.db[tw.DISPATCH_COLLECTION].find_one({"_id": factory_id}) or {}
+        ready, why = tw.factory_ready(state, settings.order_rules, utcnow())
+        return {"items": [_order_json(o) for o in tw.list_orders(fdb, factory_id, limit)],
+                "stock": {"reported": tw.reported_counts(twin), "on_order": tw.on_order_counts(twin),
+                          "available": tw.available_counts(twin)},
+                "factory": to_json({"order_state": state.get("factory_order"), "warehouse": state.get("hbw"),
+                                    "ready": ready, "waiting_for": why, "current": state.get("current")}),
+                "sending": dispatcher is not None}
+
+    @app.get("/api/factories/{factory_id}/orders/{order_id}", dependencies=[Depends(reader)])
+    def get_order(factory_id: FactoryId, order_id: Annotated[str, PathParam(max_length=200)]):
         known_factory(factory_id)
-        return {"items": [{**to_json(o), "id": o["_id"]} for o in des.list_orders(fdb, factory_id, limit)]}
+        doc = tw.get_order(fdb, factory_id, order_id)
+        if doc is None:
+            raise ApiError(404, "NoOrder", f"factory {factory_id!r} has no order {order_id!r}")
+        return _order_json(doc, events=True)
 
     # -- frames ------------------------------------------------------------------------------------
     FRAME_FIELDS = {"image": 0, "data": 0}
@@ -405,6 +497,8 @@ def create_app(fdb, settings: ApiSettings | None = None):
                 "bad_documents": hub.stats.bad_documents, "reads_open": settings.reads_open}
         return body if healthy else JSONResponse(body, status_code=503)
 
+    from factory_assets.api import openapi
+    openapi.install(app)  # /docs and /redoc offline; every status each route answers in /openapi.json
     return app
 
 

@@ -56,15 +56,54 @@ def test_desired_needs_if_match_and_refuses_a_stale_version(api, fdb, write_toke
     assert r.headers["etag"] == '"2"' and r.json()["twin"]["desired"]["stock"] == {"red": 1}
 
 
-def test_a_desired_stock_above_the_reported_one_becomes_pending_orders(api, fdb, write_token):
+def test_a_desired_stock_below_the_reported_one_ships_the_difference_and_above_it_is_refused(api, fdb, write_token):
+    url = f"{api.url}/api/factories/factory-1/twin/desired"
+    auth = {"Authorization": f"Bearer {write_token}"}
     reported_red = sum(1 for t in fdb.twin.find_one({"_id": "factory-1"})["reported"]["slots"].values() if t == "RED")
-    r = httpx.patch(f"{api.url}/api/factories/factory-1/twin/desired", json={"stock": {"red": reported_red + 1}},
-                    headers={"Authorization": f"Bearer {write_token}", "If-Match": '"1"'})
+    assert reported_red == 1
+    r = httpx.patch(url, json={"stock": {"red": 2}}, headers={**auth, "If-Match": '"1"'})
+    assert r.status_code == 422 and "stock is added at the input station" in r.json()["message"]
+    r = httpx.patch(url, json={"stock": {"red": 0}}, headers={**auth, "If-Match": '"1"'})
     assert r.status_code == 200, r.text
     orders = r.json()["orders"]
-    assert [(o["type"], o["status"], o["published"]) for o in orders] == [("RED", "pending", False)]
-    listed = httpx.get(f"{api.url}/api/factories/factory-1/orders").json()["items"]
-    assert [o["id"] for o in listed] == [orders[0]["id"]]
+    assert [(o["type"], o["state"]) for o in orders] == [("RED", "queued")]
+    assert r.json()["twin"]["orders"][0]["id"] == orders[0]["id"]
+    listed = httpx.get(f"{api.url}/api/factories/factory-1/orders").json()
+    assert [o["id"] for o in listed["items"]] == [orders[0]["id"]]
+    assert listed["stock"] == {"reported": {"blue": 0, "red": 1, "white": 0}, "on_order": {"blue": 0, "red": 1, "white": 0},
+                               "available": {"blue": 0, "red": 0, "white": 0}}
+
+
+def test_a_posted_order_is_placed_once_per_idempotency_key_and_refused_when_no_piece_is_left(api, fdb, write_token):
+    url = f"{api.url}/api/factories/factory-1/orders"
+    auth = {"Authorization": f"Bearer {write_token}"}
+    first = httpx.post(url, json={"type": "RED"}, headers={**auth, "Idempotency-Key": "5f0c2a7e"})
+    assert first.status_code == 201, first.text
+    order = first.json()
+    assert (order["type"], order["colour"], order["state"]) == ("RED", "red", "queued")
+    assert first.headers["location"] == f"/api/factories/factory-1/orders/{order['id']}"
+    retry = httpx.post(url, json={"type": "RED"}, headers={**auth, "Idempotency-Key": "5f0c2a7e"})
+    assert retry.status_code == 201 and retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == order
+    other = httpx.post(url, json={"type": "BLUE"}, headers={**auth, "Idempotency-Key": "5f0c2a7e"})
+    assert other.status_code == 422 and other.json()["error"] == "IdempotencyKeyReused"
+    # the one red piece the controller reports is on order now
+    none_left = httpx.post(url, json={"type": "RED"}, headers={**auth, "Idempotency-Key": "91d4"})
+    assert none_left.status_code == 409 and none_left.json()["error"] == "NoStock"
+    assert "the controller reports 1 red in the rack and 1 is already on order" in none_left.json()["message"]
+    assert fdb.db["twin_orders"].count_documents({}) == 1
+    assert httpx.get(f"{url}/{order['id']}").json()["events"][0]["state"] == "queued"
+    assert httpx.get(f"{url}/factory-1:nope").status_code == 404
+
+
+def test_an_order_needs_a_write_token(api, fdb):
+    from factory_assets.api.tokens import create_token
+
+    url = f"{api.url}/api/factories/factory-1/orders"
+    assert httpx.post(url, json={"type": "RED"}).status_code == 401
+    reader = create_token(fdb, "dashboard", "read")
+    assert httpx.post(url, json={"type": "RED"}, headers={"Authorization": f"Bearer {reader}"}).status_code == 403
+    assert fdb.db["twin_orders"].count_documents({}) == 0
 
 
 def test_writes_need_a_write_token_and_a_revoked_token_is_refused(api, fdb, write_token):
@@ -118,9 +157,18 @@ def test_reads_can_be_closed_and_then_need_a_token(fdb):
     ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 1}, "x": 1}, "headers": {"If-Match": "1"}}, 422, "InvalidRequest"),
     ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 1}}, "headers": {"If-Match": "one"}}, 400, "BadVersion"),
     ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 9, "blue": 9}}, "headers": {"If-Match": "1"}}, 422, "DesiredInvalid"),
-    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 0, "blue": 0, "white": 0}}, "headers": {"If-Match": "1"}}, 422, "DesiredInvalid"),
+    ("patch", "/api/factories/factory-1/twin/desired", {"json": {"stock": {"red": 1, "blue": 1}}, "headers": {"If-Match": "1"}}, 422, "DesiredInvalid"),
     ("patch", "/api/factories/nope/twin/desired", {"json": {"stock": {"red": 1}}, "headers": {"If-Match": "1"}}, 404, "UnknownFactory"),
     ("patch", "/api/factories/factory-1/twin/desired", {"content": b"{" + b" " * 20000 + b"}", "headers": {"If-Match": "1", "Content-Type": "application/json"}}, 413, "PayloadTooLarge"),
+    ("post", "/api/factories/factory-1/orders", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "MalformedJSON"),
+    ("post", "/api/factories/factory-1/orders", {"json": {"type": "red"}}, 422, "InvalidRequest"),
+    ("post", "/api/factories/factory-1/orders", {"json": {"type": "NONE"}}, 422, "InvalidRequest"),
+    ("post", "/api/factories/factory-1/orders", {"json": {}}, 422, "InvalidRequest"),
+    ("post", "/api/factories/factory-1/orders", {"json": {"type": "RED", "ts": "now"}}, 422, "InvalidRequest"),
+    ("post", "/api/factories/factory-1/orders", {"json": {"type": "RED"}, "headers": {"Idempotency-Key": "a b"}}, 422, "InvalidRequest"),
+    ("post", "/api/factories/factory-1/orders", {"json": {"type": "RED"}, "headers": {"Idempotency-Key": "k" * 256}}, 422, "InvalidRequest"),
+    ("post", "/api/factories/factory-1/orders", {"json": {"type": "WHITE"}}, 409, "NoStock"),
+    ("post", "/api/factories/nope/orders", {"json": {"type": "RED"}}, 404, "UnknownFactory"),
 ])
 def test_every_bad_input_gets_a_clear_json_error_and_changes_nothing(api, fdb, write_token, method, path, kwargs,
                                                                       status, error):
@@ -135,7 +183,9 @@ def test_every_bad_input_gets_a_clear_json_error_and_changes_nothing(api, fdb, w
 def test_the_openapi_page_documents_the_routes(api):
     spec = httpx.get(f"{api.url}/openapi.json").json()
     assert {"/api/factories/{factory_id}/twin", "/api/factories/{factory_id}/twin/events",
-            "/api/factories/{factory_id}/twin/desired"} <= set(spec["paths"])
+            "/api/factories/{factory_id}/twin/desired", "/api/factories/{factory_id}/orders",
+            "/api/factories/{factory_id}/orders/{order_id}"} <= set(spec["paths"])
+    assert "post" in spec["paths"]["/api/factories/{factory_id}/orders"]
     assert httpx.get(f"{api.url}/docs").status_code == 200
 
 
