@@ -1,27 +1,40 @@
-"""Publishing the simulated factory over MQTT like the Fischertechnik TXT controller does.
+"""Publishing the simulated factory over MQTT as the Fischertechnik TXT controller does.
 
-Topics: ``i/cam`` (QoS 1), ``f/i/stock`` (QoS 1: at start, after every (re)connection, at
-the instant the stock changes (before the next frame) and every ``stock_interval_s``),
-``i/bme680`` and ``i/ldr`` (QoS 0, every ``sensor_interval_s``). The factory itself, its
-stock and its pictures, is :class:`factory_assets.simulation.factory.FactorySimulator`.
-``run_simulation`` stamps messages with ``start + scheduled offset``, so the same seed and
-fps give the same stocks and images whatever the machine's speed.
+The controller's side: ``i/cam`` at QoS 0, not retained, and only while the camera is
+switched on (``c/cam`` ``{"on": true, "fps": N}`` / ``{"on": false}``); everything else at
+QoS 1: ``f/i/stock`` (when the warehouse decides a change, before its crane moves, and when
+the crane is back), ``f/i/order``, ``f/i/state/<station>``, ``i/bme680`` and ``i/ldr`` (every
+``sensor_interval_s``, 60 s like the controller). It takes ``f/o/order`` and
+``f/o/state/ack`` by the controller's rules (:class:`~factory_assets.simulation.factory.FactorySimulator`).
+Another customer (``customer=True``) is a second MQTT client that sends its own ``f/o/order``
+through the broker. Every topic, published or subscribed, is under ``prefix``.
+
+``run_simulation`` stamps messages with ``start + scheduled offset`` (plus ``clock_offset_s``,
+the controller's clock error), so the same seed and fps give the same stocks and images
+whatever the machine's speed: the factory's own events run on a schedule of simulated
+seconds, and the customer's orders are applied at the instant the factory sent them (after
+the broker delivered them back). Orders from elsewhere (the platform) apply when they arrive.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from factory_assets.simulation.factory import (BME680_TOPIC, LDR_TOPIC, FactorySimulator, StockChange)
-from factory_assets.simulation.render import TYPES
-from factory_assets.vocabulary import CAMERA_TOPIC, ORDER_TOPIC, STOCK_TOPIC  # an order: {"type": "RED", "ts": ...}
+from factory_assets.simulation.factory import FactorySimulator, StockChange, Timings
+from factory_assets.vocabulary import (BME680_TOPIC, CAMERA_CONTROL_TOPIC, CAMERA_TOPIC, DEFAULT_QOS, LDR_TOPIC,
+                                       ORDER_TOPIC, STOCK_TOPIC, TOPIC_QOS)
+from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix
 
 logger = logging.getLogger(__name__)
+
+ACK_TOPIC = "f/o/state/ack"  # the dashboard's Quit button: clears a station's fault
+CAMERA_DEFAULT_FPS = 15.0  # the TXT camera's rate when c/cam switches it on without an fps
 
 
 @dataclass
@@ -29,67 +42,111 @@ class SimulationResult:
     frames: int = 0
     stock_reports: int = 0
     sensor_reports: int = 0
-    stock_changes: int = 0
+    stock_changes: int = 0  # changes reported (each in .changes with its report and arrival time)
     dropped_frames: int = 0  # frames skipped because we fell behind the schedule
     connects: int = 0
-    orders: int = 0  # f/o/order messages obeyed
+    orders: int = 0  # f/o/order messages the controller took
+    ignored_orders: int = 0  # stale, malformed (or, with busy_orders="ignore", arriving while busy)
+    customer_orders: int = 0  # orders the other customer sent through the broker
+    faults: int = 0
+    camera_switches: int = 0  # c/cam messages obeyed
+    published: dict = field(default_factory=dict)  # topic (unprefixed) -> messages published
     elapsed_s: float = 0.0
     changes: list[StockChange] = field(default_factory=list)
 
 
-def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = None, max_frames: int | None = None,
-                   seed: int = 0, stock_interval_s: float = 10.0, camera_id: str = "cam-1",
-                   factory_id: str = "factory-1", on_publish=None, *, change_every_s: float = 20.0,
-                   sensor_interval_s: float = 5.0, stop_event: threading.Event | None = None,
-                   connect_timeout_s: float = 10.0, start: datetime | None = None,
-                   include_ids: bool = False, client_id: str | None = None,
-                   progress_every_s: float = 0.0, obey_orders: bool = True,
-                   order_topic: str = ORDER_TOPIC) -> SimulationResult:
+class _Camera:
+    """The TXT camera: off until c/cam; frames on a grid of 1/fps from ``anchor``."""
+
+    def __init__(self, on: bool, fps: float, follow: bool):
+        self.on, self.fps, self.follow = on, fps, follow
+        self.anchor, self.k = 0.0, 0
+
+    def next_t(self) -> float:
+        return self.anchor + self.k / self.fps if self.on else math.inf
+
+    def switch(self, on: bool, fps: float | None, t: float) -> None:
+        if fps and fps > 0 and self.follow and fps != self.fps:
+            self.fps, self.on = fps, False  # a new rate starts a new grid below
+        if on and not self.on:
+            if self.follow:
+                self.anchor, self.k = t, 0
+            else:  # the requested fixed rate: the same grid k/fps whenever it is switched on
+                self.anchor, self.k = 0.0, max(self.k, math.ceil(t * self.fps - 1e-9))
+        self.on = on
+
+
+def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | None = None,
+                   max_frames: int | None = None, seed: int = 0, stock_interval_s: float | None = None,
+                   camera_id: str = "cam-1", factory_id: str = "factory-1", on_publish=None, *,
+                   change_every_s: float = 20.0, sensor_interval_s: float = 60.0,
+                   stop_event: threading.Event | None = None, connect_timeout_s: float = 10.0,
+                   start: datetime | None = None, include_ids: bool = False, client_id: str | None = None,
+                   progress_every_s: float = 0.0, obey_orders: bool = True, camera_on: bool = False,
+                   timings: Timings | None = None, clock_offset_s: float = 0.0, prefix: str | TopicPrefix = "",
+                   ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                   password_env: str | None = None, customer: bool = True, arrivals: bool = True,
+                   busy_orders: str = "latch", customer_timeout_s: float = 5.0) -> SimulationResult:
     """Publish the simulated factory to ``mqtt_url`` until ``duration_s``, ``max_frames`` or ``stop_event``.
 
-    ``on_publish(topic, payload_dict, stock)`` is called after each publish with the
-    stock in force at the message's ``ts`` (slot -> type or None): the ground truth.
-    ``include_ids`` adds ``camera_id``/``factory_id`` to the camera messages (the real
-    TXT controller does not send them). Survives broker restarts: paho reconnects
-    (QoS 1 messages published meanwhile are queued and sent after the reconnection),
-    and the stock is republished after every reconnection. With ``obey_orders`` it
-    subscribes to ``order_topic`` and stores one workpiece of each ordered ``type`` in the
-    first empty slot, then reports the stock at once (the platform's desired-state loop).
+    ``mqtt_url`` is anything :meth:`MqttTarget.parse` takes (logins, ``mqtts://``, with
+    ``ca_file``/``cert_file``/``key_file``; the password may come from ``FACTORY_MQTT_PASSWORD``).
+    The camera publishes nothing until ``c/cam`` switches it on (``camera_on=True``: already on,
+    e.g. by the local dashboard). ``fps`` is the frame rate (a fixed schedule, whatever c/cam
+    asks); ``fps=None`` follows the rate c/cam asks for, as the controller does.
+    ``on_publish(topic, payload_dict, stock)`` is called after each publish (unprefixed topic)
+    with the ground truth: for ``i/cam`` (and every topic but one) the rack as the camera shows
+    it at the message's ``ts``; for ``f/i/stock`` the stock it reports. ``stock_interval_s``
+    also republishes the stock periodically (the controller does not). ``include_ids`` adds
+    ``camera_id``/``factory_id`` to the camera messages (the controller does not send them).
+    Survives broker restarts: paho reconnects and resubscribes; QoS 1 messages published
+    meanwhile are queued and sent after the reconnection, QoS 0 frames are lost meanwhile.
     """
     import paho.mqtt.client as mqtt
 
-    from factory_assets.ingest.mqtt import parse_mqtt_url
-
-    if fps <= 0 or stock_interval_s <= 0 or sensor_interval_s <= 0:
+    if (fps is not None and fps <= 0) or sensor_interval_s <= 0 or (stock_interval_s is not None
+                                                                    and stock_interval_s <= 0):
         raise ValueError("fps, stock_interval_s and sensor_interval_s must be > 0")
-    host, port = parse_mqtt_url(mqtt_url)
+    target = MqttTarget.parse(mqtt_url, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+                              password_env=password_env)
+    topics = prefix if isinstance(prefix, TopicPrefix) else TopicPrefix.parse(prefix or "")
     stop_event = stop_event or threading.Event()
     result = SimulationResult()
     connected = threading.Event()
-    republish = threading.Event()
     finishing = threading.Event()
+    inbox: queue.Queue = queue.Queue(maxsize=10_000)  # (controller topic, payload bytes, monotonic time)
+    subscriptions = [CAMERA_CONTROL_TOPIC] + ([ORDER_TOPIC, ACK_TOPIC] if obey_orders else [])
 
     def on_connect(client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
-            logger.warning("MQTT connect to %s:%s refused: %s", host, port, reason_code)
+            logger.warning("MQTT connect to %s refused: %s", target.redacted, reason_code)
             return
         result.connects += 1
-        if obey_orders:
-            client.subscribe(order_topic, qos=1)
-        if result.connects > 1:
-            republish.set()
+        client.subscribe([(topics.full(t), 1) for t in subscriptions])
         connected.set()
-        logger.info("connected to %s:%s (connection #%d)", host, port, result.connects)
+        logger.info("connected to %s (connection #%d)%s", target.redacted, result.connects,
+                    f", topics under {topics.prefix}" if topics.prefix else "")
 
     def on_disconnect(client, userdata, flags, reason_code, properties=None):
         connected.clear()
         if not finishing.is_set():
-            logger.warning("disconnected (%s); reconnecting", reason_code)
+            logger.warning("disconnected from %s (%s); reconnecting", target.redacted, reason_code)
+
+    def on_message(client, userdata, msg):
+        inner = topics.strip(msg.topic)
+        if inner not in subscriptions:
+            return
+        try:
+            inbox.put_nowait((inner, bytes(msg.payload), time.monotonic()))
+        except queue.Full:
+            logger.warning("dropped a %s message: the simulator is not keeping up", inner)
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                          client_id=client_id or f"factory-sim-{camera_id}-{time.time_ns() % 10**9:x}")
+    target.configure(client)
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
+    client.on_message = on_message
     # QoS 1 messages not acknowledged by the broker yet (to flush at the end). Never hold
     # our lock while calling paho: paho calls on_publish holding its own message mutex.
     unacked: set[int] = set()
@@ -104,51 +161,38 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                 acked_early.add(mid)
 
     client.on_publish = on_acked
-    orders: queue.Queue = queue.Queue(maxsize=1000)
-
-    def on_message(client, userdata, msg):
-        try:
-            kind = str(json.loads(msg.payload)["type"]).upper()
-        except (ValueError, KeyError, TypeError):
-            kind = None
-        if kind not in TYPES:
-            logger.warning("ignored order on %s: %r", msg.topic, bytes(msg.payload)[:100])
-            return
-        try:
-            orders.put_nowait(kind)
-        except queue.Full:
-            pass
-
-    def wait(delay: float) -> bool:
-        """Sleep ``delay`` s or until an order arrives; True when stopped."""
-        if not obey_orders:
-            return stop_event.wait(delay)
-        end = time.monotonic() + delay
-        while orders.empty():
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                break
-            if stop_event.wait(min(remaining, 0.02)):
-                return True
-        return stop_event.is_set()
-
-    client.on_message = on_message
     client.reconnect_delay_set(min_delay=1, max_delay=2)
     client.max_queued_messages_set(1000)  # bounded memory while the broker is away
-    client.connect_async(host, port, keepalive=30)
+    client.connect_async(target.host, target.port, keepalive=30)
     client.loop_start()
+    shopper = None
+    if customer and obey_orders:
+        shopper = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                              client_id=f"factory-customer-{camera_id}-{time.time_ns() % 10**9:x}")
+        target.configure(shopper)
+        shopper.reconnect_delay_set(min_delay=1, max_delay=2)
+        shopper.connect_async(target.host, target.port, keepalive=30)
+        shopper.loop_start()
     t0 = time.monotonic()
+    deferred: list = []  # messages taken from the inbox while waiting for the customer's order
 
     try:
         if not connected.wait(connect_timeout_s):
-            logger.warning("no broker at %s:%s yet; publishing anyway (paho keeps retrying)", host, port)
+            logger.warning("no broker at %s yet; publishing anyway (paho keeps retrying)", target.redacted)
         sim = FactorySimulator(seed, change_every_s, start=start or datetime.now(timezone.utc),
                                camera_id=camera_id if include_ids else None,
-                               factory_id=factory_id if include_ids else None)
+                               factory_id=factory_id if include_ids else None, timings=timings,
+                               clock_offset_s=clock_offset_s, arrivals=arrivals, demand=customer,
+                               busy_orders=busy_orders)
+        camera = _Camera(camera_on, fps if fps is not None else CAMERA_DEFAULT_FPS, follow=fps is None)
         t0 = time.monotonic()
 
-        def publish(topic: str, payload: dict, qos: int, stock: dict) -> None:
-            info = client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=qos)
+        def now_s() -> float:
+            return time.monotonic() - t0
+
+        def publish(topic: str, payload: dict, stock: dict) -> None:
+            qos = TOPIC_QOS.get(topic, DEFAULT_QOS)
+            info = client.publish(topics.full(topic), json.dumps(payload, separators=(",", ":")), qos=qos)
             # QoS 1 while disconnected: rc is NO_CONN but paho keeps the message and sends it
             # after reconnecting (up to max_queued_messages, then rc is QUEUE_SIZE: dropped)
             with unacked_lock:
@@ -156,81 +200,112 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
                     acked_early.discard(info.mid)
                 elif qos and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     unacked.add(info.mid)
+            result.published[topic] = result.published.get(topic, 0) + 1
+            if topic == STOCK_TOPIC:
+                result.stock_reports += 1
             if on_publish is not None:
                 on_publish(topic, payload, stock)
 
-        def publish_stock(t: float) -> None:
-            publish(STOCK_TOPIC, sim.stock_message(t), 1, sim.stock)
-            result.stock_reports += 1
+        def drain() -> None:
+            while sim.outbox:
+                message = sim.outbox.popleft()
+                publish(message.topic, message.payload, message.stock)
+            if len(result.changes) < len(sim.changes):
+                result.changes.extend(sim.changes[len(result.changes):])
+                result.stock_changes = len(result.changes)
+            result.orders, result.ignored_orders, result.faults = \
+                sim.accepted_orders, sim.ignored_orders, sim.faults
 
-        def publish_sensors(t: float) -> None:
-            stock = sim.stock
-            publish(BME680_TOPIC, sim.bme680_message(t), 0, stock)
-            publish(LDR_TOPIC, sim.ldr_message(t), 0, stock)
-            result.sensor_reports += 2
+        def customer_order(payload: dict, t: float) -> dict | None:
+            """The other customer's order, sent by its own client; the factory takes it as received."""
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            shopper.publish(topics.full(ORDER_TOPIC), body, qos=1)
+            result.customer_orders += 1
+            deadline = time.monotonic() + customer_timeout_s
+            while not stop_event.is_set():
+                try:
+                    item = inbox.get(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        logger.warning("the customer's %s order did not come back through the broker", payload["type"])
+                        return None
+                    continue
+                if item[0] == ORDER_TOPIC and item[1] == body:
+                    return json.loads(body)
+                deferred.append(item)
+            return None
 
-        period = 1.0 / fps
-        frame_k = 0
-        next_stock = 0.0
+        if shopper is not None:
+            sim.customer_hook = customer_order
+
+        def handle(item) -> None:
+            topic, body, received = item
+            t = max(sim.now, received - t0)
+            if topic == CAMERA_CONTROL_TOPIC:
+                control = _camera_control(body)
+                if control is None:
+                    logger.warning("ignored c/cam %r: not {\"on\": true|false[, \"fps\": N]}", body[:100])
+                    return
+                on, rate = control
+                camera.switch(on, rate, t)
+                result.camera_switches += 1
+                logger.info("camera %s (%g fps)", "on" if on else "off", camera.fps)
+            elif topic == ORDER_TOPIC:
+                sim.receive_order(body, t)
+            elif topic == ACK_TOPIC:
+                sim.receive_ack(body, t)
+            drain()
+
+        next_stock = 0.0 if stock_interval_s else math.inf
         next_sensor = 0.0
         last_progress = 0.0
+        drain()
         while not stop_event.is_set():
-            next_frame = frame_k * period
-            if duration_s is not None and next_frame >= duration_s:
-                break
+            while deferred:
+                handle(deferred.pop(0))
+            next_frame = camera.next_t()
             if max_frames is not None and result.frames >= max_frames:
                 break
-            # the next thing that happens in the factory: a stock change, a report, a frame
-            while not orders.empty():  # orders first: the stock changes now, then it is reported
-                kind = orders.get_nowait()
-                t_order = max(sim.now, time.monotonic() - t0)
-                change = sim.fulfil_order(kind, t_order)
-                result.orders += 1
-                if change is not None:
-                    result.stock_changes += 1
-                    result.changes.append(change)
-                publish_stock(t_order)
-                if change is not None:
-                    logger.info("order for %s obeyed: stored in %s", kind, change.slot)
-                else:
-                    logger.warning("order for %s not obeyed: the rack is full", kind)
-            t_next = min(next_frame, next_stock, next_sensor, sim.next_change_at)
-            delay = t_next - (time.monotonic() - t0)
-            if delay > 0 and wait(delay):
+            t_next = min(next_frame, next_stock, next_sensor, sim.next_event_at)
+            if duration_s is not None and t_next >= duration_s:
                 break
-            if not orders.empty():
+            delay = t_next - now_s()
+            if delay > 0:
+                try:  # sleep until the next thing happens, or a message arrives
+                    handle(inbox.get(timeout=min(delay, 0.1)))
+                except queue.Empty:
+                    pass
                 continue
-            if republish.is_set():  # after a reconnection: tell the world the current stock
-                republish.clear()
-                # stamped just before the next change at the latest: the stock reported is in force then
-                publish_stock(max(sim.now, min(time.monotonic() - t0, sim.next_change_at - 0.001)))
-            if sim.next_change_at <= t_next:
-                changes = sim.advance(sim.next_change_at)
-                result.stock_changes += len(changes)
-                result.changes.extend(changes)
-                publish_stock(sim.now)
-                next_stock = sim.now + stock_interval_s
+            if sim.next_event_at <= t_next:
+                sim.advance(t_next)
+                drain()
             elif next_stock <= t_next:
-                publish_stock(next_stock)
+                publish(STOCK_TOPIC, sim.stock_message(next_stock), sim.stock)
                 next_stock += stock_interval_s
             elif next_sensor <= t_next:
-                publish_sensors(next_sensor)
+                shown = sim.shown_stock
+                publish(BME680_TOPIC, sim.bme680_message(next_sensor), shown)
+                publish(LDR_TOPIC, sim.ldr_message(next_sensor), shown)
+                result.sensor_reports += 2
                 next_sensor += sensor_interval_s
             else:
-                behind = time.monotonic() - t0 - next_frame
-                if behind > period and frame_k > 0:  # fell behind: skip to the present
+                period = 1.0 / camera.fps
+                behind = now_s() - next_frame
+                if behind > period and result.frames > 0:  # fell behind: skip to the present
                     skipped = int(behind // period)
                     result.dropped_frames += skipped
-                    frame_k += skipped
+                    camera.k += skipped
                     continue
                 msg, stock = sim.camera_message(next_frame)
-                publish(CAMERA_TOPIC, msg, 1, stock)
+                drain()
+                publish(CAMERA_TOPIC, msg, stock)
                 result.frames += 1
-                frame_k += 1
+                camera.k += 1
                 if progress_every_s and next_frame - last_progress >= progress_every_s:
                     last_progress = next_frame
-                    logger.info("t=%.1fs frames=%d stock_changes=%d dropped=%d stock=%s", next_frame,
-                                result.frames, result.stock_changes, result.dropped_frames, _stock_line(stock))
+                    logger.info("t=%.1fs frames=%d stock_changes=%d orders=%d dropped=%d stock=%s", next_frame,
+                                result.frames, result.stock_changes, result.orders, result.dropped_frames,
+                                _stock_line(sim.stock))
         # let the last QoS 1 messages reach the broker (bounded wait)
         deadline = time.monotonic() + 5.0
         while unacked and connected.is_set() and time.monotonic() < deadline:
@@ -240,7 +315,23 @@ def run_simulation(mqtt_url: str, fps: float = 2.0, duration_s: float | None = N
         result.elapsed_s = time.monotonic() - t0
         client.disconnect()
         client.loop_stop()
+        if shopper is not None:
+            shopper.disconnect()
+            shopper.loop_stop()
     return result
+
+
+def _camera_control(body: bytes) -> tuple[bool, float | None] | None:
+    """``c/cam`` as the controller reads it: ``on`` (a boolean), ``fps`` when positive."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("on"), (bool, int)) or isinstance(data.get("on"), float):
+        return None
+    rate = data.get("fps")
+    rate = float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 else None
+    return bool(data["on"]), rate
 
 
 def _stock_line(stock: dict[str, str | None]) -> str:
