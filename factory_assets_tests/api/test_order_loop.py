@@ -237,6 +237,48 @@ def test_two_api_processes_dispatching_at_once_send_an_order_once(fdb, mqtt_brok
             link.stop()
 
 
+def test_a_posted_order_ships_a_piece_out_of_the_simulated_factory_and_the_reported_stock_falls(
+        fdb, mqtt_broker, write_token):
+    from factory_assets.simulation.factory import Timings
+    from factory_assets.simulation.publisher import run_simulation
+    from factory_assets.storage.clocks import record_offset
+    from factory_assets.twin.live import apply_latest_stock
+    from factory_assets.twin.orders import reported_counts
+
+    ingester = order_ingester(fdb, mqtt_broker.url)
+    stop = threading.Event()
+    # the simulated controller's clock runs 30 s ahead: an order stamped in our clock would be stale.
+    # No arrivals and no other customer: only our order moves the stock; its durations at 1/100
+    sim = threading.Thread(target=run_simulation, kwargs=dict(
+        mqtt_url=mqtt_broker.url, fps=2, seed=3, stop_event=stop, customer=False, arrivals=False,
+        timings=Timings(scale=0.01), clock_offset_s=30.0))
+    sim.start()
+    record_offset(fdb, FID, 30.0, samples=1)  # the ingester's estimate of that offset
+    api = api_server(fdb, mqtt_broker.url, ack_timeout_s=30)
+    try:
+        # the live updater's job (f/i/stock -> twin.reported) done here through the same function
+        assert wait_until(lambda: apply_latest_stock(fdb) or fdb.twin.find_one({"_id": FID}), 30)
+        before = reported_counts(fdb.twin.find_one({"_id": FID}))
+        colour = max(before, key=before.get)
+        assert before[colour] > 0
+        order = post(api.url, write_token, colour.upper(), "ship-one")
+        assert reaches(fdb, order["id"], "shipped", 60)
+        events = [e["state"] for e in fdb.db["twin_orders"].find_one({"_id": order["id"]})["events"]]
+        assert events == ["queued", "sent", "ordered", "in_process", "shipped"]
+
+        def fell():
+            apply_latest_stock(fdb)
+            return reported_counts(fdb.twin.find_one({"_id": FID}))[colour] == before[colour] - 1
+
+        assert wait_until(fell, 30)
+        assert len(fdb.db["twin_orders"].find_one({"_id": order["id"]})["attempts"]) == 1
+    finally:
+        api.stop()
+        stop.set()
+        sim.join(30)
+        ingester.stop()
+
+
 # -- logins and prefixes: the CLI against a Mosquitto that refuses anonymous clients --------------
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
