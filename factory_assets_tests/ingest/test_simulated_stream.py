@@ -2,6 +2,7 @@
 
 from factory_assets.ingest.mqtt import MqttIngester
 from factory_assets.ingest.service import Ingestor
+from factory_assets.simulation.factory import Timings
 from factory_assets.simulation.publisher import run_simulation
 from factory_assets.storage.frames import parse_ts, wait_until
 
@@ -16,7 +17,8 @@ def test_a_simulated_stream_lands_in_mongodb_frame_for_frame_with_consistent_sto
             if topic == "i/cam":
                 truth[payload["ts"]] = stock
 
-        run_simulation(mqtt_broker.url, fps=20, max_frames=40, seed=3, change_every_s=0.5, on_publish=on_publish)
+        run_simulation(mqtt_broker.url, fps=20, max_frames=40, seed=3, change_every_s=0.5, on_publish=on_publish,
+                       camera_on=True, timings=Timings(crane_travel_s=(0, 0)))  # no crane travel: reports = pictures
         assert wait_until(lambda: fdb.frames.count_documents({}) == 40, timeout=20)
     finally:
         ingester.stop()

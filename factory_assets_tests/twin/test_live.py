@@ -207,7 +207,7 @@ def test_simulated_factory_to_twin_end_to_end_matches_the_ground_truth(fdb, mqtt
         assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
         live.start()
         run_simulation(mqtt_broker.url, fps=10, max_frames=40, seed=11, change_every_s=1.0,
-                       stock_interval_s=0.5, on_publish=on_publish)
+                       stock_interval_s=0.5, on_publish=on_publish, camera_on=True)
         assert wait_until(lambda: fdb.inferences.count_documents({}) == 40, timeout=30)
         last = max(truth)
         assert wait_until(lambda: (get_twin(fdb) or {}).get("observed", {}).get("frame_ts") == last, timeout=10)
