@@ -40,7 +40,7 @@ message saying so and exits 0.
 ``--option far=true`` for the opt-in design; values are parsed as JSON).
 
 ``--robust`` trains every model of the run with ``fit_stock_model(robust=True)`` (the
-design chosen on ``--hard-cv``; not the default, see the README).
+design chosen on ``--hard-cv``; not the default, see docs/evaluations.md).
 """
 from __future__ import annotations
 

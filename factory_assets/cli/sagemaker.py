@@ -131,7 +131,7 @@ def _status(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("sagemaker", help="train and deploy on AWS SageMaker (built-in algorithm or our container)",
-                       description="Settings from FACTORY_SAGEMAKER_* (see README, Running on AWS); "
+                       description="Settings from FACTORY_SAGEMAKER_* (see docs/aws.md); "
                                    "credentials from the AWS default chain.")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="run a training job on a dataset and register the model")

@@ -117,7 +117,7 @@ POOL_CANDIDATES: tuple[int, ...] = (3, 1)
 # JPEG at quality 40 made red evidence appear and vanish on the dark session; affine
 # normalisation, a 0.7 px blur and the degrading augmentation removed most of it there.
 # NOT the default: evaluated once on the validation split it missed the red piece on 3
-# of the 8 original photos (per-label 0.875, exact 0.625; README "Benchmarks").
+# of the 8 original photos (per-label 0.875, exact 0.625; docs/evaluations.md).
 ROBUST_FEATURES = FeatureConfig(normalise="affine", blur=0.7)
 ROBUST_KEEP_CANDIDATES: tuple[float, ...] = (0.5, 0.7, 0.85, 0.95)
 ROBUST_POOL_CANDIDATES: tuple[int, ...] = (3, 1, 5)
