@@ -82,15 +82,30 @@ def test_the_page_shows_the_twin_and_follows_a_stock_change_live(api, fdb, brows
     assert browser.save_screenshot(str(SCREENSHOT_DIR / "twin_page.png"))
 
 
-def test_the_order_button_patches_the_desired_stock_with_the_token(api, fdb, browser, write_token):
+def test_the_ship_button_posts_an_order_and_the_list_follows_its_state_live(api, fdb, browser, write_token):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(f"{api.url}/#token={write_token}")
+    from factory_assets.twin import orders as tw
+
+    browser.get(f"{api.url}/#token={write_token}")  # the controller reports one red piece, nothing else
     wait = WebDriverWait(browser, 30)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-version") == "1")
-    browser.find_element(By.CSS_SELECTOR, 'button[data-order="red"]').click()
+    button = {c: browser.find_element(By.CSS_SELECTOR, f'button[data-order="{c}"]') for c in ("red", "blue")}
+    wait.until(lambda d: button["blue"].get_attribute("disabled") and button["red"].is_enabled())
+    assert "no blue piece to ship" in button["blue"].get_attribute("title")
+    assert "ship one red" in button["red"].text
+    button["red"].click()
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-version") == "2")
-    assert "ordered one red" in browser.find_element(By.ID, "order-msg").text
-    assert fdb.db["twin_orders"].count_documents({"factory_id": "factory-1", "colour": "red", "status": "pending"}) == 1
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#orders li[data-status="pending"]'))
+    wait.until(lambda d: "shipping one red" in d.find_element(By.ID, "order-msg").text)
+    (order,) = fdb.db["twin_orders"].find({"factory_id": "factory-1", "type": "RED"})
+    assert order["state"] == "queued" and order["idempotency_key"]
+    oid = order["_id"]
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#orders li[data-order-id="{oid}"][data-state="queued"]'))
+    wait.until(lambda d: button["red"].get_attribute("disabled"))  # the one red piece is on order
+    assert "not sent: this API has no --mqtt broker" in browser.find_element(By.ID, "order-wait").text
+    # the controller takes the order: its state reaches the page through the twin's live stream
+    fdb.db["twin_orders"].update_one({"_id": oid}, {"$set": {"state": "ordered"}})
+    assert tw.sync_twin(fdb, "factory-1")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#orders li[data-order-id="{oid}"][data-state="ordered"]'))
+    wait.until(lambda d: any("order: RED ordered" in li.text for li in d.find_elements(By.CSS_SELECTOR, "#timeline li")))

@@ -32,9 +32,9 @@
     return c;
   }
 
-  for (const c of COLOURS) {  // one order button per colour: "one more of it in the rack"
-    const b = el("button", { "data-order": c, title: "order one more " + c + " workpiece" });
-    b.appendChild(el("span", { class: "dot " + c })); b.appendChild(document.createTextNode("order one " + c));
+  for (const c of COLOURS) {  // one order button per colour: ship one piece of it out of the warehouse
+    const b = el("button", { "data-order": c, title: "ship one " + c + " workpiece to the output station" });
+    b.appendChild(el("span", { class: "dot " + c })); b.appendChild(document.createTextNode("ship one " + c));
     b.addEventListener("click", () => order(c));
     $("order-buttons").appendChild(b);
   }
@@ -135,6 +135,7 @@
     if (h.kind === "reported") return "controller: " + (h.changed || []).map((s) => `${s}=${((h.slots || {})[s] || "empty").toLowerCase()}`).join(", ");
     if (h.kind === "observed") return "camera: " + (h.changed || []).map((c) => `${c} ${(h.present || {})[c] ? "seen" : "gone"}`).join(", ");
     if (h.kind === "desired") return "desired: " + JSON.stringify(h.desired || {});
+    if (h.kind === "order") return "order: " + (h.orders || []).map((o) => `${o.type} ${o.state}${o.reason ? " (" + o.reason + ")" : ""}`).join(", ");
     return h.kind || "change";
   }
   function addTimeline(h, fresh) {
@@ -147,31 +148,51 @@
     while (ul.children.length > 50) ul.removeChild(ul.lastChild);
   }
 
+  // -- orders: ship one piece out; the list follows each order's state ---------------------------
+  const ORDER_TIMES = ["sent_at", "ordered_at", "in_process_at", "shipped_at", "failed_at"];
+  function orderButtons(stock) {  // a colour with nothing left after what is on order cannot be shipped
+    const avail = (stock || {}).available || {}, rep = (stock || {}).reported || {}, on = (stock || {}).on_order || {};
+    for (const c of COLOURS) {
+      const b = document.querySelector(`button[data-order="${c}"]`);
+      const none = avail[c] === 0;
+      b.disabled = none || b.dataset.busy === "1";
+      b.title = none ? `no ${c} piece to ship: the controller reports ${rep[c] || 0}, ${on[c] || 0} already on order (pieces come in at the input station)`
+        : `ship one ${c} workpiece to the output station (${avail[c] === undefined ? "?" : avail[c]} left)`;
+    }
+  }
   function loadOrders() {
     api(`/api/factories/${state.factory}/orders?limit=10`).then((r) => r.ok ? r.json() : { items: [] }).then((d) => {
       const ul = $("orders"); ul.innerHTML = "";
       for (const o of d.items) {
-        const li = el("li", { "data-order-id": o.id, "data-status": o.status });
-        li.appendChild(el("span", { class: "v" }, o.status));
-        li.appendChild(document.createTextNode(`${o.type} → ${o.colour} × ${o.target_count}  ${time(o.created_at)}` + (o.done_at ? "  done " + time(o.done_at) : "")));
+        const li = el("li", { "data-order-id": o.id, "data-state": o.state || "legacy" });
+        li.appendChild(el("span", { class: "v" }, (o.state || "legacy").replace("_", " ")));
+        const last = ORDER_TIMES.filter((k) => o[k]).pop();
+        li.appendChild(document.createTextNode(`${o.type || ""}  placed ${time(o.created_at)}` +
+          (last ? `, ${last.replace("_at", "").replace("_", " ")} ${time(o[last])}` : "") + (o.reason ? " — " + o.reason : "")));
         ul.appendChild(li);
       }
+      const f = d.factory || {}, queued = d.items.some((o) => o.state === "queued");
+      $("order-wait").textContent = !d.sending ? "orders are queued, not sent: this API has no --mqtt broker"
+        : (queued && f.waiting_for ? "queued orders wait: " + f.waiting_for : "");
+      if (d.stock) orderButtons(d.stock);
     }).catch(() => {});
   }
 
+  function newKey() {  // one Idempotency-Key per click: a retried request cannot ship a second piece
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2) + Math.random().toString(36).slice(2);
+  }
   function order(colour) {
-    const twin = state.twin; if (!twin) return;
-    const want = counts((twin.reported || {}).slots)[colour] + 1;
-    const msg = $("order-msg");
-    api(`/api/factories/${state.factory}/twin/desired`, {
-      method: "PATCH", headers: { "Content-Type": "application/json", "If-Match": '"' + twin.version + '"' },
-      body: JSON.stringify({ stock: { [colour]: want } }),
-    }).then((r) => r.json().then((b) => [r.status, b])).then(([status, b]) => {
-      msg.className = "small " + (status === 200 ? "okmsg" : "err");
-      msg.textContent = status === 200 ? `ordered one ${colour} (${b.orders.length} order${b.orders.length === 1 ? "" : "s"})`
-        : `${status} ${b.error}: ${b.message}`;
-      loadOrders();
-    }).catch((e) => { msg.className = "small err"; msg.textContent = String(e); });
+    const msg = $("order-msg"), b = document.querySelector(`button[data-order="${colour}"]`);
+    b.dataset.busy = "1"; b.disabled = true;
+    api(`/api/factories/${state.factory}/orders`, {
+      method: "POST", headers: { "Content-Type": "application/json", "Idempotency-Key": newKey() },
+      body: JSON.stringify({ type: colour.toUpperCase() }),
+    }).then((r) => r.json().then((o) => [r.status, o])).then(([status, o]) => {
+      msg.className = "small " + (status === 201 ? "okmsg" : "err");
+      msg.textContent = status === 201 ? `shipping one ${colour}: order ${o.id} ${o.state}` : `${status} ${o.error}: ${o.message}`;
+    }).catch((e) => { msg.className = "small err"; msg.textContent = String(e); })
+      .finally(() => { b.dataset.busy = ""; b.disabled = false; loadOrders(); });
   }
 
   // -- the live stream ----------------------------------------------------------------------
