@@ -61,9 +61,14 @@ class Route:
     etag: tuple[int, ...] = ()  # statuses that carry the twin version as ETag
     headers: dict[int, tuple[str, ...]] = field(default_factory=dict)  # other headers a status carries
     media: dict[int, dict] = field(default_factory=dict)  # a success that is not JSON: its whole content
+    params: dict[str, dict] = field(default_factory=dict)  # parameter name -> what its schema adds
+    # status -> link name -> (method, path of the operation it leads to, its parameters as runtime expressions)
+    links: dict[int, dict[str, tuple[str, str, dict[str, str]]]] = field(default_factory=dict)
 
 
 _FACTORY_404 = "`UnknownFactory`: no such factory (see `GET /api/factories`)"
+_FRAME_ID = {"pattern": "^[0-9a-fA-F]{24}$", "description": "a frame id (24 hex digits), e.g. the `id` of "
+                                                             "`GET /api/frames/latest`"}
 _NO_TWIN = "`UnknownFactory`: no such factory; `NoTwinYet`: the factory has no twin yet"
 
 ROUTES: dict[tuple[str, str], Route] = {
@@ -93,15 +98,22 @@ ROUTES: dict[tuple[str, str], Route] = {
                      "or the factory has reported no stock yet",
                 422: "`InvalidRequest`: the body is not an order (or the `Idempotency-Key` is malformed); "
                      "`IdempotencyKeyReused`: the key placed an order of another type"},
-        headers={201: ("Location", "Idempotent-Replayed")}),
+        headers={201: ("Location", "Idempotent-Replayed")},
+        links={201: {"order": ("get", "/api/factories/{factory_id}/orders/{order_id}",
+                               {"factory_id": "$request.path.factory_id", "order_id": "$response.body#/id"})}}),
     ("get", "/api/factories/{factory_id}/orders"): Route(errors={404: _FACTORY_404}),
     ("get", "/api/factories/{factory_id}/orders/{order_id}"): Route(
         errors={404: "`UnknownFactory`: no such factory; `NoOrder`: the factory has no such order"}),
-    ("get", "/api/frames/latest"): Route(errors={404: "`NoFrame`: no frame from that factory yet"}),
+    ("get", "/api/frames/latest"): Route(
+        errors={404: "`NoFrame`: no frame from that factory yet"},
+        links={200: {"image": ("get", "/api/frames/{frame_id}.jpg", {"frame_id": "$response.body#/id"}),
+                     "evidence": ("get", "/api/frames/{frame_id}/evidence", {"frame_id": "$response.body#/id"})}}),
     ("get", "/api/frames/{frame_id}.jpg"): Route(
         media={200: {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+        params={"frame_id": _FRAME_ID},
         errors={400: "`BadFrameId`: not a frame id (24 hex digits)", 404: "`NoFrame`: no such frame"}),
     ("get", "/api/frames/{frame_id}/evidence"): Route(
+        params={"frame_id": _FRAME_ID},
         errors={400: "`BadFrameId`: not a frame id (24 hex digits)", 404: "`NoFrame`: no such frame",
                 422: "`UndecodableFrame`: the frame's image cannot be decoded"}),
     ("get", "/api/health"): Route(
@@ -236,6 +248,7 @@ def complete(doc: dict) -> dict:
                 undeclared.append(f"{method.upper()} {path}")
                 route = Route()  # the shared rules at least
             _complete(method, path, op, route)
+            _link(doc, op, route)
     if undeclared:
         # the tests fail on this (every operation is in ROUTES); a running server still serves
         logger.warning("OpenAPI: no entry in factory_assets.api.openapi.ROUTES for %s: only the shared "
@@ -276,6 +289,9 @@ def _complete(method: str, path: str, op: dict, route: Route) -> None:
         if str(status) in responses:
             responses[str(status)].setdefault("headers", {}).update({n: _HEADERS[n] for n in names})
     for param in op.get("parameters", []):
+        if param["name"] in route.params:
+            param.setdefault("schema", {}).update(route.params[param["name"]])
+            param["description"] = route.params[param["name"]].get("description", param.get("description"))
         if param["name"] in ("factory_id", "factory") and "example" not in param:
             param["example"] = DEFAULT_FACTORY  # Swagger UI's "Try it out" starts from the simulated factory
     for status, content in route.media.items():
@@ -288,6 +304,18 @@ def _complete(method: str, path: str, op: dict, route: Route) -> None:
     elif route.auth == "write":
         op["security"] = [{"bearerToken": []}, {"tokenQuery": []}]
     op["responses"] = dict(sorted(responses.items()))
+
+
+def _link(doc: dict, op: dict, route: Route) -> None:
+    """OpenAPI links: where an answer's ids lead (generated clients, Swagger UI, the fuzzer's stateful phase)."""
+    for status, links in route.links.items():
+        resp = op["responses"].get(str(status))
+        if resp is None:
+            continue
+        for name, (method, path, parameters) in links.items():
+            target = doc["paths"].get(path, {}).get(method)
+            if target is not None:
+                resp.setdefault("links", {})[name] = {"operationId": target["operationId"], "parameters": parameters}
 
 
 def _drop_unused(doc: dict) -> None:

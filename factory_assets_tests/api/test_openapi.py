@@ -51,7 +51,7 @@ def assert_declared(doc: dict, method: str, url_path: str, response: requests.Re
         errors = sorted(e.message for e in Draft202012Validator(schema).iter_errors(response.json()))
         assert errors == [], f"{method} {template} {response.status_code}: {errors}"
     for name in declared.get("headers", {}):
-        if name in ("WWW-Authenticate", "ETag", "Retry-After"):
+        if name in ("WWW-Authenticate", "ETag", "Retry-After", "Location"):
             assert name in response.headers, f"{method} {template} {response.status_code} without {name}"
 
 
@@ -113,6 +113,7 @@ def test_each_error_the_server_answers_is_declared_with_its_schema(api, fdb, wri
     doc = _document(api.url)
     twin, desired = "/api/factories/factory-1/twin", "/api/factories/factory-1/twin/desired"
     write = {"Authorization": f"Bearer {write_token}"}
+    order = ("POST", "/api/factories/factory-1/orders")
     cases = [
         ("GET", "/api/factories", {}, 200),
         ("GET", twin, {}, 200),
@@ -147,11 +148,28 @@ def test_each_error_the_server_answers_is_declared_with_its_schema(api, fdb, wri
         ("GET", "/api/frames/0123456789abcdef01234567/evidence", {}, 404),
         ("GET", "/api/health", {}, 200),
         ("GET", "/api/factories", {"data": b"x" * (17 * 1024)}, 413),  # the body limit holds on every route
+        # orders: the rack holds one red piece (the fixture's report)
+        (*order, {"json": {"type": "RED"}, "headers": {**write, "Idempotency-Key": "k-1"}}, 201),
+        (*order, {"json": {"type": "RED"}, "headers": {**write, "Idempotency-Key": "k-1"}}, 201),  # replayed
+        (*order, {"json": {"type": "BLUE"}, "headers": {**write, "Idempotency-Key": "k-1"}}, 422),
+        (*order, {"json": {"type": "BLUE"}, "headers": write}, 409),
+        (*order, {"json": {"type": "GREEN"}, "headers": write}, 422),
+        (*order, {"data": b"{", "headers": {**write, "Content-Type": "application/json"}}, 400),
+        (*order, {"json": {"type": "RED"}}, 401),
+        ("POST", "/api/factories/factory-9/orders", {"json": {"type": "RED"}, "headers": write}, 404),
+        ("GET", "/api/factories/factory-1/orders/no-such-order", {}, 404),
     ]
+    placed = []
     for method, path, kwargs, status in cases:
         r = requests.request(method, api.url + path, timeout=10, **kwargs)
         assert r.status_code == status, (method, path, r.status_code, r.text[:200])
         assert_declared(doc, method, path.split("?")[0].replace("%20", " "), r)
+        if r.status_code == 201:
+            placed.append(r.headers["Location"])
+    assert len(placed) == 2 and placed[0] == placed[1]  # the retry answered the same order
+    r = requests.get(api.url + placed[0], timeout=10)
+    assert r.status_code == 200
+    assert_declared(doc, "GET", placed[0], r)
 
 
 def test_a_closed_server_answers_401_and_a_stalled_body_408_as_declared(fdb):
@@ -226,5 +244,11 @@ def test_the_api_answers_only_what_its_openapi_document_declares(api, fdb, write
            "--exclude-path-regex", "/twin/events$", "-H", f"Authorization: Bearer {write_token}",
            "--report", "json", "--report-json-path", str(report_path), "--no-color"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    print(run.stdout[-8000:])
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    result = json.loads(report_path.read_text())
+    assert result["complete"] and result["failures"] == [] and result["errors"] == []
+    operations = sum(m in OPERATIONS for item in _document(api.url)["paths"].values() for m in item)
+    assert result["operations"]["tested"] == operations - 1  # every one but the event stream
+    assert all(phase["status"] == "success" for phase in result["phases"].values()), result["phases"]
+    assert result["test_cases"]["generated"] >= 20 * result["operations"]["tested"]
+    assert requests.get(api.url + "/api/health", timeout=10).json()["status"] == "ok"  # still healthy
