@@ -228,7 +228,8 @@ class OrderDispatcher:
     def release(self) -> None:
         """Give up this process's leases (a clean stop: another process takes over at once)."""
         try:
-            for factory_id in tw.factories_with_work(self.fdb):
-                tw.release_factory(self.fdb, factory_id, self.owner)
+            with self._pass_lock:  # after a pass still running in its worker thread
+                for factory_id in tw.factories_with_work(self.fdb):
+                    tw.release_factory(self.fdb, factory_id, self.owner)
         except Exception:  # noqa: BLE001 - best effort; the leases expire anyway
             logger.info("orders: could not release the dispatch leases; they expire in %.0f s", self.rules.lease_s)

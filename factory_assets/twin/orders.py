@@ -613,6 +613,13 @@ def next_send(fdb, factory_id: str, rules: OrderRules | None = None, *, now: dat
         nxt = orders(fdb).find_one({"factory_id": factory_id, "state": "queued"}, sort=[("seq", 1), ("idx", 1)])
         if nxt is None:
             return None
+        twin = fdb.twin.find_one({"_id": factory_id}, {"reported": 1})
+        if reported_counts(twin).get(nxt["colour"], 0) == 0:
+            # taken meanwhile (an order placed elsewhere): sending it would only fault the warehouse,
+            # and a person would have to clear the fault at the factory
+            _move(fdb, nxt, "failed", now, reason=f"no {nxt['colour']} piece left in the reported stock when its "
+                                                   "turn came (taken since it was placed); not sent")
+            return None
         if dispatch(fdb).update_one({"_id": factory_id, "current": None},
                                     {"$set": {"current": nxt["_id"]}}).modified_count != 1:
             return None  # another process started an order meanwhile

@@ -253,3 +253,13 @@ def test_orders_placed_under_the_earlier_rules_are_retired_and_never_sent(fdb):
     assert "on_order" not in fdb.twin.find_one({"_id": FID})
     assert step(fdb) is None
     assert parse_ts(tw.controller_ts(T0)) == T0
+
+
+def test_a_queued_order_whose_colour_is_gone_when_its_turn_comes_fails_without_being_sent(fdb):
+    rack(fdb, red=1)
+    _, (order,), _ = tw.place_orders(fdb, FID, ["RED"])
+    rack(fdb, T0 + timedelta(seconds=30))  # another customer's order took the red piece meanwhile
+    assert step(fdb) is None
+    stored = tw.orders(fdb).find_one({"_id": order["_id"]})
+    assert stored["state"] == "failed" and stored["attempts"] == []
+    assert stored["reason"].startswith("no red piece left in the reported stock when its turn came")
