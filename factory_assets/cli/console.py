@@ -89,12 +89,12 @@ class StatusProbe:
         self.close()
 
 
-def _ago(moment: datetime | None) -> str:
+def _ago(moment: datetime | None, now: datetime | None = None) -> str:
     if moment is None:
         return "never"
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    seconds = (datetime.now(timezone.utc) - moment).total_seconds()
+    seconds = max(0.0, ((now or datetime.now(timezone.utc)) - moment).total_seconds())
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
 
@@ -142,14 +142,54 @@ def render(services, status: FactoryStatus, links: dict[str, str], log_dir) -> "
     return Group(grid, where, Text("Ctrl-C stops everything · --verbose streams every log", style="dim"))
 
 
-def plain_line(services, status: FactoryStatus) -> str:
-    """One line for terminals that are not interactive (CI, pipes, log collectors)."""
+def plain_line(services, status: FactoryStatus, now: datetime | None = None) -> str:
+    """One line for output that is not a terminal (CI, pipes, log collectors): the time (UTC),
+    the services up, frames stored and frames/s, quarantined inputs, the deployed model and
+    the twin's version with its last update, the same facts as the live panel."""
+    now = now or datetime.now(timezone.utc)
     up_count = sum(1 for s in services if s.proc is not None and s.proc.poll() is None)
     parts = [f"services {up_count}/{len(services)} up"]
     if status.reachable:
-        parts += [f"frames {status.frames}", f"quarantined {status.quarantined}",
-                  f"model {status.model_version[:12] if status.model_version else 'none'}",
-                  f"twin v{status.twin_version or 0}"]
+        fps = "-" if status.frames_per_second is None else f"{status.frames_per_second:.1f}"
+        twin = (f"twin v{status.twin_version} updated {_ago(status.twin_updated_at, now)}" if status.twin_version
+                else "twin: no update yet")
+        parts += [f"frames {status.frames}", f"frames/s {fps}", f"quarantined {status.quarantined}",
+                  f"model {status.model_version[:12] if status.model_version else 'none'}", twin]
     else:
         parts.append("MongoDB unreachable")
-    return "[up] " + " · ".join(parts)
+    return f"[up] {now.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ} " + " · ".join(parts)
+
+
+def first_frame_day(uri: str, database: str, today: datetime | None = None) -> str:
+    """The UTC day of the first frame stored (``YYYY-MM-DD``), for ``FACTORY_PARTITIONS_START``
+    (``up`` passes it to Dagster, defs/partitions.py): the earliest capture time among the
+    first stored frames (a bounded read of the lowest ``seq`` numbers, whatever the history),
+    never later than today; today when the database holds no frame yet or cannot be read."""
+    from factory_assets.vocabulary.clock import day_key
+
+    today = today or datetime.now(timezone.utc)
+    from pymongo import MongoClient
+
+    client = MongoClient(uri, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000, socketTimeoutMS=10000,
+                         tz_aware=True, appname="factory_assets-up")
+    try:
+        from factory_assets.storage.frames import frame_ts, read_frames_after
+        from factory_assets.storage.mongo import CollectionNames, FactoryDB
+
+        fdb = FactoryDB(client[database], CollectionNames.from_env())
+        page = read_frames_after(fdb, 0, limit=64, projection={"ts": 1, "seq": 1})
+        frames = page.frames or [f for f in [fdb.frames.find_one({"seq": {"$exists": True}}, {"ts": 1},
+                                                                  sort=[("seq", 1)])] if f]
+        times = []
+        for f in frames:
+            try:
+                times.append(frame_ts(f))
+            except (KeyError, TypeError, ValueError):  # a document without a readable time: passed over
+                continue
+        return day_key(min([*times, today]))
+    except Exception as exc:  # noqa: BLE001 - the database may be starting: today is a safe start
+        logger.warning("could not read the first stored frame (%s); Dagster's days start today",
+                       exc.__class__.__name__)
+        return day_key(today)
+    finally:
+        client.close()

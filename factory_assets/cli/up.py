@@ -215,6 +215,11 @@ def up(args) -> int:
     serve_port = free_port(args.serve_port)
     # Dagster's EndpointResource and the live updater must reach the same server.
     env["FACTORY_ENDPOINT_URL"] = f"http://127.0.0.1:{serve_port}"
+    if not env.get("FACTORY_PARTITIONS_START"):  # Dagster's days start where the frames start (docs/dagster.md)
+        from factory_assets.cli.console import first_frame_day
+
+        env["FACTORY_PARTITIONS_START"] = first_frame_day(env["MONGODB_URI"], config.database_name())
+    _say(f"Dagster partitions from {env['FACTORY_PARTITIONS_START']}")
     services = build_services(free_port(args.mqtt_port), args.port, serve_port, args.fps, args.seed,
                               dagster=not args.no_dagster)
     stopping = False

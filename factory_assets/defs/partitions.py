@@ -1,5 +1,54 @@
-"""Partitions shared by the camera, dataset and inference assets: UTC days."""
+"""Partitions shared by the camera, dataset and inference assets: UTC days, from the day the
+data starts.
+
+The first day is ``FACTORY_PARTITIONS_START`` (``YYYY-MM-DD``), read once when the code
+location is loaded. ``factory-assets up`` (``make run``) sets it for Dagster to the day of the
+first frame stored in the database, or today when the database holds no frame yet, so a
+fresh stack shows one day, not years of "missing" partitions. Without it (``dagster dev``
+on its own, the tests, the CLI), the days start at ``DEFAULT_PARTITIONS_START``.
+
+Deliberately not read from the database here, nor derived from today's date: every process
+that loads the definitions (webserver, daemon, each run worker) must agree on the days, also
+when the database is down or its first frame changes, and a start that moves with the
+calendar would drop a day in the middle of a run that targets it.
+"""
+from __future__ import annotations
+
+import os
+
 import dagster as dg
 
-# end_offset=1: today's partition exists while frames for it are still arriving.
-daily_partitions = dg.DailyPartitionsDefinition(start_date="2024-01-01", timezone="UTC", end_offset=1)
+from factory_assets.vocabulary.clock import day_key, parse_day
+
+START_ENV = "FACTORY_PARTITIONS_START"
+# The first day of the camera history this code base has known (the earliest test data);
+# a deployment with older frames sets FACTORY_PARTITIONS_START.
+DEFAULT_PARTITIONS_START = "2026-11-01"
+
+
+def partitions_start(environ=None) -> str:
+    """The first partition day: ``FACTORY_PARTITIONS_START`` when set, else the default.
+    A value that is not a day raises ``ValueError`` naming the variable (the code location
+    then fails to load with that message instead of guessing)."""
+    value = (os.environ if environ is None else environ).get(START_ENV, "").strip()
+    if not value:
+        return DEFAULT_PARTITIONS_START
+    try:
+        return day_key(parse_day(value))
+    except ValueError:
+        raise ValueError(f"{START_ENV} must be a day (YYYY-MM-DD), not {value!r}") from None
+
+
+def daily_partitions_from(start: str) -> dg.DailyPartitionsDefinition:
+    # end_offset=1: today's partition exists while frames for it are still arriving.
+    return dg.DailyPartitionsDefinition(start_date=start, timezone="UTC", end_offset=1)
+
+
+daily_partitions = daily_partitions_from(partitions_start())
+FIRST_DAY = partitions_start()
+
+
+def within_partitions(days: list[str], first_day: str | None = None) -> list[str]:
+    """The days of ``days`` that are partitions (on or after the first day), in order."""
+    first = first_day or FIRST_DAY
+    return [d for d in days if d >= first]

@@ -34,3 +34,71 @@ def test_raw_frames_of_an_empty_day_succeeds_with_zero_frames(fdb, mongo_uri, da
                             resources={"mongo": MongoResource(uri=mongo_uri, database=database_name)})
     md = result.asset_materializations_for_node("raw_frames")[0].metadata
     assert md["frames"].value == 0 and "latest_frame" not in md
+
+
+def _tick(mongo_uri, database_name, cursor=None):
+    from factory_assets.defs.camera.arrival import raw_frames_sensor
+
+    context = dg.build_sensor_context(cursor=cursor,
+                                      resources={"mongo": MongoResource(uri=mongo_uri, database=database_name)})
+    return raw_frames_sensor(context)
+
+
+def _store(fdb, times, received_at=None):
+    from factory_assets.storage.frames import build_frame, insert_frames
+
+    insert_frames(fdb, [build_frame(jpeg_bytes(seed=i, size=(32, 24)), ts=t, camera_id="cam-1", factory_id="f",
+                                    content_type="image/jpeg", width=32, height=24, source={"kind": "test"},
+                                    received_at=received_at) for i, t in enumerate(times)])
+
+
+def test_the_sensor_reports_each_day_that_received_frames_as_a_materialization_with_its_rate(
+        fdb, mongo_uri, database_name):
+    from datetime import timedelta
+
+    day = datetime(2026, 11, 23, 8, tzinfo=timezone.utc)
+    _store(fdb, [day + timedelta(seconds=s) for s in (0, 0.5, 1, 1.5, 2)])  # 2 frames/s, stored just now
+    first = _tick(mongo_uri, database_name)
+    [materialization] = [e for e in first.asset_events if isinstance(e, dg.AssetMaterialization)]
+    assert materialization.partition == "2026-11-23"
+    md = materialization.metadata
+    assert (md["frames"].value, md["new_frames"].value, md["frames_per_second"].value) == (5, 5, 2.0)
+    assert md["newest_frame_ts"].value == (day + timedelta(seconds=2)).timestamp()
+    [check] = [e for e in first.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+    assert check.check_name == "frames_are_arriving" and check.passed
+    # frames of the next day and more of this one: one event per day, the day's count carried on
+    _store(fdb, [day + timedelta(seconds=2.5 + s / 2) for s in range(4)] + [day + timedelta(days=1)])
+    second = _tick(mongo_uri, database_name, cursor=first.cursor)
+    by_day = {e.partition: e.metadata for e in second.asset_events}
+    assert set(by_day) == {"2026-11-23", "2026-11-24"}  # no check event: it still passes
+    assert (by_day["2026-11-23"]["frames"].value, by_day["2026-11-23"]["new_frames"].value) == (9, 4)
+    assert by_day["2026-11-23"]["frames_per_second"].value == 2.0  # 4 frames in the 2 s after the last newest
+    idle = _tick(mongo_uri, database_name, cursor=second.cursor)
+    assert not idle.asset_events and "No new frame" in idle.skip_reason.skip_message
+    # reported to an instance (as the daemon does), the days are materialized partitions:
+    # a launch downstream of those days finds its upstream there
+    instance = dg.DagsterInstance.ephemeral()
+    for event in first.asset_events + second.asset_events:
+        instance.report_runless_asset_event(event)
+    assert instance.get_materialized_partitions(raw_frames.key) == {"2026-11-23", "2026-11-24"}
+
+
+def test_frames_are_arriving_fails_while_no_frame_is_stored_and_passes_again_when_one_is(
+        fdb, mongo_uri, database_name):
+    empty = _tick(mongo_uri, database_name)
+    [check] = empty.asset_events
+    assert not check.passed and "No frame stored yet" in check.description
+    _store(fdb, [datetime(2026, 11, 20, 9, tzinfo=timezone.utc)], received_at=datetime(2026, 11, 20, 9, 0, 1,
+                                                                                        tzinfo=timezone.utc))
+    stale = _tick(mongo_uri, database_name, cursor=empty.cursor)
+    assert [e.passed for e in stale.asset_events if isinstance(e, dg.AssetCheckEvaluation)] == []  # still failing
+    assert "No frame stored for" in _tick(mongo_uri, database_name).asset_events[-1].description
+    _store(fdb, [datetime.now(timezone.utc)])  # the camera is back
+    back = _tick(mongo_uri, database_name, cursor=stale.cursor)
+    assert [e.passed for e in back.asset_events if isinstance(e, dg.AssetCheckEvaluation)] == [True]
+    # the same check, executed from the UI with the day's stock-taking
+    from factory_assets.defs.camera.arrival import frames_are_arriving
+
+    result = dg.materialize([raw_frames, frames_are_arriving], partition_key=datetime.now(timezone.utc).strftime(
+        "%Y-%m-%d"), resources={"mongo": MongoResource(uri=mongo_uri, database=database_name)})
+    assert [e.passed for e in result.get_asset_check_evaluations()] == [True]

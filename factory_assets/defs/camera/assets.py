@@ -18,9 +18,11 @@ def raw_frames(context: dg.AssetExecutionContext, mongo: MongoResource) -> dg.Ma
     """Camera frames of one UTC day in MongoDB ``factory_camera``: one document per
     frame (BSON image, capture ``ts``, camera, sha256), written by the ingesters.
 
-    Materializing does not copy pixels: it takes stock of the day (frames, cameras,
-    bytes, quarantined inputs) and shows the day's latest frame, so a person sees
-    at a glance whether the camera delivered."""
+    Nobody needs to materialize it: ``raw_frames_sensor`` reports each day's frames as they
+    arrive (frames, new frames, newest frame time, frames/s) and the check
+    ``frames_are_arriving`` fails when none has been stored for 5 minutes. Materializing a
+    day yourself does not copy pixels either: it takes stock of the day (frames, cameras,
+    bytes, quarantined inputs) and shows the day's latest frame."""
     from factory_assets.storage.frames import day_query, frame_image_bytes, frame_ts
     from factory_assets.storage.summaries import frames_per_camera
     from factory_assets.vision.preview import thumbnail_png

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from factory_assets.defs.models.resources import EndpointResource
+from factory_assets.defs.partitions import FIRST_DAY, within_partitions
 from factory_assets.defs.resources import MongoResource
 from factory_assets.defs.twin.jobs import retrain_job, stock_inference_job
 
@@ -172,7 +173,11 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
         dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]), limit=1)
     if active:
         return dg.SkipReason("A retraining run is in progress.")
-    days = recent_days(retrain_window.days)
+    # never before the first partition day (FACTORY_PARTITIONS_START): such a range could not run
+    days = within_partitions(recent_days(retrain_window.days))
+    if not days:
+        return dg.SkipReason(f"No partition day in the last {retrain_window.days} days: the partitions start "
+                             f"{FIRST_DAY} (FACTORY_PARTITIONS_START).")
     frames = fdb.frames.estimated_document_count()
     deployed = served_version(fdb, endpoint.name)
     if deployed:
