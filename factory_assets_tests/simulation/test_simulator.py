@@ -269,7 +269,7 @@ def test_two_runs_with_the_same_seed_publish_the_same_stock_sequence(mqtt_broker
 
     def run(seed):
         seen = collections.defaultdict(list)
-        result = run_simulation(mqtt_broker.url, fps=20, duration_s=2.5, seed=seed, change_every_s=0.15,
+        result = run_simulation(mqtt_broker.url, fps=20, duration_s=2.0, seed=seed, change_every_s=0.1,
                                 timings=FAST, camera_on=True, start=start,
                                 on_publish=lambda tp, p, s: seen[tp].append(p if tp != "i/cam" else (p["ts"], s)))
         return seen, result
