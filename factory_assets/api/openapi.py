@@ -36,7 +36,6 @@ ASSETS_DIR = Path(__file__).with_name("docs_assets")
 ASSETS_URL = "/docs-assets"
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
-OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 
 ERROR = "Error"
 INVALID = "InvalidRequest"
@@ -213,7 +212,7 @@ def _json(schema: dict) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def declared_errors(method: str, path: str, operation: dict, route: Route) -> dict[int, tuple[str, str | None]]:
+def declared_errors(path: str, operation: dict, route: Route) -> dict[int, tuple[str, str | None]]:
     """status -> (description, schema component) for every error the operation may answer."""
     out: dict[int, tuple[str, str | None]] = {s: (d, ERROR) for s, d in _COMMON.items()}
     if operation.get("parameters") or operation.get("requestBody"):
@@ -247,7 +246,7 @@ def complete(doc: dict) -> dict:
             if route is None:
                 undeclared.append(f"{method.upper()} {path}")
                 route = Route()  # the shared rules at least
-            _complete(method, path, op, route)
+            _complete(path, op, route)
             _link(doc, op, route)
     if undeclared:
         # the tests fail on this (every operation is in ROUTES); a running server still serves
@@ -257,13 +256,13 @@ def complete(doc: dict) -> dict:
     return doc
 
 
-def _complete(method: str, path: str, op: dict, route: Route) -> None:
+def _complete(path: str, op: dict, route: Route) -> None:
     from factory_assets.api.app import DEFAULT_FACTORY
 
     responses = op.setdefault("responses", {})
     for status, text in route.ok.items():
         responses.setdefault(str(status), {})["description"] = text
-    for status, (text, schema) in sorted(declared_errors(method, path, op, route).items()):
+    for status, (text, schema) in sorted(declared_errors(path, op, route).items()):
         resp = responses.setdefault(str(status), {})
         own = resp.get("description")
         if status not in route.errors and own and own not in _FASTAPI_DEFAULTS:
@@ -334,7 +333,7 @@ def _drop_unused(doc: dict) -> None:
 def install(app) -> None:
     """Offline ``/docs`` and ``/redoc`` (the app is built with ``docs_url=None, redoc_url=None``)
     and the completed OpenAPI document at ``app.openapi_url``."""
-    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
     from starlette.requests import Request
 
@@ -356,16 +355,12 @@ def install(app) -> None:
         root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
             openapi_url=root + app.openapi_url, title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=root + OAUTH2_REDIRECT_URL,
+            oauth2_redirect_url=None,  # no OAuth2 here: bearer tokens from the CLI
             swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
             swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
             # no validator badge: it would send the document to validator.swagger.io
             swagger_ui_parameters={"validatorUrl": None, **(app.swagger_ui_parameters or {})})
-
-    @app.get(OAUTH2_REDIRECT_URL, include_in_schema=False)
-    def swagger_ui_redirect():
-        return get_swagger_ui_oauth2_redirect_html()
 
     @app.get(REDOC_URL, include_in_schema=False)
     def redoc(request: Request):
