@@ -14,7 +14,8 @@ Payloads as the controller writes them (every ``ts`` in the controller's clock,
 * ``f/i/order`` ``{"ts", "state", "type"}``; ``f/i/state/<station>`` ``{"ts", "station", "code",
   "description", "active"}`` (+ ``"target"`` for ``vgr``);
 * ``i/bme680``  ``{"ts", "t", "rt", "h", "rh", "p", "iaq", "aq", "gr"}`` and ``i/ldr`` ``{"ts", "ldr", "br"}``
-  (``br`` a string, as the controller prints it).
+  (``br`` a string, as the controller prints it);
+* ``i/broadcast`` ``{"ts", "hardwareId", "hardwareModel", "softwareName", "softwareVersion", "message"}``.
 
 Time is in seconds since ``start`` (the true time of t=0); the controller's clock reads
 ``start + t + clock_offset_s``. Two racks are kept: the one the warehouse *reports*
@@ -54,6 +55,7 @@ READY, BUSY = 1, 2
 # The input/output stations report their light barrier: 1 = free, 0 = a piece is there.
 FREE, OCCUPIED = 1, 0
 BUSY_ORDER_POLICIES = ("latch", "ignore")
+CONTROLLER_VERSION = "0.8.1"  # the controller programs' version this simulator imitates
 
 
 def iso_ms(dt: datetime) -> str:
@@ -625,6 +627,15 @@ class FactorySimulator:
         br = min(100.0, max(0.0, 80.0 * self.lighting(t) + self._env_rng(t, 5).normal(0, 0.8)))
         ldr = int(min(15000, max(0, round(15000 * (1 - br / 100.0)))))
         return {"ts": self.ts_string(ts), "ldr": ldr, "br": brightness_string(ldr)}
+
+    def broadcast_message(self, ts: float | datetime) -> dict:
+        """``i/broadcast`` as the controller's main program announces itself at start ("init"),
+        repeating until the first message for it arrives: the dashboard's cue to send its
+        configuration (c/cam among it)."""
+        mac = np.random.default_rng([self.seed, 7]).bytes(5).hex()
+        return {"ts": self.ts_string(ts), "hardwareId": "02:" + ":".join(mac[i:i + 2] for i in range(0, 10, 2)),
+                "hardwareModel": "TXT", "softwareName": "TxtFactoryMain", "softwareVersion": CONTROLLER_VERSION,
+                "message": "init"}
 
     def ts_string(self, ts: float | datetime) -> str:
         """``ts`` (seconds since the start) as the controller stamps it, in its own clock."""

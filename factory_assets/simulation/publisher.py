@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from factory_assets.simulation.factory import FactorySimulator, StockChange, Timings
-from factory_assets.vocabulary import (BME680_TOPIC, CAMERA_CONTROL_TOPIC, CAMERA_TOPIC, DEFAULT_QOS, LDR_TOPIC,
-                                       ORDER_TOPIC, STOCK_TOPIC, TOPIC_QOS)
+from factory_assets.vocabulary import (BME680_TOPIC, BROADCAST_TOPIC, CAMERA_CONTROL_TOPIC, CAMERA_TOPIC,
+                                       DEFAULT_QOS, LDR_TOPIC, ORDER_TOPIC, STOCK_TOPIC, TOPIC_QOS)
 from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                    timings: Timings | None = None, clock_offset_s: float = 0.0, prefix: str | TopicPrefix = "",
                    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
                    password_env: str | None = None, customer: bool = True, arrivals: bool = True,
-                   busy_orders: str = "latch", customer_timeout_s: float = 5.0) -> SimulationResult:
+                   busy_orders: str = "latch", customer_timeout_s: float = 5.0,
+                   broadcast_retry_s: float = 5.0) -> SimulationResult:
     """Publish the simulated factory to ``mqtt_url`` until ``duration_s``, ``max_frames`` or ``stop_event``.
 
     ``mqtt_url`` is anything :meth:`MqttTarget.parse` takes (logins, ``mqtts://``, with
@@ -99,6 +100,8 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
     it at the message's ``ts``; for ``f/i/stock`` the stock it reports. ``stock_interval_s``
     also republishes the stock periodically (the controller does not). ``include_ids`` adds
     ``camera_id``/``factory_id`` to the camera messages (the controller does not send them).
+    Like the controller it announces itself on ``i/broadcast`` at start, again every
+    ``broadcast_retry_s`` until a message for it (c/cam, an order) arrives.
     Survives broker restarts: paho reconnects and resubscribes; QoS 1 messages published
     meanwhile are queued and sent after the reconnection, QoS 0 frames are lost meanwhile.
     """
@@ -216,6 +219,10 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
             result.orders, result.ignored_orders, result.faults = \
                 sim.accepted_orders, sim.ignored_orders, sim.faults
 
+        heard = threading.Event()  # a message for the controller arrived: it stops announcing itself
+        if camera_on:
+            heard.set()  # switched on already: the dashboard is there
+
         def customer_order(payload: dict, t: float) -> dict | None:
             """The other customer's order, sent by its own client; the factory takes it as received."""
             body = json.dumps(payload, separators=(",", ":")).encode()
@@ -231,6 +238,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                         return None
                     continue
                 if item[0] == ORDER_TOPIC and item[1] == body:
+                    heard.set()
                     return json.loads(body)
                 deferred.append(item)
             return None
@@ -240,6 +248,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
 
         def handle(item) -> None:
             topic, body, received = item
+            heard.set()
             t = max(sim.now, received - t0)
             if topic == CAMERA_CONTROL_TOPIC:
                 control = _camera_control(body)
@@ -258,6 +267,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
 
         next_stock = 0.0 if stock_interval_s else math.inf
         next_sensor = 0.0
+        next_broadcast = 0.0
         last_progress = 0.0
         drain()
         while not stop_event.is_set():
@@ -266,7 +276,9 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
             next_frame = camera.next_t()
             if max_frames is not None and result.frames >= max_frames:
                 break
-            t_next = min(next_frame, next_stock, next_sensor, sim.next_event_at)
+            if heard.is_set() and next_broadcast > 0:
+                next_broadcast = math.inf
+            t_next = min(next_frame, next_stock, next_sensor, sim.next_event_at, next_broadcast)
             if duration_s is not None and t_next >= duration_s:
                 break
             delay = t_next - now_s()
@@ -279,6 +291,9 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
             if sim.next_event_at <= t_next:
                 sim.advance(t_next)
                 drain()
+            elif next_broadcast <= t_next:
+                publish(BROADCAST_TOPIC, sim.broadcast_message(next_broadcast), sim.shown_stock)
+                next_broadcast += broadcast_retry_s
             elif next_stock <= t_next:
                 publish(STOCK_TOPIC, sim.stock_message(next_stock), sim.stock)
                 next_stock += stock_interval_s

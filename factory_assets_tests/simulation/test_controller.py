@@ -96,19 +96,22 @@ def seed_missing_a_colour() -> tuple[int, str]:
 def test_the_camera_publishes_no_frame_before_c_cam_switches_it_on_and_none_after_it_switches_off(mqtt_broker):
     with MqttRecorder(mqtt_broker.url) as rec:
         stop, thread, out = run_in_background(mqtt_broker.url, fps=20, sensor_interval_s=0.05, customer=False,
-                                              arrivals=False)
+                                              arrivals=False, broadcast_retry_s=0.1)
         try:
             # 10 sensor rounds = 0.5 s of the factory, 10 frames had the camera been on
             assert rec.wait_until(lambda: rec.count("i/ldr") >= 10, 10)
             assert rec.count("i/cam") == 0
+            assert rec.count("i/broadcast") >= 3  # the controller announces itself until it hears from us
             send(mqtt_broker.url, "c/cam", {"on": True, "fps": 2})
             assert rec.wait_until(lambda: rec.count("i/cam") >= 5, 10)
+            announced = rec.count("i/broadcast")
             send(mqtt_broker.url, "c/cam", {"on": False})
             n = rec.count("i/ldr")
             assert rec.wait_until(lambda: rec.count("i/ldr") >= n + 5, 10)
             frames = rec.count("i/cam")
             assert rec.wait_until(lambda: rec.count("i/ldr") >= n + 15, 10)
             assert rec.count("i/cam") == frames  # switched off: no frame over 0.5 s of the factory
+            assert rec.count("i/broadcast") == announced
         finally:
             stop.set()
             thread.join(10)
@@ -159,7 +162,7 @@ def lively():
 def test_each_topic_arrives_at_the_controllers_qos_unretained_and_in_the_controllers_format(lively):
     rec, result = lively
     topics = {topic for topic, *_ in rec.delivered}
-    assert topics == CONTROLLER_TOPICS | {"f/o/order"}  # f/o/order: the other customer's
+    assert topics == CONTROLLER_TOPICS | {"i/broadcast", "f/o/order"}  # f/o/order: the other customer's
     for topic, qos, retained, body in rec.delivered:
         assert qos == (0 if topic == "i/cam" else 1), topic
         assert not retained, topic
