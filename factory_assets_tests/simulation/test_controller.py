@@ -121,6 +121,21 @@ def test_the_camera_publishes_no_frame_before_c_cam_switches_it_on_and_none_afte
     assert on_grid(rec.payloads("i/cam"), 0.05)
 
 
+def test_a_retained_c_cam_sent_before_the_controller_connected_switches_the_camera_on(mqtt_broker):
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", mqtt_broker.port)
+    client.loop_start()
+    client.publish("c/cam", json.dumps({"on": True, "fps": 2}), qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    with MqttRecorder(mqtt_broker.url, topics=("i/#",)) as rec:
+        result = run_simulation(mqtt_broker.url, fps=20, max_frames=5, customer=False, arrivals=False)
+        assert rec.wait_until(lambda: rec.count("i/cam") == 5, 5)
+    assert result.frames == 5 and result.camera_switches == 1
+
+
 def test_the_simulate_command_without_fps_follows_the_rate_c_cam_asks_for(mqtt_broker):
     with MqttRecorder(mqtt_broker.url) as rec:
         proc = subprocess.Popen([sys.executable, "-m", "factory_assets.cli.simulate", "simulate", "--mqtt",
@@ -167,7 +182,8 @@ def test_each_topic_arrives_at_the_controllers_qos_unretained_and_in_the_control
         assert qos == (0 if topic == "i/cam" else 1), topic
         assert not retained, topic
         assert formats.problems(topic, json.loads(body)) == [], (topic, body[:300])
-    assert result.frames + result.dropped_frames == 80 and sum(result.published.values()) == len(rec.delivered) - result.customer_orders
+    assert result.frames + result.dropped_frames == 80
+    assert sum(result.published.values()) == len(rec.delivered) - result.customer_orders
 
 
 def test_stock_rises_and_falls_and_order_states_move_with_nobody_but_the_factory_ordering(lively):
@@ -181,7 +197,8 @@ def test_stock_rises_and_falls_and_order_states_move_with_nobody_but_the_factory
     counts = [sum(v is not None for v in stock_of(p).values()) for p in rec.payloads("f/i/stock")]
     assert any(b > a for a, b in zip(counts, counts[1:])) and any(b < a for a, b in zip(counts, counts[1:]))
     for station in STATIONS:  # every station announced at start, then only when its state changes
-        seen = [(p["code"], p["active"], p.get("target"), p["description"]) for p in rec.payloads(f"f/i/state/{station}")]
+        seen = [(p["code"], p["active"], p.get("target"), p["description"])
+                for p in rec.payloads(f"f/i/state/{station}")]
         assert seen and seen[0][:2] in ((1, 0),) and all(a != b for a, b in zip(seen, seen[1:])), station
     busy = {p["code"] for s in ("hbw", "vgr", "mpo", "sld") for p in rec.payloads(f"f/i/state/{s}")}
     assert busy == {1, 2}
