@@ -33,11 +33,24 @@ def _stop_on_sigterm():
 
 def _mqtt(args) -> int:
     from factory_assets.ingest.mqtt import MqttIngester
+    from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix
 
-    ingester = MqttIngester(_ingestor(args), args.url, client_id=args.client_id,
+    try:
+        target = MqttTarget.parse(args.url, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+        prefixes = [TopicPrefix.parse(spec) for spec in args.prefix or ()]
+        if args.camera_fps is not None and args.camera_fps < 0:
+            raise ValueError("--camera-fps must be >= 0 (0 leaves the camera alone)")
+    except ValueError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    if bool(args.cert_file) != bool(args.key_file):
+        print("error: --cert-file and --key-file go together (a client certificate and its key)", flush=True)
+        return 2
+    ingester = MqttIngester(_ingestor(args), target, client_id=args.client_id,
                             progress_every=args.progress_every,
-                            max_buffer_bytes=int(args.max_buffer_mb * 1024 * 1024))
-    print(f"ingesting from {args.url} as {ingester.client_id} (Ctrl-C to stop)", flush=True)
+                            max_buffer_bytes=int(args.max_buffer_mb * 1024 * 1024),
+                            camera_fps=args.camera_fps, prefixes=prefixes)
+    print(f"ingesting from {target.redacted} as {ingester.client_id} (Ctrl-C to stop)", flush=True)
     summary = ingester.run_forever(duration=args.duration)
     if ingester.failed is not None:
         print(f"error: the ingester stopped: {type(ingester.failed).__name__}: {ingester.failed}", flush=True)
@@ -72,7 +85,20 @@ def register(sub) -> None:
         q.add_argument("--batch-size", type=int, default=64, help="records per database write")
 
     q = kinds.add_parser("mqtt", help="subscribe to the factory's MQTT broker (i/cam, i/bme680, i/ldr, f/i/#...)")
-    q.add_argument("--url", default="mqtt://127.0.0.1:1883")
+    q.add_argument("--url", default="mqtt://127.0.0.1:1883",
+                   help="mqtt://[user[:password]@]host[:port] or mqtts://host[:8883] (TLS); the password may "
+                        "come from FACTORY_MQTT_PASSWORD instead (the TXT's own broker: user txt)")
+    q.add_argument("--ca-file", default=None, help="CA certificate (PEM) to check the broker's TLS certificate "
+                                                   "(implies TLS; default: the system's CAs with mqtts://)")
+    q.add_argument("--cert-file", default=None, help="client certificate (PEM) for brokers that ask for one")
+    q.add_argument("--key-file", default=None, help="the client certificate's private key (PEM)")
+    q.add_argument("--prefix", action="append", default=None, metavar="PREFIX[=FACTORY_ID]",
+                   help="follow the factory whose topics a bridge or the cloud put under PREFIX (e.g. "
+                        "/j1/txt/1/=factory-7); documents are stamped with FACTORY_ID (else --factory-id). "
+                        "Repeat for several factories; '' (or =ID) is the unprefixed one. Default: no prefix")
+    q.add_argument("--camera-fps", type=float, default=2.0,
+                   help="switch the TXT camera on at this rate (c/cam, sent on every connection; "
+                        "0 leaves the camera to others; default %(default)s)")
     q.add_argument("--client-id", default=None,
                    help="MQTT client id of the persistent session (default "
                         "factory-assets-ingest-<factory-id>-<camera-id>); one ingester per id")

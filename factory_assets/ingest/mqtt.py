@@ -1,45 +1,73 @@
-"""The MQTT ingester: the Fischertechnik TXT interface -> MongoDB. No frame lost, ever.
+"""The MQTT ingester: the Fischertechnik TXT interface -> MongoDB. Nothing the broker keeps is lost.
 
 - **Store, then acknowledge.** paho runs with ``manual_ack``: a QoS 1 message is
   acknowledged only after the batch holding it is in MongoDB (or in quarantine).
   Until then the broker keeps it and redelivers it after any disconnect or crash.
+- **Camera frames are QoS 0** (the controller publishes ``i/cam`` so): never acknowledged
+  and never redelivered. What holds for them: while the ingester is connected every frame
+  is stored, also through database outages (they wait in memory, then in the socket and the
+  broker's queue for this connection); while it is offline the broker queues them for its
+  persistent session *if it is configured to* (Mosquitto ``queue_qos0_messages true``, which
+  the broker ``up`` starts sets). Lost: frames inside a killed ingester (received, not yet
+  stored) and in its socket at that moment, frames published while the broker is down, and
+  frames beyond the broker's queue limit. docs/mqtt.md has the details and measurements.
+- **The camera is switched on**: the TXT publishes no frame until ``c/cam``
+  ``{"on": true, "fps": N}``. After every (re)connection and subscription the ingester
+  publishes it (QoS 1, retained, so a controller that connects later gets it too) under each
+  prefix; ``camera_fps=None`` or 0 leaves the camera to others.
 - **Persistent session.** A stable client id (default derived from factory and
-  camera) with ``clean_session=False``: frames published while the ingester is down
-  or restarting are queued by the broker and delivered when it comes back
-  (Mosquitto does this; amqtt 0.12 does not, see ``ingest/broker.py``).
+  camera) with ``clean_session=False``: messages published while the ingester is down or
+  restarting are queued by the broker and delivered when it comes back.
+- **Logins, TLS, prefixes.** The broker is an :class:`~factory_assets.vocabulary.mqtt.MqttTarget`
+  (``mqtt://user:password@host``, ``mqtts://``, CA and client certificate; the password may
+  come from ``FACTORY_MQTT_PASSWORD``); logs show it redacted. With ``prefixes`` (a bridge or
+  the cloud: ``/j1/txt/1/i/cam``) the ingester subscribes under each, strips the prefix and
+  stamps each document with that prefix's factory id; ``source.topic`` keeps the full topic.
+  A refused login is logged clearly (and again at most once a minute) and retried.
 - **Bounded memory, in bytes.** paho's network thread only enqueues; when the
   queued plus not-yet-stored payloads reach ``max_buffer_bytes`` (database slow or
   down) it blocks, so we stop reading the socket and the broker holds the rest.
 - **Database outages of any length.** The writer thread retries the batch with
   exponential backoff until it is stored (or the ingester is stopped, in which case
-  the unacknowledged messages are redelivered next time), logging at a sane rate.
+  the unacknowledged QoS 1 messages are redelivered next time), logging at a sane rate.
   Only transient database errors are retried (``storage.errors.is_transient``): a message the
   database cannot or will not store (an integer over 64 bits, a lone surrogate, a
   document over 16 MiB, a write a validator refuses) is quarantined with its reason,
   at validation or by bisecting the refused batch, and the batch is acknowledged.
-  Retrying it would never succeed and would hold every later message back.
+- **A clean stop loses no frame the broker has sent**: the ingester keeps reading while it
+  stores and acknowledges what it received, then disconnects (from then on the broker
+  queues for its session) and stores what arrived meanwhile.
 - **Idempotent.** A redelivered message becomes the same frame identity or
   ``message_id``, so storing it again is a counted duplicate, never a second document.
   Messages received on an earlier connection are stored but not acknowledged (their
   packet ids may be reused by the broker on the new connection); the broker
   redelivers them and that copy is acknowledged.
+- **Each factory's clock**: the offset of its clock from ours, estimated from the messages
+  stored (``ingest.clock``), is recorded in ``factory_clocks`` every few seconds.
 """
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
+from factory_assets.ingest.clock import ClockRecorder
 from factory_assets.ingest.service import Ingestor, retry_store
-from factory_assets.vocabulary.mqtt import MqttTarget
+from factory_assets.vocabulary import CAMERA_CONTROL_TOPIC, utcnow
+from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix, match_prefix
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIPTIONS = ("#",)  # i/cam, i/bme680, i/ldr, f/i/stock and any other factory topic
+SUBSCRIPTIONS = ("#",)  # without prefixes: i/cam, i/bme680, i/ldr, f/i/stock and any other factory topic
 DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+DEFAULT_CAMERA_FPS = 2.0
+REFUSAL_LOG_EVERY_S = 60.0
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
@@ -54,43 +82,76 @@ def default_client_id(factory_id: str, camera_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)
 
 
+def camera_command(fps: float) -> bytes:
+    """``c/cam`` as the controller reads it: switch the camera on at ``fps`` frames per second."""
+    return json.dumps({"on": True, "fps": float(fps)}).encode()
+
+
 @dataclass
 class _Received:
-    topic: str
+    topic: str  # the controller's topic (prefix stripped)
+    full_topic: str  # as the broker delivered it
     payload: bytes
     mid: int
     qos: int
     connection: int  # which connection delivered it: only the current one may acknowledge
+    received_at: datetime
+    factory_id: str | None  # the prefix's factory, if it names one
+    retained: bool
 
 
 class MqttIngester:
-    def __init__(self, ingestor: Ingestor, url: str, *, client_id: str | None = None,
+    def __init__(self, ingestor: Ingestor, url: str | MqttTarget, *, client_id: str | None = None,
                  progress_every: float = 5.0, log=None, max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
-                 keepalive: int = 30, stop_timeout: float = 10.0):
+                 keepalive: int = 30, stop_timeout: float = 10.0, camera_fps: float | None = DEFAULT_CAMERA_FPS,
+                 prefixes=None, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None, password_env: str | None = None):
         self.ingestor = ingestor
         self.ingestor.auto_flush = False  # we flush, then acknowledge
-        self.url = url
-        self.host, self.port = parse_mqtt_url(url)
+        self.target = url if isinstance(url, MqttTarget) else MqttTarget.parse(
+            url, ca_file=ca_file, cert_file=cert_file, key_file=key_file, password_env=password_env)
+        self.url = self.target.redacted  # never the password
+        self.host, self.port = self.target.host, self.target.port
         self.client_id = client_id or default_client_id(ingestor.factory_id, ingestor.camera_id)
         self.progress_every = progress_every
         del log  # accepted for old callers; records go to this module's logger
         self.max_buffer_bytes = max_buffer_bytes
         self.keepalive = keepalive
         self.stop_timeout = stop_timeout
+        if camera_fps is not None and camera_fps < 0:
+            raise ValueError(f"camera_fps must be > 0 (or 0/None to leave the camera alone), got {camera_fps}")
+        self.camera_fps = camera_fps or None
+        self.prefixes = tuple(p if isinstance(p, TopicPrefix) else TopicPrefix.parse(p) for p in (prefixes or ()))
+        self.subscriptions = tuple(dict.fromkeys(p.subscription for p in self.prefixes)) or SUBSCRIPTIONS
+        self.clock = ClockRecorder(ingestor.clock)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Received] = collections.deque()
         self._held_bytes = 0  # queued + taken by the writer but not yet stored
+        self._taken = 0  # messages enqueued so far
+        self._done = 0  # messages stored (and acknowledged when possible) so far
         self._connection = 0
-        self._stopping = threading.Event()  # no new messages taken; the writer drains
+        self._stopping = threading.Event()  # stop() called: the writer drains what was received
+        self._disconnecting = threading.Event()  # no more waiting for memory: the connection is closing
+        self._closed = threading.Event()  # disconnected: nothing more arrives, the writer ends when drained
         self._stop = threading.Event()  # the writer gives up retrying
         self._writer: threading.Thread | None = None
         self._client = None
+        self._camera_mids: set[int] = set()
+        self._refused_logged = -REFUSAL_LOG_EVERY_S
+        self._failed_logged = -REFUSAL_LOG_EVERY_S
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # set on SUBACK: from then on nothing published is missed
+        self.camera_switched = threading.Event()  # the broker acknowledged a c/cam command
         self.connects = 0
+        self.refusals = 0  # CONNACKs refusing us (a wrong login, say)
+        self.last_refusal: str | None = None
+        self.connect_failures = 0  # connection attempts that failed before CONNACK (TCP, TLS)
+        self.last_connect_error: str | None = None
+        self.camera_commands = 0  # c/cam commands the broker acknowledged
         self.acked = 0
         self.store_failures = 0
         self.throttled = 0  # times paho's thread waited for memory (database slower than the stream)
+        self.lost_on_stop = 0  # QoS 0 messages received but not stored when a stop gave up (database down)
         self.failed: BaseException | None = None  # set when the writer thread died (a bug): run_forever ends
 
     @property
@@ -101,43 +162,94 @@ class MqttIngester:
     # -- paho callbacks (network thread) ----------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
-            logger.warning("MQTT connect to %s:%s refused: %s", self.host, self.port, reason_code)
+            self.refusals += 1
+            self.last_refusal = str(reason_code)
+            now = time.monotonic()
+            if now - self._refused_logged >= REFUSAL_LOG_EVERY_S:
+                self._refused_logged = now
+                hint = (" Check the user name and password (mqtt://USER@host, the password in the URL or "
+                        "FACTORY_MQTT_PASSWORD)" if any(w in str(reason_code).lower()
+                                                        for w in ("password", "authori", "user")) else "")
+                logger.error("MQTT broker %s refused the connection as %s: %s.%s Retrying (%d refusals so far; "
+                             "next report in %.0f s)", self.url, self.client_id, reason_code, hint, self.refusals,
+                             REFUSAL_LOG_EVERY_S)
             return
         with self._cond:
             self._connection += 1
-        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+        client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.connects += 1
         self.connected.set()
-        logger.info("MQTT connected to %s:%s as %s (connection #%d, session present: %s)", self.host,
-                    self.port, self.client_id, self.connects, bool(flags.session_present))
+        logger.info("MQTT connected to %s as %s (connection #%d, session present: %s)", self.url,
+                    self.client_id, self.connects, bool(flags.session_present))
+
+    def _on_connect_fail(self, client, userdata):
+        # called by paho inside its ``except OSError``: the error being handled is the reason
+        exc = sys.exc_info()[1]
+        self.connect_failures += 1
+        self.last_connect_error = f"{type(exc).__name__}: {exc}" if exc else "connection failed"
+        now = time.monotonic()
+        if now - self._failed_logged >= REFUSAL_LOG_EVERY_S:
+            self._failed_logged = now
+            logger.warning("cannot connect to MQTT broker %s: %s; retrying (%d failures so far; next report "
+                           "in %.0f s)", self.url, self.last_connect_error, self.connect_failures,
+                           REFUSAL_LOG_EVERY_S)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
-        if not any(rc.is_failure for rc in reason_codes):
-            self.subscribed.set()
-            logger.info("MQTT subscribed to %s (QoS 1)", ", ".join(SUBSCRIPTIONS))
+        if any(rc.is_failure for rc in reason_codes):
+            logger.error("MQTT broker %s refused the subscription to %s: %s", self.url,
+                         ", ".join(self.subscriptions), ", ".join(str(rc) for rc in reason_codes))
+            return
+        self.subscribed.set()
+        logger.info("MQTT subscribed to %s (QoS 1)", ", ".join(self.subscriptions))
+        self._switch_camera_on(client)
+
+    def _switch_camera_on(self, client) -> None:
+        """``c/cam`` under each prefix, after every subscription (so after every reconnection)."""
+        if not self.camera_fps:
+            return
+        for topic in dict.fromkeys(p.full(CAMERA_CONTROL_TOPIC) for p in (self.prefixes or (TopicPrefix(),))):
+            info = client.publish(topic, camera_command(self.camera_fps), qos=1, retain=True)
+            with self._cond:
+                self._camera_mids.add(info.mid)
+        logger.info("asked the camera for %g frames/s (c/cam%s)", self.camera_fps,
+                    f" under {', '.join(p.prefix or '(no prefix)' for p in self.prefixes)}" if self.prefixes else "")
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None):
+        with self._cond:
+            if mid not in self._camera_mids:
+                return
+            self._camera_mids.discard(mid)
+        self.camera_commands += 1
+        self.camera_switched.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
+        with self._cond:
+            self._connection += 1  # what this connection delivered can no longer be acknowledged
         self.connected.clear()
         self.subscribed.clear()
         if not self._stopping.is_set():
-            logger.warning("MQTT disconnected (%s); reconnecting", reason_code)
+            logger.warning("MQTT disconnected from %s (%s); reconnecting", self.url, reason_code)
 
     def _on_message(self, client, userdata, msg):
+        received_at = utcnow()
         payload = bytes(msg.payload)
+        matched = match_prefix(self.prefixes, msg.topic) if self.prefixes else None
+        topic, factory_id = (matched[1], matched[0].factory_id) if matched else (msg.topic, None)
         with self._cond:
             # Bounded memory: wait for the writer to store; meanwhile paho reads nothing more and
             # the broker keeps the rest. One message larger than the limit still passes alone.
             waited = False
             while (self._held_bytes and self._held_bytes + len(payload) > self.max_buffer_bytes
-                   and not self._stopping.is_set()):
+                   and not self._disconnecting.is_set()):
                 if not waited:
                     self.throttled += 1
                     waited = True
                 self._cond.wait(0.5)
-            if self._stopping.is_set():
-                return  # not acknowledged: the broker redelivers it to the next session
-            self._queue.append(_Received(msg.topic, payload, msg.mid, msg.qos, self._connection))
+            # kept also while stopping: a QoS 0 frame is not sent again
+            self._queue.append(_Received(topic, msg.topic, payload, msg.mid, msg.qos, self._connection,
+                                         received_at, factory_id, bool(msg.retain)))
             self._held_bytes += len(payload)
+            self._taken += 1
             self._cond.notify_all()
 
     # -- writer thread -------------------------------------------------------------
@@ -159,20 +271,25 @@ class MqttIngester:
 
     def _write_batches(self):
         last_progress = time.monotonic()
+        broker = f"{self.host}:{self.port}"
         while True:
             batch = self._take_batch()
             if not batch:
-                if self._stopping.is_set():
+                if self._closed.is_set():
                     with self._cond:
                         if not self._queue:
                             break
                 continue
             for item in batch:
                 self.ingestor.handle_mqtt(item.topic, item.payload,
-                                          {"kind": "mqtt", "topic": item.topic, "broker": f"{self.host}:{self.port}"})
+                                          {"kind": "mqtt", "topic": item.full_topic, "broker": broker},
+                                          received_at=item.received_at, factory_id=item.factory_id,
+                                          retained=item.retained)
             if not self._store():
+                self._give_up(batch)
                 break  # stopped while the database was down: these stay unacknowledged
             self._acknowledge(batch)
+            self.clock.record_due(self.ingestor.fdb, logger)
             if self.progress_every and time.monotonic() - last_progress >= self.progress_every:
                 logger.info("%s", self.ingestor.stats.line())
                 last_progress = time.monotonic()
@@ -186,12 +303,17 @@ class MqttIngester:
             self.store_failures += 1
             self.ingestor.stats.store_failures += 1
 
-        if retry_store(self.ingestor.flush, stop=self._stop, on_failure=failed,
-                       pending=lambda: self.ingestor.pending):
-            return True
-        logger.warning("stopping with %d records not stored; the broker redelivers their messages",
-                       self.ingestor.pending)
-        return False
+        return retry_store(self.ingestor.flush, stop=self._stop, on_failure=failed,
+                           pending=lambda: self.ingestor.pending)
+
+    def _give_up(self, batch: list[_Received]) -> None:
+        with self._cond:
+            left = batch + list(self._queue)
+        qos0 = sum(1 for item in left if item.qos == 0)
+        self.lost_on_stop += qos0
+        logger.warning("stopping with %d records not stored (database unavailable): the broker redelivers the "
+                       "%d QoS 1 messages among them; %d QoS 0 messages (camera frames) are lost",
+                       self.ingestor.pending, len(left) - qos0, qos0)
 
     def _acknowledge(self, batch: list[_Received]) -> None:
         with self._cond:
@@ -203,6 +325,7 @@ class MqttIngester:
                 self.acked += 1
         with self._cond:
             self._held_bytes -= sum(len(item.payload) for item in batch)
+            self._done += len(batch)
             self._cond.notify_all()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -211,32 +334,49 @@ class MqttIngester:
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=False, protocol=mqtt.MQTTv311, manual_ack=True)
+        self.target.configure(client)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         client.reconnect_delay_set(min_delay=0.1, max_delay=2)
         self._client = client
         self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
         self._writer.start()
         client.connect_async(self.host, self.port, keepalive=self.keepalive)
         client.loop_start()
+        logger.info("MQTT ingester for %s as %s: subscribing to %s%s", self.url, self.client_id,
+                    ", ".join(self.subscriptions),
+                    f", camera at {self.camera_fps:g} frames/s" if self.camera_fps else ", camera left alone")
         return self
 
     def stop(self) -> dict:
-        """Take no new message, store and acknowledge what was taken (giving up after
-        ``stop_timeout`` when the database is down), then disconnect."""
+        """Store and acknowledge what was received (still reading meanwhile: QoS 0 frames are not
+        sent again), disconnect (the broker queues what follows for our session), then store what
+        arrived in between. Gives up after ``stop_timeout`` per step when the database is down:
+        the QoS 1 messages not stored are redelivered next time, QoS 0 ones are lost (logged)."""
         self._stopping.set()
         with self._cond:
+            target = self._taken
             self._cond.notify_all()
+        if self._writer is not None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._done >= target or not self._writer.is_alive(),
+                                    self.stop_timeout)
+        self._disconnecting.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._client is not None:
+            self._client.disconnect()  # after the acknowledgements, so they are sent first
+            self._client.loop_stop()  # no message arrives after this
+        self._closed.set()
         if self._writer is not None:
             self._writer.join(timeout=self.stop_timeout)
             if self._writer.is_alive():
                 self._stop.set()
                 self._writer.join(timeout=30)
-        if self._client is not None:
-            self._client.disconnect()  # queued after the acknowledgements, so they are sent first
-            self._client.loop_stop()
         return self.ingestor.stats.summary()
 
     def run_forever(self, duration: float | None = None) -> dict:

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from factory_assets import config
+from factory_assets.ingest.clock import ClockEstimator
 from factory_assets.storage.errors import DUPLICATE_KEY, is_transient
 from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, settle_earlier_blocks
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.vision.decode import inspect_image
-from factory_assets.vocabulary import (CAMERA_TOPIC, SENSOR_TOPICS, STOCK_TOPIC, FormatError, parse_data_url,
-                                     parse_ts, utcnow)
+from factory_assets.vocabulary import (CAMERA_TOPIC, COMMAND_TOPIC_PREFIXES, SENSOR_TOPICS, STOCK_TOPIC,
+                                       FormatError, parse_data_url, parse_ts, utcnow)
 from factory_assets.vocabulary.messages import parse_stock_report
 
 
@@ -225,21 +226,34 @@ class Ingestor:
         self.auto_flush = auto_flush
         self.on_stored = on_stored  # callback(list of stored frame docs), for benchmarks and live updates
         self._quarantine_logged: dict[str, tuple[float, int]] = {}  # reason -> (last WARNING, quiet since)
+        # each factory's clock offset, from the (ts, received_at) of the messages it stores
+        self.clock = ClockEstimator()
 
     # -- entry points ------------------------------------------------------------
-    def handle_mqtt(self, topic: str, payload: bytes, source: dict | None = None) -> None:
-        """Validate one message and queue what it becomes (frame, message or quarantine record)."""
+    def handle_mqtt(self, topic: str, payload: bytes, source: dict | None = None, *,
+                    received_at: datetime | None = None, factory_id: str | None = None,
+                    retained: bool = False) -> None:
+        """Validate one message and queue what it becomes (frame, message or quarantine record).
+
+        ``topic`` is the controller's topic (a bridge's prefix already stripped; the full topic
+        is ``source["topic"]``). ``factory_id``: the factory this message comes from (its
+        prefix's), over one the payload names and the ingester's own. ``received_at``: when it
+        arrived (default now). ``retained``: the broker replayed a retained message, which
+        says nothing about the factory's clock now."""
         source = source or {"kind": "mqtt", "topic": topic}
+        received_at = received_at or utcnow()
         try:
             if topic == CAMERA_TOPIC:
                 if len(payload) > self.max_image_bytes * 4 // 3 + 1024:  # base64 of the largest image
                     raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the limit")
-                self._camera_message(payload, source)
+                self._camera_message(payload, source, received_at=received_at, factory_id=factory_id,
+                                     clock=not retained)
             else:
                 if len(payload) > self.max_message_bytes:
                     raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the "
                                                  f"{self.max_message_bytes} byte limit of a factory message")
-                self._factory_message(topic, payload, source)
+                self._factory_message(topic, payload, source, received_at=received_at, factory_id=factory_id,
+                                      clock=not retained)
         except FormatError as exc:
             self.reject(exc.reason, str(exc), source, payload, topic)
         except Exception as exc:  # noqa: BLE001 - a bug in validation must not drop the message
@@ -256,12 +270,13 @@ class Ingestor:
         return ok
 
     def _add_image(self, image: bytes, *, ts: datetime, source: dict, declared_type: str | None = None,
-                   camera_id: str | None = None, factory_id: str | None = None, raw=None) -> bool:
+                   camera_id: str | None = None, factory_id: str | None = None, raw=None,
+                   received_at: datetime | None = None) -> bool:
         try:
             info = inspect_image(image, declared_type, self.max_image_bytes)
             frame = build_frame(image, ts=ts, camera_id=camera_id or self.camera_id,
                                 factory_id=factory_id or self.factory_id, content_type=info.content_type,
-                                width=info.width, height=info.height, source=source)
+                                width=info.width, height=info.height, source=source, received_at=received_at)
             check_storable(frame, "the frame document")
         except FormatError as exc:
             self.reject(exc.reason, str(exc), source, raw if raw is not None else image, source.get("topic"))
@@ -449,30 +464,48 @@ class Ingestor:
                                   f"{str(again)[:200]}") from again
 
     # -- message kinds -----------------------------------------------------------
-    def _camera_message(self, payload: bytes, source: dict) -> None:
+    def _camera_message(self, payload: bytes, source: dict, *, received_at: datetime,
+                        factory_id: str | None = None, clock: bool = True) -> None:
         doc = _json_object(payload)
         ts = _ts(doc)
-        camera_id, factory_id = _short_id(doc, "camera_id"), _short_id(doc, "factory_id")
+        camera_id, named_factory = _short_id(doc, "camera_id"), _short_id(doc, "factory_id")
         data = doc.get("data")
         if not data:
             raise BadMessage("missing_field", "camera message has no 'data'")
         if not isinstance(data, str):
             raise BadMessage("bad_data_url", "'data' must be a data URL string")
         declared, image = parse_data_url(data)
-        self._add_image(image, ts=ts, source=source, declared_type=declared,
-                        camera_id=camera_id, factory_id=factory_id, raw=payload)
+        factory = factory_id or named_factory or self.factory_id
+        if self._add_image(image, ts=ts, source=source, declared_type=declared, camera_id=camera_id,
+                           factory_id=factory, raw=payload, received_at=received_at) and clock:
+            self.clock.add(factory, ts, received_at)
 
-    def _factory_message(self, topic: str, payload: bytes, source: dict) -> None:
+    def _factory_message(self, topic: str, payload: bytes, source: dict, *, received_at: datetime,
+                         factory_id: str | None = None, clock: bool = True) -> None:
         doc = _json_object(payload)
-        ts = _ts(doc)
-        factory_id = _short_id(doc, "factory_id")
+        command = is_command_topic(topic)
+        if command and doc.get("ts") in (None, ""):
+            # c/cam and the other configuration commands carry no ts: stored at their arrival
+            ts, ts_source = received_at, "received_at"
+        else:
+            ts, ts_source = _ts(doc), None
+        factory = factory_id or _short_id(doc, "factory_id") or self.factory_id
         if topic == STOCK_TOPIC:
             parse_stock_report(doc)  # FormatError -> quarantined with its reason
         coll = "sensors" if topic in SENSOR_TOPICS else "mqtt"
-        message = {"topic": topic, "ts": ts, "received_at": utcnow(),
-                   "factory_id": factory_id or self.factory_id, "source": source,
-                   "payload": doc,
+        wire_topic = source.get("topic") or topic  # with its prefix: two factories' messages stay apart
+        message = {"topic": topic, "ts": ts, "received_at": received_at, "factory_id": factory,
+                   "source": source, "payload": doc,
                    # one document per message: a redelivery carries the same bytes
-                   "message_id": hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()}
+                   "message_id": hashlib.sha256(wire_topic.encode() + b"\0" + payload).hexdigest()}
+        if ts_source:
+            message["ts_source"] = ts_source
         check_storable(message, f"the {topic} message")
         self._messages.setdefault(coll, []).append((message, payload))
+        if clock and not command:  # commands are stamped by their sender, not by the factory's clock
+            self.clock.add(factory, ts, received_at)
+
+
+def is_command_topic(topic: str) -> bool:
+    """A topic the controller receives (``c/cam``, ``f/o/order``...), not one it publishes."""
+    return topic.startswith(COMMAND_TOPIC_PREFIXES)

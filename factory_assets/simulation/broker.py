@@ -18,9 +18,17 @@ amqtt 0.12 delivered 0 of 10 such messages in a test, Mosquitto 2.0 10 of 10.
 amqtt stays as the fallback when only pip packages are available.
 
 Mosquitto configuration (written to the data directory): one listener on
-127.0.0.1, anonymous, persistence in the data directory, no ``$SYS`` topics,
-unlimited queues for offline sessions (hours of frames) and no packet size
-limit below MQTT's 256 MB, 100 unacknowledged QoS 1 messages in flight per client.
+127.0.0.1 (TLS with ``--certfile/--keyfile``; logins only with ``--password-file``, else
+anonymous), persistence in the data directory, no ``$SYS`` topics, no packet size limit
+below MQTT's 256 MB. Offline persistent sessions (the ingester while it is down or
+restarting) get QoS 0 messages queued too (``queue_qos0_messages true``: the controller
+publishes its camera frames at QoS 0), up to ``max_queued_messages`` /
+``max_queued_bytes`` sized for a stated outage (:class:`QueueLimits`: by default 30
+minutes at 2 frames/s). ``max_inflight_messages 0`` (no limit): measured on Mosquitto
+2.0.11, a reconnecting client that is sent more queued QoS 0 messages than that limit gets
+no QoS 1 message for the rest of the connection (each queued QoS 0 message it dequeues
+takes a unit of the QoS 1 send quota and never gives it back). docs/mqtt.md has the
+measurements.
 
 amqtt configuration notes (0.12): anonymous access needs the
 ``AnonymousAuthPlugin`` explicitly (with no auth plugin answering, every CONNECT is
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import signal
@@ -41,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("factory_assets.simulation.broker" if __name__ == "__main__" else __name__)  # also run with -m
@@ -125,18 +135,73 @@ def broker_kind(requested: str | None = None) -> str:
     return kind
 
 
-def mosquitto_config(port: int, data_dir: Path, host: str = HOST) -> str:
+# The controller's frames as the broker holds them: a 320x240 JPEG in base64 JSON (the
+# simulator's are ~19 KiB), with a margin for busier real pictures.
+DEFAULT_FRAME_BYTES = 32 * 1024
+DEFAULT_OUTAGE_MINUTES = 30.0
+DEFAULT_OUTAGE_FPS = 2.0
+OTHER_MESSAGES_PER_S = 1.0  # stock, states, orders, sensors: far fewer than 1/s; a generous allowance
+OTHER_MESSAGE_BYTES = 4 * 1024
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """What Mosquitto keeps for one offline persistent session (the ingester while it is down).
+
+    ``messages``/``bytes`` become ``max_queued_messages``/``max_queued_bytes`` (0: no limit);
+    ``qos0``: ``queue_qos0_messages`` (frames are QoS 0). :meth:`for_outage` sizes them for
+    an outage of ``minutes`` at ``fps`` frames per second plus other messages."""
+    messages: int = 0
+    bytes: int = 0
+    qos0: bool = True
+    outage_minutes: float | None = None  # what they were sized for (shown in the log)
+    fps: float | None = None
+    frame_bytes: int | None = None
+
+    @classmethod
+    def for_outage(cls, minutes: float = DEFAULT_OUTAGE_MINUTES, fps: float = DEFAULT_OUTAGE_FPS,
+                   frame_bytes: int = DEFAULT_FRAME_BYTES, qos0: bool = True) -> "QueueLimits":
+        if minutes <= 0 or fps < 0 or frame_bytes <= 0:
+            raise ValueError("an outage needs minutes > 0, fps >= 0 and frame_bytes > 0")
+        seconds = minutes * 60.0
+        frames, others = math.ceil(seconds * fps), math.ceil(seconds * OTHER_MESSAGES_PER_S)
+        return cls(messages=frames + others, bytes=frames * frame_bytes + others * OTHER_MESSAGE_BYTES,
+                   qos0=qos0, outage_minutes=minutes, fps=fps, frame_bytes=frame_bytes)
+
+    def describe(self) -> str:
+        size = "no limit" if not self.messages and not self.bytes else (
+            f"{self.messages or 'unlimited'} messages / {self.bytes / 2**20:.0f} MiB" if self.bytes
+            else f"{self.messages} messages")
+        sized = (f", sized for {self.outage_minutes:g} min at {self.fps:g} frames/s"
+                 if self.outage_minutes else "")
+        return f"offline queue {size}{sized}; QoS 0 {'queued' if self.qos0 else 'dropped'} for offline sessions"
+
+
+def mosquitto_config(port: int, data_dir: Path, host: str = HOST, *, queue: QueueLimits | None = None,
+                     password_file: Path | None = None, certfile: Path | None = None,
+                     keyfile: Path | None = None, cafile: Path | None = None,
+                     connection_messages: bool = False) -> str:
     """A Mosquitto 2.0 configuration: see the module docstring for why each line."""
-    lines = [
-        f"listener {port} {host}",
-        "allow_anonymous true",
+    queue = queue or QueueLimits.for_outage()
+    lines = [f"listener {port} {host}"]
+    if certfile:
+        lines += [f"certfile {Path(certfile).resolve()}", f"keyfile {Path(keyfile).resolve()}"]
+        if cafile:  # clients may then present certificates signed by it (not required)
+            lines += [f"cafile {Path(cafile).resolve()}"]
+    if password_file:
+        lines += ["allow_anonymous false", f"password_file {Path(password_file).resolve()}"]
+    else:
+        lines += ["allow_anonymous true"]
+    lines += [
         "persistence true",
         f"persistence_location {data_dir.resolve()}/",
         "autosave_interval 5",  # persist queued messages of offline sessions every 5 s, and at exit
         "sys_interval 0",  # no $SYS topics
-        "max_queued_messages 0",  # unlimited: the ingester may be down for hours
-        "max_queued_bytes 0",
-        "max_inflight_messages 100",  # per client: unacknowledged QoS 1 deliveries (flow control)
+        f"queue_qos0_messages {'true' if queue.qos0 else 'false'}",  # frames are QoS 0
+        f"max_queued_messages {int(queue.messages)}",
+        f"max_queued_bytes {int(queue.bytes)}",
+        # 0 = no limit: a finite one stalls QoS 1 after a backlog of queued QoS 0 (module docstring)
+        "max_inflight_messages 0",
         # max_packet_size stays at its default, unlimited (MQTT's 256 MB): a 20 MB frame passes
         "persistent_client_expiration 2d",
         "set_tcp_nodelay true",
@@ -145,12 +210,31 @@ def mosquitto_config(port: int, data_dir: Path, host: str = HOST) -> str:
         "log_type warning",
         "log_type notice",
         "log_type information",
-        "connection_messages false",
+        f"connection_messages {'true' if connection_messages else 'false'}",
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # as root Mosquitto drops to the user "mosquitto", which cannot write our data directory
         lines.append("user root")
     return "\n".join(lines) + "\n"
+
+
+def write_password_file(path: Path, users: dict[str, str]) -> Path:
+    """A Mosquitto password file for ``users`` (name -> password), made by ``mosquitto_passwd``."""
+    tool = shutil.which("mosquitto_passwd") or next(
+        (p for p in ("/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd") if os.access(p, os.X_OK)), None)
+    if tool is None:
+        raise BrokerError("mosquitto_passwd is not installed (it comes with the mosquitto package)")
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    for name, password in users.items():
+        if ":" in name:
+            raise ValueError(f"a Mosquitto user name cannot hold ':' ({name!r})")
+        # -b takes the password as an argument: fine for the test and demo brokers this serves
+        done = subprocess.run([tool, "-b", str(path), name, password], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BrokerError(f"mosquitto_passwd failed: {done.stderr.strip() or done.stdout.strip()}")
+    return path
 
 
 def _free_port(host: str = HOST) -> int:
@@ -168,8 +252,10 @@ def _die_with_parent() -> None:  # preexec_fn: SIGTERM the child when this proce
         pass
 
 
-def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Path | None) -> int:
-    """Run Mosquitto as our child until SIGTERM/SIGINT (or our parent dies); its exit code."""
+def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Path | None,
+                     **options) -> int:
+    """Run Mosquitto as our child until SIGTERM/SIGINT (or our parent dies); its exit code.
+    ``options``: the keyword arguments of :func:`mosquitto_config` (queue limits, logins, TLS)."""
     binary = mosquitto_binary()
     if data_dir is None:
         from factory_assets import config
@@ -179,7 +265,11 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
     if port == 0:
         port = _free_port(host)
     conf = data_dir / f"mosquitto-{port}.conf"
-    conf.write_text(mosquitto_config(port, data_dir, host))
+    conf.write_text(mosquitto_config(port, data_dir, host, **options))
+    queue = options.get("queue") or QueueLimits.for_outage()
+    logger.info("mosquitto on %s:%d: %s%s%s", host, port, queue.describe(),
+                ", TLS" if options.get("certfile") else "",
+                ", logins from a password file" if options.get("password_file") else ", anonymous")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     running = threading.Event()
@@ -201,7 +291,8 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
         if proc.poll() is not None:
             logger.error("broker failed to start: mosquitto exited with code %s", proc.returncode)
             return 1
-    print(f"{READY_PREFIX}mqtt://{host}:{port}", flush=True)  # the readiness line (stdout), not a log record
+    scheme = "mqtts" if options.get("certfile") else "mqtt"
+    print(f"{READY_PREFIX}{scheme}://{host}:{port}", flush=True)  # the readiness line (stdout), not a log record
     while not stop.wait(0.5):
         if parent_pid and os.getppid() != parent_pid:  # parent died: we were re-parented
             break
@@ -263,6 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: FACTORY_MQTT_BROKER, else auto (Mosquitto when installed)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="Mosquitto persistence directory (default <factory home>/mosquitto)")
+    add_queue_arguments(p)
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="Mosquitto password file (mosquitto_passwd): refuse anonymous clients")
+    p.add_argument("--certfile", type=Path, default=None, help="server certificate (PEM): a TLS listener")
+    p.add_argument("--keyfile", type=Path, default=None, help="the server certificate's private key (PEM)")
+    p.add_argument("--cafile", type=Path, default=None,
+                   help="CA of client certificates the broker accepts (optional, with --certfile)")
+    p.add_argument("--connection-messages", action="store_true",
+                   help="log every client connecting and disconnecting")
     args = p.parse_args(argv)
     configure_logging(args.log_level)
     if args.log_level:
@@ -274,7 +374,21 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("broker failed to start: %s", exc)
         return 1
     if kind == "mosquitto":
-        return _serve_mosquitto(args.port, args.host, args.exit_with_parent, args.data_dir)
+        if bool(args.certfile) != bool(args.keyfile):
+            logger.error("broker failed to start: --certfile and --keyfile go together")
+            return 1
+        try:
+            queue = queue_limits(args)
+        except ValueError as exc:
+            logger.error("broker failed to start: %s", exc)
+            return 1
+        return _serve_mosquitto(args.port, args.host, args.exit_with_parent, args.data_dir, queue=queue,
+                                password_file=args.password_file, certfile=args.certfile,
+                                keyfile=args.keyfile, cafile=args.cafile,
+                                connection_messages=args.connection_messages)
+    if args.password_file or args.certfile:
+        logger.error("broker failed to start: logins and TLS need Mosquitto (apt-get install mosquitto)")
+        return 1
 
     try:
         asyncio.run(_serve(args.port, args.host, args.exit_with_parent))
@@ -285,6 +399,43 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("broker failed to start: %s", exc)
         return 1
     return 0
+
+
+def add_queue_arguments(p: argparse.ArgumentParser) -> None:
+    """The offline-queue options, shared with ``factory-assets up``."""
+    p.add_argument("--outage-minutes", type=float, default=DEFAULT_OUTAGE_MINUTES,
+                   help="size the offline queue for an ingester outage this long (default %(default)s)")
+    p.add_argument("--outage-fps", type=float, default=DEFAULT_OUTAGE_FPS,
+                   help="camera frames per second the queue is sized for (default %(default)s)")
+    p.add_argument("--frame-bytes", type=int, default=DEFAULT_FRAME_BYTES,
+                   help="bytes of one camera message the queue is sized for (default %(default)s)")
+    p.add_argument("--max-queued-messages", type=int, default=None,
+                   help="set Mosquitto's max_queued_messages directly (0: no limit)")
+    p.add_argument("--max-queued-bytes", type=int, default=None,
+                   help="set Mosquitto's max_queued_bytes directly (0: no limit)")
+    p.add_argument("--no-queue-qos0", dest="queue_qos0", action="store_false",
+                   help="drop QoS 0 messages (camera frames) for offline sessions, Mosquitto's default")
+
+
+def queue_limits(args) -> QueueLimits:
+    sized = QueueLimits.for_outage(args.outage_minutes, args.outage_fps, args.frame_bytes, qos0=args.queue_qos0)
+    if args.max_queued_messages is None and args.max_queued_bytes is None:
+        return sized
+    if (args.max_queued_messages or 0) < 0 or (args.max_queued_bytes or 0) < 0:
+        raise ValueError("--max-queued-messages and --max-queued-bytes must be >= 0")
+    return QueueLimits(messages=sized.messages if args.max_queued_messages is None else args.max_queued_messages,
+                       bytes=sized.bytes if args.max_queued_bytes is None else args.max_queued_bytes,
+                       qos0=args.queue_qos0)
+
+
+def queue_argv(queue: QueueLimits) -> list[str]:
+    """``queue`` as arguments of this module's command line."""
+    if queue.outage_minutes:
+        argv = ["--outage-minutes", f"{queue.outage_minutes:g}", "--outage-fps", f"{queue.fps:g}",
+                "--frame-bytes", str(int(queue.frame_bytes or DEFAULT_FRAME_BYTES))]
+    else:
+        argv = ["--max-queued-messages", str(int(queue.messages)), "--max-queued-bytes", str(int(queue.bytes))]
+    return argv + ([] if queue.qos0 else ["--no-queue-qos0"])
 
 
 # -- the Python helper ------------------------------------------------------------------------
@@ -308,11 +459,18 @@ class BrokerProcess:
     for offline persistent sessions survive :meth:`restart`."""
 
     def __init__(self, port: int = 0, *, host: str = HOST, startup_timeout: float = 20.0,
-                 broker: str | None = None, data_dir: Path | None = None):
+                 broker: str | None = None, data_dir: Path | None = None, queue: QueueLimits | None = None,
+                 users: dict[str, str] | None = None, tls: "ServerTls | None" = None,
+                 connection_messages: bool = False):
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
         self.kind = broker_kind(broker)
+        if self.kind != "mosquitto" and (users or tls or queue):
+            raise BrokerError("logins, TLS and queue limits need Mosquitto (apt-get install mosquitto)")
+        self.queue = queue
+        self.tls = tls
+        self.connection_messages = connection_messages
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile(mode="w+", prefix=f"{self.kind}-", suffix=".log")
         self._tmp = None
@@ -320,10 +478,19 @@ class BrokerProcess:
             self._tmp = tempfile.TemporaryDirectory(prefix="mosquitto-")
             data_dir = Path(self._tmp.name)
         self.data_dir = data_dir
+        # a password file refuses every anonymous client (users: name -> password)
+        self.password_file = write_password_file(Path(data_dir) / "passwd", users) if users else None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def url_for(self, user: str, password: str | None = None) -> str:
+        """The broker's URL with a login (for the clients of a broker made with ``users``)."""
+        from urllib.parse import quote
+
+        login = quote(user, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
+        return f"{'mqtts' if self.tls else 'mqtt'}://{login}@{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -342,6 +509,16 @@ class BrokerProcess:
                "--host", self.host, "--exit-with-parent", str(os.getpid()), "--broker", self.kind]
         if self.data_dir is not None:
             cmd += ["--data-dir", str(self.data_dir)]
+        if self.queue is not None:
+            cmd += queue_argv(self.queue)
+        if self.password_file is not None:
+            cmd += ["--password-file", str(self.password_file)]
+        if self.tls is not None:
+            cmd += ["--certfile", str(self.tls.certfile), "--keyfile", str(self.tls.keyfile)]
+            if self.tls.cafile:
+                cmd += ["--cafile", str(self.tls.cafile)]
+        if self.connection_messages:
+            cmd += ["--connection-messages"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      stdin=subprocess.DEVNULL)
         line = self._read_ready_line(self.proc, self.startup_timeout)
@@ -404,13 +581,23 @@ class BrokerProcess:
         return f"BrokerProcess(kind={self.kind!r}, url={self.url!r}, running={self.running})"
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The broker's TLS listener: its certificate and key (PEM); ``cafile`` to accept client certificates."""
+    certfile: Path
+    keyfile: Path
+    cafile: Path | None = None
+
+
 def start_broker(port: int = 0, *, host: str = HOST, startup_timeout: float = 20.0,
-                 broker: str | None = None, data_dir: Path | None = None) -> BrokerProcess:
+                 broker: str | None = None, data_dir: Path | None = None, **options) -> BrokerProcess:
     """Start a broker subprocess on ``host:port`` (0 = free port); returns once it accepts connections.
 
-    ``broker``: ``mosquitto``, ``amqtt`` or ``auto`` (default: ``FACTORY_MQTT_BROKER``, else auto)."""
+    ``broker``: ``mosquitto``, ``amqtt`` or ``auto`` (default: ``FACTORY_MQTT_BROKER``, else auto).
+    ``options`` (Mosquitto only): ``queue`` (:class:`QueueLimits`), ``users`` (name -> password:
+    anonymous clients are refused), ``tls`` (:class:`ServerTls`), ``connection_messages``."""
     return BrokerProcess(port, host=host, startup_timeout=startup_timeout, broker=broker,
-                         data_dir=data_dir).start()
+                         data_dir=data_dir, **options).start()
 
 
 if __name__ == "__main__":

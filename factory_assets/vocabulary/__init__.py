@@ -55,6 +55,11 @@ STATION_NAMES: dict[str, str] = {"hbw": "high-bay warehouse", "vgr": "vacuum gri
                                  "mpo": "multi-processing station", "sld": "sorting line",
                                  "dsi": "input station", "dso": "output station"}
 
+# Topics the controller *receives*: configuration (c/cam, c/bme680, c/ldr, c/link; without
+# ts), o/ptu, and f/o/ (orders, acknowledgements). Seen on "#", they are not the factory's
+# clock: the ingester stores them with ts = received_at when they carry none.
+COMMAND_TOPIC_PREFIXES: tuple[str, ...] = ("c/", "o/", "f/o/")
+
 # QoS as the controller publishes: camera frames at 0 (not retained), everything else at 1.
 TOPIC_QOS: dict[str, int] = {CAMERA_TOPIC: 0}
 DEFAULT_QOS = 1
@@ -82,7 +87,8 @@ DEFAULT_CAMERA_ID = "txt-cam"
 DEFAULT_ENDPOINT = "factory-stock"
 
 __all__ = [
-    "ALERT_TOPIC", "BME680_TOPIC", "BROADCAST_TOPIC", "CAMERA_CONTROL_TOPIC", "CRANE_TRAVEL_S", "DEFAULT_QOS",
+    "ALERT_TOPIC", "BME680_TOPIC", "BROADCAST_TOPIC", "CAMERA_CONTROL_TOPIC", "COMMAND_TOPIC_PREFIXES",
+    "CRANE_TRAVEL_S", "DEFAULT_QOS",
     "DEFAULT_SETTLE_S", "LDR_TOPIC", "NFC_TOPIC", "ORDER_MAX_AGE_S", "ORDER_STATES", "ORDER_STATE_TOPIC",
     "PTU_POSITION_TOPIC", "STATIONS", "STATION_CODES", "STATION_ERROR_CODE", "STATION_ERROR_CODES", "STATION_NAMES",
     "STATION_STATE_PREFIX", "TOPIC_QOS",

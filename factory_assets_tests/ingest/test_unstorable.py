@@ -60,7 +60,8 @@ def test_unstorable_messages_between_good_frames_are_quarantined_and_every_good_
     # f/i/trace's 3 MB must pass the size bound for the BSON check to be what catches it: raise the bound
     ingestor = Ingestor(fdb, batch_size=4)
     ingestor.max_message_bytes = 4 * 1024 * 1024
-    ingester = MqttIngester(ingestor, mqtt_broker.url, progress_every=0).start()
+    # camera_fps=None: no c/cam of its own, so every message counted here is one the test published
+    ingester = MqttIngester(ingestor, mqtt_broker.url, progress_every=0, camera_fps=None).start()
     try:
         assert ingester.subscribed.wait(10)  # SUBACK: nothing published from now on is missed
         messages = [("i/cam", frame(i)) for i in range(5)] + bad + [("i/cam", frame(i)) for i in range(5, 10)]
@@ -100,7 +101,7 @@ def test_a_record_the_database_refuses_is_quarantined_alone_and_the_rest_of_its_
     refused_frame["camera_id"] = "refused-cam"
     listened = []
     ingester = MqttIngester(Ingestor(fdb, batch_size=8, on_stored=listened.extend), mqtt_broker.url,
-                            progress_every=0).start()
+                            progress_every=0, camera_fps=None).start()  # no c/cam: only the test's messages
     try:
         assert ingester.subscribed.wait(10)
         messages = ([("i/cam", frame(i)) for i in range(3)] + [("i/cam", json.dumps(refused_frame).encode())]
