@@ -294,8 +294,12 @@ class LiveTwinUpdater:
                     if outages[what] == 1 or now - last_outage_log.get(what, 0.0) >= 60:
                         # the first failure, then one line a minute: a model-less bootstrap or a
                         # long outage must not flood the log
-                        logger.warning("live: %s unavailable (%s: %s); retrying (%d attempts so far)", what,
-                                       exc.__class__.__name__, str(exc)[:200], outages[what])
+                        # no model loaded yet: the expected wait of every start-up (INFO), until the first
+                        # model is deployed ("available again" below says when)
+                        expected = "no model loaded yet" in str(exc)
+                        logger.log(logging.INFO if expected else logging.WARNING,
+                                   "live: %s unavailable (%s: %s); retrying (%d attempts so far)", what,
+                                   exc.__class__.__name__, str(exc)[:200], outages[what])
                         last_outage_log[what] = now
                     if isinstance(exc, PyMongoError):
                         self.waiter.close(save=False)
