@@ -2,6 +2,8 @@
 
 * ``label_metrics``: multi-label presence (``CLASSES`` columns): per-label accuracy,
   exact match, per class precision / recall / f1 / accuracy and the confusion counts;
+* ``class_scores``: one class's support, precision, recall and f1 from its confusion counts,
+  ``None`` where a score is undefined (a class with no example present has no recall);
 * ``slot_metrics``: per-slot states (``SLOTS`` columns, ``SLOT_STATES`` values): slot
   accuracy, frames with every slot right, per-slot accuracy and the state confusion.
 """
@@ -18,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def label_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
     """``pred`` and ``y`` (n, len(CLASSES)) of 0/1 -> accuracy, exact match and, per class,
-    accuracy, precision, recall, f1 and tp / fp / tn / fn (0.0 where undefined)."""
+    accuracy, precision, recall, f1 and tp / fp / tn / fn (0.0 where undefined: the model
+    artifact's metadata keeps these bytes; ``class_scores`` tells an undefined score apart)."""
     from sklearn.metrics import multilabel_confusion_matrix, precision_recall_fscore_support
 
     pred = np.asarray(pred).astype(int).reshape(-1, len(CLASSES))
@@ -51,6 +54,25 @@ def label_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
             "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         }
     return out
+
+
+def class_scores(tp: int, fp: int, tn: int, fn: int) -> dict:
+    """One class's scores from its confusion counts, ``None`` where undefined instead of 0:
+
+    * ``support`` (images where the class is present, tp + fn) and ``absent`` (tn + fp);
+    * ``precision`` (None when the model never said "present"), ``recall`` and ``f1`` (None
+      when no image has the class: nothing to find). With examples but no "present" decision,
+      f1 is 0.0: every example was missed."""
+    support, predicted = tp + fn, tp + fp
+    precision = tp / predicted if predicted else None
+    recall = tp / support if support else None
+    if recall is None:
+        f1 = None
+    elif precision is None or precision + recall == 0:
+        f1 = 0.0
+    else:
+        f1 = 2 * precision * recall / (precision + recall)
+    return {"support": support, "absent": tn + fp, "precision": precision, "recall": recall, "f1": f1}
 
 
 def slot_metrics(slot_proba: np.ndarray, truth: np.ndarray) -> dict | None:

@@ -220,3 +220,81 @@ def test_a_per_slot_model_shows_its_slot_accuracy_and_a_per_slot_table(fdb, tmp_
     registered = fdb.models.find_one({"_id": md["model_version"].value})["metrics"]["valid"]
     assert registered["model_kind"] == "slots"
     assert registered["slots"]["slot_accuracy"] == md["slot_accuracy"].value
+
+
+def _recorded_dataset(fdb, instance, sim_dataset, dest, version, n_train=80, keep_valid=lambda labels: True):
+    """A copy of the simulated dataset (its first ``n_train`` train images, the validation images
+    ``keep_valid`` keeps), recorded in ``datasets`` and materialized as training_manifests on
+    ``instance``, as build_dataset and the asset do."""
+    import shutil
+    from datetime import datetime, timezone
+
+    from factory_assets.vocabulary import CLASSES
+
+    counts = {}
+    for split, keep in (("train", None), ("valid", keep_valid)):
+        (dest / f"{split}-annots").mkdir(parents=True)
+        (dest / f"{split}-imgs").mkdir()
+        rows = [line.split("\t") for line in (sim_dataset / f"{split}-annots" / f"{split}.lst").read_text().splitlines()]
+        rows = rows[:n_train] if keep is None else [r for r in rows if keep(dict(zip(CLASSES, map(int, r[1:4]))))]
+        for r in rows:
+            shutil.copy(sim_dataset / f"{split}-imgs" / r[-1].strip(), dest / f"{split}-imgs" / r[-1].strip())
+        (dest / f"{split}-annots" / f"{split}.lst").write_text("".join("\t".join(r) + "\n" for r in rows))
+        counts[split] = {"images": len(rows), **{c: sum(int(r[1 + i]) for r in rows) for i, c in enumerate(CLASSES)}}
+    fdb.datasets.insert_one({"_id": version, "version": version, "path": str(dest), "counts": counts,
+                             "days": ["2026-11-22"], "built_at": datetime(2026, 11, 22, 12, tzinfo=timezone.utc)})
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        "training_manifests", partition="2026-11-22", metadata={"dataset_version": version, "path": str(dest)}))
+    return counts
+
+
+def test_the_model_metrics_show_how_many_validation_images_hold_each_class_and_n_a_where_none_does(
+        fdb, sim_dataset, tmp_path, resources, monkeypatch, model_server):
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    instance = dg.DagsterInstance.ephemeral()
+    counts = _recorded_dataset(fdb, instance, sim_dataset, tmp_path / "no-red", "no-red-in-valid",
+                               keep_valid=lambda labels: not labels["red"])
+    assert counts["valid"]["red"] == 0 < counts["valid"]["blue"] < counts["valid"]["images"]
+    res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=0.0),
+           "endpoint": EndpointResource(url=model_server.url)}
+    result = dg.materialize([stock_model], resources=res, instance=instance)
+    md = result.asset_materializations_for_node("stock_model")[0].metadata
+    rows = {r.data["class"]: r.data for r in md["metrics"].value.records}
+    assert (rows["red"]["present"], rows["red"]["absent"]) == (0, counts["valid"]["images"])
+    assert rows["red"]["recall"] == rows["red"]["f1"] == "n/a"  # not 0: there was nothing to find
+    assert rows["blue"]["present"] == counts["valid"]["blue"] and isinstance(rows["blue"]["recall"], float)
+    assert (md["dataset_version"].value, md["dataset_days"].value) == ("no-red-in-valid", "2026-11-22 .. 2026-11-22 (1 days)")
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    lacking = checks["validation_has_every_class"]
+    assert not lacking.passed and lacking.severity == dg.AssetCheckSeverity.WARN
+    assert "no validation image shows red" in lacking.description and lacking.metadata["present_red"].value == 0
+    # a warning only: the blocking checks decide whether the model may be deployed
+    assert checks["per_label_accuracy_above_minimum"].passed and fdb.models.find_one()["passed_checks"]
+
+
+def test_materializing_stock_model_alone_on_the_dataset_it_already_learned_trains_nothing_and_says_why(
+        fdb, sim_dataset, tmp_path, resources, monkeypatch, model_server):
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    instance = dg.DagsterInstance.ephemeral()
+    _recorded_dataset(fdb, instance, sim_dataset, tmp_path / "first", "first-dataset")
+    res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=0.0),
+           "endpoint": EndpointResource(url=model_server.url)}
+    trained = dg.materialize([stock_model], resources=res, instance=instance)
+    version = trained.asset_materializations_for_node("stock_model")[0].metadata["model_version"].value
+    # "Materialize" on stock_model alone in the UI, with no new dataset since
+    again = dg.materialize([stock_model], resources=res, instance=instance)
+    assert again.success and not again.asset_materializations_for_node("stock_model")
+    [observation] = [e.event_specific_data.asset_observation for e in again.all_events
+                     if e.event_type_value == "ASSET_OBSERVATION"]
+    assert observation.metadata["retrained"].value is False and observation.metadata["model_version"].value == version
+    assert observation.metadata["dataset_version"].value == "first-dataset"
+    assert "Not retrained" in observation.description and "training_manifests for the days you want" \
+        in observation.description
+    assert {e.check_name for e in again.get_asset_check_evaluations()} == {
+        "per_label_accuracy_above_minimum", "no_regression_against_deployed_model", "validation_has_every_class"}
+    assert fdb.models.count_documents({}) == 1
+    # a new dataset: it trains on it
+    _recorded_dataset(fdb, instance, sim_dataset, tmp_path / "second", "second-dataset", n_train=60)
+    fresh = dg.materialize([stock_model], resources=res, instance=instance)
+    md = fresh.asset_materializations_for_node("stock_model")[0].metadata
+    assert md["dataset_version"].value == "second-dataset" and md["dataset_built_in_this_run"].value is False

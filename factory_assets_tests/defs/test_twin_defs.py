@@ -171,12 +171,64 @@ def test_twin_state_shows_the_newest_frame_and_a_picture_of_the_rack(fdb, resour
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([twin_state], resources=resources, instance=instance)
     md = result.asset_materializations_for_node("twin_state")[0].metadata
-    assert "data:image/png;base64," in md["twin"].value
+    assert "data:image/png;base64," in md["twin_detail"].value
     assert md["model_version"].value == version
     assert md["observed_frame_ts"].value == (OLD + timedelta(minutes=2)).timestamp()
     again = dg.materialize([twin_state], resources=resources, instance=instance)
-    # the twin did not change: no second picture in the event log
-    assert "twin" not in again.asset_materializations_for_node("twin_state")[0].metadata
+    # the twin did not change: no second full picture in the event log, only the small inline one
+    again_md = again.asset_materializations_for_node("twin_state")[0].metadata
+    assert "twin_detail" not in again_md and again_md["twin"].value == md["twin"].value
+
+
+def test_the_twin_picture_is_short_enough_for_the_dagster_ui_to_show_it_without_a_click(fdb, resources,
+                                                                                        trained_models):
+    # The UI shows Markdown metadata inline below 1,000 characters; a PNG data URL never is.
+    import random
+    from urllib.parse import unquote
+
+    from factory_assets.defs.twin.picture import INLINE_LIMIT, twin_markdown
+    from factory_assets.twin.state import SLOTS
+
+    deploy(fdb, trained_models[0].model)
+    insert_frames(fdb, [frame(OLD, seed=1)])
+    md = dg.materialize([twin_state], resources=resources).asset_materializations_for_node("twin_state")[0].metadata
+    assert len(md["twin"].value) < INLINE_LIMIT
+    assert unquote(md["twin"].value).startswith("![twin](data:image/svg+xml,<svg ")
+    # the rack as the controller reports it (A2 red, B1 white), as the camera sees it, the colours observed
+    doc = {"reported": {"slots": {"A2": "RED", "B1": "WHITE"}},
+           "observed": {"red": {"present": True}, "slots": {"A2": {"type": "RED"}, "B1": {"type": None}}},
+           "delta": {"slots": {"B1": {"message": "controller says B1 holds WHITE, camera sees it empty"}}}}
+    picture = unquote(twin_markdown(doc))
+    assert [t in picture for t in (">reported<", ">seen<", ">observed<")] == [True] * 3
+    red = picture.split("fill='#d33'")[1].split("'/>")[0]
+    assert red.count("h8v8h-8z") == 3  # A2 in both racks and the observed red
+    assert "M36,20h8v8h-8z" in picture.split("stroke='red'")[1]  # B1 outlined on the camera's rack
+    # every twin, however much vision and the controller disagree, fits (outlines dropped if ever needed)
+    kinds = ["BLUE", "RED", "WHITE", None]
+    for seed in range(300):
+        r = random.Random(seed)
+        doc = {"reported": {"slots": {s: r.choice(kinds) for s in SLOTS}},
+               "observed": {**{c: {"present": r.random() < 0.5} for c in ("blue", "red", "white")},
+                            "slots": {s: {"type": r.choice(kinds)} for s in SLOTS}},
+               "delta": {"red": {}, "blue": {}, "slots": {s: {} for s in SLOTS if r.random() < 0.7}}}
+        assert len(twin_markdown(doc)) < INLINE_LIMIT
+
+
+def test_stock_inferences_depends_on_the_deployed_model_without_being_started_by_a_deployment():
+    from factory_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert dg.AssetKey("model_endpoint") in graph.get(stock_inferences.key).parent_keys
+    # what the daemon would do after a deployment: request nothing (stock_inferences has no
+    # automation condition; twin_state follows stock_inferences only)
+    instance = dg.DagsterInstance.ephemeral()
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)  # the whole code location
+    instance.report_runless_asset_event(dg.AssetMaterialization("model_endpoint"))
+    after_deploy = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert after_deploy.total_requested == 0
+    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition="2026-11-20"))
+    after_inferences = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_deploy.cursor)
+    assert after_inferences.total_requested == 1 and after_inferences.get_num_requested(twin_state.key) == 1
 
 
 def test_the_twin_never_regresses_when_an_older_frame_is_inferred_last(fdb, resources, trained_models):

@@ -102,8 +102,9 @@ def _job_metadata(job: dict) -> dict:
 
 
 def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, model_policy, dataset: dict,
-                          checks: tuple[str, str]) -> dg.MaterializeResult:
-    """``stock_model`` on SageMaker: train (built-in or byoc), evaluate, register, check."""
+                          checks: tuple[str, str], extra_metadata: dict | None = None) -> dg.MaterializeResult:
+    """``stock_model`` on SageMaker: train (built-in or byoc), evaluate, register, check.
+    ``extra_metadata`` (which dataset, the seed) is added to the materialization's."""
     from factory_assets.backends.sagemaker import SageMakerTrainer, TrainingJobFailed, TrainingJobTimeout
     from factory_assets.backends.sagemaker.registry import record_model
     from factory_assets.serving.models import load_model
@@ -160,7 +161,7 @@ def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, mode
                   "dataset_version": dg.MetadataValue.text(str(dataset["version"])),
                   "code_version": dg.MetadataValue.text(code_version()),
                   "per_label_accuracy": dg.MetadataValue.float(float(accuracy if accuracy is not None else -1.0)),
-                  **_job_metadata(result.job)},
+                  **_job_metadata(result.job), **(extra_metadata or {})},
         check_results=[
             dg.AssetCheckResult(check_name=accuracy_check, passed=bool(accuracy_ok), metadata={
                 "per_label_accuracy": float(accuracy if accuracy is not None else -1.0),

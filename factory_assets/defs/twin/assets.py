@@ -20,7 +20,9 @@ class StockInferencesConfig(dg.Config):
 
 
 @dg.asset(
-    deps=["raw_frames"],
+    # model_endpoint: the deployed model produces them (lineage; nothing automates stock_inferences,
+    # so a deployment does not start runs: the live updater and new_frames_sensor infer new frames)
+    deps=["raw_frames", "model_endpoint"],
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     # transient only: endpoint or database unreachable; "no model deployed" does not retry
@@ -37,7 +39,9 @@ def stock_inferences(context: dg.AssetExecutionContext, config: StockInferencesC
     deployed version are sent to the endpoint, so re-running is cheap and idempotent,
     and re-materializing after a new model is deployed re-infers with it. A frame that
     fails every time is quarantined after ``max_attempts_per_frame`` runs and skipped.
-    Each inference also updates the twin (never with an older frame than it shows)."""
+    Each inference also updates the twin (never with an older frame than it shows). It
+    depends on ``model_endpoint``: after a deployment the UI marks the days inferred by the
+    previous model as stale; materializing them re-infers with the new one."""
     from factory_assets.serving.predictor import EndpointUnavailable
     from factory_assets.storage.frames import assign_missing_seqs, day_query
     from factory_assets.storage.inferences import inferred_frame_ids
@@ -99,9 +103,12 @@ class TwinStateConfig(dg.Config):
 
 
 def twin_metadata(doc: dict | None, picture: bool = True) -> dict:
-    """The twin document as metadata: version, presence table, delta and (optionally) a picture."""
+    """The twin document as metadata: a small picture the UI shows inline (``twin``), version,
+    presence table, delta and (optionally) the full picture (``twin_detail``, a PNG behind
+    "[Show Markdown]": the UI shows Markdown inline only below 1,000 characters)."""
     import pandas as pd
 
+    from factory_assets.defs.twin.picture import twin_markdown
     from factory_assets.twin.render import render_twin_png
     from factory_assets.twin.state import COLOURS
 
@@ -115,6 +122,7 @@ def twin_metadata(doc: dict | None, picture: bool = True) -> dict:
         "reported": [reported.get(c) for c in COLOURS],
     })
     metadata = {
+        "twin": dg.MetadataValue.md(twin_markdown(doc)),
         "version": dg.MetadataValue.int(int(doc.get("version", 0))),
         "presence": table(presence),
         "delta": dg.MetadataValue.json(doc.get("delta") or {}),
@@ -124,7 +132,7 @@ def twin_metadata(doc: dict | None, picture: bool = True) -> dict:
     if observed.get("model_version"):
         metadata["model_version"] = dg.MetadataValue.text(observed["model_version"])
     if picture:
-        metadata["twin"] = png_markdown(render_twin_png(doc), "digital twin")
+        metadata["twin_detail"] = png_markdown(render_twin_png(doc), "digital twin")
     return metadata
 
 
@@ -144,7 +152,8 @@ def twin_state(context: dg.AssetExecutionContext, config: TwinStateConfig, mongo
     the original ``sagemaker_stock_inference`` document (``_partition: DTPartition``).
     Materializing syncs it with the newest inference and stock report (re-inferring
     the newest frame when the deployed model has not seen it), never regressing. The
-    picture of the rack is attached only when the twin changed since the last event."""
+    small picture of the rack (``twin``) is shown inline on every event; the full one
+    (``twin_detail``) is attached only when the twin changed since the last event."""
     from factory_assets.storage.models import served_version
     from factory_assets.twin.batch import sync_twin
 
