@@ -14,7 +14,9 @@
 - **The camera is switched on**: the TXT publishes no frame until ``c/cam``
   ``{"on": true, "fps": N}``. After every (re)connection and subscription the ingester
   publishes it (QoS 1, retained, so a controller that connects later gets it too) under each
-  prefix; ``camera_fps=None`` or 0 leaves the camera to others.
+  prefix, and again when that factory announces itself on ``i/broadcast`` (the controller
+  does at start, until a message for it arrives: the dashboard's cue to send its
+  configuration); ``camera_fps=None`` or 0 leaves the camera to others.
 - **Persistent session.** A stable client id (default derived from factory and
   camera) with ``clean_session=False``: messages published while the ingester is down or
   restarting are queued by the broker and delivered when it comes back.
@@ -59,7 +61,7 @@ from datetime import datetime
 
 from factory_assets.ingest.clock import ClockRecorder
 from factory_assets.ingest.service import Ingestor, retry_store
-from factory_assets.vocabulary import CAMERA_CONTROL_TOPIC, utcnow
+from factory_assets.vocabulary import BROADCAST_TOPIC, CAMERA_CONTROL_TOPIC, utcnow
 from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix, match_prefix
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ SUBSCRIPTIONS = ("#",)  # without prefixes: i/cam, i/bme680, i/ldr, f/i/stock an
 DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
 DEFAULT_CAMERA_FPS = 2.0
 REFUSAL_LOG_EVERY_S = 60.0
+BROADCAST_ANSWER_EVERY_S = 1.0  # at most one c/cam per factory per second in answer to i/broadcast
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
@@ -137,6 +140,7 @@ class MqttIngester:
         self._writer: threading.Thread | None = None
         self._client = None
         self._camera_mids: set[int] = set()
+        self._broadcast_answered: dict[str, float] = {}  # prefix -> when we last answered its i/broadcast
         self._refused_logged = -REFUSAL_LOG_EVERY_S
         self._failed_logged = -REFUSAL_LOG_EVERY_S
         self.connected = threading.Event()
@@ -148,6 +152,7 @@ class MqttIngester:
         self.connect_failures = 0  # connection attempts that failed before CONNACK (TCP, TLS)
         self.last_connect_error: str | None = None
         self.camera_commands = 0  # c/cam commands the broker acknowledged
+        self.broadcast_answers = 0  # i/broadcast announcements answered with c/cam
         self.acked = 0
         self.store_failures = 0
         self.throttled = 0  # times paho's thread waited for memory (database slower than the stream)
@@ -203,16 +208,26 @@ class MqttIngester:
         logger.info("MQTT subscribed to %s (QoS 1)", ", ".join(self.subscriptions))
         self._switch_camera_on(client)
 
-    def _switch_camera_on(self, client) -> None:
-        """``c/cam`` under each prefix, after every subscription (so after every reconnection)."""
+    def _switch_camera_on(self, client, prefixes=None) -> None:
+        """``c/cam`` under each prefix (default: all), after every subscription (so after every
+        reconnection) and when a factory announces itself on ``i/broadcast``."""
         if not self.camera_fps:
             return
-        for topic in dict.fromkeys(p.full(CAMERA_CONTROL_TOPIC) for p in (self.prefixes or (TopicPrefix(),))):
+        prefixes = prefixes or self.prefixes or (TopicPrefix(),)
+        for topic in dict.fromkeys(p.full(CAMERA_CONTROL_TOPIC) for p in prefixes):
             info = client.publish(topic, camera_command(self.camera_fps), qos=1, retain=True)
             with self._cond:
                 self._camera_mids.add(info.mid)
         logger.info("asked the camera for %g frames/s (c/cam%s)", self.camera_fps,
-                    f" under {', '.join(p.prefix or '(no prefix)' for p in self.prefixes)}" if self.prefixes else "")
+                    f" under {', '.join(p.prefix or '(no prefix)' for p in prefixes)}" if self.prefixes else "")
+
+    def _answer_broadcast(self, client, prefix: TopicPrefix) -> None:
+        now = time.monotonic()
+        if now - self._broadcast_answered.get(prefix.prefix, -BROADCAST_ANSWER_EVERY_S) < BROADCAST_ANSWER_EVERY_S:
+            return
+        self._broadcast_answered[prefix.prefix] = now
+        self.broadcast_answers += 1
+        self._switch_camera_on(client, (prefix,))
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None):
         with self._cond:
@@ -235,6 +250,8 @@ class MqttIngester:
         payload = bytes(msg.payload)
         matched = match_prefix(self.prefixes, msg.topic) if self.prefixes else None
         topic, factory_id = (matched[1], matched[0].factory_id) if matched else (msg.topic, None)
+        if topic == BROADCAST_TOPIC and self.camera_fps and not msg.retain and (matched or not self.prefixes):
+            self._answer_broadcast(client, matched[0] if matched else TopicPrefix())
         with self._cond:
             # Bounded memory: wait for the writer to store; meanwhile paho reads nothing more and
             # the broker keeps the rest. One message larger than the limit still passes alone.

@@ -103,8 +103,9 @@ def problems(topic: str, payload) -> list[str]:
                           "br": (lambda v: isinstance(v, str) and bool(BRIGHTNESS_PATTERN.match(v)),
                                  "a string rounded to one decimal, e.g. \"53.3\" or \"53\"")}, out)
     elif topic == ALERT_TOPIC:
+        # data: the image data URL (id "cam") or the sensor value as a number (bme680/t, bme680/h)
         _fields(payload, {"id": (lambda v: isinstance(v, str), "a string"),
-                          "data": (lambda v: isinstance(v, str), "a string"),
+                          "data": (lambda v: isinstance(v, str) or _number(v), "a string or a number"),
                           "code": (_int, "an integer")}, out)
         if payload.get("id") == "cam" and not str(payload.get("data", "")).startswith("data:image/"):
             out.append("a camera alert's 'data' must be an image data URL")

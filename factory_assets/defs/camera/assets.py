@@ -4,6 +4,7 @@ import dagster as dg
 
 from factory_assets.defs.metadata import partition_bounds, png_markdown, table
 from factory_assets.defs.partitions import daily_partitions
+from factory_assets.defs.pools import MONGODB_POOL
 from factory_assets.defs.resources import MongoResource
 
 
@@ -11,6 +12,7 @@ from factory_assets.defs.resources import MongoResource
     partitions_def=daily_partitions,
     group_name="camera",
     kinds={"mongodb"},
+    pool=MONGODB_POOL,  # a day's frames read from MongoDB (docs/scaling-out.md)
     owners=["team:factory-data"],
     tags={"domain": "camera"},
 )
@@ -41,6 +43,15 @@ def raw_frames(context: dg.AssetExecutionContext, mongo: MongoResource) -> dg.Ma
         "per_camera": table(per_camera),
         "collection": dg.MetadataValue.text(f"{fdb.db.name}.{fdb.names.frames}"),
     }
+    from factory_assets.storage.clocks import clocks  # each factory's clock minus ours, from the ingester
+
+    offsets = {d["_id"]: d for d in clocks(fdb).find() if d.get("offset_s") is not None}
+    if offsets:
+        metadata["clock_offset_s"] = dg.MetadataValue.json({f: round(d["offset_s"], 3) for f, d in offsets.items()})
+        metadata["factory_clocks"] = dg.MetadataValue.md(
+            "| factory | clock minus ours (s) | spread (s) | messages | estimated |\n|---|---|---|---|---|\n"
+            + "".join(f"| {f} | {d['offset_s']:+.3f} | {d.get('spread_s') or 0:.3f} | {d.get('samples')} "
+                      f"| {d.get('updated_at')} |\n" for f, d in sorted(offsets.items())))
     latest = fdb.frames.find_one(query, sort=[("ts", -1), ("_id", -1)])
     if latest is not None:
         try:
