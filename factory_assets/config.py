@@ -36,3 +36,21 @@ def database_name() -> str:
 def max_image_bytes() -> int:
     value = os.environ.get("FACTORY_MAX_IMAGE_BYTES")
     return int(value) if value else DEFAULT_MAX_IMAGE_BYTES
+
+
+def settle_seconds() -> float:
+    """``FACTORY_SETTLE_S``: seconds after a reported stock change while the crane may still be
+    moving (default ``vocabulary.DEFAULT_SETTLE_S``): no frame in it is auto-labelled, and the
+    twin marks a vision/controller disagreement in it as ``in_transit`` (docs/twin.md)."""
+    from factory_assets.vocabulary import DEFAULT_SETTLE_S
+
+    value = os.environ.get("FACTORY_SETTLE_S")
+    if not value:
+        return DEFAULT_SETTLE_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"FACTORY_SETTLE_S must be a number of seconds, not {value!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"FACTORY_SETTLE_S must be >= 0 seconds, not {value!r}")
+    return seconds

@@ -33,6 +33,9 @@ def ensure_indexes(fdb) -> None:
     fdb.frames.create_index([("factory_id", ASCENDING), ("seq", DESCENDING)], name="factory_seq")
     fdb.sensors.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     fdb.mqtt.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
+    # one factory's newest message on a topic (the twin's stock, station and order states)
+    fdb.mqtt.create_index([("factory_id", ASCENDING), ("topic", ASCENDING), ("ts", DESCENDING)],
+                          name="factory_topic_ts")
     fdb.mqtt.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
     fdb.sensors.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
     fdb.quarantine.create_index([("fingerprint", ASCENDING)], unique=True, sparse=True, name="fingerprint")

@@ -94,7 +94,7 @@ def _endpoint_healthy(predictor) -> bool:
 
 
 def infer_frames(fdb, predictor, frames, *, model_version: str, source: str = "batch",
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> BatchOutcome:
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, rules=None) -> BatchOutcome:
     """Infer ``frames`` (documents with their image) in order, storing each inference and
     updating the twin. Raises ``EndpointUnavailable`` when the endpoint is down; every
     stored inference is complete, so a retry resumes where this stopped."""
@@ -105,7 +105,7 @@ def infer_frames(fdb, predictor, frames, *, model_version: str, source: str = "b
     cache: dict = {}
     for frame in frames:
         try:
-            doc = infer_frame(fdb, predictor, frame, source=source, thresholds_cache=cache)
+            doc = infer_frame(fdb, predictor, frame, source=source, thresholds_cache=cache, rules=rules)
             reason, error = "inference_rejected", "the endpoint rejected the frame as bad input"
         except EndpointUnavailable as exc:
             if not _endpoint_healthy(predictor):
@@ -123,13 +123,15 @@ def infer_frames(fdb, predictor, frames, *, model_version: str, source: str = "b
     return outcome
 
 
-def sync_twin(fdb, predictor, model_version: str | None, *, reinfer_latest: bool = True) -> dict | None:
+def sync_twin(fdb, predictor, model_version: str | None, *, reinfer_latest: bool = True,
+              rules=None) -> dict | None:
     """Heal the twin: infer the newest frame when ``model_version`` has not seen it, apply
     the newest inference of that version and the newest stock report (both guarded, never
-    regressing). Returns the twin document."""
+    regressing), and the stations', order's and clock's latest states. Returns the twin document
+    (of the default factory)."""
     from factory_assets.storage.frames import latest_frame
     from factory_assets.storage.inferences import inferred_frame_ids, latest_inference
-    from factory_assets.twin.live import apply_latest_stock, infer_frame
+    from factory_assets.twin.live import apply_controller_states, apply_latest_stock, infer_frame
     from factory_assets.twin.state import Observation
     from factory_assets.twin.store import apply_observation, get_twin
 
@@ -137,9 +139,10 @@ def sync_twin(fdb, predictor, model_version: str | None, *, reinfer_latest: bool
     if model_version is not None:
         if reinfer_latest and latest is not None and predictor is not None \
                 and not inferred_frame_ids(fdb, [latest["_id"]], model_version):
-            infer_frame(fdb, predictor, latest, source="schedule", thresholds_cache={})
+            infer_frame(fdb, predictor, latest, source="schedule", thresholds_cache={}, rules=rules)
         newest = latest_inference(fdb, model_version)
         if newest is not None:
-            apply_observation(fdb, Observation.from_inference(newest, "batch"))
-    apply_latest_stock(fdb)
+            apply_observation(fdb, Observation.from_inference(newest, "batch"), rules)
+    apply_latest_stock(fdb, rules=rules)
+    apply_controller_states(fdb)
     return get_twin(fdb)

@@ -3,11 +3,12 @@
 Drift compares the deployed model's latest inferences with the stock the factory's
 controller reported (``f/i/stock``) at each frame's time: the controller is the
 ground truth the auto-labels come from, so a model that disagrees with it on many
-recent frames has met stock situations it never saw. A per-slot model is compared slot
-by slot (the share of slot readings that differ), on *stable* frames only: a frame within
-``STABLE_MARGIN_S`` of a reported stock change may show the rack mid-move, and nine slots
-per frame would count that twice over. A presence model is compared on colour presence. Bootstrap readiness asks
-whether the factory has shown enough to train a first model.
+recent frames has met stock situations it never saw. Only *stable* frames are compared: the
+warehouse reports a change before its crane moves, so a frame from ``STABLE_MARGIN_S`` before
+a reported change to the settle time after it (``FACTORY_SETTLE_S``, default 25 s) may show
+the old rack, and counting it would call the crane's travel drift. A per-slot model is
+compared slot by slot (the share of slot readings that differ), a presence model on colour
+presence. Bootstrap readiness asks whether the factory has shown enough to train a first model.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ BOOTSTRAP_MIN_FRAMES = 120
 BOOTSTRAP_MIN_SITUATIONS = 4  # distinct (per-slot) stock situations reported
 BOOTSTRAP_MIN_SLOTS_VARIED = 3  # slots seen both empty and occupied, enough to place the rack
 BOOTSTRAP_REPORTS_SCANNED = 500
-STABLE_MARGIN_S = 2.0         # a frame this close to a reported stock change is not compared slot by slot
+STABLE_MARGIN_S = 2.0         # a frame this close before a reported stock change is not compared
+LOOKBACK_FACTOR = 4           # inferences read to find the latest DRIFT_WINDOW stable ones
 
 
 @dataclass(frozen=True)
 class Disagreement:
     share: float    # presence: share of compared frames that differ; slots: share of compared slot readings
-    compared: int   # inferences that had a stock report at or before their frame (stable ones, per slot)
+    compared: int   # stable inferences that had a stock report at or before their frame
     basis: str = "presence"  # "slots" when every compared inference and its report carry slots
 
     @property
@@ -50,39 +52,50 @@ def _seen_slots(inference: dict) -> dict | None:
     return {s: v["type"] for s, v in seen.items()} if seen else None
 
 
-def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW) -> Disagreement:
+def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW,
+                            settle_s: float | None = None) -> Disagreement:
     """How often the latest ``n`` inferences of ``model_version`` differ from the stock
-    the controller reported at that frame's time: slot by slot on stable frames when the
-    inferences and the reports carry slots, colour presence otherwise."""
+    the controller reported at that frame's time, on stable frames (none from
+    ``STABLE_MARGIN_S`` before a reported change to ``settle_s`` after it): slot by slot when
+    the inferences and the reports carry slots, colour presence otherwise."""
+    from factory_assets.config import settle_seconds
+
+    settle = timedelta(seconds=settle_seconds() if settle_s is None else settle_s)
+    # the newest n *stable* ones, from a bounded look back (frames in transit are passed over)
     recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1, "slots": 1})
-                  .sort("frame_ts", -1).limit(n))
+                  .sort("frame_ts", -1).limit(n * LOOKBACK_FACTOR))
     if not recent:
         return Disagreement(0.0, 0)
     lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
-    first = fdb.mqtt.find_one({"topic": STOCK_TOPIC, "ts": {"$lte": lo}}, sort=[("ts", -1)])
+    # from a little before the oldest frame: a change reported up to ``settle`` before it
+    # makes it unstable, and the report before that change tells whether it was one
+    first = fdb.mqtt.find_one({"topic": STOCK_TOPIC, "ts": {"$lte": lo - settle}}, sort=[("ts", -1)])
     # a little past the newest frame too: a change reported just after a frame makes it unstable
-    later = fdb.mqtt.find({"topic": STOCK_TOPIC, "ts": {"$gt": lo, "$lte": hi + timedelta(seconds=STABLE_MARGIN_S)}})
+    later = fdb.mqtt.find({"topic": STOCK_TOPIC, "ts": {"$gt": lo - settle,
+                                                        "$lte": hi + timedelta(seconds=STABLE_MARGIN_S)}})
     reports = ([first] if first else []) + list(later.sort("ts", 1))
     times = [r["ts"] for r in reports]
     slots = [stock_slots(r["payload"]) for r in reports]
     matched = [(inf, i) for inf in recent if (i := bisect_right(times, inf["frame_ts"]) - 1) >= 0]
+    margin = timedelta(seconds=STABLE_MARGIN_S)
+    changes = [times[k] for k in range(1, len(slots)) if slots[k] != slots[k - 1]]
+
+    def stable(ts) -> bool:  # no change reported from margin after the frame back to settle before it
+        k = bisect_left(changes, ts - max(settle, margin))
+        return not (k < len(changes) and changes[k] <= ts + margin)
+
+    matched = [(inf, i) for inf, i in matched if stable(inf["frame_ts"])][:n]
     if not matched:
         return Disagreement(0.0, 0)
     if all(inf.get("slots") and _report_has_slots(reports[i].get("payload")) for inf, i in matched):
-        return _slot_disagreement(matched, times, slots)
+        return _slot_disagreement(matched, slots)
     differing = sum(reported_presence(slots[i]) != inf["present"] for inf, i in matched)
     return Disagreement(differing / len(matched), len(matched))
 
 
-def _slot_disagreement(matched: list, times: list, slots: list) -> Disagreement:
-    margin = timedelta(seconds=STABLE_MARGIN_S)
-    changes = [times[k] for k in range(1, len(slots)) if slots[k] != slots[k - 1]]
+def _slot_disagreement(matched: list, slots: list) -> Disagreement:
     compared = differing = 0
     for inf, i in matched:
-        ts = inf["frame_ts"]
-        k = bisect_left(changes, ts - margin)
-        if k < len(changes) and changes[k] <= ts + margin:
-            continue  # the rack changed around this frame: not a fair comparison
         seen = _seen_slots(inf)
         compared += 1
         differing += sum(seen.get(s) != slots[i].get(s) for s in SLOTS)

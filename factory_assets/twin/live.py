@@ -14,6 +14,12 @@ Idle cost does not grow with history: between frames it waits on a MongoDB chang
 stream (``ChangeWaiter``; an adaptive 50 ms-1 s poll where the server has none),
 every query it issues is a bounded index range, and it writes its cursor only
 when the cursor moves.
+
+Besides the frames it keeps the controller's side of the twin current, per factory (reads by
+``factory_id`` first, index ``factory_topic_ts``): the newest ``f/i/stock`` report, the newest
+``f/i/state/<station>`` of each station, the newest ``f/i/order`` and the clock offset the
+ingester estimated (``storage.clocks``). The settle and persistence rules (``TwinRules``,
+``FACTORY_SETTLE_S``...) decide which disagreements the twin flags.
 """
 from __future__ import annotations
 
@@ -26,10 +32,16 @@ from factory_assets.storage.frames import (ChangeWaiter, assign_missing_seqs, fr
                                            read_frames_after)
 from factory_assets.storage.inferences import build_inference, inferred_frame_ids, record_inference
 from factory_assets.storage.quarantine import quarantine
-from factory_assets.twin.state import COLOURS, Observation, Reported, reported_from_stock
-from factory_assets.twin.store import apply_observation, apply_reported
-from factory_assets.vocabulary import STOCK_TOPIC
+from factory_assets.storage.clocks import clock_info
+from factory_assets.twin.state import COLOURS, Observation, Reported, TwinRules, reported_from_stock
+from factory_assets.twin.store import apply_controller_state, apply_observation, apply_reported
+from factory_assets.vocabulary import (DEFAULT_FACTORY_ID, ORDER_STATE_TOPIC, STATION_CODES, STATION_ERROR_CODES,
+                                       STATION_STATE_PREFIX, STATIONS, STOCK_TOPIC, parse_ts)
 from factory_assets.vocabulary.messages import parse_stock_report
+
+STATION_TOPICS: dict[str, str] = {STATION_STATE_PREFIX + s: s for s in STATIONS}
+CONTROLLER_REFRESH_S = 2.0  # the stations, order and clock are looked at least this often
+FACTORIES_REFRESH_S = 5.0   # and the set of factories to look at
 
 CURSOR_PREFIX = "cursor:"
 
@@ -52,15 +64,34 @@ _TWIN_REPORT_TIME = object()
 MAX_UNREADABLE_REPORTS = 10  # unreadable newest reports apply_latest_stock passes over before it gives up
 
 
-def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TIME) -> bool:
-    """Apply the newest readable stock report to the twin. Only reports newer than ``after`` are
-    looked at — by default the report time the twin already shows (an older one would be
-    rejected anyway) — so the read is an index range over new reports, not the history."""
+def known_factories(fdb) -> list[str]:
+    """The factories the twin follows: every ``factory_id`` the ingester stamped on a message
+    (a skip scan of the ``factory_topic_ts`` index: one index lookup per factory, whatever the
+    history), and the default one."""
+    ids, last = {DEFAULT_FACTORY_ID}, ""
+    while True:
+        doc = fdb.mqtt.find_one({"factory_id": {"$gt": last}}, {"factory_id": 1}, sort=[("factory_id", 1)])
+        if doc is None or not isinstance(doc.get("factory_id"), str):
+            break
+        last = doc["factory_id"]
+        ids.add(last)
+    return sorted(ids)
+
+
+def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TIME,
+                       rules: TwinRules | None = None) -> bool:
+    """Apply the newest readable stock report of ``factory_id`` (None: of every known factory)
+    to the twin. Only reports newer than ``after`` are looked at — by default the report time the
+    twin already shows (an older one would be rejected anyway) — so the read is an index range
+    over new reports (``factory_topic_ts``), not the history."""
+    if factory_id is None:
+        applied = False
+        for fid in known_factories(fdb):
+            applied = apply_latest_stock(fdb, fid, after, rules) or applied
+        return applied
     if after is _TWIN_REPORT_TIME:
         after = latest_stock_ts(fdb, factory_id)
-    query: dict = {"topic": STOCK_TOPIC}
-    if factory_id:
-        query["factory_id"] = factory_id
+    query: dict = {"factory_id": factory_id, "topic": STOCK_TOPIC}
     if after is not None:
         query["ts"] = {"$gt": after}
     # newest first: an unreadable newest report (quarantined) falls back to the one before it,
@@ -68,8 +99,65 @@ def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TI
     for msg in fdb.mqtt.find(query, sort=[("ts", -1)], limit=MAX_UNREADABLE_REPORTS + 1):
         rep = reported_or_quarantine(fdb, msg)
         if rep is not None:
-            return apply_reported(fdb, rep)
+            return apply_reported(fdb, rep, rules)
     return False
+
+
+def station_state(payload) -> dict | None:
+    """A ``f/i/state/<station>`` payload -> the twin's view of it (None when unreadable):
+    ``{code, meaning, description, active, ts, fault[, target]}``; ``fault`` is true for the
+    controller's error codes (``vocabulary.STATION_ERROR_CODES``)."""
+    if not isinstance(payload, dict):
+        return None
+    code = payload.get("code")
+    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
+        code = int(code)
+    if not isinstance(code, int) or isinstance(code, bool):
+        return None
+    active = payload.get("active")
+    state = {"code": code, "meaning": STATION_CODES.get(code, f"code {code}"),
+             "description": str(payload.get("description") or ""),
+             "active": bool(active) if isinstance(active, (bool, int)) else None,
+             "ts": _payload_ts(payload), "fault": code in STATION_ERROR_CODES}
+    if "target" in payload:
+        state["target"] = payload["target"]
+    return state
+
+
+def _payload_ts(payload: dict):
+    try:
+        return parse_ts(payload.get("ts"))
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def controller_state(fdb, factory_id: str) -> dict:
+    """The newest state of each station, the newest ``f/i/order`` and the clock estimate of
+    ``factory_id``: ``{"stations": {...}, "order": {...} | None, "clock": {...} | None}``.
+    One bounded index lookup per topic (``factory_topic_ts``), one by ``_id`` for the clock."""
+    stations = {}
+    for topic, station in STATION_TOPICS.items():
+        msg = fdb.mqtt.find_one({"factory_id": factory_id, "topic": topic}, {"payload": 1, "ts": 1},
+                                sort=[("ts", -1)])
+        state = station_state((msg or {}).get("payload"))
+        if state is not None:
+            state["ts"] = state["ts"] or msg.get("ts")
+            stations[station] = state
+    order = None
+    msg = fdb.mqtt.find_one({"factory_id": factory_id, "topic": ORDER_STATE_TOPIC}, {"payload": 1, "ts": 1},
+                            sort=[("ts", -1)])
+    if msg is not None and isinstance(msg.get("payload"), dict) and msg["payload"].get("state"):
+        order = {"state": str(msg["payload"]["state"]), "type": msg["payload"].get("type") or None,
+                 "ts": _payload_ts(msg["payload"]) or msg.get("ts")}
+    return {"stations": stations, "order": order, "clock": clock_info(fdb, factory_id)}
+
+
+def apply_controller_states(fdb, factory_ids=None) -> None:
+    """Bring the stations, order state and clock of each factory onto its twin."""
+    for fid in factory_ids if factory_ids is not None else known_factories(fdb):
+        state = controller_state(fdb, fid)
+        if state["stations"] or state["order"] or state["clock"]:
+            apply_controller_state(fdb, fid, **state)
 
 
 def reported_or_quarantine(fdb, msg: dict) -> Reported | None:
@@ -92,7 +180,8 @@ def reported_or_quarantine(fdb, msg: dict) -> Reported | None:
 
 
 def latest_stock_ts(fdb, factory_id: str | None = None):
-    """The time of the newest stock report the twin shows (None before the first)."""
+    """The time of the newest stock report the twin of ``factory_id`` shows (None before the
+    first; with no factory, the newest over every twin)."""
     query = {"_id": factory_id} if factory_id else {}
     times = [d["reported"]["ts"] for d in fdb.twin.find(query, {"reported.ts": 1}) if (d.get("reported") or {}).get("ts")]
     return max(times) if times else None
@@ -105,7 +194,8 @@ def thresholds_for(fdb, version: str, cache: dict) -> dict:
     return cache[version]
 
 
-def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: dict) -> dict | None:
+def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: dict,
+                rules: TwinRules | None = None) -> dict | None:
     """Infer one frame, store the inference and update the twin.
 
     Returns the inference document, or None when the frame was rejected as bad
@@ -133,7 +223,7 @@ def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: d
                           model_version=version, latency_ms=pred.latency_ms, source=source,
                           slots=getattr(pred, "slots", None), model_kind=getattr(pred, "model_kind", None))
     record_inference(fdb, doc)
-    apply_observation(fdb, Observation.from_inference(doc, source))
+    apply_observation(fdb, Observation.from_inference(doc, source), rules)
     return doc
 
 
@@ -152,9 +242,10 @@ class LiveStats:
 class LiveTwinUpdater:
     def __init__(self, fdb, predictor, *, cursor_name: str = "twin-live", batch: int = 32,
                  max_backlog: int = 200, poll_seconds: float = 0.05, log=None,
-                 max_idle_seconds: float = 1.0, change_stream: bool = True):
+                 max_idle_seconds: float = 1.0, change_stream: bool = True, rules: TwinRules | None = None):
         # ``log`` is accepted for compatibility and ignored: progress goes to this module's logger.
         self.fdb = fdb
+        self.rules = rules or TwinRules.from_env()
         self.predictor = predictor
         self.cursor_name = cursor_name
         self.batch = batch
@@ -165,10 +256,16 @@ class LiveTwinUpdater:
         self._thresholds: dict = {}
         self._last_housekeeping = 0.0
         self._saved_cursor = self.cursor
-        self._stock_after = latest_stock_ts(fdb)
+        self._stock_after: dict = {}  # factory -> the newest report time seen
+        self._factories: list[str] = []
+        self._factories_at = float("-inf")
+        self._controller_at = float("-inf")
+        self._controller_shown: dict = {}  # factory -> the controller state last applied
         self._more = False
         # Between frames: a change stream where the server offers one, else a 50 ms-1 s poll.
-        self.waiter = ChangeWaiter(fdb, cursor_name, extra={"mqtt": {"fullDocument.topic": STOCK_TOPIC}},
+        # Stock, station and order messages wake it too.
+        self.waiter = ChangeWaiter(fdb, cursor_name, extra={"mqtt": {"fullDocument.topic": {
+                                       "$in": [STOCK_TOPIC, ORDER_STATE_TOPIC, *STATION_TOPICS]}}},
                                    min_interval=poll_seconds, max_interval=max_idle_seconds,
                                    change_stream=change_stream)
 
@@ -177,26 +274,59 @@ class LiveTwinUpdater:
             save_cursor(self.fdb, self.cursor_name, self.cursor)
             self._saved_cursor = self.cursor
 
+    def factories(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        if now - self._factories_at >= FACTORIES_REFRESH_S:
+            self._factories = known_factories(self.fdb)
+            self._factories_at = now
+        return self._factories
+
     def _apply_stock(self) -> None:
-        query: dict = {"topic": STOCK_TOPIC}
-        if self._stock_after is not None:
-            query["ts"] = {"$gt": self._stock_after}  # only reports newer than the last one seen
-        msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
-        if not msg:
+        for fid in self.factories():
+            if fid not in self._stock_after:
+                self._stock_after[fid] = latest_stock_ts(self.fdb, fid)
+            query: dict = {"factory_id": fid, "topic": STOCK_TOPIC}
+            if self._stock_after[fid] is not None:
+                query["ts"] = {"$gt": self._stock_after[fid]}  # only reports newer than the last one seen
+            msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
+            if not msg:
+                continue
+            self._guarded(lambda m=msg: self._apply_report(m), f"stock report {msg.get('_id')}")
+            if msg.get("ts") is not None:
+                self._stock_after[fid] = msg["ts"]  # an unreadable report is quarantined and passed, never retried
+
+    def _apply_report(self, msg: dict) -> None:
+        rep = reported_or_quarantine(self.fdb, msg)
+        if rep is not None:
+            apply_reported(self.fdb, rep, self.rules)
+
+    def _apply_controller(self, changed: set | None, now: float) -> None:
+        """The stations, order state and clock: when a message may have arrived, and at least
+        every ``CONTROLLER_REFRESH_S`` (the clock estimate changes without a message)."""
+        woken = changed is None or "*" in changed or self.fdb.names.mqtt in changed
+        if not woken and now - self._controller_at < CONTROLLER_REFRESH_S:
             return
+        self._controller_at = now
+        for fid in self.factories(now):
+            state = controller_state(self.fdb, fid)
+            if self._controller_shown.get(fid) == state or not (state["stations"] or state["order"] or state["clock"]):
+                continue
+            if self._guarded(lambda f=fid, s=state: apply_controller_state(self.fdb, f, **s),
+                             f"controller state of {fid}"):
+                self._controller_shown[fid] = state
+
+    def _guarded(self, apply, what: str) -> bool:
         try:
-            rep = reported_or_quarantine(self.fdb, msg)
-            if rep is not None:
-                apply_reported(self.fdb, rep)
+            apply()
+            return True
         except Exception as exc:  # noqa: BLE001 - one report must not stop the frames
             from factory_assets.storage.errors import is_transient
 
             if is_transient(exc):
-                raise  # MongoDB down: this report is applied after the outage
-            # (e.g. endless write contention on the twin): the next report brings the rack again
-            logger.exception("live: stock report %s could not be applied; passed", msg.get("_id"))
-        if msg.get("ts") is not None:
-            self._stock_after = msg["ts"]  # an unreadable report is quarantined and passed, never retried
+                raise  # MongoDB down: applied after the outage
+            # (e.g. endless write contention on the twin): the next message brings it again
+            logger.exception("live: %s could not be applied; passed", what)
+            return False
 
     def step(self, changed: set | None = None) -> int:
         """Process at most one page of new frames; returns how many were handled.
@@ -211,6 +341,7 @@ class LiveTwinUpdater:
             assign_missing_seqs(self.fdb)  # frames written by other tools (an index lookup)
             self._last_housekeeping = now
         self._apply_stock()
+        self._apply_controller(changed, now)
         page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
         if page.horizon - self.cursor > self.max_backlog:
             # A long backlog (e.g. frames that arrived before the first model): jump to the
@@ -233,7 +364,7 @@ class LiveTwinUpdater:
             if frame["_id"] not in done_ids:
                 try:
                     doc = infer_frame(self.fdb, self.predictor, frame, source="live",
-                                      thresholds_cache=self._thresholds)
+                                      thresholds_cache=self._thresholds, rules=self.rules)
                 except EndpointUnavailable as exc:
                     # Do not move past a frame that was not inferred.
                     self.stats.endpoint_errors += 1

@@ -6,16 +6,69 @@ frame and model it came from; with a per-slot model also ``slots``: per slot the
 workpiece type seen and its probability), ``reported`` from the factory controller's
 ``f/i/stock`` (per slot A1..C3), and ``delta`` lists where they disagree (per colour, and per slot under
 ``delta.slots`` with a sentence such as "controller says A2 holds RED, camera sees it empty").
+
+Two rules keep ``delta`` to what a person should act on (``assess``, ``TwinRules``):
+
+- *settle*: the warehouse reports its new stock before the crane moves, so for ``settle_s``
+  after a reported change (and for any frame older than the change) a disagreement is marked
+  ``in_transit`` (``in_transit.slots`` / ``in_transit.colours``), not a discrepancy;
+- *persistence*: outside that window a disagreement enters ``delta`` only once the same
+  disagreement was seen on ``persist_frames`` consecutive frames spanning ``persist_s`` seconds;
+  a one-frame flicker never does. The running count is kept in ``metadata.disagreement``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from factory_assets.vocabulary import COLOURS, SLOTS, TYPE_TO_COLOUR, reported_presence, stock_slots
+from factory_assets.vocabulary import (COLOURS, DEFAULT_SETTLE_S, SLOTS, TYPE_TO_COLOUR, parse_ts, reported_presence,
+                                       stock_slots)
 
-__all__ = ["COLOURS", "SLOTS", "TYPE_TO_COLOUR", "Observation", "Reported", "compute_delta", "observed_slots",
-           "reported_from_stock", "reported_presence", "slot_delta", "stock_slots"]
+__all__ = ["COLOURS", "SLOTS", "TYPE_TO_COLOUR", "Assessment", "Observation", "Reported", "TwinRules", "assess",
+           "compute_delta", "observed_slots", "reported_from_stock", "reported_presence", "slot_delta", "stock_slots"]
+
+DEFAULT_PERSIST_FRAMES = 3   # a disagreement is flagged once seen on this many consecutive frames...
+DEFAULT_PERSIST_S = 2.0      # ...spanning at least this many seconds
+
+
+def _env_number(name: str, default: float, kind=float):
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, not {value!r}") from None
+    if not number >= 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class TwinRules:
+    """When a vision/controller disagreement is held back (see the module's docstring)."""
+
+    settle_s: float = DEFAULT_SETTLE_S
+    persist_frames: int = DEFAULT_PERSIST_FRAMES
+    persist_s: float = DEFAULT_PERSIST_S
+
+    def __post_init__(self):
+        for name in ("settle_s", "persist_frames", "persist_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TwinRules.{name} must be >= 0, not {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "TwinRules":
+        """``FACTORY_SETTLE_S``, ``FACTORY_DISAGREEMENT_FRAMES``, ``FACTORY_DISAGREEMENT_S``
+        (read when called); ``overrides`` that are not None win."""
+        from factory_assets.config import settle_seconds
+
+        values = {"settle_s": settle_seconds(),
+                  "persist_frames": _env_number("FACTORY_DISAGREEMENT_FRAMES", DEFAULT_PERSIST_FRAMES, int),
+                  "persist_s": _env_number("FACTORY_DISAGREEMENT_S", DEFAULT_PERSIST_S)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -120,6 +173,66 @@ def compute_delta(observed_present: dict | None, reported_present: dict | None,
     if slots:
         out["slots"] = slots
     return out
+
+
+@dataclass(frozen=True)
+class Assessment:
+    delta: dict       # the disagreements to act on: persisting, outside the settle window
+    in_transit: dict  # {"active", "changed_at", "until", "settle_s", "colours", "slots"}
+    tracking: dict    # metadata.disagreement: {"colours": {c: entry}, "slots": {s: entry}}, entry =
+    # {"observed", "reported", "since" (first frame's ts), "last" (latest frame's ts), "frames"}
+
+
+def _ts(value):
+    return None if value is None else parse_ts(value)
+
+
+def assess(observed: dict | None, reported: dict | None, tracking: dict | None, *, new_frame: bool,
+           rules: TwinRules) -> Assessment:
+    """Sort the disagreements between the twin's ``observed`` and ``reported`` sections into the
+    flagged ``delta``, the ``in_transit`` ones and the ones still being watched.
+
+    ``new_frame``: ``observed`` comes from a frame not counted yet (a new observation); a stock
+    report re-assesses the frame already counted without counting it again."""
+    observed, reported = observed or {}, reported or {}
+    changed_at = _ts(reported.get("changed_at"))
+    until = changed_at + timedelta(seconds=rules.settle_s) if changed_at is not None else None
+    transit = {"active": False, "changed_at": changed_at, "until": until, "settle_s": rules.settle_s,
+               "colours": {}, "slots": {}}
+    frame_ts = _ts(observed.get("frame_ts"))
+    observed_present = {c: observed[c]["present"] for c in COLOURS if c in observed} if observed else None
+    if frame_ts is None or not observed_present or len(observed_present) < len(COLOURS):
+        return Assessment({}, transit, {})
+    raw = compute_delta(observed_present, reported.get("present"), observed.get("slots"), reported.get("slots"))
+    raw_slots = raw.pop("slots", {})
+    if until is not None and frame_ts < until:
+        # the crane may still be moving (or the frame predates the report): nothing is flagged,
+        # and nothing counts towards persistence
+        return Assessment({}, {**transit, "active": True, "colours": raw, "slots": raw_slots}, {})
+    before = tracking or {}
+    new_tracking: dict = {"colours": {}, "slots": {}}
+    delta: dict = {}
+    for group, items in (("colours", raw), ("slots", raw_slots)):
+        seen = before.get(group) or {}
+        for key, item in items.items():
+            old = seen.get(key)
+            if old and old.get("observed") == item["observed"] and old.get("reported") == item["reported"]:
+                entry = dict(old)
+                if new_frame and _ts(old.get("last")) != frame_ts:
+                    entry["frames"] = int(old.get("frames", 1)) + 1
+                    entry["last"] = frame_ts
+            else:
+                entry = {"observed": item["observed"], "reported": item["reported"], "since": frame_ts,
+                         "last": frame_ts, "frames": 1}
+            new_tracking[group][key] = entry
+            lasted = (_ts(entry["last"]) - _ts(entry["since"])).total_seconds()
+            if entry["frames"] >= rules.persist_frames and lasted >= rules.persist_s:
+                flagged = {**item, "since": entry["since"], "frames": entry["frames"]}
+                if group == "slots":
+                    delta.setdefault("slots", {})[key] = flagged
+                else:
+                    delta[key] = flagged
+    return Assessment(delta, transit, new_tracking)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Automatic labels from stock reports, manual labels, priorities and sticky splits."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -11,47 +12,101 @@ from factory_assets.datasets.manifests import assign_splits, build_dataset
 from factory_assets.ingest.service import Ingestor
 from factory_assets.simulation.factory import FactorySimulator
 from factory_assets.twin.state import reported_presence
+from factory_assets.vocabulary import DEFAULT_SETTLE_S
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
 
 
-def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, change_every: float = 15.0):
-    """Frames every second and the controller's stock reports (on change and every 5 s),
-    ingested like MQTT messages. Returns ground truth per frame ts and the change times."""
+def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, change_every: float = 15.0,
+                 report_every: float = 5.0):
+    """Frames every second and every message the simulated controller publishes (its stock
+    reported before the crane moves, station and order states), plus the stock republished
+    every ``report_every`` s, ingested like MQTT messages. Returns the rack each frame shows
+    (the ground truth) and the times of the reported changes."""
     sim = FactorySimulator(seed=seed, change_every_s=change_every, start=start)
     ing = Ingestor(fdb)
-    truth, changes = {}, []
+    truth = {}
     next_report = 0.0
     for t in range(seconds):
         ts = start + timedelta(seconds=t)
-        before = dict(sim.stock)
-        msg, stock = sim.camera_message(ts)
-        if stock != before or t == 0:
-            changes.append(ts)
-            ing.handle_mqtt("f/i/stock", __import__("json").dumps(sim.stock_message(ts)).encode())
-            next_report = t + 5
-        elif t >= next_report:
-            ing.handle_mqtt("f/i/stock", __import__("json").dumps(sim.stock_message(ts)).encode())
-            next_report = t + 5
-        ing.handle_mqtt("i/cam", __import__("json").dumps(msg).encode())
-        truth[ts] = reported_presence(stock)
+        msg, shown = sim.camera_message(ts)  # runs the factory to ts: its messages wait in the outbox
+        while sim.outbox:
+            m = sim.outbox.popleft()
+            ing.handle_mqtt(m.topic, json.dumps(m.payload).encode())
+        if t >= next_report:
+            ing.handle_mqtt("f/i/stock", json.dumps(sim.stock_message(ts)).encode())
+            next_report = t + report_every
+        ing.handle_mqtt("i/cam", json.dumps(msg).encode())
+        truth[ts] = reported_presence(shown)
     ing.flush()
-    return truth, changes
+    return truth, [start + timedelta(seconds=c.t) for c in sim.changes]
 
 
 def test_auto_labels_match_the_ground_truth_and_skip_frames_taken_while_stock_changed(fdb):
-    truth, changes = simulate_day(fdb)
+    truth, changes = simulate_day(fdb, seconds=240, change_every=6)
     summary = auto_label(fdb, T0, T0 + timedelta(days=1), window_s=30, margin_s=2)
     labels = {lab["frame_ts"]: lab for lab in effective_labels(fdb)}
     assert summary.labelled == len(labels) > 60
+    # every label shows the rack the camera saw, although the reports ran ahead of the crane
     assert all(lab["present"] == truth[ts] for ts, lab in labels.items())
-    near_change = {ts for ts in truth for c in changes[1:] if abs((ts - c).total_seconds()) <= 2}
-    assert near_change and not (near_change & set(labels))
-    assert summary.unstable >= len(near_change)
+    in_transit = {ts for ts in truth for c in changes if -2 <= (ts - c).total_seconds() <= DEFAULT_SETTLE_S}
+    assert in_transit and not (in_transit & set(labels))
+    assert summary.unstable >= len(in_transit)
     assert all(set(lab["slots"]) == {f"{r}{c}" for r in "ABC" for c in "123"} for lab in labels.values())
+    assert all(lab["provenance"]["settle_s"] == DEFAULT_SETTLE_S for lab in labels.values())
     # running again changes nothing
     auto_label(fdb, T0, T0 + timedelta(days=1))
     assert fdb.labels.count_documents({}) == len(labels)
+
+
+def stock_report(fdb, ts: datetime, slots: dict, n: int, factory_id: str = "factory-1") -> None:
+    items = [{"location": s, "workpiece": {"type": t, "id": f"wp-{s}", "state": "RAW"} if t else None}
+             for s, t in slots.items()]
+    fdb.mqtt.insert_one({"topic": "f/i/stock", "ts": ts, "factory_id": factory_id, "message_id": f"stock-{n}",
+                         "payload": {"ts": ts.isoformat(), "stockItems": items}})
+
+
+def test_no_frame_within_the_settle_time_after_a_reported_change_is_auto_labelled_and_later_frames_are(fdb):
+    from factory_assets.storage.frames import build_frame, insert_frames
+    from factory_assets.vocabulary import SLOTS
+    from factory_assets_tests.helpers import jpeg_bytes
+
+    before = {s: None for s in SLOTS} | {"C1": "RED"}
+    after = before | {"B1": "BLUE"}  # reported at 60 s, before the crane carries it in
+    for k, t in enumerate(range(0, 121, 10)):  # the stock every 10 s; it changes at 60 s
+        stock_report(fdb, T0 + timedelta(seconds=t), after if t >= 60 else before, k)
+    insert_frames(fdb, [build_frame(jpeg_bytes(seed=i, size=(32, 24)), ts=T0 + timedelta(seconds=i),
+                                    camera_id="cam-1", factory_id="factory-1", content_type="image/jpeg",
+                                    width=32, height=24, source={"kind": "test"}) for i in range(30, 115)])
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1), margin_s=2, settle_s=20)
+    labelled = {int((lab["frame_ts"] - T0).total_seconds()): lab for lab in effective_labels(fdb)}
+    assert set(labelled) == set(range(30, 58)) | set(range(81, 115))
+    assert summary.unstable == len(range(58, 81))
+    assert all(lab["slots"] == (after if t > 60 else before) for t, lab in labelled.items())
+    # the report repeating the stock (70 s, 80 s...) started no new window; with the default
+    # settle time (25 s) the frames up to 85 s wait, and labels already given are withdrawn
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1), margin_s=2)
+    assert summary.withdrawn == len(range(81, 86))
+    assert {int((lab["frame_ts"] - T0).total_seconds()) for lab in effective_labels(fdb)} \
+        == set(range(30, 58)) | set(range(86, 115))
+
+
+def test_the_settle_time_comes_from_the_environment(fdb, monkeypatch):
+    from factory_assets.storage.frames import build_frame, insert_frames
+    from factory_assets.vocabulary import SLOTS
+    from factory_assets_tests.helpers import jpeg_bytes
+
+    stock_report(fdb, T0, {s: None for s in SLOTS}, 0)
+    stock_report(fdb, T0 + timedelta(seconds=60), {s: None for s in SLOTS}, 1)
+    insert_frames(fdb, [build_frame(jpeg_bytes(seed=i, size=(32, 24)), ts=T0 + timedelta(seconds=i),
+                                    camera_id="cam-1", factory_id="factory-1", content_type="image/jpeg",
+                                    width=32, height=24, source={"kind": "test"}) for i in range(1, 30)])
+    monkeypatch.setenv("FACTORY_SETTLE_S", "10")
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert min(lab["frame_ts"] for lab in effective_labels(fdb)) == T0 + timedelta(seconds=11)
+    monkeypatch.setenv("FACTORY_SETTLE_S", "soon")
+    with pytest.raises(ValueError, match="FACTORY_SETTLE_S must be a number of seconds"):
+        auto_label(fdb, T0, T0 + timedelta(days=1))
 
 
 def test_frames_without_a_recent_report_or_not_yet_confirmed_are_not_labelled(fdb):
@@ -64,7 +119,7 @@ def test_frames_without_a_recent_report_or_not_yet_confirmed_are_not_labelled(fd
 
 
 def test_manual_beats_imported_beats_automatic(fdb):
-    simulate_day(fdb, seconds=30)
+    simulate_day(fdb, seconds=60)
     auto_label(fdb, T0, T0 + timedelta(days=1))
     lab = effective_labels(fdb)[0]
     frame_id = str(lab["frame_id"])
@@ -145,9 +200,9 @@ def test_assign_splits_keeps_an_imported_split(fdb):
 
 
 def test_an_auto_label_is_withdrawn_when_a_late_report_shows_the_stock_changed_around_the_frame(fdb):
-    simulate_day(fdb, seconds=30, change_every=1000)  # one stock situation throughout
+    simulate_day(fdb, seconds=80, change_every=1000)  # one stock situation throughout
     auto_label(fdb, T0, T0 + timedelta(days=1))
-    frame_ts = T0 + timedelta(seconds=12)
+    frame_ts = T0 + timedelta(seconds=50)
     assert any(lab["frame_ts"] == frame_ts for lab in effective_labels(fdb))
     late = fdb.mqtt.find_one({"topic": "f/i/stock"}, sort=[("ts", 1)])
     changed = {**late["payload"], "stockItems": [{**i, "workpiece": None} for i in late["payload"]["stockItems"]]}
@@ -175,7 +230,7 @@ def test_a_built_dataset_carries_the_auto_labels_slots_in_a_sidecar_and_trains_t
     from factory_assets.datasets.manifests import dataset_digest
     from factory_assets.backends.local import LocalTrainer
 
-    simulate_day(fdb, seconds=120, change_every=8)
+    simulate_day(fdb, seconds=200, seed=5, change_every=6)  # pieces stored in two rows and columns
     auto_label(fdb, T0, T0 + timedelta(days=1))
     built = build_dataset(fdb, tmp_path / "ds")
     for split in ("train", "valid"):
@@ -191,7 +246,7 @@ def test_a_built_dataset_carries_the_auto_labels_slots_in_a_sidecar_and_trains_t
 
 
 def test_a_manual_per_slot_label_decides_presence_and_a_presence_only_correction_drops_the_slots(fdb, tmp_path):
-    simulate_day(fdb, seconds=30)
+    simulate_day(fdb, seconds=60)
     auto_label(fdb, T0, T0 + timedelta(days=1))
     first, second = effective_labels(fdb)[:2]
     doc = label_manually(fdb, str(first["frame_id"]), None, slots="A1=BLUE, C3=white")

@@ -1,12 +1,13 @@
 """Drift of a per-slot model is measured slot by slot against the controller's stock reports,
-on stable frames only; a presence model keeps the colour-presence comparison. Real MongoDB
+on stable frames only (none while the crane may still move after a reported change); a
+presence model keeps the colour-presence comparison, on stable frames too. Real MongoDB
 (the ``fdb`` fixture), inferences and reports stored as the platform stores them."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
 from factory_assets.twin.drift import DRIFT_WINDOW, controller_disagreement
-from factory_assets.vocabulary import SLOTS, STOCK_TOPIC, reported_presence
+from factory_assets.vocabulary import DEFAULT_SETTLE_S, SLOTS, STOCK_TOPIC, reported_presence
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=timezone.utc)
 BEFORE = {s: None for s in SLOTS} | {"A1": "BLUE", "A2": "RED", "C3": "RED"}
@@ -33,17 +34,21 @@ def infer(fdb, i: int, ts: datetime, seen: dict, *, version: str = "slots-v1", w
     fdb.inferences.insert_one(doc)
 
 
-def test_a_per_slot_model_that_reads_the_rack_right_has_no_drift_and_skips_frames_around_a_change(fdb):
+def test_a_per_slot_model_that_reads_the_rack_right_has_no_drift_and_skips_frames_while_the_crane_travels(fdb):
     report(fdb, T0, BEFORE, 1)
-    report(fdb, T0 + timedelta(seconds=60), AFTER, 2)
+    report(fdb, T0 + timedelta(seconds=60), AFTER, 2)  # reported before the crane moves
+    report(fdb, T0 + timedelta(seconds=75), AFTER, 3)  # the crane is back: the same stock again
     for i in range(1, 101):
         ts = T0 + timedelta(seconds=i)
-        # around the change the camera may see either rack: here it still sees the old one
-        infer(fdb, i, ts, AFTER if i > 62 else BEFORE)
+        # the crane carries the piece in for 15 s after the report: the camera sees the old rack
+        infer(fdb, i, ts, AFTER if i >= 75 else BEFORE)
     d = controller_disagreement(fdb, "slots-v1")
     assert d.basis == "slots"
     assert d.share == 0.0
-    assert d.compared == 100 - 5  # frames at 58..62 s are within 2 s of the reported change
+    # frames from 58 s (2 s before the change) to 85 s (the settle time after it) are not compared
+    assert DEFAULT_SETTLE_S == 25 and d.compared == 100 - len(range(58, 86))
+    # with the 2 s that auto-labels and drift used to trust, the crane's travel looked like drift
+    assert controller_disagreement(fdb, "slots-v1", settle_s=2).share > 0
 
 
 def test_a_wrong_slot_counts_per_slot_even_when_the_colours_agree(fdb):
@@ -77,5 +82,17 @@ def test_a_presence_model_is_still_compared_on_colour_presence(fdb):
         infer(fdb, i, T0 + timedelta(seconds=i), BEFORE, version="presence-v1", with_slots=False)
     d = controller_disagreement(fdb, "presence-v1")
     assert d.basis == "presence"
-    assert d.compared == 100
-    assert d.share == 41 / 100  # frames at 60..100 s: white reported, not seen
+    assert d.compared == 100 - len(range(58, 86))  # not while the crane may still move
+    assert d.share == 15 / d.compared  # frames at 86..100 s: white reported, not seen
+
+
+def test_a_drifted_model_is_still_noticed_when_a_change_lies_among_its_latest_frames(fdb):
+    report(fdb, T0, BEFORE, 1)
+    report(fdb, T0 + timedelta(seconds=150), AFTER, 2)
+    wrong = {"A1": None, "B1": "WHITE", "C3": "BLUE"}
+    for i in range(1, 201):
+        infer(fdb, i, T0 + timedelta(seconds=i), (AFTER if i > 150 else BEFORE) | wrong)
+    d = controller_disagreement(fdb, "slots-v1")
+    # the newest DRIFT_WINDOW stable frames are compared, reaching back past the crane's travel
+    assert d.compared == DRIFT_WINDOW and d.share == 3 / 9
+    assert d.drifted

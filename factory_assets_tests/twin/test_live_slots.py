@@ -30,7 +30,8 @@ def insert_rack_frames(fdb, n: int, stock: dict = SHOWN) -> list:
     return docs
 
 
-def report_stock(fdb, slots: dict, ts: datetime = T0) -> None:
+def report_stock(fdb, slots: dict, ts: datetime = T0 - timedelta(seconds=60)) -> None:
+    """The controller's report, a minute before the frames: the crane has long finished."""
     items = [{"location": s, "workpiece": {"type": t, "id": f"wp-{s}"} if t else None} for s, t in slots.items()]
     fdb.mqtt.insert_one({"topic": STOCK_TOPIC, "ts": ts, "factory_id": "factory-1", "message_id": "stock-1",
                          "payload": {"ts": ts.isoformat(), "stockItems": items}})
@@ -62,13 +63,13 @@ def test_the_live_updater_carries_a_per_slot_models_slots_to_the_twin(fdb, slot_
 
 def test_the_batch_path_carries_the_slots_to_the_twin_too(fdb, slot_model_server, slot_model):
     report_stock(fdb, SAID)
-    frames = insert_rack_frames(fdb, 2)
+    frames = insert_rack_frames(fdb, 3)
     from factory_assets.twin.live import apply_latest_stock
 
     apply_latest_stock(fdb)
     outcome = infer_frames(fdb, HttpEndpointPredictor(slot_model_server.url), frames, model_version=slot_model.version)
-    assert outcome.inferred == 2
-    assert fdb.inferences.count_documents({"source": "batch", "model_kind": "slots"}) == 2
+    assert outcome.inferred == 3
+    assert fdb.inferences.count_documents({"source": "batch", "model_kind": "slots"}) == 3
     assert_twin_sees_the_rack_and_names_a2(fdb)
 
 

@@ -3,7 +3,7 @@ warehouse person can act on, and the twin picture shows both racks; stored throu
 real twin store (MongoDB fixture)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from factory_assets.twin.render import render_twin_png
 from factory_assets.twin.state import Observation, Reported, compute_delta, observed_slots
@@ -45,11 +45,12 @@ def test_the_twin_picture_grows_a_camera_rack_when_slots_are_observed():
 def test_the_stored_twin_carries_observed_slots_and_the_slot_delta(fdb):
     from factory_assets.twin.store import apply_observation, apply_reported
 
-    apply_reported(fdb, Reported("factory-1", T, REPORTED, "m1"))
-    obs = Observation("factory-1", "frame-1", T, "v1", {"blue": 0.99, "red": 0.03, "white": 0.01},
-                      {"blue": True, "red": False, "white": False}, {"blue": 0.5, "red": 0.5, "white": 0.5},
-                      slots=SEEN)
-    assert apply_observation(fdb, obs)
+    apply_reported(fdb, Reported("factory-1", T - timedelta(seconds=60), REPORTED, "m1"))
+    for i in range(3):  # a disagreement seen on three frames over two seconds
+        obs = Observation("factory-1", f"frame-{i}", T + timedelta(seconds=i), "v1",
+                          {"blue": 0.99, "red": 0.03, "white": 0.01}, {"blue": True, "red": False, "white": False},
+                          {"blue": 0.5, "red": 0.5, "white": 0.5}, slots=SEEN)
+        assert apply_observation(fdb, obs)
     doc = fdb.twin.find_one({"_id": "factory-1"})
     assert doc["observed"]["slots"]["A1"] == {"type": "BLUE", "probability": 0.99}
     assert doc["delta"]["slots"]["A2"]["message"] == "controller says A2 holds RED, camera sees it empty"

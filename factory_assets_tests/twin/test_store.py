@@ -112,6 +112,13 @@ def test_reported_stock_and_delta_show_where_vision_and_controller_disagree(fdb)
     twin = get_twin(fdb)
     assert twin["reported"]["slots"]["A1"] == "RED" and twin["reported"]["slots"]["C3"] is None
     assert twin["reported"]["present"] == {"blue": True, "red": True, "white": False}
-    assert twin["delta"] == {"red": {"observed": False, "reported": True}}
+    # the frame predates the report: the crane may not have moved yet
+    assert twin["delta"] == {} and twin["in_transit"]["active"] is True
+    assert twin["in_transit"]["colours"] == {"red": {"observed": False, "reported": True}}
+    for i in range(30, 33):  # after the settle time, the same disagreement on three frames over 2 s
+        apply_observation(fdb, obs(i, blue=True))
+    twin = get_twin(fdb)
+    assert twin["in_transit"]["active"] is False
+    assert {c: (d["observed"], d["reported"], d["frames"]) for c, d in twin["delta"].items()} == {"red": (False, True, 3)}
     png = render_twin_png(twin)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,9 @@ MANIFEST_CHECK = "training_manifests_match_their_version"
 class LabeledImagesConfig(dg.Config):
     window_seconds: float = 30.0  # a stock report at most this old labels a frame
     margin_seconds: float = 2.0   # no stock change this close to the frame
+    # no stock change reported this long before the frame (the crane may still move);
+    # None: FACTORY_SETTLE_S, default 25 s (docs/twin.md)
+    settle_seconds: float | None = None
 
 
 @dg.asset(
@@ -39,7 +42,8 @@ def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfi
 
     fdb = mongo.fdb()
     start, end = partition_bounds(context)
-    summary = auto_label(fdb, start, end, window_s=config.window_seconds, margin_s=config.margin_seconds)
+    summary = auto_label(fdb, start, end, window_s=config.window_seconds, margin_s=config.margin_seconds,
+                         settle_s=config.settle_seconds)
     labels = effective_labels(fdb, start, end)
     tables = label_tables(labels, CLASSES)
     per_class = tables["per_class"].set_index("class")["present"]
