@@ -26,6 +26,14 @@
     return e;
   }
   function time(ts) { return ts ? new Date(ts).toLocaleTimeString() : "–"; }
+  const STATION_NAMES = { hbw: "high-bay warehouse", vgr: "vacuum gripper robot", mpo: "multi-processing station",
+                          sld: "sorting line", dsi: "input station", dso: "output station" };
+  // what delta flags (persisting disagreements, outside the crane's settle time): colours and slots
+  function flaggedKeys(delta) {
+    delta = delta || {};
+    return Object.keys(delta).filter((k) => k !== "slots").concat(Object.keys(delta.slots || {}));
+  }
+  function signed(s) { return (s >= 0 ? "+" : "−") + Math.abs(s).toFixed(Math.abs(s) >= 10 ? 0 : 1) + " s"; }
   function counts(slots) {
     const c = { blue: 0, red: 0, white: 0 };
     for (const s in slots || {}) { const t = (slots[s] || "").toLowerCase(); if (t in c) c[t]++; }
@@ -52,14 +60,16 @@
     document.body.dataset.version = twin.version;
     $("version").textContent = "version " + twin.version;
     const obs = twin.observed || {}, rep = twin.reported || {}, delta = twin.delta || {};
+    const transit = twin.in_transit || {}, moving = transit.active ? transit : {};
     $("model").textContent = "model " + (obs.model_version ? obs.model_version.slice(0, 12) : "–");
     // rack
     const rack = $("rack"); rack.innerHTML = "";
     const slots = rep.slots || {};
     for (const s of SLOTS) {
       const t = slots[s] || "";
-      const d = el("div", { class: "slot " + t + (state.lastSlots[s] !== undefined && state.lastSlots[s] !== t ? " changed" : ""),
-                            "data-slot": s, "data-type": t || "EMPTY" });
+      const status = (delta.slots || {})[s] ? "disagree" : (moving.slots || {})[s] ? "transit" : "";
+      const d = el("div", { class: "slot " + t + (state.lastSlots[s] !== undefined && state.lastSlots[s] !== t ? " changed" : "")
+                            + (status ? " " + status : ""), "data-slot": s, "data-type": t || "EMPTY", "data-status": status || "ok" });
       d.appendChild(el("span", {}, t ? t.toLowerCase() : "empty"));
       d.appendChild(el("span", { class: "name" }, s));
       rack.appendChild(d);
@@ -71,7 +81,7 @@
     const rc = counts(slots), desired = (twin.desired || {}).stock || {};
     for (const c of COLOURS) {
       const o = obs[c] || {};
-      const tr = el("tr", { "data-colour": c, class: delta[c] ? "disagree" : "" });
+      const tr = el("tr", { "data-colour": c, class: delta[c] ? "disagree" : (moving.colours || {})[c] ? "transit" : "" });
       const name = el("td"); name.appendChild(el("span", { class: "dot " + c })); name.appendChild(document.createTextNode(c)); tr.appendChild(name);
       tr.appendChild(el("td", { class: o.present ? "yes" : "no" }, o.present === undefined ? "–" : (o.present ? "present" : "absent")));
       const p = el("td"); const bar = el("span", { class: "bar" });
@@ -85,15 +95,64 @@
       tr.appendChild(el("td", {}, desired[c] === undefined ? "–" : String(desired[c])));
       tbody.appendChild(tr);
     }
-    const dis = Object.keys(delta);
-    $("delta-note").innerHTML = "";
-    $("delta-note").appendChild(el("span", { class: dis.length ? "err" : "okmsg" },
-      dis.length ? "camera and controller disagree on " + dis.join(", ") : "camera and controller agree"));
+    renderAgreement(twin);
+    renderController(twin);
     // the frame behind the state
     if (obs.frame_id) {
       $("twin-frame").textContent = obs.frame_id + " at " + time(obs.frame_ts);
       if (!state.frameId) showFrame({ id: obs.frame_id, ts: obs.frame_ts, url: "/api/frames/" + obs.frame_id + ".jpg" });
     }
+  }
+
+  // camera vs controller: only what persisted outside the crane's settle time is a disagreement
+  function renderAgreement(twin) {
+    const obs = twin.observed || {}, rep = twin.reported || {}, transit = twin.in_transit || {};
+    const flagged = flaggedKeys(twin.delta);
+    const moving = transit.active ? Object.keys(transit.colours || {}).concat(Object.keys(transit.slots || {})) : [];
+    let st, cls, text;
+    if (!obs.model_version) { st = "no-model"; cls = "muted"; text = "no model yet: the camera's view appears once the first model is deployed"; }
+    else if (!rep.ts) { st = "no-report"; cls = "muted"; text = "no stock report from the controller yet"; }
+    else if (flagged.length) { st = "disagree"; cls = "err"; text = "camera and controller disagree on " + flagged.join(", "); }
+    else if (moving.length) {
+      st = "in-transit"; cls = "warn";
+      text = `crane moving: ${moving.join(", ")} in transit until ${time(transit.until)} (the controller reports before its crane moves)`;
+    } else { st = "agree"; cls = "okmsg"; text = "camera and controller agree"; }
+    const note = $("delta-note"); note.innerHTML = ""; note.dataset.state = st;
+    note.appendChild(el("span", { class: cls }, text));
+    const ul = $("delta-slots"); ul.innerHTML = "";
+    for (const [s, d] of Object.entries((twin.delta || {}).slots || {}))
+      ul.appendChild(el("li", { class: "err", "data-slot": s }, `${d.message} (since ${time(d.since)}, ${d.frames} frames)`));
+    if (transit.active) for (const [s, d] of Object.entries(transit.slots || {}))
+      ul.appendChild(el("li", { class: "warn", "data-slot": s }, `${d.message}: in transit`));
+  }
+
+  // the stations' states (a fault prominently), the controller's order state, its clock
+  function renderController(twin) {
+    const rep = twin.reported || {}, stations = rep.stations || {}, faults = [];
+    const ul = $("stations"); ul.innerHTML = "";
+    for (const name of Object.keys(STATION_NAMES)) {
+      const s = stations[name]; if (!s) continue;
+      const li = el("li", { "data-station": name, "data-code": String(s.code), class: s.fault ? "fault" : "" });
+      li.appendChild(el("span", { class: "v" }, name));
+      li.appendChild(document.createTextNode(`${STATION_NAMES[name]}: ${s.meaning}` + (s.description ? " — " + s.description : "")
+        + (s.active ? " (working)" : "") + "  " + time(s.ts)));
+      ul.appendChild(li);
+      if (s.fault) faults.push([name, s]);
+    }
+    if (!ul.children.length) ul.appendChild(el("li", { class: "muted" }, "no station state reported yet"));
+    const banner = $("faults"); banner.innerHTML = ""; banner.hidden = !faults.length;
+    document.body.dataset.faults = faults.map(([n]) => n).join(",");
+    for (const [name, s] of faults)
+      banner.appendChild(el("div", { "data-station": name }, `⚠ ${STATION_NAMES[name]} fault (code ${s.code}): `
+        + (s.description || s.meaning) + ` — since ${time(s.ts)}; it needs a person at the factory`));
+    const o = rep.order;
+    $("controller-order").textContent = o ? `controller's order: ${String(o.state).replace(/_/g, " ").toLowerCase()}`
+      + (o.type && o.type !== "NONE" ? " " + o.type.toLowerCase() : "") + " at " + time(o.ts) : "";
+    const c = twin.clock, clock = $("clock");
+    clock.dataset.offset = c && c.offset_s != null ? String(c.offset_s) : "";
+    clock.textContent = c && c.offset_s != null ? "controller clock " + signed(c.offset_s) : "controller clock –";
+    if (c && c.offset_s != null) clock.title = `the controller's clock minus ours: ${signed(c.offset_s)}, estimated from ${c.samples} messages`
+      + (c.spread_s != null ? ` (spread ${(1000 * c.spread_s).toFixed(0)} ms)` : "");
   }
 
   function showFrame(frame) {
@@ -133,7 +192,13 @@
 
   function describe(h) {
     if (h.kind === "reported") return "controller: " + (h.changed || []).map((s) => `${s}=${((h.slots || {})[s] || "empty").toLowerCase()}`).join(", ");
-    if (h.kind === "observed") return "camera: " + (h.changed || []).map((c) => `${c} ${(h.present || {})[c] ? "seen" : "gone"}`).join(", ");
+    const flags = (h.flagged || []).length ? "; disagree on " + h.flagged.join(", ") : "";
+    const cleared = (h.cleared || []).length ? "; agree again on " + h.cleared.join(", ") : "";
+    if (h.kind === "observed") return "camera: " + (h.changed || []).map((c) => `${c} ${(h.present || {})[c] ? "seen" : "gone"}`).join(", ") + flags + cleared;
+    if (h.kind === "discrepancy") return "camera vs controller" + (flags + cleared).replace(/^;/, ":");
+    if (h.kind === "controller") return "stations: " + (h.changed || []).map((n) => n === "order"
+      ? "order " + String((h.order || {}).state || "").replace(/_/g, " ").toLowerCase()
+      : `${n} ${((h.stations || {})[n] || {}).meaning || ""}` + (((h.stations || {})[n] || {}).description ? " (" + h.stations[n].description + ")" : "")).join(", ");
     if (h.kind === "desired") return "desired: " + JSON.stringify(h.desired || {});
     if (h.kind === "order") return "order: " + (h.orders || []).map((o) => `${o.type} ${o.state}${o.reason ? " (" + o.reason + ")" : ""}`).join(", ");
     return h.kind || "change";
@@ -143,7 +208,7 @@
     if (ul.querySelector(`[data-version="${h.version}"]`)) return;
     const li = el("li", { "data-version": h.version, class: fresh ? "fresh" : "" });
     li.appendChild(el("span", { class: "v" }, "v" + h.version));
-    li.appendChild(document.createTextNode(`${time(h.at)}  ${describe(h)}` + (h.delta && Object.keys(h.delta).length ? "  ⚠ " + Object.keys(h.delta).join(",") : "")));
+    li.appendChild(document.createTextNode(`${time(h.at)}  ${describe(h)}` + (flaggedKeys(h.delta).length ? "  ⚠ " + flaggedKeys(h.delta).join(",") : "")));
     ul.insertBefore(li, ul.firstChild);
     while (ul.children.length > 50) ul.removeChild(ul.lastChild);
   }
