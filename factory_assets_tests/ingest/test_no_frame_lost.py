@@ -1,13 +1,21 @@
 """No frame lost, ever: faults injected into real processes mid-stream, exact counts asserted.
 
 The ingester is the real ``python -m factory_assets.cli ingest mqtt`` process, the broker
-the one ``start_broker`` runs (Mosquitto when installed), MongoDB a SecantusDB process.
-Every test publishes numbered frames with QoS 1 and asserts that each one is stored
-exactly once (one document per published frame, no document twice).
+the one ``start_broker`` runs (Mosquitto when installed, configured as ``up`` configures
+it: QoS 0 queued for offline sessions), MongoDB a SecantusDB process. Every test publishes
+numbered frames at **QoS 0**, as the TXT controller publishes ``i/cam``, each followed by an
+``i/bme680`` reading at QoS 1, and asserts that each frame and each reading is stored
+exactly once (one document each, none twice).
+
+QoS 0 is never sent twice, so where a fault would destroy a frame that was already sent
+(inside a killed process, or published while the broker is down) the test waits for that
+window to be empty before the fault, as a one-line comment says; QoS 1 readings are
+published into the fault itself and must all arrive.
 """
 from __future__ import annotations
 
-import os
+import json
+import re
 import signal
 import socket
 import subprocess
@@ -20,100 +28,56 @@ import pytest
 
 from factory_assets.simulation.broker import start_broker
 from factory_assets.storage.frames import wait_until
+from factory_assets_tests.fixtures.mqtt import IngesterProcess, ingester_env
 from factory_assets_tests.helpers import cam_payload, jpeg_bytes
 
 N_FRAMES = 60
 IMAGES = [jpeg_bytes(size=(64, 48), seed=i) for i in range(N_FRAMES)]  # small frames, distinct bytes
 
 NEEDS_MOSQUITTO = ("needs Mosquitto (apt-get install mosquitto; .ci/run installs it): amqtt 0.12 does not keep "
-                   "QoS 1 messages for an offline persistent session nor across its own restart")
+                   "messages for an offline persistent session nor across its own restart")
 
 
 def frame_ts(i: int) -> str:
     return f"2026-11-23T10:{i // 60:02d}:{i % 60:02d}.000Z"
 
 
-class Output:
-    """Lines a subprocess writes, collected by a thread, waited on without sleeping."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream):
-        for line in stream:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def count(self, text: str) -> int:
-        with self._cond:
-            return sum(text in line for line in self.lines)
-
-    def wait_for(self, text: str, timeout: float, at_least: int = 1) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.count(text) >= at_least, timeout)
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines[-60:])
-
-
-class IngesterProcess:
-    """``factory-assets ingest mqtt`` as a subprocess with a fixed client id (its persistent session)."""
-
-    def __init__(self, url: str, env: dict, client_id: str):
-        self.cmd = [sys.executable, "-m", "factory_assets.cli", "ingest", "mqtt", "--url", url,
-                    "--client-id", client_id, "--progress-every", "0"]
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.out: Output | None = None
-        self.runs = 0
-
-    def start(self) -> "IngesterProcess":
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True)
-        self.out = Output(self.proc.stdout)
-        self.runs += 1
-        assert self.out.wait_for("MQTT subscribed", 60), f"the ingester never subscribed:\n{self.out.text()}"
-        return self
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> str:
-        """SIGTERM: a clean stop; returns what it printed."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.out.text() if self.out else ""
+def reading(i: int, burst: int = 0) -> bytes:
+    return json.dumps({"ts": f"2026-11-23T11:{i // 60:02d}:{i % 60:02d}.{burst:03d}Z", "t": 20.0 + i / 10,
+                       "rt": 20.5, "h": 40.0, "rh": 40.5, "p": 1000.0, "iaq": 50, "aq": 3, "gr": 150000}).encode()
 
 
 class Publisher:
-    """A QoS 1 publisher that survives broker restarts (paho resends what was not acknowledged)."""
+    """The controller: frames at QoS 0, readings at QoS 1. Survives broker restarts (paho resends
+    unacknowledged QoS 1; a QoS 0 frame published while disconnected is gone, as on the TXT)."""
 
     def __init__(self, broker):
         import paho.mqtt.client as mqtt
 
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+        self.connects = 0
+        self.client.on_connect = self._on_connect
         self.client.reconnect_delay_set(0.1, 1)
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         self.infos = []
+        self.readings = 0
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if not reason_code.is_failure:
+            self.connects += 1
 
     def publish(self, i: int) -> None:
-        # like the TXT controller, wait for the broker while it restarts (paho flags a publish
-        # made while disconnected as failed even though it queues it)
         assert wait_until(self.client.is_connected, 60), "the publisher never got back to the broker"
-        self.infos.append(self.client.publish("i/cam", cam_payload(IMAGES[i], frame_ts(i)), qos=1))
+        self.infos.append(self.client.publish("i/cam", cam_payload(IMAGES[i], frame_ts(i)), qos=0))
+        self.reading(i)
+
+    def reading(self, i: int, burst: int = 0) -> None:
+        self.infos.append(self.client.publish("i/bme680", reading(i, burst), qos=1))
+        self.readings += 1
 
     def wait_all_acknowledged(self, timeout: float) -> bool:
+        """QoS 1: the broker acknowledged it; QoS 0: it is written to the socket."""
         return wait_until(lambda: all(info.is_published() for info in self.infos), timeout)
 
     def close(self) -> None:
@@ -121,13 +85,19 @@ class Publisher:
         self.client.loop_stop()
 
 
-def assert_every_frame_stored_exactly_once(fdb) -> None:
+def frames_stored(fdb) -> int:
+    return fdb.frames.count_documents({})
+
+
+def assert_every_frame_and_reading_stored_exactly_once(fdb, readings: int = N_FRAMES) -> None:
     docs = list(fdb.frames.find({}, {"ts": 1, "sha256": 1, "seq": 1}))
     assert len(docs) == N_FRAMES, f"{len(docs)} frame documents for {N_FRAMES} published frames"
     assert len({d["sha256"] for d in docs}) == N_FRAMES  # no frame twice
     assert len({d["seq"] for d in docs}) == N_FRAMES
     stored = sorted(d["ts"].strftime("%Y-%m-%dT%H:%M:%S.000Z") for d in docs)
     assert stored == [frame_ts(i) for i in range(N_FRAMES)]  # every published frame
+    sensors = list(fdb.sensors.find({"topic": "i/bme680"}, {"ts": 1}))
+    assert len(sensors) == readings and len({d["ts"] for d in sensors}) == readings
 
 
 def _free_port() -> int:
@@ -173,19 +143,23 @@ class KillableMongo:
 
 @pytest.fixture
 def broker(tmp_path):
-    b = start_broker(port=0)  # Mosquitto when installed (FACTORY_MQTT_BROKER), its data kept across restart()
+    # Mosquitto when installed (FACTORY_MQTT_BROKER), its data kept across restart(), configured as `up` does;
+    # connection messages on: the tests wait for the broker to have seen a killed ingester go
+    b = start_broker(port=0, connection_messages=True) if _mosquitto() else start_broker(port=0)
     try:
         yield b
     finally:
         b.close()
 
 
-def ingester_env(uri: str, database: str) -> dict:
-    return dict(os.environ, MONGODB_URI=uri, MONGODB_DATABASE=database, PYTHONUNBUFFERED="1")
+def _mosquitto() -> bool:
+    from factory_assets.simulation.broker import broker_kind
+
+    return broker_kind() == "mosquitto"
 
 
 def publish_in_background(pub: Publisher, gate_at: dict[int, threading.Event]) -> threading.Thread:
-    """Publish frames 0..N-1; before frame i, wait for ``gate_at[i]`` (set by the test at a fault)."""
+    """Publish frames (and readings) 0..N-1; before frame i, wait for ``gate_at[i]`` (set by the test)."""
     def run():
         for i in range(N_FRAMES):
             if i in gate_at:
@@ -195,6 +169,12 @@ def publish_in_background(pub: Publisher, gate_at: dict[int, threading.Event]) -
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def broker_saw_it_go(broker, client_id: str) -> bool:
+    """The broker logged the client's connection as gone: from now on it queues for the session."""
+    gone = re.compile(rf"Client {re.escape(client_id)} (closed its connection|disconnected|has exceeded)")
+    return wait_until(lambda: bool(gone.search(broker.log_text())), 30)
 
 
 def test_every_frame_is_stored_once_when_mongodb_is_killed_and_restarted_mid_stream(tmp_path, broker):
@@ -210,20 +190,21 @@ def test_every_frame_is_stored_once_when_mongodb_is_killed_and_restarted_mid_str
         pub = Publisher(broker)
         killed, restarted = threading.Event(), threading.Event()
         publisher = publish_in_background(pub, {20: killed, 40: restarted})
-        assert wait_until(lambda: fdb.frames.count_documents({}) == 20, 30)
+        assert wait_until(lambda: frames_stored(fdb) == 20, 30)
         mongo.kill()
-        killed.set()  # frames 20..39 are published while MongoDB is down
+        killed.set()  # frames 20..39 (QoS 0) are published while MongoDB is down: they wait in the ingester
         assert ingester.out.wait_for("store failed", 60), ingester.out.text()
-        assert wait_until(lambda: len(pub.infos) == 40, 30) and pub.wait_all_acknowledged(30)
+        assert wait_until(lambda: len(pub.infos) == 80, 30) and pub.wait_all_acknowledged(30)
         # a bad message during the outage: its quarantine write is retried like the frames
-        pub.client.publish("i/cam", b"{not json", qos=1).wait_for_publish(30)
+        pub.client.publish("i/cam", b"{not json", qos=0).wait_for_publish(30)
         mongo.start()  # same data, same port
         restarted.set()
         publisher.join(60)
         assert pub.wait_all_acknowledged(30)
-        assert wait_until(lambda: fdb.frames.count_documents({}) >= N_FRAMES, 60), ingester.out.text()
+        assert wait_until(lambda: frames_stored(fdb) >= N_FRAMES and fdb.sensors.count_documents({}) >= N_FRAMES,
+                          60), ingester.out.text()
         assert ingester.out.wait_for("store recovered", 10)
-        assert_every_frame_stored_exactly_once(fdb)
+        assert_every_frame_and_reading_stored_exactly_once(fdb)
         assert wait_until(lambda: fdb.quarantine.count_documents({"reason": "malformed_json"}) == 1, 30)
     finally:
         if pub:
@@ -236,26 +217,32 @@ def test_every_frame_is_stored_once_when_mongodb_is_killed_and_restarted_mid_str
 def test_every_frame_is_stored_once_when_the_ingester_is_killed_and_restarted_mid_stream(fdb, mongo_uri, database_name, broker):
     if broker.kind != "mosquitto":
         pytest.skip(NEEDS_MOSQUITTO)
-    ingester = IngesterProcess(broker.url, ingester_env(mongo_uri, database_name), f"fault-kill-{uuid.uuid4().hex[:6]}")
+    client_id = f"fault-kill-{uuid.uuid4().hex[:6]}"
+    ingester = IngesterProcess(broker.url, ingester_env(mongo_uri, database_name), client_id)
     pub = None
     try:
         ingester.start()
         pub = Publisher(broker)
         killed, restarted = threading.Event(), threading.Event()
         publisher = publish_in_background(pub, {30: killed, 50: restarted})
-        assert wait_until(lambda: fdb.frames.count_documents({}) >= 10, 30)
-        ingester.kill()  # SIGKILL mid-stream: frames in flight were received but maybe not stored
+        # QoS 0 cannot be saved from inside a killed process: the kill comes once frames 0..29 are stored
+        assert wait_until(lambda: len(pub.infos) == 60 and frames_stored(fdb) == 30, 30)
+        for burst in range(1, 21):  # ... while QoS 1 readings are in flight: received, maybe not stored yet
+            pub.reading(29, burst)
+        assert pub.wait_all_acknowledged(30)
+        ingester.kill()  # SIGKILL mid-stream
+        assert broker_saw_it_go(broker, client_id), broker.log_text()[-2000:]
         killed.set()
-        # frames 30..49 are published while no ingester runs: the broker queues them for its session
-        assert wait_until(lambda: len(pub.infos) == 50, 30) and pub.wait_all_acknowledged(30)
-        stored_while_down = fdb.frames.count_documents({})
-        assert stored_while_down < 50
+        # frames 30..49 are published while no ingester runs: the broker queues them (QoS 0 too) for its session
+        assert wait_until(lambda: len(pub.infos) == 120, 30) and pub.wait_all_acknowledged(30)
+        assert frames_stored(fdb) == 30
         ingester.start()
         restarted.set()
         publisher.join(60)
         assert pub.wait_all_acknowledged(30)
-        assert wait_until(lambda: fdb.frames.count_documents({}) >= N_FRAMES, 60), ingester.out.text()
-        assert_every_frame_stored_exactly_once(fdb)
+        assert wait_until(lambda: frames_stored(fdb) >= N_FRAMES and fdb.sensors.count_documents({}) >= N_FRAMES + 20,
+                          60), ingester.out.text()
+        assert_every_frame_and_reading_stored_exactly_once(fdb, readings=N_FRAMES + 20)
     finally:
         if pub:
             pub.close()
@@ -273,14 +260,20 @@ def test_every_frame_is_stored_once_when_the_broker_restarts_mid_stream(fdb, mon
         pub = Publisher(broker)
         restarted = threading.Event()
         publisher = publish_in_background(pub, {30: restarted})
-        assert wait_until(lambda: len(pub.infos) == 30, 30)
+        assert wait_until(lambda: len(pub.infos) == 60, 30)
+        for burst in range(1, 21):  # QoS 1 readings in flight while the broker stops
+            pub.reading(29, burst)
         broker.restart()  # clean stop: Mosquitto saves queued and in-flight messages of persistent sessions
+        # QoS 0 frames published while the broker is down are lost at the publisher (on the TXT too):
+        # the publisher resumes once it is back, maybe before the ingester (then the broker queues for it)
+        assert wait_until(lambda: pub.connects >= 2, 30)
         restarted.set()
         publisher.join(60)
         assert pub.wait_all_acknowledged(60)
-        assert wait_until(lambda: fdb.frames.count_documents({}) >= N_FRAMES, 60), ingester.out.text()
+        assert wait_until(lambda: frames_stored(fdb) >= N_FRAMES and fdb.sensors.count_documents({}) >= N_FRAMES + 20,
+                          60), ingester.out.text()
         assert ingester.out.count("MQTT connected") >= 2
-        assert_every_frame_stored_exactly_once(fdb)
+        assert_every_frame_and_reading_stored_exactly_once(fdb, readings=N_FRAMES + 20)
     finally:
         if pub:
             pub.close()
@@ -298,20 +291,20 @@ def test_while_mongodb_is_down_the_ingester_holds_at_most_its_byte_limit_and_the
     payloads = [cam_payload(IMAGES[i], frame_ts(i)) for i in range(N_FRAMES)]
     limit = 3 * max(len(p) for p in payloads)
     ingester = MqttIngester(Ingestor(fdb, batch_size=2), broker.url, client_id=f"bounded-{uuid.uuid4().hex[:6]}",
-                            progress_every=0, max_buffer_bytes=limit).start()
+                            progress_every=0, max_buffer_bytes=limit, camera_fps=None).start()
     pub = None
     try:
         assert ingester.subscribed.wait(30)
         mongo.kill()
         pub = Publisher(broker)
-        for i in range(N_FRAMES):
+        for i in range(N_FRAMES):  # QoS 0 frames: the ingester stops reading, they wait in its socket and the broker
             pub.publish(i)
         assert pub.wait_all_acknowledged(30)
         assert wait_until(lambda: ingester.throttled >= 1 and ingester.store_failures >= 1, 60)
         assert ingester.held_bytes <= limit  # 60 frames published, at most 3 frames' bytes in memory
         mongo.start()
-        assert wait_until(lambda: fdb.frames.count_documents({}) >= N_FRAMES, 90)
-        assert_every_frame_stored_exactly_once(fdb)
+        assert wait_until(lambda: frames_stored(fdb) >= N_FRAMES and fdb.sensors.count_documents({}) >= N_FRAMES, 90)
+        assert_every_frame_and_reading_stored_exactly_once(fdb)
         assert wait_until(lambda: ingester.held_bytes == 0, 10)
     finally:
         if pub:
