@@ -111,7 +111,8 @@ def test_a_model_below_the_bar_is_registered_but_never_deployed(fdb, sim_dataset
            "endpoint": EndpointResource(url=model_server.url)}
     result = dg.materialize([stock_model, model_endpoint], resources=res, raise_on_error=False, instance=instance)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"per_label_accuracy_above_minimum": False, "no_regression_against_deployed_model": True}
+    assert checks == {"per_label_accuracy_above_minimum": False, "no_regression_against_deployed_model": True,
+                      "validation_has_every_class": True}
     assert fdb.models.count_documents({"passed_checks": False}) == 1
     # the blocking check stopped model_endpoint from running
     assert not result.asset_materializations_for_node("model_endpoint")

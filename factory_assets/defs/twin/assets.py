@@ -40,8 +40,8 @@ def stock_inferences(context: dg.AssetExecutionContext, config: StockInferencesC
     and re-materializing after a new model is deployed re-infers with it. A frame that
     fails every time is quarantined after ``max_attempts_per_frame`` runs and skipped.
     Each inference also updates the twin (never with an older frame than it shows). It
-    depends on ``model_endpoint``: after a deployment the UI marks the days inferred by the
-    previous model as stale; materializing them re-infers with the new one."""
+    depends on ``model_endpoint`` (the deployed model produces them): after a deployment,
+    materializing a day re-infers it with the new model."""
     from factory_assets.serving.predictor import EndpointUnavailable
     from factory_assets.storage.frames import assign_missing_seqs, day_query
     from factory_assets.storage.inferences import inferred_frame_ids
