@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "factory_assets.cli.retrain",
     "factory_assets.cli.sagemaker",
     "factory_assets.cli.up",
+    "factory_assets.cli.dagster_topology",
 )
 
 
