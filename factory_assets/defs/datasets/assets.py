@@ -5,6 +5,7 @@ from dagster_aws.s3 import S3Resource
 from factory_assets.defs.datasets.resources import DatasetTargetResource
 from factory_assets.defs.metadata import partition_bounds, png_markdown, table
 from factory_assets.defs.partitions import daily_partitions
+from factory_assets.defs.pools import MONGODB_POOL
 from factory_assets.defs.resources import MongoResource
 
 PREVIEW_FRAMES = 8
@@ -25,6 +26,7 @@ class LabeledImagesConfig(dg.Config):
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="datasets",
     kinds={"mongodb"},
+    pool=MONGODB_POOL,  # reads and labels the days' frames in MongoDB (docs/scaling-out.md)
     owners=["team:factory-data"],
 )
 def labeled_images(context: dg.AssetExecutionContext, config: LabeledImagesConfig,

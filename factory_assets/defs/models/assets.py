@@ -5,6 +5,7 @@ import dagster as dg
 
 from factory_assets.defs.metadata import png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
+from factory_assets.defs.pools import SAGEMAKER_POOL
 from factory_assets.defs.resources import MongoResource
 from factory_assets.vocabulary import CLASSES
 
@@ -147,6 +148,7 @@ def slot_metadata(metrics: dict) -> dict:
     deps=["training_manifests"],
     group_name="models",
     kinds={"python", "mongodb"},
+    pool=SAGEMAKER_POOL,  # a training job (on SageMaker with that backend; docs/scaling-out.md)
     owners=["team:factory-data"],
     output_required=False,  # nothing new to train: no materialization (see the docstring)
     check_specs=[dg.AssetCheckSpec(ACCURACY_CHECK, asset="stock_model", blocking=True,
@@ -281,6 +283,7 @@ def _validation_counts(dataset: dict) -> tuple[dict, dict]:
     deps=[stock_model],
     group_name="models",
     kinds={"mongodb"},
+    pool=SAGEMAKER_POOL,  # an endpoint update (on SageMaker with that backend; docs/scaling-out.md)
     owners=["team:factory-data"],
     # only an unreachable server is retried; "nothing passed its checks" raises allow_retries=False
     retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),

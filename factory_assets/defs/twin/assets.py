@@ -6,6 +6,7 @@ import dagster as dg
 from factory_assets.defs.metadata import partition_bounds, png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.partitions import daily_partitions
+from factory_assets.defs.pools import MONGODB_POOL
 from factory_assets.defs.resources import MongoResource
 
 FETCH_BATCH = 200
@@ -30,6 +31,7 @@ class StockInferencesConfig(dg.Config):
     group_name="twin",
     kinds={"mongodb"},
     owners=["team:factory-data"],
+    pool=MONGODB_POOL,  # reads the days' frames, writes an inference per frame (docs/scaling-out.md)
 )
 def stock_inferences(context: dg.AssetExecutionContext, config: StockInferencesConfig, mongo: MongoResource,
                      endpoint: EndpointResource) -> dg.MaterializeResult:

@@ -10,6 +10,7 @@ import dagster as dg
 
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.partitions import FIRST_DAY, within_partitions
+from factory_assets.defs.pools import factory_tags
 from factory_assets.defs.resources import MongoResource
 from factory_assets.defs.twin.jobs import retrain_job, stock_inference_job
 
@@ -91,7 +92,9 @@ def new_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource,
         if key is None:
             context.log.error(f"{len(frames)} frames of {day}: {MAX_RUN_ATTEMPTS} runs failed")
             continue
-        run_requests.append(dg.RunRequest(run_key=key, partition_key=day, tags={"factory/frames": str(len(frames))}))
+        factories = fdb.frames.distinct("factory_id", {"_id": {"$in": [f["_id"] for f in frames]}})
+        run_requests.append(dg.RunRequest(run_key=key, partition_key=day, tags={"factory/frames": str(len(frames)),
+                                                                                 **factory_tags(factories)}))
     new_cursor = json.dumps({"seq": plan.cursor, "live": live})
     if not events and not run_requests:
         return dg.SensorResult(skip_reason=dg.SkipReason(
