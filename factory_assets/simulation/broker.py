@@ -300,13 +300,19 @@ def _serve_mosquitto(port: int, host: str, parent_pid: int | None, data_dir: Pat
             logger.error("mosquitto exited with code %s", proc.returncode)
             return proc.returncode or 1
     logger.info("broker on port %d: shutting down", port)
-    proc.send_signal(signal.SIGTERM)  # Mosquitto saves its persistence database on SIGTERM
-    try:
-        code = proc.wait(timeout=SHUTDOWN_TIMEOUT_S * 3)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return 1
+    # Mosquitto saves its persistence database on SIGTERM. 2.0.11 logs "running" before it sets
+    # its run flag, so a SIGTERM right after start can be lost: send it again each second.
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S * 3
+    code = None
+    while code is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                proc.kill()
+                proc.wait()
+                return 1
     if code != 0:
         # Mosquitto 2.0 can report 1 when the SIGTERM we sent interrupts its event loop: a
         # requested, completed stop (it has saved its persistence) is still a clean one.

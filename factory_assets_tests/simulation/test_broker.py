@@ -156,3 +156,130 @@ def test_amqtt_remains_available_as_the_pip_only_fallback():
         with MqttRecorder(broker.url) as rec:
             publish_and_wait(broker.url, "i/ldr", b"{}")
             assert rec.wait_until(lambda: rec.count("i/ldr") == 1, 5)
+
+
+class OfflineSession:
+    """A persistent session (the ingester's) that subscribes, goes offline, and comes back."""
+
+    def __init__(self, broker, client_id: str = "offline-ingester"):
+        import threading
+
+        self.broker, self.client_id = broker, client_id
+        self.received: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        self._client = None
+
+    def connect(self) -> "OfflineSession":
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        subscribed = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False)
+        client.on_connect = lambda c, *_: c.subscribe("#", qos=1)
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.on_message = self._on_message
+        client.connect(self.broker.host, self.broker.port)
+        client.loop_start()
+        assert subscribed.wait(10)
+        self._client = client
+        return self
+
+    def _on_message(self, client, userdata, msg):
+        with self._cond:
+            self.received.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def wait_until(self, condition, timeout: float = 20) -> bool:
+        with self._cond:
+            return self._cond.wait_for(condition, timeout)
+
+    def topics(self, topic: str) -> list[bytes]:
+        with self._cond:
+            return [p for t, p in self.received if t == topic]
+
+    def go_offline(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def publish_many(url: str, messages) -> None:
+    import paho.mqtt.client as mqtt
+
+    from factory_assets.ingest.mqtt import parse_mqtt_url
+
+    host, port = parse_mqtt_url(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=qos) for topic, payload, qos in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+FRAME = b"f" * 20_000  # about a TXT frame in base64 JSON
+
+
+def test_the_broker_keeps_qos0_frames_for_an_offline_session_across_its_restart_and_qos1_still_flows_after_them(
+        mqtt_broker):
+    if mqtt_broker.kind != "mosquitto":
+        pytest.skip("amqtt queues nothing for offline sessions")
+    session = OfflineSession(mqtt_broker).connect()
+    session.go_offline()  # the ingester is down
+    # 300 frames (QoS 0) then 5 stock reports (QoS 1): more queued QoS 0 messages than any inflight window
+    publish_many(mqtt_broker.url, [("i/cam", b"%04d" % i + FRAME, 0) for i in range(300)]
+                 + [("f/i/stock", b"%d" % i, 1) for i in range(5)])
+    mqtt_broker.restart()  # the queue is in its persistence file
+    session.connect()
+    try:
+        assert session.wait_until(lambda: len(session.topics("f/i/stock")) == 5)
+        assert [p[:4] for p in session.topics("i/cam")] == [b"%04d" % i for i in range(300)]  # all, in order
+        # and QoS 1 keeps flowing on this connection (a finite max_inflight_messages stalls it here)
+        publish_many(mqtt_broker.url, [("f/i/order", b"live", 1)])
+        assert session.wait_until(lambda: session.topics("f/i/order") == [b"live"])
+    finally:
+        session.go_offline()
+
+
+def test_a_broker_that_drops_qos0_for_offline_sessions_loses_the_frames_published_meanwhile():
+    # what a user's own broker does with Mosquitto's default (queue_qos0_messages false)
+    from factory_assets.simulation.broker import QueueLimits, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("needs Mosquitto")
+    with start_broker(queue=QueueLimits.for_outage(qos0=False)) as broker:
+        session = OfflineSession(broker).connect()
+        session.go_offline()
+        publish_many(broker.url, [("i/cam", FRAME, 0) for _ in range(10)] + [("f/i/stock", b"after", 1)])
+        session.connect()
+        try:
+            # the report published after the frames arrives, and no frame before it: they were dropped
+            assert session.wait_until(lambda: session.topics("f/i/stock") == [b"after"])
+            assert session.topics("i/cam") == []
+        finally:
+            session.go_offline()
+
+
+def test_the_offline_queue_is_sized_for_the_stated_outage_and_configurable():
+    from pathlib import Path
+
+    from factory_assets.simulation.broker import QueueLimits, mosquitto_config, queue_argv
+
+    thirty = QueueLimits.for_outage()  # the default: 30 minutes at 2 frames/s, 32 KiB a frame
+    assert (thirty.messages, thirty.bytes) == (3600 + 1800, 3600 * 32 * 1024 + 1800 * 4 * 1024)
+    hour = QueueLimits.for_outage(minutes=60, fps=5, frame_bytes=50_000)
+    assert (hour.messages, hour.bytes) == (18000 + 3600, 18000 * 50_000 + 3600 * 4096)
+    conf = mosquitto_config(1883, Path("/tmp/x"), queue=hour)
+    assert "queue_qos0_messages true" in conf and f"max_queued_messages {hour.messages}" in conf
+    assert f"max_queued_bytes {hour.bytes}" in conf and "max_inflight_messages 0" in conf
+    assert "allow_anonymous true" in conf
+    assert queue_argv(hour) == ["--outage-minutes", "60", "--outage-fps", "5", "--frame-bytes", "50000"]
+    assert "queue_qos0_messages false" in mosquitto_config(1883, Path("/tmp/x"), queue=QueueLimits(qos0=False))
+    secured = mosquitto_config(8883, Path("/tmp/x"), password_file=Path("/tmp/x/passwd"),
+                               certfile=Path("/tmp/x/s.crt"), keyfile=Path("/tmp/x/s.key"))
+    assert "allow_anonymous false" in secured and "password_file /tmp/x/passwd" in secured
+    assert "certfile /tmp/x/s.crt" in secured and "keyfile /tmp/x/s.key" in secured
