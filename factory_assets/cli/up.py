@@ -75,16 +75,28 @@ DAGSTER_TARGET = ["-m", "factory_assets.definitions"]
 
 
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
-                   dagster: bool = True) -> list[Service]:
+                   dagster: bool = True, *, mqtt_url: str | None = None,
+                   queue=None, camera_fps: float | None = None, simulator: bool = True) -> list[Service]:
+    """The services ``up`` starts, in order. ``mqtt_url``: a broker of the user's own (none is
+    started; the URL carries no password: children read ``FACTORY_MQTT_PASSWORD``). ``queue``:
+    the started broker's offline queue (default sized for 30 minutes at ``fps``). ``camera_fps``:
+    what the ingester asks the camera for (default ``fps``, the simulator's rate)."""
+    from factory_assets.simulation.broker import QueueLimits, queue_argv
+
     py = sys.executable
     cli = [py, "-m", "factory_assets.cli"]
-    mqtt_url = f"mqtt://127.0.0.1:{mqtt_port}"
-    services = [
-        Service("mqtt-broker", [py, "-m", "factory_assets.simulation.broker", "--port", str(mqtt_port)], mqtt_port),
-        Service("ingester", cli + ["ingest", "mqtt", "--url", mqtt_url]),
-        Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", str(fps), "--seed", str(seed),
-                                     "--change-every", "6"]),
-    ]
+    own_broker = mqtt_url is None
+    mqtt_url = mqtt_url or f"mqtt://127.0.0.1:{mqtt_port}"
+    queue = queue or QueueLimits.for_outage(fps=fps)
+    camera_fps = fps if camera_fps is None else camera_fps
+    services = []
+    if own_broker:
+        services.append(Service("mqtt-broker", [py, "-m", "factory_assets.simulation.broker", "--port",
+                                                str(mqtt_port), *queue_argv(queue)], mqtt_port))
+    services.append(Service("ingester", cli + ["ingest", "mqtt", "--url", mqtt_url, "--camera-fps", f"{camera_fps:g}"]))
+    if simulator:
+        services.append(Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}",
+                                                    "--seed", str(seed), "--change-every", "6"]))
     services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
     if not dagster:
         return services
@@ -92,6 +104,20 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
                                         "-p", str(dagster_port)], dagster_port,
                             env={"DAGSTER_HOME": str(dagster_home())}))
     return services
+
+
+def broker_url_for_children(url: str, env: dict) -> str:
+    """The user's broker URL without its password, which goes to ``env["FACTORY_MQTT_PASSWORD"]``
+    (children's command lines are visible to every user of the machine)."""
+    from urllib.parse import quote
+
+    from factory_assets.vocabulary.mqtt import DEFAULT_PASSWORD_ENV, MqttTarget
+
+    target = MqttTarget.parse(url, password_env="\0none")
+    if target.password is not None:
+        env[DEFAULT_PASSWORD_ENV] = target.password
+    login = f"{quote(target.username, safe='')}@" if target.username else ""
+    return f"{'mqtts' if target.tls else 'mqtt'}://{login}{target.host}:{target.port}"
 
 
 def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Service]:
@@ -220,8 +246,18 @@ def up(args) -> int:
 
         env["FACTORY_PARTITIONS_START"] = first_frame_day(env["MONGODB_URI"], config.database_name())
     _say(f"Dagster partitions from {env['FACTORY_PARTITIONS_START']}")
+    from factory_assets.simulation.broker import queue_limits
+
+    args.outage_fps = args.fps if args.outage_fps is None else args.outage_fps
+    mqtt_url = broker_url_for_children(args.mqtt_url, env) if args.mqtt_url else None
+    if mqtt_url:
+        from factory_assets.vocabulary.mqtt import redact
+
+        _say(f"MQTT broker: {redact(args.mqtt_url)} (yours: none started)")
     services = build_services(free_port(args.mqtt_port), args.port, serve_port, args.fps, args.seed,
-                              dagster=not args.no_dagster)
+                              dagster=not args.no_dagster, mqtt_url=mqtt_url,
+                              queue=queue_limits(args), camera_fps=args.camera_fps,
+                              simulator=not args.no_simulator)
     stopping = False
 
     def on_signal(signum, frame):
@@ -284,9 +320,18 @@ def register(sub) -> None:
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--serve-port", type=int, default=8080)
     p.add_argument("--fps", type=float, default=2.0, help="simulated camera frames per second")
+    p.add_argument("--camera-fps", type=float, default=None,
+                   help="frames per second the ingester asks the camera for (c/cam; default --fps, 0: leave it)")
+    p.add_argument("--mqtt-url", default=None, metavar="URL",
+                   help="use your own broker (mqtt://[user[:password]@]host:port, mqtts://...) instead of "
+                        "starting one; the password may come from FACTORY_MQTT_PASSWORD")
+    p.add_argument("--no-simulator", action="store_true", help="no simulated factory (a real one is connected)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dagster", action="store_true", help="everything but dagster dev")
     p.add_argument("--keep-db", action="store_true", help="leave the embedded MongoDB running on exit")
     p.add_argument("--verbose", action="store_true",
                    help="stream every service's output here instead of .factory/logs/<service>.log")
+    from factory_assets.simulation.broker import add_queue_arguments
+
+    add_queue_arguments(p, fps_default="--fps")  # the started broker's offline queue (docs/mqtt.md)
     p.set_defaults(func=up)

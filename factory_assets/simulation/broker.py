@@ -407,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def add_queue_arguments(p: argparse.ArgumentParser) -> None:
-    """The offline-queue options, shared with ``factory-assets up``."""
+def add_queue_arguments(p: argparse.ArgumentParser, fps_default: str | None = None) -> None:
+    """The offline-queue options, shared with ``factory-assets up`` (``fps_default``: how it
+    names its own default of ``--outage-fps``, which it then fills in)."""
     p.add_argument("--outage-minutes", type=float, default=DEFAULT_OUTAGE_MINUTES,
                    help="size the offline queue for an ingester outage this long (default %(default)s)")
-    p.add_argument("--outage-fps", type=float, default=DEFAULT_OUTAGE_FPS,
-                   help="camera frames per second the queue is sized for (default %(default)s)")
+    p.add_argument("--outage-fps", type=float, default=None if fps_default else DEFAULT_OUTAGE_FPS,
+                   help=f"camera frames per second the queue is sized for (default {fps_default or '%(default)s'})")
     p.add_argument("--frame-bytes", type=int, default=DEFAULT_FRAME_BYTES,
                    help="bytes of one camera message the queue is sized for (default %(default)s)")
     p.add_argument("--max-queued-messages", type=int, default=None,
