@@ -360,3 +360,49 @@ def test_readers_resume_at_once_after_mongodb_goes_down_between_allocating_and_i
         assert ingestor.sequence.unsettled == []
     finally:
         mongo.stop()
+
+
+def test_frames_arriving_while_the_ingester_stops_are_stored_and_the_next_one_gets_the_rest(tmp_path, broker):
+    # QoS 0 is not sent again: a stopping ingester must keep reading until it disconnects (it used to
+    # drop what arrived while it drained, leaving QoS 1 to redelivery), then the broker queues for the session
+    from factory_assets.ingest.mqtt import MqttIngester
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.storage.mongo import connect
+
+    if broker.kind != "mosquitto":
+        pytest.skip(NEEDS_MOSQUITTO)
+    mongo = KillableMongo(tmp_path / "mongo").start()
+    fdb = connect(mongo.uri, f"test_{uuid.uuid4().hex[:12]}")
+    client_id = f"stopping-{uuid.uuid4().hex[:6]}"
+    first = MqttIngester(Ingestor(fdb), broker.url, client_id=client_id, progress_every=0, camera_fps=None,
+                         stop_timeout=120).start()
+    pub, second = None, None
+    try:
+        assert first.subscribed.wait(30)
+        mongo.kill()  # the drain at stop takes as long as MongoDB is away
+        pub = Publisher(broker)
+        for i in range(20):
+            pub.publish(i)
+        assert wait_until(lambda: first._taken == 40, 30)
+        stopping = threading.Thread(target=first.stop, daemon=True)
+        stopping.start()
+        assert wait_until(first._stopping.is_set, 10)
+        for i in range(20, 40):  # published while it stops: it still reads them
+            pub.publish(i)
+        assert wait_until(lambda: first._taken == 80, 30)
+        mongo.start()
+        stopping.join(120)
+        assert not stopping.is_alive() and frames_stored(fdb) == 40 and first.lost_on_stop == 0
+        for i in range(40, N_FRAMES):  # nobody connected: queued for the session
+            pub.publish(i)
+        assert pub.wait_all_acknowledged(30)
+        second = MqttIngester(Ingestor(fdb), broker.url, client_id=client_id, progress_every=0,
+                              camera_fps=None).start()
+        assert wait_until(lambda: frames_stored(fdb) >= N_FRAMES and fdb.sensors.count_documents({}) >= N_FRAMES, 60)
+        assert_every_frame_and_reading_stored_exactly_once(fdb)
+    finally:
+        if pub:
+            pub.close()
+        if second:
+            second.stop()
+        mongo.stop()
