@@ -91,3 +91,29 @@ def test_a_stock_message_without_stock_items_is_quarantined(fdb):
                  ("f/i/stock", b'{"ts": "2026-11-23T10:00:00Z", "stockItems": [{"workpiece": null}]}')])
     assert reasons(fdb) == ["missing_field", "missing_field"]
     assert fdb.mqtt.count_documents({}) == 0
+
+
+def test_a_command_without_ts_is_stored_at_its_arrival_while_a_controller_message_without_ts_is_quarantined(fdb):
+    from datetime import datetime, timezone
+
+    arrived = datetime(2026, 11, 23, 10, 0, 5, 123000, tzinfo=timezone.utc)
+    ing = Ingestor(fdb)
+    ing.handle_mqtt("c/cam", b'{"on": true, "fps": 2.0}', received_at=arrived)
+    ing.handle_mqtt("o/ptu", b'{"cmd": "relmove_left", "degree": 5}', received_at=arrived)
+    ing.handle_mqtt("f/i/state/hbw", b'{"station": "hbw", "code": 1, "description": "", "active": 0}')
+    ing.flush()
+    cam = fdb.mqtt.find_one({"topic": "c/cam"})
+    assert cam["ts"] == arrived and cam["received_at"] == arrived and cam["ts_source"] == "received_at"
+    assert fdb.mqtt.count_documents({"topic": "o/ptu"}) == 1
+    assert reasons(fdb) == ["missing_field"]  # the controller always stamps what it publishes
+    assert ing.clock.estimate("factory-1") is None  # commands say nothing about the factory's clock
+
+
+def test_the_factory_of_a_prefix_wins_over_one_the_payload_names_and_the_full_topic_is_kept(fdb):
+    payload = json.dumps({"ts": "2026-11-23T10:00:00.000Z", "factory_id": "named", "ldr": 1, "br": "99.3"}).encode()
+    ing = Ingestor(fdb)
+    ing.handle_mqtt("i/ldr", payload, {"kind": "mqtt", "topic": "/j1/txt/1/i/ldr"}, factory_id="factory-7")
+    ing.handle_mqtt("i/ldr", payload)  # the same bytes unprefixed: another message
+    ing.flush()
+    docs = {d["source"]["topic"]: d["factory_id"] for d in fdb.sensors.find()}
+    assert docs == {"/j1/txt/1/i/ldr": "factory-7", "i/ldr": "named"}
