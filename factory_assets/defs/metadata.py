@@ -36,6 +36,17 @@ def table(df, description: str | None = None) -> dg.MetadataValue:
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
+def json_value(data) -> dg.MetadataValue:
+    """A part of a MongoDB document as JSON metadata: datetimes as ISO-8601 text, other values
+    JSON does not know (ObjectId, Decimal128) as their text."""
+    import json
+
+    def text(value):
+        return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+    return dg.MetadataValue.json(json.loads(json.dumps(data, default=text)))
+
+
 def partition_bounds(context: dg.AssetExecutionContext):
     """[start, end) of the partition (or partition range) being materialized."""
     window = context.partition_time_window

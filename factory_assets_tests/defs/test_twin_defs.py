@@ -392,3 +392,19 @@ def test_a_poison_frame_is_quarantined_after_n_attempts_and_the_cursor_moves_pas
     done = tick(resources, instance=instance)
     assert not done.run_requests and load_frames_cursor(done.cursor)["seq"] == 2
     assert fdb.inferences.count_documents({"model_version": version}) == 1
+
+
+def test_a_flagged_disagreement_with_its_since_time_is_shown_not_a_failed_run(fdb, resources):
+    # delta entries carry datetimes (since, last): the twin's metadata and the live sensor's events show them
+    from factory_assets.defs.twin.assets import twin_metadata
+
+    since = OLD + timedelta(seconds=3)
+    delta = {"red": {"observed": False, "reported": True, "since": since, "frames": 3},
+             "slots": {"A2": {"observed": None, "reported": "RED", "since": since, "frames": 3}}}
+    md = twin_metadata({"version": 4, "delta": delta, "observed": {"red": {"present": False}}}, picture=False)
+    assert md["delta"].value["red"]["since"] == since.isoformat()
+    fdb.twin.insert_one({"_id": "factory-1", "version": 4})
+    fdb.twin_history.insert_one({"factory_id": "factory-1", "version": 4, "at": OLD, "kind": "reported",
+                                 "changed": ["A2"], "delta": delta})
+    [event] = twin_live_sensor(dg.build_sensor_context(resources={"mongo": resources["mongo"]})).asset_events
+    assert event.metadata["delta"].value["slots"]["A2"]["since"] == since.isoformat()

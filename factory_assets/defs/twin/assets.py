@@ -3,7 +3,7 @@ import contextlib
 
 import dagster as dg
 
-from factory_assets.defs.metadata import partition_bounds, png_markdown, table
+from factory_assets.defs.metadata import json_value, partition_bounds, png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.partitions import daily_partitions
 from factory_assets.defs.pools import MONGODB_POOL
@@ -127,7 +127,7 @@ def twin_metadata(doc: dict | None, picture: bool = True) -> dict:
         "twin": dg.MetadataValue.md(twin_markdown(doc)),
         "version": dg.MetadataValue.int(int(doc.get("version", 0))),
         "presence": table(presence),
-        "delta": dg.MetadataValue.json(doc.get("delta") or {}),
+        "delta": json_value(doc.get("delta") or {}),  # a flagged disagreement carries its since (a datetime)
     }
     if observed.get("frame_ts") is not None:
         metadata["observed_frame_ts"] = dg.MetadataValue.timestamp(observed["frame_ts"])

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from factory_assets.defs.metadata import json_value
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.partitions import FIRST_DAY, within_partitions
 from factory_assets.defs.pools import factory_tags
@@ -136,12 +137,12 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
                         "changes": len(entries), "observed_changes": len(observed),
                         "reported_changes": len(entries) - len(observed),
                         "first_version": entries[0]["version"], "last_version": entries[-1]["version"],
-                        "delta": dg.MetadataValue.json(entries[-1].get("delta") or {})}
+                        "delta": json_value(entries[-1].get("delta") or {})}
             if observed:
                 h = observed[-1]
                 metadata.update({"frame_id": str(h["frame_id"]), "frame_ts": dg.MetadataValue.timestamp(h["frame_ts"]),
                                  "model_version": h["model_version"], "source": h.get("source", "live"),
-                                 "present": dg.MetadataValue.json(h["present"])})
+                                 "present": json_value(h["present"])})
             events.append(dg.AssetMaterialization(asset_key="twin_state", metadata=metadata))
             cursor[str(factory_id)] = entries[-1]["version"]
     if events:
