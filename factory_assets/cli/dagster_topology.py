@@ -207,7 +207,15 @@ def set_pool_limits(limits, home: str | Path | None = None) -> dict[str, int]:
 
     if home is None and not os.environ.get("DAGSTER_HOME"):
         raise ValueError("DAGSTER_HOME is not set: name the instance's directory")
-    with (dg.DagsterInstance.from_config(str(home)) if home else dg.DagsterInstance.get()) as instance:
+    try:
+        instance = dg.DagsterInstance.from_config(str(home)) if home else dg.DagsterInstance.get()
+    except Exception as exc:  # dagster-postgres retried; say why it gave up, not where
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        reason = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise RuntimeError(f"the instance's database cannot be used: {reason}") from exc
+    with instance:
         storage = instance.event_log_storage
         if not storage.supports_global_concurrency_limits:
             raise ValueError("this instance's storage has no concurrency pools (SQLite?): use PostgreSQL")
@@ -279,22 +287,29 @@ class Topology:
     def apply_pool_limits(self, base_env: dict | None = None, timeout: float = 120.0) -> None:
         """Sets the pool limits in a child process (it connects to PostgreSQL and creates Dagster's
         tables on first use): fails here, with PostgreSQL's reason, when the database cannot be used."""
+        import socket
+
+        try:  # a host that does not answer fails here at once, not after dagster-postgres's retries
+            socket.create_connection((self.target.hostname, self.target.port), timeout=10).close()
+        except OSError as exc:
+            raise RuntimeError(f"PostgreSQL at {self.target.redacted} does not answer: {exc}") from None
         argv = [sys.executable, "-m", "factory_assets.cli", "dagster-config", "--apply-pool-limits"]
         for pool, limit in self.settings.pool_limits:
             argv += ["--pool", f"{pool}={limit}"]
         result = subprocess.run(argv, env={**(os.environ if base_env is None else base_env), **self.env()},
                                 capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            reason = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
             raise RuntimeError(f"Dagster's instance on {self.target.redacted} could not be prepared: "
-                               + " / ".join(detail))
+                               f"{reason.removeprefix('error: ')}")
 
 
 def local_topology(url: str, webserver_port: int, env: dict, home: Path | None = None,
                    settings: QueueSettings | None = None, say=log.info):
     """For ``factory-assets up --dagster-postgres URL``: writes the instance's files under
-    ``.factory/dagster-postgres``, passes the password to the services in ``env``, sets the pool
-    limits and returns the services to start instead of ``dagster dev``."""
+    ``.factory/dagster-postgres``, sets the pool limits (``env``: the stack's environment) and
+    returns the services to start instead of ``dagster dev``, the password in their environment only."""
     from factory_assets import config
     from factory_assets.cli.up import free_port
 
@@ -306,8 +321,7 @@ def local_topology(url: str, webserver_port: int, env: dict, home: Path | None =
     say(f"Dagster instance on {target.redacted} (DAGSTER_HOME {topology.home})")
     topology.apply_pool_limits(env)
     say("pool limits: " + ", ".join(f"{p}={n}" for p, n in topology.settings.pool_limits))
-    env.update(topology.env())
-    return topology.services()
+    return topology.services()  # each carries DAGSTER_HOME and the password in its own environment
 
 
 def _pool_limit(text: str) -> tuple[str, int]:

@@ -75,7 +75,7 @@ DAGSTER_TARGET = ["-m", "factory_assets.definitions"]
 
 
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
-                   dagster: bool = True, *, mqtt_url: str | None = None,
+                   dagster: bool = True, dagster_services: list | None = None, *, mqtt_url: str | None = None,
                    queue=None, camera_fps: float | None = None, simulator: bool = True) -> list[Service]:
     """The services ``up`` starts, in order. ``mqtt_url``: a broker of the user's own (none is
     started; the URL carries no password: children read ``FACTORY_MQTT_PASSWORD``). ``queue``:
@@ -100,6 +100,8 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
     if not dagster:
         return services
+    if dagster_services is not None:  # --dagster-postgres: code server, webserver, daemon (cli/dagster_topology.py)
+        return services + dagster_services
     services.append(Service("dagster", [py, "-m", "dagster", "dev", *DAGSTER_TARGET, "-h", "127.0.0.1",
                                         "-p", str(dagster_port)], dagster_port,
                             env={"DAGSTER_HOME": str(dagster_home())}))
@@ -246,6 +248,17 @@ def up(args) -> int:
 
         env["FACTORY_PARTITIONS_START"] = first_frame_day(env["MONGODB_URI"], config.database_name())
     _say(f"Dagster partitions from {env['FACTORY_PARTITIONS_START']}")
+    dagster_services = None
+    postgres_url = args.dagster_postgres or env.get("FACTORY_DAGSTER_POSTGRES_URL")
+    if postgres_url and not args.no_dagster:  # Dagster's production topology instead of `dagster dev`
+        from factory_assets.cli.dagster_topology import local_topology
+
+        try:
+            dagster_services = local_topology(postgres_url, args.port, env, say=_say)
+        except (RuntimeError, ValueError):
+            if started_db and not args.keep_db:
+                embedded.stop()
+            raise
     from factory_assets.simulation.broker import queue_limits
 
     args.outage_fps = args.fps if args.outage_fps is None else args.outage_fps
@@ -255,7 +268,7 @@ def up(args) -> int:
 
         _say(f"MQTT broker: {redact(args.mqtt_url)} (yours: none started)")
     services = build_services(free_port(args.mqtt_port), args.port, serve_port, args.fps, args.seed,
-                              dagster=not args.no_dagster, mqtt_url=mqtt_url,
+                              dagster=not args.no_dagster, dagster_services=dagster_services, mqtt_url=mqtt_url,
                               queue=queue_limits(args), camera_fps=args.camera_fps,
                               simulator=not args.no_simulator)
     stopping = False
@@ -328,6 +341,11 @@ def register(sub) -> None:
     p.add_argument("--no-simulator", action="store_true", help="no simulated factory (a real one is connected)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dagster", action="store_true", help="everything but dagster dev")
+    p.add_argument("--dagster-postgres", metavar="URL", default=None,
+                   help="run Dagster's production topology instead of dagster dev: an instance on this PostgreSQL "
+                        "database (postgresql://USER@HOST:5432/DB; default FACTORY_DAGSTER_POSTGRES_URL; password "
+                        "from the URL or FACTORY_DAGSTER_POSTGRES_PASSWORD), the daemon, a dagster api grpc code "
+                        "server and the webserver (docs/scaling-out.md)")
     p.add_argument("--keep-db", action="store_true", help="leave the embedded MongoDB running on exit")
     p.add_argument("--verbose", action="store_true",
                    help="stream every service's output here instead of .factory/logs/<service>.log")

@@ -88,7 +88,7 @@ factory_days = dg.MultiPartitionsDefinition({
 })
 
 
-@dg.asset(partitions_def=factory_days, pool=MONGODB_POOL)
+@dg.asset(partitions_def=factory_days)
 def factory_day(context):
     """One factory's day: what a backfill over factories x days runs, one run per partition."""
     keys = context.partition_key.keys_by_dimension
