@@ -269,7 +269,7 @@ def test_the_live_sensor_reports_each_ended_interval_of_twin_changes_once_with_i
     assert event.metadata["observed_changes"].value >= 1
     assert event.metadata["frame_id"].value == str(frames[-1]["_id"])
     assert event.metadata["model_version"].value == version
-    assert "twin" not in event.metadata  # no picture per sensor event
+    assert "twin_detail" not in event.metadata and len(event.metadata["twin"].value) < 1000  # the small picture only
     again = twin_live_sensor(dg.build_sensor_context(cursor=result.cursor, resources={"mongo": resources["mongo"]}))
     assert not again.asset_events
 

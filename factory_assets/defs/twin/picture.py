@@ -59,7 +59,8 @@ def twin_svg(doc: dict | None, outlines: bool = True) -> str:
                    f"d='{''.join(p)}'/>" for kind, p in fills.items())
     if outline:
         body += f"<path fill='none' stroke='red' stroke-width='2' d='{''.join(outline)}'/>"
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {x + 30} 40' font-size='7' "
+    # width: an intrinsic size, without which the UI's metadata cell lays the picture out 0 px wide
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {x + 30} 40' width='{3 * (x + 30)}' font-size='7' "
             f"font-family='sans-serif'>{''.join(labels)}<g stroke='#999'>{body}</g></svg>")
 
 

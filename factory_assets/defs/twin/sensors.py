@@ -1,7 +1,8 @@
 """Automation for the twin: new frames, live-twin visibility, model bootstrap and drift.
 
 The event log stays readable: what the live path did is reported as one aggregated
-event per interval (``REPORT_INTERVAL``), not one per sensor tick, and without pictures.
+event per interval (``REPORT_INTERVAL``), not one per sensor tick, and without the full
+PNG of the twin (only its small inline picture, under 1 KB).
 """
 import json
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ from factory_assets.defs.partitions import FIRST_DAY, within_partitions
 from factory_assets.defs.pools import factory_tags
 from factory_assets.defs.resources import MongoResource
 from factory_assets.defs.twin.jobs import retrain_job, stock_inference_job
+from factory_assets.defs.twin.picture import twin_markdown
 
 MAX_RUN_ATTEMPTS = 10
 REPORT_INTERVAL = timedelta(minutes=10)
@@ -109,8 +111,9 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
     """Makes the live updater's changes to the twin visible in Dagster: one ``twin_state``
     event per factory and ended ``REPORT_INTERVAL`` that had changes (``twin_history``),
     with the number of changes, the version range and the last observation's provenance
-    (frame, frame time, model). Pictures are left to ``twin_state`` runs. Cursor: the
-    last twin version reported per factory."""
+    (frame, frame time, model); a factory's newest event of a tick also carries ``twin``,
+    the small inline picture of the twin as it is when reported (the full PNG is left to
+    ``twin_state`` runs). Cursor: the last twin version reported per factory."""
     from factory_assets.vocabulary.clock import utcnow
 
     fdb = mongo.fdb()
@@ -131,7 +134,10 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
             buckets.setdefault(_bucket(h["at"]), []).append(h)
         for start, entries in sorted(buckets.items()):
             observed = [h for h in entries if h["kind"] == "observed"]
-            metadata = {"factory_id": str(factory_id),
+            metadata = {}
+            if start == max(buckets):  # the asset page shows the latest event's metadata: a picture there
+                metadata["twin"] = dg.MetadataValue.md(twin_markdown(fdb.twin.find_one({"_id": factory_id})))
+            metadata |= {"factory_id": str(factory_id),
                         "interval_start": dg.MetadataValue.timestamp(start),
                         "interval_minutes": int(REPORT_INTERVAL.total_seconds() // 60),
                         "changes": len(entries), "observed_changes": len(observed),
