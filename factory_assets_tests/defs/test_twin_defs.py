@@ -200,6 +200,7 @@ def test_the_twin_picture_is_short_enough_for_the_dagster_ui_to_show_it_without_
            "delta": {"slots": {"B1": {"message": "controller says B1 holds WHITE, camera sees it empty"}}}}
     picture = unquote(twin_markdown(doc))
     assert [t in picture for t in (">reported<", ">seen<", ">observed<")] == [True] * 3
+    assert " width='306'" in picture  # an intrinsic size: without one the UI's table cell draws it 0 px wide
     red = picture.split("fill='#d33'")[1].split("'/>")[0]
     assert red.count("h8v8h-8z") == 3  # A2 in both racks and the observed red
     assert "M36,20h8v8h-8z" in picture.split("stroke='red'")[1]  # B1 outlined on the camera's rack
