@@ -319,7 +319,7 @@ def test_a_deployed_model_that_disagrees_with_the_controller_triggers_retraining
     from factory_assets_tests.datasets.test_labels import simulate_day
 
     version = deploy(fdb, trained_models[0].model)
-    simulate_day(fdb, seconds=200, seed=3, change_every=6)
+    simulate_day(fdb, seconds=300, seed=3, change_every=6)  # over 100 stable frames outside the crane's travel
     frames = list(fdb.frames.find().sort("seq", 1))
     # inferences that agree with the controller: no retraining
     from factory_assets.datasets.autolabel import auto_label

@@ -212,3 +212,24 @@ def test_the_controller_state_reads_are_served_by_indexes(recorded_fdb):  # noqa
     recorder.recording.clear()
     assert get_twin(fdb, "factory-2")["reported"]["stations"]["hbw"]["code"] == 2
     assert_index_served(fdb, recorder.commands)
+
+
+def test_the_twin_picture_shows_a_station_fault_and_the_slots_in_transit():
+    import cv2
+    import numpy as np
+
+    from factory_assets.twin.render import render_twin_png
+
+    plain = {"version": 3, "reported": {"slots": SAID}, "observed": {"slots": seen(SHOWN)}}
+    moving = {**plain, "in_transit": {"active": True, "slots": {"B1": {
+        "observed": None, "reported": "BLUE", "message": "controller says B1 holds BLUE, camera sees it empty"}}},
+        "reported": {"slots": SAID, "stations": {"hbw": {"code": 4, "fault": True, "description": "no RED piece"}}}}
+
+    def image(doc):
+        return cv2.imdecode(np.frombuffer(render_twin_png(doc), np.uint8), cv2.IMREAD_COLOR)
+
+    a, b = image(plain), image(moving)
+    assert b.shape[0] == a.shape[0] + 2 * 16  # two more lines: the fault and the slot in transit
+    orange = np.all(np.abs(b[:, :200].astype(int) - (36, 165, 245)) < 40, axis=-1)
+    assert orange[28 + 62:28 + 62 + 57, 10:67].any()  # B1's outline in the reported rack
+    assert not np.all(np.abs(a[:, :200].astype(int) - (36, 165, 245)) < 40, axis=-1).any()
