@@ -233,3 +233,31 @@ def test_the_twin_picture_shows_a_station_fault_and_the_slots_in_transit():
     orange = np.all(np.abs(b[:, :200].astype(int) - (36, 165, 245)) < 40, axis=-1)
     assert orange[28 + 62:28 + 62 + 57, 10:67].any()  # B1's outline in the reported rack
     assert not np.all(np.abs(a[:, :200].astype(int) - (36, 165, 245)) < 40, axis=-1).any()
+
+
+def test_a_station_message_wakes_the_running_live_updater(fdb, monkeypatch):
+    import threading
+    import time
+
+    from factory_assets.twin import live
+    from factory_assets.twin.live import LiveTwinUpdater
+
+    monkeypatch.setattr(live, "CONTROLLER_REFRESH_S", 3600.0)  # no periodic look: only the wake-up
+    store_message(fdb, "f/i/state/hbw", station("hbw", 0, 1))
+    updater = LiveTwinUpdater(fdb, predictor=None, max_idle_seconds=2.0)
+    stop = threading.Event()
+    runner = threading.Thread(target=updater.run, kwargs={"stop": stop}, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while (get_twin(fdb) or {}).get("reported", {}).get("stations", {}).get("hbw") is None:
+            assert time.monotonic() < deadline, "the first station state never reached the twin"
+            stop.wait(0.05)
+        store_message(fdb, "f/i/state/hbw", station("hbw", 5, 4, "no BLUE workpiece in stock"))
+        while not get_twin(fdb)["reported"]["stations"]["hbw"]["fault"]:
+            assert time.monotonic() < deadline, "the fault never reached the twin"
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert updater.waiter.mode == "change_stream"
