@@ -244,9 +244,14 @@ def test_a_backfill_over_factories_and_days_runs_every_partition_through_the_que
     import dagster as dg
 
     keys = [f"{day}|{factory}" for day in ("2026-11-01", "2026-11-02") for factory in ("factory-1", "factory-2")]
+    # the job's partition set; its runs are created at launch (the backfill daemon would take up
+    # to its fixed 30 s loop to do it) and go through the queue like any other
+    selector = {"partitionSetName": "factory_days_job_partition_set",
+                "repositorySelector": {"repositoryLocationName": TEST_LOCATION, "repositoryName": REPO}}
     answer = topo.running.graphql("""mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
         __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
-                                  {"p": {"partitionNames": keys, "assetSelection": [{"path": ["factory_day"]}]}})
+                                  {"p": {"selector": selector, "partitionNames": keys,
+                                         "forceSynchronousSubmission": True}})
     backfill_id = answer["launchPartitionBackfill"].get("backfillId")
     assert backfill_id, answer
 

@@ -63,14 +63,14 @@ def _slim(report: Path, module: str, *args: str, **kw) -> subprocess.Popen:
 def test_the_serving_image_trains_and_serves_with_its_own_packages_only(tmp_path):
     from factory_assets.simulation.datasets import write_simulated_dataset
 
-    dataset = write_simulated_dataset(tmp_path / "dataset", n_train=16, n_valid=4, seed=3)
+    dataset = write_simulated_dataset(tmp_path / "dataset", n_train=8, n_valid=2, seed=3)
     ml = tmp_path / "opt_ml"
     for channel, folder in (("train", "train-imgs"), ("train_lst", "train-annots"),
                             ("validation", "valid-imgs"), ("validation_lst", "valid-annots")):
         (ml / "input" / "data").mkdir(parents=True, exist_ok=True)
         (ml / "input" / "data" / channel).symlink_to(Path(dataset) / folder, target_is_directory=True)
     (ml / "input" / "config").mkdir(parents=True)
-    (ml / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"seed": "0", "n_augment": "1"}))
+    (ml / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"seed": "0", "n_augment": "0"}))
     env = {**os.environ, "SM_ML_ROOT": str(ml), "SAGEMAKER_BIND_TO_PORT": "0"}
 
     train = _slim(tmp_path / "train.json", "factory_assets.container", "train", env=env)

@@ -95,4 +95,6 @@ def factory_day(context):
     return dg.MaterializeResult(metadata={"factory": keys["factory"], "day": keys["day"]})
 
 
-defs = dg.Definitions(jobs=[gated, pooled, greet], sensors=[request_sensor], assets=[factory_day])
+factory_days_job = dg.define_asset_job("factory_days_job", selection=[factory_day], partitions_def=factory_days)
+
+defs = dg.Definitions(jobs=[gated, pooled, greet, factory_days_job], sensors=[request_sensor], assets=[factory_day])
