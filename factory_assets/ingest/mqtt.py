@@ -57,10 +57,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 from factory_assets.ingest.clock import ClockRecorder
-from factory_assets.ingest.service import Ingestor, retry_store
+from factory_assets.ingest.service import Ingestor, Prepared, retry_store
 from factory_assets.vocabulary import BROADCAST_TOPIC, CAMERA_CONTROL_TOPIC, utcnow
 from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix, match_prefix
 
@@ -92,15 +91,11 @@ def camera_command(fps: float) -> bytes:
 
 @dataclass
 class _Received:
-    topic: str  # the controller's topic (prefix stripped)
-    full_topic: str  # as the broker delivered it
-    payload: bytes
+    prepared: Prepared  # what the message becomes: validated on paho's thread, stored by the writer
+    size: int  # payload bytes (the memory bound)
     mid: int
     qos: int
     connection: int  # which connection delivered it: only the current one may acknowledge
-    received_at: datetime
-    factory_id: str | None  # the prefix's factory, if it names one
-    retained: bool
 
 
 class MqttIngester:
@@ -115,6 +110,7 @@ class MqttIngester:
             url, ca_file=ca_file, cert_file=cert_file, key_file=key_file, password_env=password_env)
         self.url = self.target.redacted  # never the password
         self.host, self.port = self.target.host, self.target.port
+        self._broker = f"{self.host}:{self.port}"  # source.broker of every document
         self.client_id = client_id or default_client_id(ingestor.factory_id, ingestor.camera_id)
         self.progress_every = progress_every
         del log  # accepted for old callers; records go to this module's logger
@@ -252,6 +248,12 @@ class MqttIngester:
         topic, factory_id = (matched[1], matched[0].factory_id) if matched else (msg.topic, None)
         if topic == BROADCAST_TOPIC and self.camera_fps and not msg.retain and (matched or not self.prefixes):
             self._answer_broadcast(client, matched[0] if matched else TopicPrefix())
+        # Validated here, on paho's thread, while the writer stores the batch before (the two overlap:
+        # parsing, base64 and the image check cost as much as the database's write of a frame)
+        prepared = self.ingestor.prepare_mqtt(topic, payload, {"kind": "mqtt", "topic": msg.topic,
+                                                               "broker": self._broker},
+                                              received_at=received_at, factory_id=factory_id,
+                                              retained=bool(msg.retain))
         with self._cond:
             # Bounded memory: wait for the writer to store; meanwhile paho reads nothing more and
             # the broker keeps the rest. One message larger than the limit still passes alone.
@@ -263,8 +265,7 @@ class MqttIngester:
                     waited = True
                 self._cond.wait(0.5)
             # kept also while stopping: a QoS 0 frame is not sent again
-            self._queue.append(_Received(topic, msg.topic, payload, msg.mid, msg.qos, self._connection,
-                                         received_at, factory_id, bool(msg.retain)))
+            self._queue.append(_Received(prepared, len(payload), msg.mid, msg.qos, self._connection))
             self._held_bytes += len(payload)
             self._taken += 1
             self._cond.notify_all()
@@ -288,7 +289,6 @@ class MqttIngester:
 
     def _write_batches(self):
         last_progress = time.monotonic()
-        broker = f"{self.host}:{self.port}"
         while True:
             batch = self._take_batch()
             if not batch:
@@ -298,10 +298,7 @@ class MqttIngester:
                             break
                 continue
             for item in batch:
-                self.ingestor.handle_mqtt(item.topic, item.payload,
-                                          {"kind": "mqtt", "topic": item.full_topic, "broker": broker},
-                                          received_at=item.received_at, factory_id=item.factory_id,
-                                          retained=item.retained)
+                self.ingestor.add_prepared(item.prepared)
             if not self._store():
                 self._give_up(batch)
                 break  # stopped while the database was down: these stay unacknowledged
@@ -341,7 +338,7 @@ class MqttIngester:
                 client.ack(item.mid, item.qos)
                 self.acked += 1
         with self._cond:
-            self._held_bytes -= sum(len(item.payload) for item in batch)
+            self._held_bytes -= sum(item.size for item in batch)
             self._done += len(batch)
             self._cond.notify_all()
 

@@ -32,7 +32,7 @@ from factory_assets.ingest.clock import ClockEstimator
 from factory_assets.storage.errors import DUPLICATE_KEY, is_transient
 from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, settle_earlier_blocks
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
-from factory_assets.vision.decode import inspect_image
+from factory_assets.ingest.images import inspect_frame
 from factory_assets.vocabulary import (CAMERA_TOPIC, COMMAND_TOPIC_PREFIXES, SENSOR_TOPICS, STOCK_TOPIC,
                                        FormatError, parse_data_url, parse_ts, utcnow)
 from factory_assets.vocabulary.messages import parse_stock_report
@@ -207,6 +207,22 @@ def journaled(fdb):
     return replace(fdb, db=db.with_options(write_concern=WriteConcern(w=1, j=True)))
 
 
+@dataclass
+class Prepared:
+    """What one message or image becomes, decided without touching the database or the
+    ingestor's state (``Ingestor.prepare_mqtt`` may run on another thread): a frame document,
+    a factory message (its collection, document and raw payload), or a quarantine record."""
+    frame: dict | None = None
+    message: tuple[str, dict, bytes] | None = None  # (collection, document, raw payload)
+    quarantine: tuple[str, dict, str] | None = None  # (fingerprint, upsert, reason)
+    image_bytes: int = 0
+    clock: tuple[str, datetime, datetime] | None = None  # (factory, ts, received_at): a clock sample
+
+    @property
+    def ok(self) -> bool:
+        return self.quarantine is None
+
+
 class Ingestor:
     def __init__(self, fdb, *, camera_id: str = "txt-cam", factory_id: str = "factory-1",
                  max_image_bytes: int | None = None, batch_size: int = 64, on_stored=None,
@@ -240,26 +256,49 @@ class Ingestor:
         prefix's), over one the payload names and the ingester's own. ``received_at``: when it
         arrived (default now). ``retained``: the broker replayed a retained message, which
         says nothing about the factory's clock now."""
+        self.add_prepared(self.prepare_mqtt(topic, payload, source, received_at=received_at, factory_id=factory_id,
+                                            retained=retained))
+        self._maybe_flush()
+
+    def prepare_mqtt(self, topic: str, payload: bytes, source: dict | None = None, *,
+                     received_at: datetime | None = None, factory_id: str | None = None,
+                     retained: bool = False) -> Prepared:
+        """``handle_mqtt``'s validation alone: what the message becomes, for ``add_prepared``.
+        Reads only the ingestor's settings, so it may run on another thread than the writer
+        (the MQTT ingester prepares on paho's thread while its writer stores the batch before)."""
         source = source or {"kind": "mqtt", "topic": topic}
         received_at = received_at or utcnow()
         try:
             if topic == CAMERA_TOPIC:
                 if len(payload) > self.max_image_bytes * 4 // 3 + 1024:  # base64 of the largest image
                     raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the limit")
-                self._camera_message(payload, source, received_at=received_at, factory_id=factory_id,
-                                     clock=not retained)
-            else:
-                if len(payload) > self.max_message_bytes:
-                    raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the "
-                                                 f"{self.max_message_bytes} byte limit of a factory message")
-                self._factory_message(topic, payload, source, received_at=received_at, factory_id=factory_id,
-                                      clock=not retained)
+                return self._camera_message(payload, source, received_at=received_at, factory_id=factory_id,
+                                            clock=not retained)
+            if len(payload) > self.max_message_bytes:
+                raise BadMessage("oversize", f"payload of {len(payload)} bytes is over the "
+                                             f"{self.max_message_bytes} byte limit of a factory message")
+            return self._factory_message(topic, payload, source, received_at=received_at, factory_id=factory_id,
+                                         clock=not retained)
         except FormatError as exc:
-            self.reject(exc.reason, str(exc), source, payload, topic)
+            return Prepared(quarantine=self._quarantine_record(exc.reason, str(exc), source, payload, topic))
         except Exception as exc:  # noqa: BLE001 - a bug in validation must not drop the message
             logger.exception("unexpected error validating a message on %s", topic)
-            self.reject("ingest_error", f"{type(exc).__name__}: {exc}", source, payload, topic)
-        self._maybe_flush()
+            return Prepared(quarantine=self._quarantine_record("ingest_error", f"{type(exc).__name__}: {exc}",
+                                                               source, payload, topic))
+
+    def add_prepared(self, prepared: Prepared) -> None:
+        """Queue what ``prepare_mqtt`` (or ``prepare_image``) decided; written by the next ``flush``."""
+        if prepared.frame is not None:
+            self._frames.append(prepared.frame)
+            self.stats.bytes += prepared.image_bytes
+        elif prepared.message is not None:
+            coll, message, payload = prepared.message
+            self._messages.setdefault(coll, []).append((message, payload))
+        elif prepared.quarantine is not None:
+            self._quarantine.append(prepared.quarantine)
+            self._log_quarantined(prepared.quarantine[2], prepared.quarantine)
+        if prepared.clock is not None:
+            self.clock.add(*prepared.clock)
 
     def add_image(self, image: bytes, *, ts: datetime, source: dict, declared_type: str | None = None,
                   camera_id: str | None = None, factory_id: str | None = None, raw=None) -> bool:
@@ -272,18 +311,25 @@ class Ingestor:
     def _add_image(self, image: bytes, *, ts: datetime, source: dict, declared_type: str | None = None,
                    camera_id: str | None = None, factory_id: str | None = None, raw=None,
                    received_at: datetime | None = None) -> bool:
+        prepared = self.prepare_image(image, ts=ts, source=source, declared_type=declared_type, camera_id=camera_id,
+                                      factory_id=factory_id, raw=raw, received_at=received_at)
+        self.add_prepared(prepared)
+        return prepared.ok
+
+    def prepare_image(self, image: bytes, *, ts: datetime, source: dict, declared_type: str | None = None,
+                      camera_id: str | None = None, factory_id: str | None = None, raw=None,
+                      received_at: datetime | None = None) -> Prepared:
+        """The frame document of one image, or its quarantine record (thread-safe, see ``prepare_mqtt``)."""
         try:
-            info = inspect_image(image, declared_type, self.max_image_bytes)
+            info = inspect_frame(image, declared_type, self.max_image_bytes)
             frame = build_frame(image, ts=ts, camera_id=camera_id or self.camera_id,
                                 factory_id=factory_id or self.factory_id, content_type=info.content_type,
                                 width=info.width, height=info.height, source=source, received_at=received_at)
             check_storable(frame, "the frame document")
         except FormatError as exc:
-            self.reject(exc.reason, str(exc), source, raw if raw is not None else image, source.get("topic"))
-            return False
-        self._frames.append(frame)
-        self.stats.bytes += len(image)
-        return True
+            return Prepared(quarantine=self._quarantine_record(exc.reason, str(exc), source,
+                                                               raw if raw is not None else image, source.get("topic")))
+        return Prepared(frame=frame, image_bytes=len(image))
 
     def reject(self, reason: str, message: str, source: dict, payload, topic: str | None = None) -> None:
         """Queue a quarantine record; it is written (and counted) by the next ``flush``."""
@@ -465,7 +511,7 @@ class Ingestor:
 
     # -- message kinds -----------------------------------------------------------
     def _camera_message(self, payload: bytes, source: dict, *, received_at: datetime,
-                        factory_id: str | None = None, clock: bool = True) -> None:
+                        factory_id: str | None = None, clock: bool = True) -> Prepared:
         doc = _json_object(payload)
         ts = _ts(doc)
         camera_id, named_factory = _short_id(doc, "camera_id"), _short_id(doc, "factory_id")
@@ -475,13 +521,16 @@ class Ingestor:
         if not isinstance(data, str):
             raise BadMessage("bad_data_url", "'data' must be a data URL string")
         declared, image = parse_data_url(data)
+        del doc, data  # the base64 text: a frame's bytes are held once, as the image
         factory = factory_id or named_factory or self.factory_id
-        if self._add_image(image, ts=ts, source=source, declared_type=declared, camera_id=camera_id,
-                           factory_id=factory, raw=payload, received_at=received_at) and clock:
-            self.clock.add(factory, ts, received_at)
+        prepared = self.prepare_image(image, ts=ts, source=source, declared_type=declared, camera_id=camera_id,
+                                      factory_id=factory, raw=payload, received_at=received_at)
+        if prepared.ok and clock:
+            prepared.clock = (factory, ts, received_at)
+        return prepared
 
     def _factory_message(self, topic: str, payload: bytes, source: dict, *, received_at: datetime,
-                         factory_id: str | None = None, clock: bool = True) -> None:
+                         factory_id: str | None = None, clock: bool = True) -> Prepared:
         doc = _json_object(payload)
         command = is_command_topic(topic)
         if command and doc.get("ts") in (None, ""):
@@ -501,9 +550,9 @@ class Ingestor:
         if ts_source:
             message["ts_source"] = ts_source
         check_storable(message, f"the {topic} message")
-        self._messages.setdefault(coll, []).append((message, payload))
-        if clock and not command:  # commands are stamped by their sender, not by the factory's clock
-            self.clock.add(factory, ts, received_at)
+        # commands are stamped by their sender, not by the factory's clock
+        return Prepared(message=(coll, message, payload),
+                        clock=(factory, ts, received_at) if clock and not command else None)
 
 
 def is_command_topic(topic: str) -> bool:
