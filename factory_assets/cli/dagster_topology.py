@@ -72,7 +72,8 @@ class PostgresTarget:
         if not parts.hostname or not parts.username or not db_name or "/" in db_name:
             raise ValueError(f"a PostgreSQL URL names a user, a host and one database: {redact(url)} "
                              f"(use {example})")
-        password = unquote(parts.password) if parts.password is not None else environ.get(PASSWORD_ENV) or None
+        password = (unquote(parts.password) if parts.password is not None
+                    else environ.get(PASSWORD_ENV) or None)
         return cls(hostname=parts.hostname, port=port, db_name=db_name, username=unquote(parts.username),
                    password=password, params=tuple(parse_qsl(parts.query)))
 
@@ -125,8 +126,9 @@ class QueueSettings:
     cancel_timeout_seconds: int = 180
 
     def __post_init__(self):
-        for name in ("max_concurrent_runs", "runs_per_factory", "default_pool_limit", "dequeue_interval_seconds",
-                     "monitoring_interval_seconds", "free_slots_after_run_end_seconds"):
+        for name in ("max_concurrent_runs", "runs_per_factory", "default_pool_limit",
+                     "dequeue_interval_seconds", "monitoring_interval_seconds",
+                     "free_slots_after_run_end_seconds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, not {getattr(self, name)}")
         for pool, limit in self.pool_limits:
@@ -198,7 +200,8 @@ def dagster_yaml(target: PostgresTarget, settings: QueueSettings = QueueSettings
 
 
 def workspace_yaml(code_servers) -> str:
-    return "# the code locations, each a running `dagster api grpc` server\n" + _dump(workspace_config(code_servers))
+    return ("# the code locations, each a running `dagster api grpc` server\n"
+            + _dump(workspace_config(code_servers)))
 
 
 def set_pool_limits(limits, home: str | Path | None = None) -> dict[str, int]:
@@ -274,15 +277,16 @@ class Topology:
             name = "dagster-code-server" if len(self.code_servers) == 1 else f"dagster-code-{c.location_name}"
             # --use-python-environment-entry-point: run workers start as `<this python> -m dagster`,
             # so a venv that is not on PATH works
-            services.append(Service(name, [sys.executable, "-m", "dagster", "api", "grpc", "-m", c.module,
-                                           "-h", c.host, "-p", str(c.port), "--location-name", c.location_name,
-                                           "--use-python-environment-entry-point"], c.port, env=dict(env)))
+            argv = [sys.executable, "-m", "dagster", "api", "grpc", "-m", c.module, "-h", c.host,
+                    "-p", str(c.port), "--location-name", c.location_name, "--use-python-environment-entry-point"]
+            services.append(Service(name, argv, c.port, env=dict(env)))
         services.append(Service("dagster-webserver",
                                 [*_dagster_script("dagster-webserver", "dagster_webserver"),
                                  "-w", str(self.workspace_file), "-h", self.webserver_host,
                                  "-p", str(self.webserver_port)], self.webserver_port, env=dict(env)))
-        services.append(Service("dagster-daemon", [*_dagster_script("dagster-daemon", "dagster._daemon"), "run",
-                                                   "-w", str(self.workspace_file)], env=dict(env)))
+        services.append(Service("dagster-daemon",
+                                [*_dagster_script("dagster-daemon", "dagster._daemon"), "run",
+                                 "-w", str(self.workspace_file)], env=dict(env)))
         return services
 
     def apply_pool_limits(self, base_env: dict | None = None, timeout: float = 120.0) -> None:
@@ -317,7 +321,8 @@ def local_topology(url: str, webserver_port: int, env: dict, home: Path | None =
     target = PostgresTarget.parse(url, environ=env)
     topology = Topology(home=home or config.factory_home() / "dagster-postgres", target=target,
                         settings=settings or QueueSettings(),
-                        code_servers=[CodeServer(port=free_port(CODE_SERVER_PORT))], webserver_port=webserver_port)
+                        code_servers=[CodeServer(port=free_port(CODE_SERVER_PORT))],
+                        webserver_port=webserver_port)
     topology.write()
     say(f"Dagster instance on {target.redacted} (DAGSTER_HOME {topology.home})")
     topology.apply_pool_limits(env)
@@ -335,8 +340,8 @@ def _pool_limit(text: str) -> tuple[str, int]:
 def dagster_config(args) -> int:
     pools = dict(QueueSettings().pool_limits)
     pools.update(dict(_pool_limit(p) for p in args.pool or []))
-    settings = QueueSettings(max_concurrent_runs=args.max_concurrent_runs, runs_per_factory=args.runs_per_factory,
-                             pool_limits=tuple(pools.items()))
+    settings = QueueSettings(max_concurrent_runs=args.max_concurrent_runs,
+                             runs_per_factory=args.runs_per_factory, pool_limits=tuple(pools.items()))
     if args.apply_pool_limits:
         limits = set_pool_limits(settings.pool_limits)
         print("pool limits: " + ", ".join(f"{p}={n}" for p, n in limits.items()), flush=True)
@@ -350,7 +355,8 @@ def dagster_config(args) -> int:
         raise ValueError(f"--code-server is HOST:PORT, not {args.code_server!r}")
     servers = [CodeServer(host=host, port=int(port))]
     # an operator's database has a password: the file names its variable whether or not it is set here
-    files = {"dagster.yaml": dagster_yaml(target, settings, password_env=True), "workspace.yaml": workspace_yaml(servers)}
+    files = {"dagster.yaml": dagster_yaml(target, settings, password_env=True),
+             "workspace.yaml": workspace_yaml(servers)}
     if args.write:
         out = Path(args.write)
         out.mkdir(parents=True, exist_ok=True)
