@@ -81,7 +81,8 @@ def register(sub) -> None:
         q.add_argument("--from", dest="from_day", metavar="YYYY-MM-DD")
         q.add_argument("--to", dest="to_day", metavar="YYYY-MM-DD")
         if name == "autolabel":
-            q.add_argument("--window", type=float, default=30.0, help="max age of the stock report (s)")
+            q.add_argument("--window", type=float, default=None,
+                           help="max age of the stock report in force (s; default: any age)")
             q.add_argument("--margin", type=float, default=2.0, help="no stock change within this many s")
         else:
             q.add_argument("--out", help="dataset root (default .factory/datasets)")

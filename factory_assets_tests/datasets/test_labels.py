@@ -18,11 +18,12 @@ T0 = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
 
 
 def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, change_every: float = 15.0,
-                 report_every: float = 5.0):
+                 report_every: float | None = None):
     """Frames every second and every message the simulated controller publishes (its stock
-    reported before the crane moves, station and order states), plus the stock republished
-    every ``report_every`` s, ingested like MQTT messages. Returns the rack each frame shows
-    (the ground truth) and the times of the reported changes."""
+    reported on events only, before the crane moves; station and order states), plus, with
+    ``report_every``, the stock republished every so many seconds (a controller never does),
+    ingested like MQTT messages. Returns the rack each frame shows (the ground truth) and the
+    times of the reported changes."""
     sim = FactorySimulator(seed=seed, change_every_s=change_every, start=start)
     ing = Ingestor(fdb)
     truth = {}
@@ -33,7 +34,7 @@ def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, c
         while sim.outbox:
             m = sim.outbox.popleft()
             ing.handle_mqtt(m.topic, json.dumps(m.payload).encode())
-        if t >= next_report:
+        if report_every is not None and t >= next_report:
             ing.handle_mqtt("f/i/stock", json.dumps(sim.stock_message(ts)).encode())
             next_report = t + report_every
         ing.handle_mqtt("i/cam", json.dumps(msg).encode())
@@ -43,8 +44,8 @@ def simulate_day(fdb, seconds: int = 120, start: datetime = T0, seed: int = 4, c
 
 
 def test_auto_labels_match_the_ground_truth_and_skip_frames_taken_while_stock_changed(fdb):
-    truth, changes = simulate_day(fdb, seconds=240, change_every=6)
-    summary = auto_label(fdb, T0, T0 + timedelta(days=1), window_s=30, margin_s=2)
+    truth, changes = simulate_day(fdb, seconds=240, change_every=6)  # stock reported on events only
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1), margin_s=2)
     labels = {lab["frame_ts"]: lab for lab in effective_labels(fdb)}
     assert summary.labelled == len(labels) > 60
     # every label shows the rack the camera saw, although the reports ran ahead of the crane
@@ -109,13 +110,102 @@ def test_the_settle_time_comes_from_the_environment(fdb, monkeypatch):
         auto_label(fdb, T0, T0 + timedelta(days=1))
 
 
-def test_frames_without_a_recent_report_or_not_yet_confirmed_are_not_labelled(fdb):
-    simulate_day(fdb, seconds=20)
-    fdb.mqtt.delete_many({"topic": "f/i/stock", "ts": {"$gt": T0 + timedelta(seconds=12)}})
-    summary = auto_label(fdb, T0, T0 + timedelta(days=1), window_s=30, margin_s=2)
-    # the last report is at ~10 s: frames after 8 s have no report confirming them afterwards
-    assert summary.unconfirmed > 0
-    assert all(lab["frame_ts"] <= T0 + timedelta(seconds=10) for lab in effective_labels(fdb))
+def controller_message(fdb, ts: datetime, topic: str, n: int, factory_id: str = "factory-1") -> None:
+    """Something the factory's controller said at ``ts`` (a station's or the order's state)."""
+    fdb.mqtt.insert_one({"topic": topic, "ts": ts, "factory_id": factory_id, "message_id": f"{topic}-{n}",
+                         "payload": {"ts": ts.isoformat(), "station": "hbw", "code": 1, "description": "",
+                                     "active": 0}})
+
+
+def frames_at(fdb, seconds, factory_id: str = "factory-1", start: datetime = T0) -> None:
+    from factory_assets.storage.frames import build_frame, insert_frames
+    from factory_assets_tests.helpers import jpeg_bytes
+
+    insert_frames(fdb, [build_frame(jpeg_bytes(seed=i, size=(32, 24)), ts=start + timedelta(seconds=i),
+                                    camera_id="cam-1", factory_id=factory_id, content_type="image/jpeg",
+                                    width=32, height=24, source={"kind": "test"}) for i in seconds])
+
+
+def labelled_seconds(fdb, start: datetime = T0) -> set:
+    return {int((lab["frame_ts"] - start).total_seconds()) for lab in effective_labels(fdb)}
+
+
+RACK = {s: None for s in (f"{r}{c}" for r in "ABC" for c in "123")} | {"C1": "RED", "B2": "WHITE"}
+
+
+def test_frames_long_after_the_last_reported_change_are_labelled_with_the_stock_in_force(fdb):
+    # The controller reports only on events: one report, then ten quiet minutes, then the
+    # warehouse's state changes (it starts a move) at 620 s. The report labels every frame
+    # outside its settle time, however old (the previous rule stopped 30 s after a report).
+    stock_report(fdb, T0, RACK, 0)
+    frames_at(fdb, range(0, 600, 5))
+    controller_message(fdb, T0 + timedelta(seconds=620), "f/i/state/hbw", 1)
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert labelled_seconds(fdb) == set(range(30, 600, 5))  # after the settle time (25 s)
+    assert summary.unstable == len(range(0, 30, 5)) and summary.no_report == summary.unconfirmed == 0
+    labels = effective_labels(fdb)
+    assert all(lab["slots"] == RACK and lab["provenance"]["report_ts"] == T0 for lab in labels)
+    # idempotent: the same messages, the same labels
+    again = auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert (again.labelled, again.withdrawn) == (summary.labelled, 0)
+    assert [(lab["frame_id"], lab["present"]) for lab in effective_labels(fdb)] \
+        == [(lab["frame_id"], lab["present"]) for lab in labels]
+
+
+def test_a_report_from_an_earlier_day_still_labels_the_frames_of_a_quiet_day(fdb):
+    stock_report(fdb, T0 - timedelta(days=2), RACK, 0)  # nothing has moved since
+    day = T0.replace(hour=0)
+    frames_at(fdb, range(0, 100, 10), start=day)
+    controller_message(fdb, day + timedelta(seconds=200), "f/i/order", 1)
+    summary = auto_label(fdb, day, day + timedelta(days=1))
+    assert summary.labelled == 10 and summary.no_report == 0
+    assert all(lab["provenance"]["report_ts"] == T0 - timedelta(days=2) for lab in effective_labels(fdb))
+    # a maximum age can still be asked for (window_s); frames the old report is too old for lose their labels
+    summary = auto_label(fdb, day, day + timedelta(days=1), window_s=3600)
+    assert summary.no_report == 10 and summary.withdrawn == 10 and not effective_labels(fdb)
+
+
+def test_frames_wait_until_the_factory_is_heard_after_them_and_frames_still_arriving_show_it(fdb):
+    # Nothing but frames after the report: the newest frames are not labelled until frames taken
+    # 10 s (FRAME_EVIDENCE_LAG_S) after them show that the ingester was receiving the factory.
+    from factory_assets.datasets.autolabel import FRAME_EVIDENCE_LAG_S
+
+    stock_report(fdb, T0, RACK, 0)
+    frames_at(fdb, range(26, 201))
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1))
+    newest_heard = 200 - FRAME_EVIDENCE_LAG_S - 2  # the newest frame, the lag, the margin (2 s)
+    assert labelled_seconds(fdb) == set(range(26, int(newest_heard) + 1))
+    assert summary.unconfirmed == len(range(int(newest_heard) + 1, 201))
+    frames_at(fdb, range(201, 230))
+    auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert labelled_seconds(fdb) == set(range(26, 229 - int(FRAME_EVIDENCE_LAG_S) - 2 + 1))  # newest frame 229 s
+
+
+def test_only_the_factorys_own_controller_messages_show_it_was_heard(fdb):
+    # frames of factory-1 after its report; then another factory's state and an order the
+    # platform sent to factory-1 (a command, not the controller speaking): neither confirms
+    stock_report(fdb, T0, RACK, 0)
+    frames_at(fdb, range(30, 40))
+    controller_message(fdb, T0 + timedelta(seconds=100), "f/i/state/hbw", 1, factory_id="factory-2")
+    fdb.mqtt.insert_one({"topic": "f/o/order", "ts": T0 + timedelta(seconds=100), "factory_id": "factory-1",
+                         "message_id": "order-1", "payload": {"ts": "x", "type": "RED"}})
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert summary.labelled == 0 and summary.unconfirmed == 10
+    controller_message(fdb, T0 + timedelta(seconds=100), "f/i/state/hbw", 2)  # factory-1's warehouse
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert summary.labelled == 10
+
+
+def test_a_change_reported_while_frames_waited_makes_them_unstable_not_labelled(fdb):
+    # frames up to 60 s wait for news; the news is a change reported at 41 s (the crane then
+    # moves): frames from 39 s on are unstable, the earlier ones are labelled with the old rack
+    stock_report(fdb, T0, RACK, 0)
+    frames_at(fdb, range(30, 61))
+    assert auto_label(fdb, T0, T0 + timedelta(days=1)).labelled == len(range(30, 49))
+    stock_report(fdb, T0 + timedelta(seconds=41), RACK | {"A3": "BLUE"}, 1)
+    summary = auto_label(fdb, T0, T0 + timedelta(days=1))
+    assert labelled_seconds(fdb) == set(range(30, 39))
+    assert summary.withdrawn == len(range(39, 49))
 
 
 def test_manual_beats_imported_beats_automatic(fdb):

@@ -13,7 +13,8 @@ MANIFEST_CHECK = "training_manifests_match_their_version"
 
 
 class LabeledImagesConfig(dg.Config):
-    window_seconds: float = 30.0  # a stock report at most this old labels a frame
+    # a stock report at most this old labels a frame; None: any age (the controller reports only on events)
+    window_seconds: float | None = None
     margin_seconds: float = 2.0   # no stock change this close to the frame
     # no stock change reported this long before the frame (the crane may still move);
     # None: FACTORY_SETTLE_S, default 25 s (docs/twin.md)
