@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from factory_assets.twin.state import COLOURS, SLOTS, observed_slots, reported_presence, stock_slots
-from factory_assets.vocabulary import STOCK_TOPIC
+from factory_assets.vocabulary import DEFAULT_FACTORY_ID, STOCK_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -52,53 +52,73 @@ def _seen_slots(inference: dict) -> dict | None:
     return {s: v["type"] for s, v in seen.items()} if seen else None
 
 
+def _reports_of(fdb, factory_id, lo, hi) -> list:
+    """The factory's stock reports with ``lo < ts <= hi`` and the one in force at ``lo`` (its
+    own and those of no factory, written by another tool), in time order: index ranges."""
+    reports = []
+    for fid in ([factory_id, None] if factory_id is not None else [None]):
+        first = fdb.mqtt.find_one({"factory_id": fid, "topic": STOCK_TOPIC, "ts": {"$lte": lo}}, sort=[("ts", -1)])
+        reports += ([first] if first else []) + list(
+            fdb.mqtt.find({"factory_id": fid, "topic": STOCK_TOPIC, "ts": {"$gt": lo, "$lte": hi}}))
+    reports.sort(key=lambda r: r["ts"])
+    # the one in force at lo, then those after it (a None-factory report before the own one drops out)
+    k = max([i for i, r in enumerate(reports) if r["ts"] <= lo], default=0)
+    return reports[k:]
+
+
 def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW,
                             settle_s: float | None = None) -> Disagreement:
     """How often the latest ``n`` inferences of ``model_version`` differ from the stock
-    the controller reported at that frame's time, on stable frames (none from
-    ``STABLE_MARGIN_S`` before a reported change to ``settle_s`` after it): slot by slot when
-    the inferences and the reports carry slots, colour presence otherwise."""
+    *their own factory's* controller reported at that frame's time, on stable frames (none
+    from ``STABLE_MARGIN_S`` before a reported change of that factory to ``settle_s`` after
+    it): slot by slot when the inferences and the reports carry slots, colour presence otherwise."""
     from factory_assets.config import settle_seconds
 
     settle = timedelta(seconds=settle_seconds() if settle_s is None else settle_s)
+    margin = timedelta(seconds=STABLE_MARGIN_S)
     # the newest n *stable* ones, from a bounded look back (frames in transit are passed over)
-    recent = list(fdb.inferences.find({"model_version": model_version}, {"frame_ts": 1, "present": 1, "slots": 1})
+    recent = list(fdb.inferences.find({"model_version": model_version},
+                                      {"frame_ts": 1, "present": 1, "slots": 1, "factory_id": 1})
                   .sort("frame_ts", -1).limit(n * LOOKBACK_FACTOR))
     if not recent:
         return Disagreement(0.0, 0)
-    lo, hi = recent[-1]["frame_ts"], recent[0]["frame_ts"]
-    # from a little before the oldest frame: a change reported up to ``settle`` before it
-    # makes it unstable, and the report before that change tells whether it was one
-    first = fdb.mqtt.find_one({"topic": STOCK_TOPIC, "ts": {"$lte": lo - settle}}, sort=[("ts", -1)])
-    # a little past the newest frame too: a change reported just after a frame makes it unstable
-    later = fdb.mqtt.find({"topic": STOCK_TOPIC, "ts": {"$gt": lo - settle,
-                                                        "$lte": hi + timedelta(seconds=STABLE_MARGIN_S)}})
-    reports = ([first] if first else []) + list(later.sort("ts", 1))
-    times = [r["ts"] for r in reports]
-    slots = [stock_slots(r["payload"]) for r in reports]
-    matched = [(inf, i) for inf in recent if (i := bisect_right(times, inf["frame_ts"]) - 1) >= 0]
-    margin = timedelta(seconds=STABLE_MARGIN_S)
-    changes = [times[k] for k in range(1, len(slots)) if slots[k] != slots[k - 1]]
+    by_factory: dict = {}
+    for inf in recent:
+        by_factory.setdefault(inf.get("factory_id") or DEFAULT_FACTORY_ID, []).append(inf)
+    matched = []  # (inference, the report in force at its frame)
+    for factory_id, infs in by_factory.items():
+        lo, hi = infs[-1]["frame_ts"], infs[0]["frame_ts"]
+        # from a little before the oldest frame: a change reported up to ``settle`` before it makes
+        # it unstable; a little past the newest too: a change reported just after a frame does
+        reports = _reports_of(fdb, factory_id, lo - settle, hi + margin)
+        times = [r["ts"] for r in reports]
+        slots = [stock_slots(r["payload"]) for r in reports]
+        changes = [times[k] for k in range(1, len(slots)) if slots[k] != slots[k - 1]]
 
-    def stable(ts) -> bool:  # no change reported from margin after the frame back to settle before it
-        k = bisect_left(changes, ts - max(settle, margin))
-        return not (k < len(changes) and changes[k] <= ts + margin)
+        def stable(ts) -> bool:  # no change reported from margin after the frame back to settle before it
+            k = bisect_left(changes, ts - max(settle, margin))
+            return not (k < len(changes) and changes[k] <= ts + margin)
 
-    matched = [(inf, i) for inf, i in matched if stable(inf["frame_ts"])][:n]
+        for inf in infs:
+            i = bisect_right(times, inf["frame_ts"]) - 1
+            if i >= 0 and stable(inf["frame_ts"]):
+                matched.append((inf, reports[i], slots[i]))
+    matched.sort(key=lambda m: m[0]["frame_ts"], reverse=True)
+    matched = matched[:n]
     if not matched:
         return Disagreement(0.0, 0)
-    if all(inf.get("slots") and _report_has_slots(reports[i].get("payload")) for inf, i in matched):
-        return _slot_disagreement(matched, slots)
-    differing = sum(reported_presence(slots[i]) != inf["present"] for inf, i in matched)
+    if all(inf.get("slots") and _report_has_slots(report.get("payload")) for inf, report, _ in matched):
+        return _slot_disagreement(matched)
+    differing = sum(reported_presence(reported) != inf["present"] for inf, _, reported in matched)
     return Disagreement(differing / len(matched), len(matched))
 
 
-def _slot_disagreement(matched: list, slots: list) -> Disagreement:
+def _slot_disagreement(matched: list) -> Disagreement:
     compared = differing = 0
-    for inf, i in matched:
+    for inf, _, reported in matched:
         seen = _seen_slots(inf)
         compared += 1
-        differing += sum(seen.get(s) != slots[i].get(s) for s in SLOTS)
+        differing += sum(seen.get(s) != reported.get(s) for s in SLOTS)
     share = differing / (compared * len(SLOTS)) if compared else 0.0
     return Disagreement(share, compared, "slots")
 

@@ -14,10 +14,10 @@ BEFORE = {s: None for s in SLOTS} | {"A1": "BLUE", "A2": "RED", "C3": "RED"}
 AFTER = BEFORE | {"B2": "WHITE"}  # a white piece stored at T0 + 60 s
 
 
-def report(fdb, ts: datetime, slots: dict, n: int) -> None:
+def report(fdb, ts: datetime, slots: dict, n: int, factory_id: str = "factory-1") -> None:
     items = [{"location": s, "workpiece": {"type": t, "id": f"wp-{s}"} if t else None} for s, t in slots.items()]
-    fdb.mqtt.insert_one({"topic": STOCK_TOPIC, "ts": ts, "factory_id": "factory-1", "message_id": f"stock-{n}",
-                         "payload": {"ts": ts.isoformat(), "stockItems": items}})
+    fdb.mqtt.insert_one({"topic": STOCK_TOPIC, "ts": ts, "factory_id": factory_id,
+                         "message_id": f"stock-{factory_id}-{n}", "payload": {"ts": ts.isoformat(), "stockItems": items}})
 
 
 def slot_answer(stock: dict) -> dict:
@@ -25,9 +25,10 @@ def slot_answer(stock: dict) -> dict:
     return {s: {"state": (t or "empty").lower(), "type": t, "probability": 0.95} for s, t in stock.items()}
 
 
-def infer(fdb, i: int, ts: datetime, seen: dict, *, version: str = "slots-v1", with_slots: bool = True) -> None:
+def infer(fdb, i: int, ts: datetime, seen: dict, *, version: str = "slots-v1", with_slots: bool = True,
+          factory_id: str = "factory-1") -> None:
     doc = {"frame_id": f"frame-{i}", "frame_seq": i + 1, "frame_ts": ts, "camera_id": "cam-1",
-           "factory_id": "factory-1", "model_version": version, "present": reported_presence(seen),
+           "factory_id": factory_id, "model_version": version, "present": reported_presence(seen),
            "probabilities": {}, "thresholds": {}, "latency_ms": 1.0, "source": "live"}
     if with_slots:
         doc |= {"slots": slot_answer(seen), "model_kind": "slots"}
@@ -96,3 +97,20 @@ def test_a_drifted_model_is_still_noticed_when_a_change_lies_among_its_latest_fr
     # the newest DRIFT_WINDOW stable frames are compared, reaching back past the crane's travel
     assert d.compared == DRIFT_WINDOW and d.share == 3 / 9
     assert d.drifted
+
+
+def test_each_frame_is_compared_with_its_own_factorys_reports(fdb):
+    # two factories on one model: each rack read right. Mixed together, the other factory's
+    # reports (a change every 40 s, interleaved) would look like a wrong model and unstable frames.
+    other = {s: None for s in SLOTS} | {"C1": "WHITE"}
+    report(fdb, T0, BEFORE, 1)
+    for k in range(8):
+        report(fdb, T0 + timedelta(seconds=40 * k + 5), other if k % 2 else other | {"C2": "RED"}, k,
+               factory_id="factory-2")
+    for i in range(1, 301):
+        ts = T0 + timedelta(seconds=i)
+        infer(fdb, i, ts, BEFORE)
+        infer(fdb, 1000 + i, ts, other if ((i - 5) // 40) % 2 else other | {"C2": "RED"}, factory_id="factory-2")
+    d = controller_disagreement(fdb, "slots-v1")
+    assert d.basis == "slots" and d.compared == DRIFT_WINDOW
+    assert d.share == 0.0
