@@ -27,7 +27,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cert-file", default=None, metavar="PEM", help="client certificate (mqtts)")
     p.add_argument("--key-file", default=None, metavar="PEM", help="client key (mqtts)")
     p.add_argument("--prefix", default="", metavar="PREFIX",
-                   help="publish and subscribe every topic under PREFIX (a bridge's or the cloud's, e.g. /j1/txt/1/)")
+                   help="publish and subscribe every topic under PREFIX (a bridge's or the cloud's, e.g. /j1/txt/1/); "
+                        "with --factories N > 1 the fleet's root (default fleet/): factory k under PREFIXfactory-k/")
+    p.add_argument("--factories", type=int, default=1, metavar="N",
+                   help="simulate N factories through the broker, factory-1..N, each under its own prefix with its "
+                        "own seed, camera pose and clock (docs/fleet.md); 1 (default): one unprefixed factory")
     p.add_argument("--fps", type=float, default=None,
                    help="camera frames per second, whatever c/cam asks (default: the rate c/cam asks for)")
     p.add_argument("--camera-on", action="store_true",
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
     rate = f"{args.fps:g} fps" if args.fps else "the fps c/cam asks for"
+    if args.factories != 1:
+        return _run_fleet(args, timings, stop, rate)
     print(f"simulating factory {args.factory_id} (camera {args.camera_id}, seed {args.seed}, {rate}) "
           f"-> {redact(args.mqtt)}{' under ' + args.prefix if args.prefix else ''}", flush=True)
     try:
@@ -103,11 +109,47 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
-    print(f"done: {result.frames} frames, {result.stock_changes} stock changes, {result.stock_reports} stock "
-          f"reports, {result.orders} orders taken ({result.customer_orders} by the other customer), "
-          f"{result.ignored_orders} ignored, {result.faults} warehouse faults, {result.sensor_reports} sensor "
-          f"messages, {result.dropped_frames} dropped frames, {result.connects} connection(s) in "
-          f"{result.elapsed_s:.1f}s", flush=True)
+    print(f"done: {_summary(result)}", flush=True)
+    return 0
+
+
+def _summary(result) -> str:
+    return (f"{result.frames} frames, {result.stock_changes} stock changes, {result.stock_reports} stock "
+            f"reports, {result.orders} orders taken ({result.customer_orders} by the other customer), "
+            f"{result.ignored_orders} ignored, {result.faults} warehouse faults, {result.sensor_reports} sensor "
+            f"messages, {result.dropped_frames} dropped frames, {result.connects} connection(s) in "
+            f"{result.elapsed_s:.1f}s")
+
+
+def _run_fleet(args: argparse.Namespace, timings, stop, rate: str) -> int:
+    """``--factories N``: N factories through one broker (simulation/fleet.py)."""
+    from factory_assets.simulation.fleet import FLEET_PREFIX, fleet_plan, run_fleet
+    from factory_assets.vocabulary.mqtt import redact
+
+    try:
+        plan = fleet_plan(args.factories, args.seed, root=args.prefix or FLEET_PREFIX, clock_offset_s=args.clock_offset)
+    except ValueError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    print(f"simulating {len(plan)} factories ({rate} each) -> {redact(args.mqtt)}", flush=True)
+    for member in plan:
+        print(f"  {member.describe()}", flush=True)
+    try:
+        results = run_fleet(args.mqtt, plan, stop_event=stop, fps=args.fps, duration_s=args.duration,
+                            max_frames=args.frames, stock_interval_s=args.stock_interval or None,
+                            camera_id=args.camera_id, change_every_s=args.change_every,
+                            sensor_interval_s=args.sensor_interval, progress_every_s=args.progress_every,
+                            camera_on=args.camera_on, timings=timings, ca_file=args.ca_file,
+                            cert_file=args.cert_file, key_file=args.key_file, customer=not args.no_customer,
+                            arrivals=not args.no_arrivals, busy_orders=args.busy_orders)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        return 130
+    except ValueError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    for member in plan:
+        print(f"done {member.factory_id}: {_summary(results[member.factory_id])}", flush=True)
     return 0
 
 

@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from factory_assets.simulation.render import SLOTS, TYPES, encode_jpeg, render_warehouse
+from factory_assets.simulation.render import SLOTS, TYPES, CameraPose, encode_jpeg, render_warehouse
 from factory_assets.vocabulary import (BME680_TOPIC, CRANE_TRAVEL_S, LDR_TOPIC, ORDER_MAX_AGE_S,  # noqa: F401
                                        ORDER_STATE_TOPIC, STATION_ERROR_CODE, STATION_STATE_PREFIX, STATIONS,
                                        STOCK_TOPIC, parse_ts)
@@ -158,7 +158,7 @@ class FactorySimulator:
                  initial_fill: float = 0.5, lighting_period_s: float = 300.0, jpeg_quality: int = 85,
                  camera_id: str | None = None, factory_id: str | None = None, timings: Timings | None = None,
                  clock_offset_s: float = 0.0, arrivals: bool = True, demand: bool = True,
-                 busy_orders: str = "latch"):
+                 busy_orders: str = "latch", pose: CameraPose | None = None):
         if change_every_s <= 0:
             raise ValueError("change_every_s must be > 0")
         if busy_orders not in BUSY_ORDER_POLICIES:
@@ -175,6 +175,7 @@ class FactorySimulator:
         self.arrivals = arrivals
         self.demand = demand
         self.busy_orders = busy_orders
+        self.pose = pose or CameraPose()  # where this factory's camera looks at the rack
         self.customer_hook: Callable[[dict, float], dict | None] | None = None
         self._rng = np.random.default_rng([self.seed, 1])  # the factory's own schedule only
         self._env_phase = float(np.random.default_rng([self.seed, 2]).uniform(0, 2 * math.pi))
@@ -595,7 +596,7 @@ class FactorySimulator:
         t = self._seconds(ts)
         self.advance(t)
         stock = self.shown_stock
-        img = render_warehouse(stock, rng=self._env_rng(t, 3), lighting=self.lighting(t))
+        img = render_warehouse(stock, rng=self._env_rng(t, 3), lighting=self.lighting(t), pose=self.pose)
         return encode_jpeg(img, self.jpeg_quality), stock
 
     def camera_message(self, ts: float | datetime) -> tuple[dict, dict[str, str | None]]:

@@ -87,7 +87,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
                    password_env: str | None = None, customer: bool = True, arrivals: bool = True,
                    busy_orders: str = "latch", customer_timeout_s: float = 5.0,
-                   broadcast_retry_s: float = 5.0) -> SimulationResult:
+                   broadcast_retry_s: float = 5.0, pose=None) -> SimulationResult:
     """Publish the simulated factory to ``mqtt_url`` until ``duration_s``, ``max_frames`` or ``stop_event``.
 
     ``mqtt_url`` is anything :meth:`MqttTarget.parse` takes (logins, ``mqtts://``, with
@@ -101,7 +101,9 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
     also republishes the stock periodically (the controller does not). ``include_ids`` adds
     ``camera_id``/``factory_id`` to the camera messages (the controller does not send them).
     Like the controller it announces itself on ``i/broadcast`` at start, again every
-    ``broadcast_retry_s`` until a message for it (c/cam, an order) arrives.
+    ``broadcast_retry_s`` until a message for it (c/cam, an order) arrives. ``pose`` (a
+    :class:`~factory_assets.simulation.render.CameraPose`; default the reference camera) is
+    where this factory's camera looks at its rack.
     Survives broker restarts: paho reconnects and resubscribes; QoS 1 messages published
     meanwhile are queued and sent after the reconnection, QoS 0 frames are lost meanwhile.
     """
@@ -119,6 +121,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
     finishing = threading.Event()
     inbox: queue.Queue = queue.Queue(maxsize=10_000)  # (controller topic, payload bytes, monotonic time)
     subscriptions = [CAMERA_CONTROL_TOPIC] + ([ORDER_TOPIC, ACK_TOPIC] if obey_orders else [])
+    who = f"{factory_id}: " if topics.prefix else ""  # a fleet's factories share the log
 
     def on_connect(client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
@@ -127,13 +130,13 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
         result.connects += 1
         client.subscribe([(topics.full(t), 1) for t in subscriptions])
         connected.set()
-        logger.info("connected to %s (connection #%d)%s", target.redacted, result.connects,
+        logger.info("%sconnected to %s (connection #%d)%s", who, target.redacted, result.connects,
                     f", topics under {topics.prefix}" if topics.prefix else "")
 
     def on_disconnect(client, userdata, flags, reason_code, properties=None):
         connected.clear()
         if not finishing.is_set():
-            logger.warning("disconnected from %s (%s); reconnecting", target.redacted, reason_code)
+            logger.warning("%sdisconnected from %s (%s); reconnecting", who, target.redacted, reason_code)
 
     def on_message(client, userdata, msg):
         inner = topics.strip(msg.topic)
@@ -145,7 +148,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
             logger.warning("dropped a %s message: the simulator is not keeping up", inner)
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                         client_id=client_id or f"factory-sim-{camera_id}-{time.time_ns() % 10**9:x}")
+                         client_id=client_id or f"factory-sim-{factory_id}-{camera_id}-{time.time_ns() % 10**9:x}")
     target.configure(client)
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
@@ -171,7 +174,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
     shopper = None
     if customer and obey_orders:
         shopper = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                              client_id=f"factory-customer-{camera_id}-{time.time_ns() % 10**9:x}")
+                              client_id=f"factory-customer-{factory_id}-{camera_id}-{time.time_ns() % 10**9:x}")
         target.configure(shopper)
         shopper.reconnect_delay_set(min_delay=1, max_delay=2)
         shopper.connect_async(target.host, target.port, keepalive=30)
@@ -186,7 +189,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                                camera_id=camera_id if include_ids else None,
                                factory_id=factory_id if include_ids else None, timings=timings,
                                clock_offset_s=clock_offset_s, arrivals=arrivals, demand=customer,
-                               busy_orders=busy_orders)
+                               busy_orders=busy_orders, pose=pose)
         camera = _Camera(camera_on, fps if fps is not None else CAMERA_DEFAULT_FPS, follow=fps is None)
         t0 = time.monotonic()
 
@@ -258,7 +261,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                 on, rate = control
                 camera.switch(on, rate, t)
                 result.camera_switches += 1
-                logger.info("camera %s (%g fps)", "on" if on else "off", camera.fps)
+                logger.info("%scamera %s (%g fps)", who, "on" if on else "off", camera.fps)
             elif topic == ORDER_TOPIC:
                 sim.receive_order(body, t)
             elif topic == ACK_TOPIC:
@@ -318,8 +321,8 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                 camera.k += 1
                 if progress_every_s and next_frame - last_progress >= progress_every_s:
                     last_progress = next_frame
-                    logger.info("t=%.1fs frames=%d stock_changes=%d orders=%d dropped=%d stock=%s", next_frame,
-                                result.frames, result.stock_changes, result.orders, result.dropped_frames,
+                    logger.info("%st=%.1fs frames=%d stock_changes=%d orders=%d dropped=%d stock=%s", who,
+                                next_frame, result.frames, result.stock_changes, result.orders, result.dropped_frames,
                                 _stock_line(sim.stock))
         # let the last QoS 1 messages reach the broker (bounded wait)
         deadline = time.monotonic() + 5.0

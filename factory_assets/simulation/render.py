@@ -9,8 +9,17 @@ bottom-right. Each frame gets its own lighting level and colour cast, gaussian
 sensor noise and a small camera jitter (a few pixels of shift, up to 1 degree of
 rotation), all drawn from the ``rng`` passed in, so a seeded generator gives the
 same picture every time.
+
+A :class:`CameraPose` places the camera of one factory: a shift, a zoom and a rotation of
+the whole picture (about its centre) within :data:`POSE_RANGES`, fixed for that camera
+(the per-frame jitter comes on top). The reference pose (no shift, zoom 1, no rotation) is
+the camera every earlier picture was taken with.
 """
 from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,6 +45,60 @@ CONNECTOR_BGR = (40, 80, 225)  # orange-red plastic
 DISC_W, DISC_H, DISC_TOP_H = 46, 12, 14  # disc width, side height, height of the top ellipse
 
 
+# A factory's camera pose, drawn uniformly within these ranges (CameraPose.draw): every slot
+# stays in the picture at the extremes (tests/simulation/test_fleet.py checks the corners).
+POSE_RANGES: dict[str, tuple[float, float]] = {
+    "shift_x": (-12.0, 12.0),  # pixels, + to the right
+    "shift_y": (-8.0, 8.0),  # pixels, + downwards
+    "zoom": (0.92, 1.08),  # > 1: closer
+    "rotation": (-4.0, 4.0),  # degrees, + counter-clockwise (OpenCV's convention)
+}
+
+
+@dataclass(frozen=True)
+class CameraPose:
+    """Where one factory's camera looks at its rack, relative to the reference camera: the
+    picture is zoomed by ``zoom`` and turned by ``rotation`` degrees about its centre, then
+    shifted by ``shift_x``/``shift_y`` pixels."""
+
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    zoom: float = 1.0
+    rotation: float = 0.0
+
+    def __post_init__(self):
+        if not (self.zoom > 0 and all(math.isfinite(v) for v in (self.shift_x, self.shift_y, self.zoom,
+                                                                  self.rotation))):
+            raise ValueError(f"a camera pose needs finite values and zoom > 0, got {self}")
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "CameraPose":
+        """A pose uniformly within :data:`POSE_RANGES` (rounded: 0.1 px, 0.001, 0.1 degree)."""
+        v = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in POSE_RANGES.items()}
+        return cls(round(v["shift_x"], 1), round(v["shift_y"], 1), round(v["zoom"], 3), round(v["rotation"], 1))
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.shift_x, self.shift_y, self.zoom, self.rotation) == (0.0, 0.0, 1.0, 0.0)
+
+    def matrix(self, extra_rotation: float = 0.0, extra_shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """The 2x3 affine map from reference pixels to this camera's pixels (plus a frame's jitter)."""
+        import cv2
+
+        m = cv2.getRotationMatrix2D((WIDTH / 2, HEIGHT / 2), self.rotation + extra_rotation, self.zoom)
+        m[:, 2] += (self.shift_x + extra_shift[0], self.shift_y + extra_shift[1])
+        return m
+
+    def apply(self, points) -> np.ndarray:
+        """Reference pixel coordinates ``[(x, y), ...]`` -> where this camera shows them."""
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        return pts @ self.matrix()[:, :2].T + self.matrix()[:, 2]
+
+    def describe(self) -> str:
+        return (f"shift {self.shift_x:+.1f},{self.shift_y:+.1f} px, zoom {self.zoom:.3f}, "
+                f"rotation {self.rotation:+.1f} deg")
+
+
 def slot_box(slot: str) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` of the open space of a slot (between posts and beams), unjittered."""
     row, col = ROWS.index(slot[0]), COLUMNS.index(slot[1])
@@ -53,7 +116,25 @@ def workpiece_box(slot: str) -> tuple[int, int, int, int]:
     return cx - DISC_W // 2, top - DISC_TOP_H // 2, cx + DISC_W // 2, bottom + DISC_TOP_H // 2 - 2
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def _scene() -> np.ndarray:
+    """The empty room and rack (the same in every picture: drawn once, copied per frame)."""
+    img = _background()
+    _rack(img)
+    img.flags.writeable = False
+    return img
+
+
+@functools.lru_cache(maxsize=1)
+def _vignette() -> np.ndarray:
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    r2 = ((xx - WIDTH / 2) / (WIDTH / 2)) ** 2 + ((yy - HEIGHT / 2) / (HEIGHT / 2)) ** 2
+    mask = (1.0 - 0.18 * r2)[..., None]
+    mask.flags.writeable = False
+    return mask
+
+
+def _background() -> np.ndarray:
     import cv2
 
     img = np.empty((HEIGHT, WIDTH, 3), np.float32)
@@ -136,21 +217,22 @@ def _disc(img: np.ndarray, slot: str, kind: str, dx: float, dy: float) -> None:
 
 
 def render_warehouse(stock: dict[str, str | None], *, rng: np.random.Generator, lighting: float = 1.0,
-                     jitter: bool = True) -> np.ndarray:
+                     jitter: bool = True, pose: CameraPose | None = None) -> np.ndarray:
     """The warehouse camera's picture of ``stock`` (slot -> ``"BLUE"|"RED"|"WHITE"|None``): BGR uint8 240x320x3.
 
     ``lighting`` scales the exposure (1.0 = a normally lit room, 0.5 = dim). With
     ``jitter`` each frame also gets a random lighting level (+-10 %), a colour cast,
     a shift of up to 3 px and a rotation of up to 1 degree; without it the geometry
     is exact and the light is exactly ``lighting`` (sensor noise is always added).
+    ``pose`` (default: the reference camera) moves, zooms and turns the whole picture;
+    the random draws are the same whatever the pose.
     """
     import cv2
 
     unknown = {k: v for k, v in stock.items() if k not in SLOTS or (v is not None and v not in TYPES)}
     if unknown:
         raise ValueError(f"unknown slots or workpiece types: {unknown}")
-    img = _background(rng)
-    _rack(img)
+    img = _scene().copy()
     for slot in SLOTS:
         kind = stock.get(slot)
         if kind:
@@ -161,15 +243,12 @@ def render_warehouse(stock: dict[str, str | None], *, rng: np.random.Generator, 
     cast = rng.normal(1.0, 0.04, 3).clip(0.88, 1.12).astype(np.float32) if jitter else np.ones(3, np.float32)
     img *= level * cast
     # vignetting, as with the cheap wide-angle camera
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
-    r2 = ((xx - WIDTH / 2) / (WIDTH / 2)) ** 2 + ((yy - HEIGHT / 2) / (HEIGHT / 2)) ** 2
-    img *= (1.0 - 0.18 * r2)[..., None]
+    img *= _vignette()
 
-    if jitter:
-        angle = rng.uniform(-1.0, 1.0)
-        shift = rng.uniform(-3.0, 3.0, 2)
-        m = cv2.getRotationMatrix2D((WIDTH / 2, HEIGHT / 2), angle, 1.0)
-        m[:, 2] += shift
+    pose = pose or CameraPose()
+    if jitter or not pose.is_reference:
+        angle, shift = (rng.uniform(-1.0, 1.0), rng.uniform(-3.0, 3.0, 2)) if jitter else (0.0, (0.0, 0.0))
+        m = pose.matrix(angle, (float(shift[0]), float(shift[1])))
         img = cv2.warpAffine(img, m, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     # slight blur of the lens, then sensor noise (stronger in the dark)
     img = cv2.GaussianBlur(img, (3, 3), 0.6)
