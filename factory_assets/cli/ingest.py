@@ -32,12 +32,23 @@ def _stop_on_sigterm():
 
 
 def _mqtt(args) -> int:
+    import os
+
     from factory_assets.ingest.mqtt import MqttIngester
+    from factory_assets.ingest.shards import ShardPlan
     from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix
 
     try:
         target = MqttTarget.parse(args.url, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
         prefixes = [TopicPrefix.parse(spec) for spec in args.prefix or ()]
+        shard = args.shard if args.shard is not None else os.environ.get("FACTORY_INGEST_SHARD") or None
+        shards = args.shards if args.shards is not None else os.environ.get("FACTORY_INGEST_SHARDS") or None
+        if shards is not None:
+            try:
+                shards = int(shards)
+            except ValueError:
+                raise ValueError(f"--shards (FACTORY_INGEST_SHARDS) must be a whole number, got {shards!r}") from None
+        plan = ShardPlan.make(prefixes, shard=shard, shards=shards)
         if args.camera_fps is not None and args.camera_fps < 0:
             raise ValueError("--camera-fps must be >= 0 (0 leaves the camera alone)")
     except ValueError as exc:
@@ -46,10 +57,13 @@ def _mqtt(args) -> int:
     if bool(args.cert_file) != bool(args.key_file):
         print("error: --cert-file and --key-file go together (a client certificate and its key)", flush=True)
         return 2
-    ingester = MqttIngester(_ingestor(args), target, client_id=args.client_id,
+    ingester = MqttIngester(_ingestor(args), target, client_id=args.client_id or plan.client_id,
                             progress_every=args.progress_every,
                             max_buffer_bytes=int(args.max_buffer_mb * 1024 * 1024),
-                            camera_fps=args.camera_fps, prefixes=prefixes)
+                            camera_fps=args.camera_fps, prefixes=plan.own, fleet_prefixes=plan.fleet)
+    if plan.name is not None:
+        owned = ", ".join(f"{p.prefix}={p.factory_id or args.factory_id}" for p in plan.own) or "(none)"
+        print(f"shard {plan.name}{f' of {shards}' if shards else ''}: factories {owned}", flush=True)
     print(f"ingesting from {target.redacted} as {ingester.client_id} (Ctrl-C to stop)", flush=True)
     summary = ingester.run_forever(duration=args.duration)
     if ingester.failed is not None:
@@ -99,9 +113,17 @@ def register(sub) -> None:
     q.add_argument("--camera-fps", type=float, default=2.0,
                    help="switch the TXT camera on at this rate (c/cam, sent on every connection; "
                         "0 leaves the camera to others; default %(default)s)")
+    q.add_argument("--shard", default=None, metavar="NAME",
+                   help="run shard NAME of a fleet: the MQTT session is factory-assets-ingest-shard-NAME, so a "
+                        "replacement process resumes it (default FACTORY_INGEST_SHARD). With --shards N, NAME is "
+                        "0..N-1 or ends in it (a StatefulSet pod: ingester-2) and the shard owns the --prefix "
+                        "factories at its positions (k, k+N, ...); without, it owns every --prefix given")
+    q.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="how many shards share the --prefix factories (default FACTORY_INGEST_SHARDS); "
+                        "docs/mqtt.md#shards")
     q.add_argument("--client-id", default=None,
                    help="MQTT client id of the persistent session (default "
-                        "factory-assets-ingest-<factory-id>-<camera-id>); one ingester per id")
+                        "factory-assets-ingest-<factory-id>-<camera-id>, or the shard's); one ingester per id")
     q.add_argument("--max-buffer-mb", type=float, default=64.0,
                    help="payload bytes held in memory while the database is slow or down; "
                         "beyond it the broker keeps the messages")

@@ -76,11 +76,14 @@ DAGSTER_TARGET = ["-m", "factory_assets.definitions"]
 
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
                    dagster: bool = True, dagster_services: list | None = None, *, mqtt_url: str | None = None,
-                   queue=None, camera_fps: float | None = None, simulator: bool = True) -> list[Service]:
+                   queue=None, camera_fps: float | None = None, simulator: bool = True,
+                   prefixes: list[str] | None = None, ingest_shards: int = 1) -> list[Service]:
     """The services ``up`` starts, in order. ``mqtt_url``: a broker of the user's own (none is
     started; the URL carries no password: children read ``FACTORY_MQTT_PASSWORD``). ``queue``:
     the started broker's offline queue (default sized for 30 minutes at ``fps``). ``camera_fps``:
-    what the ingester asks the camera for (default ``fps``, the simulator's rate)."""
+    what the ingester asks the camera for (default ``fps``, the simulator's rate). ``prefixes``:
+    the factories (``PREFIX[=FACTORY_ID]``), one simulator each; ``ingest_shards``: ingester
+    processes sharing them (``ingest/shards.py``; ``ValueError`` when they cannot be split)."""
     from factory_assets.simulation.broker import QueueLimits, queue_argv
 
     py = sys.executable
@@ -93,10 +96,28 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     if own_broker:
         services.append(Service("mqtt-broker", [py, "-m", "factory_assets.simulation.broker", "--port",
                                                 str(mqtt_port), *queue_argv(queue)], mqtt_port))
-    services.append(Service("ingester", cli + ["ingest", "mqtt", "--url", mqtt_url, "--camera-fps", f"{camera_fps:g}"]))
+    ingest = cli + ["ingest", "mqtt", "--url", mqtt_url, "--camera-fps", f"{camera_fps:g}"]
+    ingest += [arg for spec in prefixes or () for arg in ("--prefix", spec)]
+    if ingest_shards > 1:  # each shard gets the whole list and takes its own share of it
+        from factory_assets.ingest.shards import split_prefixes
+        from factory_assets.vocabulary.mqtt import TopicPrefix
+
+        split_prefixes([TopicPrefix.parse(spec) for spec in prefixes or ()], ingest_shards)  # refused here, not in k children
+        services += [Service(f"ingester-{k}", ingest + ["--shards", str(ingest_shards), "--shard", str(k)])
+                     for k in range(ingest_shards)]
+    else:
+        services.append(Service("ingester", ingest))
     if simulator:
-        services.append(Service("simulator", cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}",
-                                                    "--seed", str(seed), "--change-every", "6"]))
+        simulate = cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}", "--change-every", "6"]
+        if not prefixes:
+            services.append(Service("simulator", simulate + ["--seed", str(seed)]))
+        for j, spec in enumerate(prefixes or ()):  # one simulated factory under each prefix
+            from factory_assets.vocabulary.mqtt import TopicPrefix
+
+            prefix = TopicPrefix.parse(spec)
+            services.append(Service(f"simulator-{j}", simulate + ["--seed", str(seed + j), "--prefix", prefix.prefix,
+                                                                   *(["--factory-id", prefix.factory_id]
+                                                                     if prefix.factory_id else [])]))
     services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
     if not dagster:
         return services
@@ -228,6 +249,14 @@ def up(args) -> int:
     from factory_assets.storage.embedded import EmbeddedMongo
     from factory_assets.storage.mongo import redact_uri
 
+    try:  # the factories must split into the shards asked for: said before anything starts
+        from factory_assets.ingest.shards import split_prefixes
+        from factory_assets.vocabulary.mqtt import TopicPrefix
+
+        split_prefixes([TopicPrefix.parse(spec) for spec in args.prefix or ()], args.ingest_shards)
+    except ValueError as exc:
+        _say(f"error: --ingest-shards {args.ingest_shards}: {exc}")
+        return 2
     os.chdir(config.project_root())
     env = dict(os.environ)
     started_db = False
@@ -270,7 +299,7 @@ def up(args) -> int:
     services = build_services(free_port(args.mqtt_port), args.port, serve_port, args.fps, args.seed,
                               dagster=not args.no_dagster, dagster_services=dagster_services, mqtt_url=mqtt_url,
                               queue=queue_limits(args), camera_fps=args.camera_fps,
-                              simulator=not args.no_simulator)
+                              simulator=not args.no_simulator, prefixes=args.prefix, ingest_shards=args.ingest_shards)
     stopping = False
 
     def on_signal(signum, frame):
@@ -339,6 +368,12 @@ def register(sub) -> None:
                    help="use your own broker (mqtt://[user[:password]@]host:port, mqtts://...) instead of "
                         "starting one; the password may come from FACTORY_MQTT_PASSWORD")
     p.add_argument("--no-simulator", action="store_true", help="no simulated factory (a real one is connected)")
+    p.add_argument("--prefix", action="append", default=None, metavar="PREFIX[=FACTORY_ID]",
+                   help="a factory whose topics are under PREFIX (repeat for several): the ingester follows each, "
+                        "and a simulated factory publishes under each (docs/mqtt.md)")
+    p.add_argument("--ingest-shards", type=int, default=1, metavar="K",
+                   help="run K ingester processes, each owning whole factories of the --prefix list (needs at least "
+                        "K prefixed factories; docs/mqtt.md#shards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dagster", action="store_true", help="everything but dagster dev")
     p.add_argument("--dagster-postgres", metavar="URL", default=None,

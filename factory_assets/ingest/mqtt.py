@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 from factory_assets.ingest.clock import ClockRecorder
 from factory_assets.ingest.service import Ingestor, Prepared, retry_store
+from factory_assets.ingest.shards import SessionRecords
 from factory_assets.vocabulary import BROADCAST_TOPIC, CAMERA_CONTROL_TOPIC, utcnow
 from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix, match_prefix
 
@@ -69,6 +70,7 @@ SUBSCRIPTIONS = ("#",)  # without prefixes: i/cam, i/bme680, i/ldr, f/i/stock an
 DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
 DEFAULT_CAMERA_FPS = 2.0
 REFUSAL_LOG_EVERY_S = 60.0
+SESSION_TEND_EVERY_S = 30.0  # how often a session's kept filters are looked at (ingest/shards.py)
 BROADCAST_ANSWER_EVERY_S = 1.0  # at most one c/cam per factory per second in answer to i/broadcast
 
 
@@ -103,7 +105,8 @@ class MqttIngester:
                  progress_every: float = 5.0, log=None, max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
                  keepalive: int = 30, stop_timeout: float = 10.0, camera_fps: float | None = DEFAULT_CAMERA_FPS,
                  prefixes=None, ca_file: str | None = None, cert_file: str | None = None,
-                 key_file: str | None = None, password_env: str | None = None):
+                 key_file: str | None = None, password_env: str | None = None, fleet_prefixes=None,
+                 session_records: bool = True, session_tend_every: float = SESSION_TEND_EVERY_S):
         self.ingestor = ingestor
         self.ingestor.auto_flush = False  # we flush, then acknowledge
         self.target = url if isinstance(url, MqttTarget) else MqttTarget.parse(
@@ -122,6 +125,20 @@ class MqttIngester:
         self.camera_fps = camera_fps or None
         self.prefixes = tuple(p if isinstance(p, TopicPrefix) else TopicPrefix.parse(p) for p in (prefixes or ()))
         self.subscriptions = tuple(dict.fromkeys(p.subscription for p in self.prefixes)) or SUBSCRIPTIONS
+        # the whole fleet's factories (a shard owns some, ``prefixes``): what arrives through a filter
+        # this session still holds for a factory handed over is attributed to that factory (ingest/shards.py)
+        fleet = tuple(p if isinstance(p, TopicPrefix) else TopicPrefix.parse(p) for p in (fleet_prefixes or ()))
+        self.fleet = tuple(dict.fromkeys(self.prefixes + fleet))
+        self.sessions = SessionRecords(ingestor.fdb) if session_records else None
+        self._held: set[str] | None = None  # filters the session holds (the record), read after the first SUBACK
+        self._unsubscribing: dict[int, str] = {}  # UNSUBSCRIBE mid -> filter
+        self._unsubscribed: list[str] = []  # UNSUBACKed, not yet off the record
+        self._tend_at = 0.0  # next look at the session's filters (now after a SUBACK or an UNSUBACK)
+        self.session_tend_every = session_tend_every
+        self._tend_failed_logged = -REFUSAL_LOG_EVERY_S
+        self._unattributed_logged = -REFUSAL_LOG_EVERY_S
+        self.released: list[str] = []  # filters of factories handed over, unsubscribed
+        self.unattributed = 0  # messages under no factory of the fleet (a filter left from another configuration)
         self.clock = ClockRecorder(ingestor.clock)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Received] = collections.deque()
@@ -201,8 +218,18 @@ class MqttIngester:
                          ", ".join(self.subscriptions), ", ".join(str(rc) for rc in reason_codes))
             return
         self.subscribed.set()
+        self._tend_at = 0.0  # record the filters the session now holds
         logger.info("MQTT subscribed to %s (QoS 1)", ", ".join(self.subscriptions))
         self._switch_camera_on(client)
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes=None, properties=None):
+        with self._cond:
+            topic_filter = self._unsubscribing.pop(mid, None)
+            if topic_filter is None:
+                return
+            self._unsubscribed.append(topic_filter)  # the writer takes it off the session's record
+        self._tend_at = 0.0
+        logger.info("MQTT unsubscribed from %s: its factory is another session's now", topic_filter)
 
     def _switch_camera_on(self, client, prefixes=None) -> None:
         """``c/cam`` under each prefix (default: all), after every subscription (so after every
@@ -244,16 +271,21 @@ class MqttIngester:
     def _on_message(self, client, userdata, msg):
         received_at = utcnow()
         payload = bytes(msg.payload)
-        matched = match_prefix(self.prefixes, msg.topic) if self.prefixes else None
+        matched = match_prefix(self.fleet, msg.topic) if self.fleet else None
         topic, factory_id = (matched[1], matched[0].factory_id) if matched else (msg.topic, None)
-        if topic == BROADCAST_TOPIC and self.camera_fps and not msg.retain and (matched or not self.prefixes):
+        if (topic == BROADCAST_TOPIC and self.camera_fps and not msg.retain
+                and (matched[0] in self.prefixes if matched else not self.prefixes)):
             self._answer_broadcast(client, matched[0] if matched else TopicPrefix())
-        # Validated here, on paho's thread, while the writer stores the batch before (the two overlap:
-        # parsing, base64 and the image check cost as much as the database's write of a frame)
-        prepared = self.ingestor.prepare_mqtt(topic, payload, {"kind": "mqtt", "topic": msg.topic,
-                                                               "broker": self._broker},
-                                              received_at=received_at, factory_id=factory_id,
-                                              retained=bool(msg.retain))
+        if self.fleet and matched is None:
+            prepared = Prepared()  # under no factory of ours: acknowledged in turn, not stored
+            self._unattributed(msg.topic)
+        else:
+            # Validated here, on paho's thread, while the writer stores the batch before (the two overlap:
+            # parsing, base64 and the image check cost as much as the database's write of a frame)
+            prepared = self.ingestor.prepare_mqtt(topic, payload, {"kind": "mqtt", "topic": msg.topic,
+                                                                   "broker": self._broker},
+                                                  received_at=received_at, factory_id=factory_id,
+                                                  retained=bool(msg.retain))
         with self._cond:
             # Bounded memory: wait for the writer to store; meanwhile paho reads nothing more and
             # the broker keeps the rest. One message larger than the limit still passes alone.
@@ -270,7 +302,49 @@ class MqttIngester:
             self._taken += 1
             self._cond.notify_all()
 
+    def _unattributed(self, topic: str) -> None:
+        self.unattributed += 1
+        now = time.monotonic()
+        if now - self._unattributed_logged >= REFUSAL_LOG_EVERY_S:
+            self._unattributed_logged = now
+            logger.info("ignoring %s: under none of the factories %s (a subscription this session kept from another "
+                        "configuration; it is dropped once no factory is under it); %d such messages so far", topic,
+                        ", ".join(p.prefix for p in self.fleet), self.unattributed)
+
     # -- writer thread -------------------------------------------------------------
+    def _tend_session(self) -> None:
+        """Record the filters the session holds; let go of those of factories another session
+        holds now (or no factory of the fleet is under). At most every 30 s, and after every
+        SUBACK and UNSUBACK. A database error is logged and retried next time."""
+        now = time.monotonic()
+        if self.sessions is None or not self.subscribed.is_set() or now < self._tend_at:
+            return
+        self._tend_at = now + self.session_tend_every
+        try:
+            if self._held is None:
+                self._held = self.sessions.held(self.client_id)
+            self._held |= set(self.subscriptions)
+            with self._cond:
+                released, self._unsubscribed = self._unsubscribed, []
+                leaving = set(self._unsubscribing.values())
+            self._held -= set(released)
+            self.released += released
+            fleet_filters = {p.subscription for p in self.fleet} | set(self.subscriptions)
+            for topic_filter in sorted(self._held - set(self.subscriptions) - leaving):
+                if topic_filter in fleet_filters and not self.sessions.held_elsewhere(self.client_id, topic_filter):
+                    continue  # its factory's new shard has not subscribed yet: keep receiving (and storing) it
+                client = self._client
+                with self._cond:  # held while paho may answer: the UNSUBACK finds its mid
+                    rc, mid = client.unsubscribe(topic_filter) if client is not None else (None, None)
+                    if mid is not None and not rc:
+                        self._unsubscribing[mid] = topic_filter
+            self.sessions.record(self.client_id, self._held)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping: the messages keep flowing meanwhile
+            if now - self._tend_failed_logged >= REFUSAL_LOG_EVERY_S:
+                self._tend_failed_logged = now
+                logger.warning("cannot record or tidy this session's subscriptions (%s: %s); retrying in %.0f s",
+                               type(exc).__name__, str(exc)[:200], self.session_tend_every)
+
     def _take_batch(self) -> list[_Received]:
         with self._cond:
             if not self._queue:
@@ -290,6 +364,7 @@ class MqttIngester:
     def _write_batches(self):
         last_progress = time.monotonic()
         while True:
+            self._tend_session()
             batch = self._take_batch()
             if not batch:
                 if self._closed.is_set():
@@ -355,6 +430,7 @@ class MqttIngester:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        client.on_unsubscribe = self._on_unsubscribe
         client.reconnect_delay_set(min_delay=0.1, max_delay=2)
         self._client = client
         self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
