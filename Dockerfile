@@ -48,6 +48,9 @@ COPY deploy/requirements-serving.txt ./
 # the package without its declared dependencies (Dagster among them), then what serving imports
 RUN pip install --no-deps . && pip install -r requirements-serving.txt
 
+# SageMaker multi-model endpoints (Mode MultiModel) accept only images that declare it
+# (docs/multi-model.md): `serve` then hosts the models SageMaker loads through POST /models.
+LABEL com.amazonaws.sagemaker.capabilities.multi-models=true
 # Runs as the image's default user: SageMaker mounts /opt/ml (channels, model, output)
 # owned by root and expects the container to write there.
 EXPOSE 8080

@@ -27,6 +27,12 @@ class MLPaths:
         return self.root / "model"
 
     @property
+    def models_dir(self) -> Path:
+        """Multi-model endpoints: SageMaker unpacks each ``<name>.tar.gz`` into
+        ``models/<model_name>/model`` and names that folder in ``POST /models``."""
+        return self.root / "models"
+
+    @property
     def output_dir(self) -> Path:
         return self.root / "output"
 

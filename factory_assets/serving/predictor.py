@@ -9,6 +9,13 @@ calling process. They raise the same two errors, so callers decide once:
 ``EndpointUnavailable`` (retry later; never advance past the frame).
 Each is a context manager: ``close()`` releases its connections (an HTTP keep-alive
 socket per thread, boto3's pool); a closed predictor reconnects if used again.
+
+Many models behind one endpoint (docs/multi-model.md): ``predict(..., target_model=NAME)``
+(or ``target_model=`` given once to the constructor) names the model, NAME being
+``serving.models.model_name(factory_id, camera_id, version)`` or a registry version.
+An endpoint that does not have it raises ``UnknownModel``, an ``EndpointUnavailable``:
+the frame is not at fault, so callers retry later as for an outage (the model may not be
+deployed yet) rather than quarantining the image.
 """
 from __future__ import annotations
 
@@ -25,6 +32,14 @@ VERBOSE_JSON = "application/json;verbose"
 
 class EndpointUnavailable(RuntimeError):
     """The endpoint could not answer (down, no model loaded, 5xx, timeout)."""
+
+
+class UnknownModel(EndpointUnavailable):
+    """The endpoint has no model of the requested name (not registered, not uploaded)."""
+
+    def __init__(self, message: str, model: str | None = None):
+        super().__init__(message)
+        self.model = model
 
 
 class BadInput(ValueError):
@@ -58,7 +73,8 @@ class Prediction:
 
 @runtime_checkable
 class Predictor(Protocol):
-    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction: ...
+    def predict(self, image: bytes, content_type: str = "image/jpeg", *,
+                target_model: str | None = None) -> Prediction: ...
 
 
 class _Closing:
@@ -106,7 +122,7 @@ def parse_response(body: bytes | str, latency_ms: float, version_header: str | N
 class HttpEndpointPredictor(_Closing):
     """Our server over HTTP/1.1 keep-alive (one connection per thread)."""
 
-    def __init__(self, url: str, timeout: float = 10.0, retries: int = 1):
+    def __init__(self, url: str, timeout: float = 10.0, retries: int = 1, target_model: str | None = None):
         from urllib.parse import urlsplit
 
         self.url = url.rstrip("/")
@@ -117,6 +133,7 @@ class HttpEndpointPredictor(_Closing):
         self._path = (parts.path or "") + "/invocations"
         self.timeout = timeout
         self.retries = retries
+        self.target_model = target_model
         self._local = threading.local()
         self._open: set = set()  # every thread's connection, so close() reaches them all
         self._open_lock = threading.Lock()
@@ -154,10 +171,14 @@ class HttpEndpointPredictor(_Closing):
             conn.close()
         self._local = threading.local()
 
-    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
+    def predict(self, image: bytes, content_type: str = "image/jpeg", *,
+                target_model: str | None = None) -> Prediction:
         import http.client
 
         headers = {"Content-Type": content_type, "Accept": VERBOSE_JSON}
+        target_model = target_model or self.target_model
+        if target_model:
+            headers[TARGET_MODEL_HEADER] = target_model
         last_exc: Exception | None = None
         for attempt in range(self.retries + 1):
             started = time.perf_counter()
@@ -177,6 +198,8 @@ class HttpEndpointPredictor(_Closing):
             if resp.status == 200:
                 return parse_response(body, latency, resp.getheader("X-Model-Version"))
             message = _error_message(body)
+            if target_model and resp.status == 404:
+                raise UnknownModel(f"endpoint {self.url} has no model {target_model}: {message}", target_model)
             if resp.status in (400, 413, 415):
                 raise BadInput(f"endpoint rejected the image ({resp.status}): {message}", resp.status)
             raise EndpointUnavailable(f"endpoint {self.url} answered {resp.status}: {message}")
@@ -196,6 +219,14 @@ class HttpEndpointPredictor(_Closing):
             return False, None
 
 
+TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
+
+
+def _names_missing_model(message: str) -> bool:
+    text = message.lower()
+    return "download model data" in text or "target model" in text or "not found" in text
+
+
 def _error_message(body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -208,8 +239,9 @@ class SageMakerRuntimePredictor(_Closing):
     """A SageMaker endpoint through boto3 ``sagemaker-runtime`` ``invoke_endpoint``."""
 
     def __init__(self, endpoint_name: str, region: str = "us-east-1", endpoint_url: str | None = None,
-                 verbose: bool = True, client=None):
+                 verbose: bool = True, client=None, target_model: str | None = None):
         self.endpoint_name = endpoint_name
+        self.target_model = target_model
         self.region = region
         self.endpoint_url = endpoint_url
         self.verbose = verbose
@@ -240,18 +272,30 @@ class SageMakerRuntimePredictor(_Closing):
         if client is not None and client is not self._given_client:
             client.close()
 
-    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
+    def predict(self, image: bytes, content_type: str = "image/jpeg", *,
+                target_model: str | None = None) -> Prediction:
+        """``invoke_endpoint``; with a target model, ``TargetModel=<name>.tar.gz`` (its archive
+        under the multi-model endpoint's S3 prefix)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from factory_assets.serving.models import target_model_path
+
         started = time.perf_counter()
+        target_model = target_model or self.target_model
+        extra = {"TargetModel": target_model_path(target_model)} if target_model else {}
         try:
             resp = self.client.invoke_endpoint(EndpointName=self.endpoint_name, ContentType=content_type,
                                                Accept=VERBOSE_JSON if self.verbose else "application/json",
-                                               Body=image)
+                                               Body=image, **extra)
             body = resp["Body"].read()
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             message = exc.response.get("Error", {}).get("Message") or str(exc)
+            # SageMaker answers a target model missing from S3 with 400 ValidationError "Failed to
+            # download model data ..."; our runtime with 404. Neither is the image's fault.
+            if target_model and (status == 404 or (status == 400 and _names_missing_model(message))):
+                raise UnknownModel(f"endpoint {self.endpoint_name} has no model {target_model}: {message}",
+                                   target_model) from exc
             if status in (400, 413, 415):
                 raise BadInput(f"endpoint {self.endpoint_name} rejected the image ({status}): {message}",
                                status) from exc
@@ -264,24 +308,41 @@ class SageMakerRuntimePredictor(_Closing):
 
 
 class InProcessPredictor(_Closing):
-    """A ``StockModel`` in this process (CLI, tests of callers, batch scoring without a server)."""
+    """A ``StockModel`` in this process (CLI, tests of callers, batch scoring without a server).
+    ``models`` (name -> model) answers ``target_model``; without it a target model must name
+    ``model``'s own version (``f--c--<version>`` or ``<version>``), else ``UnknownModel``."""
 
-    def __init__(self, model):
+    def __init__(self, model, models: dict | None = None):
         self.model = model
+        self.models = dict(models or {})
 
-    def predict(self, image: bytes, content_type: str = "image/jpeg") -> Prediction:
+    def _model_for(self, target_model: str | None):
+        if not target_model:
+            return self.model
+        from factory_assets.serving.models import parse_model_name
+
+        name = str(parse_model_name(target_model))
+        if name in self.models:
+            return self.models[name]
+        if self.model is not None and parse_model_name(name).version == self.model.version and not self.models:
+            return self.model
+        raise UnknownModel(f"no model {target_model} in this process", target_model)
+
+    def predict(self, image: bytes, content_type: str = "image/jpeg", *,
+                target_model: str | None = None) -> Prediction:
         from factory_assets.vision.decode import ImageDecodeError
 
         started = time.perf_counter()
-        details = getattr(self.model, "predict_details", None)
+        model = self._model_for(target_model)
+        details = getattr(model, "predict_details", None)
         try:
             if details is None:  # a model without details: presence only
-                d = {"probabilities": self.model.predict_proba_bytes(image), "slots": None,
-                     "model_kind": getattr(self.model, "kind", None)}
+                d = {"probabilities": model.predict_proba_bytes(image), "slots": None,
+                     "model_kind": getattr(model, "kind", None)}
             else:
                 d = details(image)
         except (ImageDecodeError, ValueError) as exc:
             raise BadInput(str(exc), 400) from exc
-        return Prediction([float(p) for p in d["probabilities"]], self.model.version,
-                          (time.perf_counter() - started) * 1000, dict(self.model.thresholds),
-                          tuple(self.model.classes), model_kind=d.get("model_kind"), slots=d.get("slots"))
+        return Prediction([float(p) for p in d["probabilities"]], model.version,
+                          (time.perf_counter() - started) * 1000, dict(model.thresholds),
+                          tuple(model.classes), model_kind=d.get("model_kind"), slots=d.get("slots"))

@@ -1,10 +1,12 @@
 """A SageMaker-compatible inference server for the stock model.
 
-Composes three parts: ``serving.app`` (the inference-container contract as an
+Composes four parts: ``serving.app`` (the inference-container contract as an
 ASGI app: ``/ping``, ``/invocations``, ``/endpoints/{name}/invocations``, JSON
 errors also in ``x-amzn-ErrorType``), ``serving.follower`` (which model is
 served: the endpoint document in MongoDB, loaded beside the old model, warmed
-up and swapped in one reference, so a deployment drops no request) and
+up and swapped in one reference, so a deployment drops no request),
+``serving.cache`` (many models by name, loaded on first use into a bounded LRU
+cache, as SageMaker multi-model endpoints host them: docs/multi-model.md) and
 ``web`` (uvicorn on 127.0.0.1 with the bounds ``http.server`` lacked):
 
 - a request body must be complete within ``body_timeout`` seconds (else 408 and
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 from factory_assets.serving.app import (ACCEPTED_TYPES, MAX_PAYLOAD_BYTES, InferenceApp, Stats,  # noqa: F401
                                         sagemaker_error)
+from factory_assets.serving.cache import ModelCache, cache_bytes_from_env
 from factory_assets.serving.follower import EndpointFollower, LoadedModel, ModelSlot, warm_up  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -56,16 +59,21 @@ class InferenceServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, slot: ModelSlot | None = None,
                  endpoint_name: str | None = None, access_log: bool = False, log=None,
-                 limits: InferenceLimits = InferenceLimits()):
-        """``log`` is accepted for old callers and ignored: records go to this module's logger."""
+                 limits: InferenceLimits = InferenceLimits(), models: ModelCache | None = None,
+                 multi_model: bool = False):
+        """``log`` is accepted for old callers and ignored: records go to this module's logger.
+        ``models``: the models served by name (an empty cache with no source when not given);
+        ``multi_model``: no single model is expected (``/ping`` is 200 without one)."""
         from factory_assets.web import ConcurrencyLimit, RequestLimits, ServerLimits, WebServer
 
         self.slot = slot or ModelSlot()
         self.endpoint_name = endpoint_name
         self.limits = limits
         self.stats = Stats()
+        self.models = models if models is not None else ModelCache()
         self.app = InferenceApp(self.slot, endpoint_name, stats=self.stats,
-                                predict_threads=limits.prediction_threads())
+                                predict_threads=limits.prediction_threads(), models=self.models,
+                                multi_model=multi_model)
         asgi = RequestLimits(ConcurrencyLimit(self.app, max_requests=limits.max_concurrent_requests,
                                               error=sagemaker_error),
                              max_body_bytes=MAX_PAYLOAD_BYTES, body_timeout=limits.body_timeout,
@@ -137,14 +145,50 @@ class InferenceServer:
         self.stop()
 
 
+MODELS_DIR_ENV = "FACTORY_MODELS_DIR"
+MODELS_S3_ENV = "FACTORY_MODELS_S3_URL"
+S3_ENDPOINT_ENV = "FACTORY_S3_ENDPOINT_URL"
+
+
 def build_server(host: str = "127.0.0.1", port: int = 8080, *, model_dir: str | None = None,
                  endpoint_name: str | None = None, uri: str | None = None, database: str | None = None,
                  poll_seconds: float = 1.0, access_log: bool = False, log=None,
-                 limits: InferenceLimits = InferenceLimits()) -> InferenceServer:
-    """A bound, not yet serving server: a fixed model from ``model_dir``, or following ``endpoint_name``.
-    ``log`` is accepted for old callers and ignored."""
+                 limits: InferenceLimits = InferenceLimits(), models_dir: str | None = None,
+                 models_s3_url: str | None = None, s3_endpoint_url: str | None = None,
+                 model_cache_bytes: int | None = None, registry: bool | None = None,
+                 allowed_roots=None) -> InferenceServer:
+    """A bound, not yet serving server: a fixed model from ``model_dir``, or following ``endpoint_name``,
+    and in both cases any model by name (docs/multi-model.md) from these sources, in this order:
+
+    - the registry (MongoDB) when following an endpoint, or when ``registry`` is true;
+    - ``models_dir`` (or ``FACTORY_MODELS_DIR``): ``<dir>/<name>.tar.gz`` or ``<dir>/<name>/``;
+      ``POST /models`` may also name paths under it (and under ``allowed_roots``);
+    - ``models_s3_url`` (or ``FACTORY_MODELS_S3_URL``): ``<prefix>/<name>.tar.gz``, the layout of
+      a SageMaker multi-model endpoint (``s3_endpoint_url`` or ``FACTORY_S3_ENDPOINT_URL`` for a
+      compatible service).
+
+    The cache holds ``model_cache_bytes`` (or ``FACTORY_MODEL_CACHE_BYTES``, default 256 MiB).
+    With neither ``model_dir`` nor ``endpoint_name`` the server only hosts models by name
+    (``/ping`` is 200 at once). ``log`` is accepted for old callers and ignored."""
+    import os
+
+    from factory_assets.serving.models import DirectorySource, RegistrySource, S3Source, SourceChain
+
     _limit_threads()
-    server = InferenceServer(host, port, endpoint_name=endpoint_name, access_log=access_log, limits=limits)
+    models_dir = models_dir or os.environ.get(MODELS_DIR_ENV) or None
+    models_s3_url = models_s3_url or os.environ.get(MODELS_S3_ENV) or None
+    if registry is None:
+        registry = bool(endpoint_name) and not model_dir
+    source = SourceChain([
+        RegistrySource(uri=uri, database=database) if registry else None,
+        DirectorySource(models_dir) if models_dir else None,
+        S3Source(models_s3_url, endpoint_url=s3_endpoint_url or os.environ.get(S3_ENDPOINT_ENV) or None)
+        if models_s3_url else None])
+    roots = [r for r in [models_dir, *(allowed_roots or ())] if r]
+    cache = ModelCache(cache_bytes_from_env() if model_cache_bytes is None else model_cache_bytes, source,
+                       allowed_roots=roots)
+    server = InferenceServer(host, port, endpoint_name=endpoint_name, access_log=access_log, limits=limits,
+                             models=cache, multi_model=not model_dir and not endpoint_name)
     if model_dir:
         from factory_assets.vision.model import StockModel
 
@@ -152,6 +196,8 @@ def build_server(host: str = "127.0.0.1", port: int = 8080, *, model_dir: str | 
         logger.info("serving %s from %s", server.slot.current.version, model_dir)
     elif endpoint_name:
         server.follow(uri, database, poll_seconds)
+    if source or roots:
+        logger.info("hosting models by name from %s (cache of %d bytes)", source.sources or roots, cache.max_bytes)
     return server
 
 

@@ -12,6 +12,9 @@ from factory_assets.vocabulary import DEFAULT_ENDPOINT
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("builtin", "byoc")
+# single: one model per endpoint (blue/green per version). multi: one Mode=MultiModel model over an S3
+# prefix holding every factory's and camera's model as <name>.tar.gz (docs/multi-model.md).
+ENDPOINT_MODES = ("single", "multi")
 
 # The original project trained the built-in algorithm on a GPU instance; our own
 # model needs no GPU. Endpoints of both run on a small CPU instance.
@@ -41,6 +44,8 @@ ENV = {
     "sagemaker_endpoint_url": "FACTORY_SAGEMAKER_ENDPOINT_URL",
     "s3_endpoint_url": "FACTORY_S3_ENDPOINT_URL",
     "runtime_endpoint_url": "FACTORY_SAGEMAKER_RUNTIME_URL",
+    "endpoint_mode": "FACTORY_SAGEMAKER_ENDPOINT_MODE",
+    "model_cache_bytes": "FACTORY_SAGEMAKER_MODEL_CACHE_BYTES",
 }
 BACKEND_ENV = "FACTORY_MODEL_BACKEND"
 
@@ -83,6 +88,10 @@ class SageMakerConfig:
     sagemaker_endpoint_url: str | None = None
     s3_endpoint_url: str | None = None
     runtime_endpoint_url: str | None = None
+    # single | multi (ENDPOINT_MODES); multi: the endpoint hosts many models by name
+    endpoint_mode: str = "single"
+    # the BYOC container's model cache in a multi-model endpoint (its FACTORY_MODEL_CACHE_BYTES); None: its default
+    model_cache_bytes: int | None = None
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "SageMakerConfig":
@@ -92,7 +101,7 @@ class SageMakerConfig:
         for name, var in ENV.items():
             raw = environ.get(var)
             if raw not in (None, ""):
-                values[name] = int(raw) if types[name] == "int" else raw
+                values[name] = int(raw) if types[name] in ("int", "int | None") else raw
         if "region" not in values:
             region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
             if region:
@@ -109,6 +118,11 @@ class SageMakerConfig:
         problems = []
         if algorithm not in ALGORITHMS:
             problems.append(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {algorithm!r})")
+        if self.endpoint_mode not in ENDPOINT_MODES:
+            problems.append(f"{ENV['endpoint_mode']} must be one of {', '.join(ENDPOINT_MODES)} "
+                            f"(got {self.endpoint_mode!r})")
+        elif self.endpoint_mode == "multi" and not self.bucket:
+            problems.append(f"a multi-model endpoint needs {ENV['bucket']} (its models live under one S3 prefix)")
         if not self.role_arn:
             problems.append(f"no execution role: set {ENV['role_arn']} to an IAM role ARN SageMaker can assume")
         elif not _ROLE_ARN.match(self.role_arn):
@@ -128,6 +142,10 @@ class SageMakerConfig:
     def s3_uri(self, *parts: str) -> str:
         key = "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
         return f"s3://{self.bucket}/{key}/"
+
+    def multi_model_uri(self) -> str:
+        """The S3 prefix of this endpoint's models in multi-model mode (``<name>.tar.gz`` each)."""
+        return self.s3_uri("multi-model", self.endpoint_name)
 
     def public_view(self) -> dict:
         """Settings safe to show in logs and metadata (account ids masked)."""
@@ -151,11 +169,13 @@ class SageMakerConfig:
     def s3_client(self):
         return self._client("s3", self.s3_endpoint_url)
 
-    def predictor(self, endpoint_name: str | None = None):
+    def predictor(self, endpoint_name: str | None = None, target_model: str | None = None):
+        """``invoke_endpoint`` on the endpoint; ``target_model`` names one of a multi-model
+        endpoint's models (or pass ``target_model=`` to each ``predict``)."""
         from factory_assets.serving.predictor import SageMakerRuntimePredictor
 
         return SageMakerRuntimePredictor(endpoint_name or self.endpoint_name, region=self.region,
-                                         endpoint_url=self.runtime_endpoint_url)
+                                         endpoint_url=self.runtime_endpoint_url, target_model=target_model)
 
 
 def console_url(region: str, kind: str, name: str) -> str:
