@@ -120,7 +120,7 @@ def register(sub) -> None:
                         "factories at its positions (k, k+N, ...); without, it owns every --prefix given")
     q.add_argument("--shards", type=int, default=None, metavar="N",
                    help="how many shards share the --prefix factories (default FACTORY_INGEST_SHARDS); "
-                        "docs/mqtt.md#shards")
+                        "docs/mqtt.md#shards-more-than-one-ingester")
     q.add_argument("--client-id", default=None,
                    help="MQTT client id of the persistent session (default "
                         "factory-assets-ingest-<factory-id>-<camera-id>, or the shard's); one ingester per id")

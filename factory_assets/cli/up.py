@@ -373,7 +373,7 @@ def register(sub) -> None:
                         "and a simulated factory publishes under each (docs/mqtt.md)")
     p.add_argument("--ingest-shards", type=int, default=1, metavar="K",
                    help="run K ingester processes, each owning whole factories of the --prefix list (needs at least "
-                        "K prefixed factories; docs/mqtt.md#shards)")
+                        "K prefixed factories; docs/mqtt.md#shards-more-than-one-ingester)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dagster", action="store_true", help="everything but dagster dev")
     p.add_argument("--dagster-postgres", metavar="URL", default=None,

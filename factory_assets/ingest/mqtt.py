@@ -26,9 +26,13 @@
   the cloud: ``/j1/txt/1/i/cam``) the ingester subscribes under each, strips the prefix and
   stamps each document with that prefix's factory id; ``source.topic`` keeps the full topic.
   A refused login is logged clearly (and again at most once a minute) and retried.
-- **Bounded memory, in bytes.** paho's network thread only enqueues; when the
-  queued plus not-yet-stored payloads reach ``max_buffer_bytes`` (database slow or
-  down) it blocks, so we stop reading the socket and the broker holds the rest.
+- **Two threads, overlapping.** paho's network thread validates each message as it arrives
+  (``Ingestor.prepare_mqtt``: JSON, base64, the JPEG's headers, the document) and queues what it
+  becomes; the writer thread stores the queued records in batches and acknowledges them. So the
+  next batch is parsed while the database writes the one before.
+- **Bounded memory, in bytes.** When the queued plus not-yet-stored payloads reach
+  ``max_buffer_bytes`` (database slow or down) paho's thread blocks, so we stop reading the
+  socket and the broker holds the rest.
 - **Database outages of any length.** The writer thread retries the batch with
   exponential backoff until it is stored (or the ingester is stopped, in which case
   the unacknowledged QoS 1 messages are redelivered next time), logging at a sane rate.
@@ -44,6 +48,10 @@
   Messages received on an earlier connection are stored but not acknowledged (their
   packet ids may be reused by the broker on the new connection); the broker
   redelivers them and that copy is acknowledged.
+- **Shards** (``ingest/shards.py``): ``prefixes`` are the factories this process owns and
+  subscribes to, ``fleet_prefixes`` all of them (what arrives through a filter the session kept
+  for a factory handed over is still attributed right); the session's filters are recorded in
+  ``counters`` and one no longer owned is unsubscribed once another session holds it.
 - **Each factory's clock**: the offset of its clock from ours, estimated from the messages
   stored (``ingest.clock``), is recorded in ``factory_clocks`` every few seconds.
 """
