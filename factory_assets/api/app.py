@@ -10,6 +10,7 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 * ``PATCH /api/factories/{id}/twin/desired`` (``If-Match`` required: 428 without, 412 on conflict;
   a count below the reported one ships the difference)
 * ``GET /api/frames/latest?factory=``, ``GET /api/frames/{id}.jpg``, ``GET /api/frames/{id}/evidence``
+* ``GET /api/fleet``: every factory at a glance (the page ``/fleet``; ``api/fleet.py``)
 
 Every error is ``{"error": code, "message": text}`` with a 4xx/5xx status and changes nothing.
 """
@@ -239,6 +240,21 @@ def create_app(fdb, settings: ApiSettings | None = None):
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # -- the fleet: every factory at a glance (api/fleet.py) -------------------------------------
+    from factory_assets.api.fleet import FleetView
+
+    fleet = FleetView(fdb, default_factories=settings.default_factories)
+
+    @app.get("/fleet", include_in_schema=False)
+    def fleet_page():
+        return FileResponse(STATIC_DIR / "fleet.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/fleet", dependencies=[Depends(reader)])
+    def fleet_summary():
+        """Every factory: twin version and age, model, vision/controller agreement over the last hour,
+        newest frame and its age, station faults, orders in progress, clock (docs/fleet.md)."""
+        return fleet.summary()
 
     # -- twin -----------------------------------------------------------------------------------
     @app.get("/api/factories", dependencies=[Depends(reader)])

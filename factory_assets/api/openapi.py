@@ -115,6 +115,7 @@ ROUTES: dict[tuple[str, str], Route] = {
         params={"frame_id": _FRAME_ID},
         errors={400: "`BadFrameId`: not a frame id (24 hex digits)", 404: "`NoFrame`: no such frame",
                 422: "`UndecodableFrame`: the frame's image cannot be decoded"}),
+    ("get", "/api/fleet"): Route(),
     ("get", "/api/health"): Route(
         auth=None, errors={503: "`degraded`: the twin reader stopped or fails every read (MongoDB down); "
                                 "the body is the health report (or, when the server is overloaded, "
