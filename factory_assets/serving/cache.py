@@ -101,6 +101,7 @@ class CachedModel:
     nbytes: int
     hits: int = 0
     last_used: int = 0  # the cache's use counter at the last use (not a clock)
+    loads: int = 1      # times this name has been loaded into this cache, this time included
 
     @property
     def version(self) -> str:
@@ -109,7 +110,7 @@ class CachedModel:
     def view(self) -> dict:
         """The container contract's entry (``modelName``, ``modelUrl``) and ours beside it."""
         return {"modelName": self.name, "modelUrl": self.url, "modelVersion": self.version, "bytes": self.nbytes,
-                "hits": self.hits, "loadedAt": self.loaded.loaded_at.isoformat()}
+                "hits": self.hits, "loads": self.loads, "loadedAt": self.loaded.loaded_at.isoformat()}
 
 
 @dataclass
@@ -318,7 +319,7 @@ class ModelCache:
             self._uses += 1
             entry.last_used = self._uses
             self.stats.loads += 1
-            self.stats.loads_by_name[name] = self.stats.loads_by_name.get(name, 0) + 1
+            self.stats.loads_by_name[name] = entry.loads = self.stats.loads_by_name.get(name, 0) + 1
         for old in evicted:
             logger.info("model %s evicted (least recently used, %d bytes) to make room for %s", old.name,
                         old.nbytes, name)
