@@ -178,6 +178,9 @@ class HttpEndpointPredictor(_Closing):
         headers = {"Content-Type": content_type, "Accept": VERBOSE_JSON}
         target_model = target_model or self.target_model
         if target_model:
+            from factory_assets.serving.models import parse_model_name
+
+            parse_model_name(target_model)  # a malformed name is the caller's error, never the image's
             headers[TARGET_MODEL_HEADER] = target_model
         last_exc: Exception | None = None
         for attempt in range(self.retries + 1):

@@ -138,6 +138,7 @@ def test_concurrent_first_requests_for_one_model_load_it_once(fdb, registry, sim
 
 
 def test_an_unknown_model_is_a_404_in_sagemakers_error_shape_and_the_predictor_says_so(fdb, registry, sim_jpeg):
+    from factory_assets.serving.models import InvalidModelName
     from factory_assets.serving.predictor import EndpointUnavailable, HttpEndpointPredictor, UnknownModel
 
     server = _server(fdb)
@@ -151,6 +152,8 @@ def test_an_unknown_model_is_a_404_in_sagemakers_error_shape_and_the_predictor_s
                 predictor.predict(sim_jpeg, target_model="factory-1--txt-cam--0123456789abcdef")
         assert isinstance(caught.value, EndpointUnavailable)  # retried later, never a quarantined frame
         assert caught.value.model == "factory-1--txt-cam--0123456789abcdef"
+        with pytest.raises(InvalidModelName):  # a malformed name is refused before sending, not blamed on the image
+            predictor.predict(sim_jpeg, target_model="factory-1--txt-cam")
         # a name that is no model name at all is the caller's mistake
         r = _invoke(server, "factory-1--txt-cam", sim_jpeg)
         assert r.status_code == 400 and "neither" in r.json()["message"]
