@@ -73,6 +73,13 @@ def dagster_home() -> Path:
 # any directory after `pip install .` (workspace.yaml names the same module, for the repository).
 DAGSTER_TARGET = ["-m", "factory_assets.definitions"]
 
+# The simulated factory's rates under `up` (docs/twin.md, "The first model"): its schedule looks for
+# work about every 4 s, its robot, oven and sorting line take 0.6 of the simulator's default durations
+# (a raw piece stored every ~30-50 s, the input station's realistic pace), its crane the modelled
+# CRANE_TRAVEL_S (6-18 s: --crane-travel is given before the scale).
+SIMULATOR_CHANGE_EVERY_S = 4.0
+SIMULATOR_TIME_SCALE = 0.6
+
 
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
                    dagster: bool = True, dagster_services: list | None = None, *, mqtt_url: str | None = None,
@@ -108,7 +115,11 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     else:
         services.append(Service("ingester", ingest))
     if simulator:
-        simulate = cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}", "--change-every", "6"]
+        from factory_assets.vocabulary import CRANE_TRAVEL_S
+
+        simulate = cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}",
+                          "--change-every", f"{SIMULATOR_CHANGE_EVERY_S:g}", "--time-scale", f"{SIMULATOR_TIME_SCALE:g}",
+                          "--crane-travel", *(f"{s / SIMULATOR_TIME_SCALE:g}" for s in CRANE_TRAVEL_S)]
         if not prefixes:
             services.append(Service("simulator", simulate + ["--seed", str(seed)]))
         for j, spec in enumerate(prefixes or ()):  # one simulated factory under each prefix

@@ -8,14 +8,24 @@ warehouse reports a change before its crane moves, so a frame from ``STABLE_MARG
 a reported change to the settle time after it (``FACTORY_SETTLE_S``, default 25 s) may show
 the old rack, and counting it would call the crane's travel drift. A per-slot model is
 compared slot by slot (the share of slot readings that differ), a presence model on colour
-presence. Bootstrap readiness asks whether the factory has shown enough to train a first model.
+presence; each frame with its own factory's reports.
+
+Bootstrap readiness asks whether the frames a first training run would label now can train a
+model worth deploying: it replays the auto-label rule (``datasets.autolabel.stable_spans``:
+outside every change's settle time, up to where the factory was heard) and the dataset's
+split (``datasets.manifests``: whole stock situations, the 2nd, 7th... to validation), and
+waits until the *train* situations show slots both empty and occupied in two rows and two
+columns (the per-slot model places the rack from them), or every colour both in stock and
+absent (a presence model), with validation frames to check it on. Judging the reports alone
+trained presence models on a handful of frames whose changes lay in the settle time or only
+in validation, and drift replaced them minutes later.
 """
 from __future__ import annotations
 
 import logging
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from factory_assets.twin.state import COLOURS, SLOTS, observed_slots, reported_presence, stock_slots
 from factory_assets.vocabulary import DEFAULT_FACTORY_ID, STOCK_TOPIC
@@ -24,10 +34,10 @@ logger = logging.getLogger(__name__)
 
 DRIFT_WINDOW = 100            # latest inferences compared with the controller's stock reports
 DRIFT_MAX_DISAGREEMENT = 0.2  # above this share, retrain on the newer labelled frames
-BOOTSTRAP_MIN_FRAMES = 120
-BOOTSTRAP_MIN_SITUATIONS = 4  # distinct (per-slot) stock situations reported
-BOOTSTRAP_MIN_SLOTS_VARIED = 3  # slots seen both empty and occupied, enough to place the rack
-BOOTSTRAP_REPORTS_SCANNED = 500
+BOOTSTRAP_MIN_TRAIN_FRAMES = 60  # labelled frames of train situations the first model needs
+BOOTSTRAP_MIN_SITUATION_FRAMES = 4  # a situation counts with this many labelled frames (2 s at 2 fps)
+BOOTSTRAP_REPORTS_SCANNED = 500  # the newest stock reports read
+BOOTSTRAP_FRAMES_COUNTED = 1000  # frames read per stretch when counting them (enough to decide)
 STABLE_MARGIN_S = 2.0         # a frame this close before a reported stock change is not compared
 LOOKBACK_FACTOR = 4           # inferences read to find the latest DRIFT_WINDOW stable ones
 
@@ -124,38 +134,147 @@ def _slot_disagreement(matched: list) -> Disagreement:
 
 
 @dataclass(frozen=True)
-class Readiness:
+class Situation:
+    """A stock situation the first dataset will hold: a factory's reported rack, how many of its
+    frames are labelled (stable and heard, as ``auto_label`` labels them) and the split
+    ``training_manifests`` puts it in."""
+    slots: dict
     frames: int
-    situations: int      # distinct stock combinations among the latest reports
-    colours_varied: int  # colours seen both in stock and absent
-    slots_varied: int = 0  # slots seen both empty and occupied (the per-slot model places the rack from them)
+    split: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    train_frames: int
+    valid_frames: int
+    situations: int        # situations with at least BOOTSTRAP_MIN_SITUATION_FRAMES labelled frames
+    colours_varied: int    # colours both in stock and absent among the train situations
+    slots_varied: tuple = ()  # slots both empty and occupied among the train situations
+
+    @property
+    def frames(self) -> int:
+        return self.train_frames + self.valid_frames
+
+    @property
+    def placed(self) -> bool:
+        """The per-slot model can place the rack: the slots that changed state span two rows and
+        two columns (``vision.slots.SlotGeometry.fit``)."""
+        return len({s[0] for s in self.slots_varied}) >= 2 and len({s[1] for s in self.slots_varied}) >= 2
+
+    @property
+    def model(self) -> str | None:
+        """The model the first training run can make: ``slots`` (preferred), ``presence`` (every
+        colour came and went, the rack cannot be placed yet), or None."""
+        if self.placed:
+            return "slots"
+        return "presence" if self.colours_varied == len(COLOURS) else None
 
     @property
     def ready(self) -> bool:
         # The per-slot model (trained whenever reports carry slots) recognises a colour it never
-        # saw stored and places the rack from the slots that changed, so it need not wait for
-        # every colour to come and go (the simulator may take 6 minutes to store a red piece).
-        return (self.frames >= BOOTSTRAP_MIN_FRAMES and self.situations >= BOOTSTRAP_MIN_SITUATIONS
-                and (self.colours_varied == len(COLOURS) or self.slots_varied >= BOOTSTRAP_MIN_SLOTS_VARIED))
+        # saw stored and places the rack from the slots that changed; a first presence model only
+        # when every colour came and went. Both need frames of train and of validation situations.
+        return (self.train_frames >= BOOTSTRAP_MIN_TRAIN_FRAMES and self.valid_frames > 0
+                and self.model is not None)
 
     def describe(self) -> str:
-        return (f"{self.frames} frames, {self.situations} distinct stock situations, {self.colours_varied} of "
-                f"{len(COLOURS)} colours seen both in stock and absent (need {BOOTSTRAP_MIN_FRAMES}, "
-                f"{BOOTSTRAP_MIN_SITUATIONS} and {len(COLOURS)}), {self.slots_varied} slots seen both empty "
-                f"and occupied (or {BOOTSTRAP_MIN_SLOTS_VARIED})")
+        varied = ", ".join(self.slots_varied) or "none"
+        return (f"{self.train_frames} labelled train frames (need {BOOTSTRAP_MIN_TRAIN_FRAMES}) and "
+                f"{self.valid_frames} validation frames in {self.situations} stock situations; slots seen "
+                f"both empty and occupied: {varied} (the per-slot model needs two rows and two columns); "
+                f"{self.colours_varied} of {len(COLOURS)} colours seen both in stock and absent")
 
 
-def bootstrap_readiness(fdb) -> Readiness:
-    """Whether the factory has shown enough frames and stock situations for a first model."""
-    situations, seen, filled = set(), {c: set() for c in COLOURS}, {}
-    for msg in (fdb.mqtt.find({"topic": STOCK_TOPIC}, {"payload.stockItems": 1}).sort("ts", -1)
-                .limit(BOOTSTRAP_REPORTS_SCANNED)):
-        slots = stock_slots(msg.get("payload"))
-        present = reported_presence(slots)
-        situations.add(tuple(sorted(slots.items(), key=lambda kv: kv[0])))  # per-slot stock situations
-        for c, v in present.items():
+def readiness_of(situations: list) -> Readiness:
+    """What a first dataset of these :class:`Situation` s can train (pure: the benchmark uses it too)."""
+    counted = [s for s in situations if s.frames >= BOOTSTRAP_MIN_SITUATION_FRAMES]
+    train = [s for s in counted if s.split == "train"]
+    filled: dict = {}
+    seen = {c: set() for c in COLOURS}
+    for s in train:
+        for slot in SLOTS:
+            filled.setdefault(slot, set()).add(s.slots.get(slot) is not None)
+        for c, v in reported_presence(s.slots).items():
             seen[c].add(v)
-        for s, t in slots.items():
-            filled.setdefault(s, set()).add(t is not None)
-    return Readiness(fdb.frames.estimated_document_count(), len(situations),
-                     sum(len(v) == 2 for v in seen.values()), sum(len(v) == 2 for v in filled.values()))
+    return Readiness(sum(s.frames for s in train), sum(s.frames for s in counted if s.split == "valid"),
+                     len(counted), sum(len(v) == 2 for v in seen.values()),
+                     tuple(slot for slot in SLOTS if len(filled.get(slot, ())) == 2))
+
+
+def planned_splits(keys: list, known: dict, counter: int) -> dict:
+    """situation key -> split as ``datasets.manifests`` will assign it: a known one keeps its
+    split, a new one (in order of first appearance) takes the next number, and the 2nd, 7th...
+    goes to validation. Pure."""
+    from factory_assets.datasets.manifests import VALID_EVERY
+
+    out = {}
+    for key in keys:
+        if key in known:
+            out[key] = known[key]
+            continue
+        counter += 1
+        out[key] = "valid" if counter % VALID_EVERY == 2 % VALID_EVERY else "train"
+    return out
+
+
+def situation_key(slots: dict) -> str:
+    from factory_assets.datasets.manifests import situation_of
+
+    return situation_of({"slots": slots, "present": reported_presence(slots)})
+
+
+def _frames_between(fdb, factory_id, lo, hi) -> int:
+    """Frames of the factory with lo < ts < hi (an index range on ts; the factory checked here)."""
+    return sum(f.get("factory_id") == factory_id for f in
+               fdb.frames.find({"ts": {"$gt": lo, "$lt": hi}}, {"factory_id": 1}).limit(BOOTSTRAP_FRAMES_COUNTED))
+
+
+def bootstrap_situations(fdb, settle_s: float | None = None) -> list:
+    """The stock situations a first dataset would hold now, in order of first appearance: per
+    factory, the stretches ``auto_label`` labels (``datasets.autolabel.stable_spans``: outside
+    every change's settle time, up to where the factory was heard) with the frames stored in
+    them, and the split each goes to (``dataset_situations`` as stored, new ones numbered on)."""
+    from factory_assets.config import settle_seconds
+    from factory_assets.datasets.autolabel import heard_until, stable_spans
+    from factory_assets.datasets.manifests import SITUATIONS_COLLECTION, _situation_id
+    from factory_assets.storage.frames import frame_ts, latest_frame
+
+    settle_s = settle_seconds() if settle_s is None else settle_s
+    margin = timedelta(seconds=STABLE_MARGIN_S)
+    by_factory: dict = {}
+    for msg in (fdb.mqtt.find({"topic": STOCK_TOPIC}, {"ts": 1, "payload": 1, "factory_id": 1}).sort("ts", -1)
+                .limit(BOOTSTRAP_REPORTS_SCANNED)):
+        if isinstance(msg.get("payload"), dict) and isinstance(msg.get("ts"), datetime):
+            by_factory.setdefault(msg.get("factory_id"), []).append((msg["ts"], stock_slots(msg["payload"])))
+    shared = by_factory.pop(None, [])  # reports of no factory (another tool) count for every factory
+    spans = []
+    for factory_id in (sorted(by_factory) or ([DEFAULT_FACTORY_ID] if shared else [])):
+        reports = sorted(by_factory.get(factory_id, []) + shared, key=lambda r: r[0])
+        newest = latest_frame(fdb, {"ts": 1}, factory_id=factory_id)
+        if newest is None:
+            continue
+        until = heard_until(fdb, factory_id, reports[0][0], frame_ts(newest) + margin, frame_ts(newest))
+        for lo, hi, slots in stable_spans(reports, until, settle_s=settle_s, margin_s=STABLE_MARGIN_S):
+            n = _frames_between(fdb, factory_id, lo, hi)
+            if n:
+                spans.append((lo, slots, n))
+    spans.sort(key=lambda sp: sp[0])
+    keys = list(dict.fromkeys(situation_key(slots) for _, slots, _ in spans))
+    coll = fdb.db[SITUATIONS_COLLECTION]
+    ids = {_situation_id(k): k for k in keys}
+    known = {ids[d["_id"]]: d["split"] for d in coll.find({"_id": {"$in": list(ids)}}, {"split": 1})}
+    counter = (coll.find_one({"_id": "__counter__"}) or {}).get("n", 0)
+    splits = planned_splits(keys, known, counter)
+    merged: dict = {}
+    for _, slots, n in spans:
+        key = situation_key(slots)
+        merged[key] = Situation(slots, merged[key].frames + n if key in merged else n, splits[key])
+    return list(merged.values())
+
+
+def bootstrap_readiness(fdb, settle_s: float | None = None) -> Readiness:
+    """Whether the labelled frames a first training run would have now can train a model worth
+    deploying (see :class:`Readiness`): judged on the stretches auto-labels will label and the
+    splits the dataset will use, not on the reports alone (a slot whose change lies in the
+    settle time, or only in validation, places nothing)."""
+    return readiness_of(bootstrap_situations(fdb, settle_s))

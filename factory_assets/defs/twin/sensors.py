@@ -18,6 +18,7 @@ from factory_assets.defs.twin.jobs import retrain_job, stock_inference_job
 from factory_assets.defs.twin.picture import twin_markdown
 
 MAX_RUN_ATTEMPTS = 10
+BOOTSTRAP_INTERVAL_S = 15  # bootstrap and drift look this often (each look: a few index ranges)
 REPORT_INTERVAL = timedelta(minutes=10)
 
 
@@ -163,15 +164,17 @@ def _range_request(run_key: str, days: list[str], reason: str) -> dg.RunRequest:
                                                 "factory/reason": reason})
 
 
-@dg.sensor(job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=retrain_job, minimum_interval_seconds=BOOTSTRAP_INTERVAL_S,
+           default_status=dg.DefaultSensorStatus.RUNNING)
 def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource,
                            retrain_window: RetrainWindow):
     """Keeps a model on the endpoint with no clicks. On a fresh start (no model), once the
-    factory has reported enough different stock situations - every colour seen both in
-    stock and absent - and the camera delivered enough frames, it trains the first model
-    from automatic labels and deploys it. Afterwards, when the deployed model disagrees
-    with the controller's stock reports on more than 20% of its latest 100 frames, it
-    retrains. Both use the last ``retrain_window.days`` days (one run over that partition
+    frames auto-labels would label can train a model worth deploying (``twin.drift.Readiness``:
+    train situations whose changed slots span two rows and two columns, so the per-slot model
+    can place the rack, or every colour seen both in stock and absent; validation frames to
+    check it on), it trains the first model from automatic labels and deploys it. Afterwards,
+    when the deployed model disagrees with the controller's stock reports on more than 20% of
+    its latest 100 stable frames, it retrains. Both use the last ``retrain_window.days`` days (one run over that partition
     range). A new run key every 300 frames, so a model that fails its checks is retried
     with more data."""
     from factory_assets.vocabulary.clock import recent_days
@@ -200,7 +203,9 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
     readiness = bootstrap_readiness(fdb)
     if not readiness.ready:
         return dg.SkipReason(f"Waiting for data: {readiness.describe()}.")
-    return _range_request(f"bootstrap:{frames // 300}", days, "no model deployed yet")
+    return _range_request(f"bootstrap:{frames // 300}", days,
+                          f"no model deployed yet; a {readiness.model} model can be trained from "
+                          f"{readiness.train_frames} frames (slots that changed: {', '.join(readiness.slots_varied)})")
 
 
 def _what(drift) -> str:
