@@ -151,6 +151,9 @@ def test_the_container_implements_sagemakers_multi_model_api(small_model, image_
         assert load("m-x", str(root / "models" / "absent" / "model")).status_code == 404
         assert requests.post(f"{url}/models", data=b"{", timeout=10,
                              headers={"Content-Type": "application/json"}).status_code == 400
+        # the web stack's bounds hold on these routes too
+        assert requests.post(f"{url}/models", data=b" " * (6 * 1024 * 1024 + 1), timeout=30,
+                             headers={"Content-Type": "application/json"}).status_code == 413
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
