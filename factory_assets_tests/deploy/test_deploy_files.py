@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import shlex
 import warnings
 from pathlib import Path
 
@@ -307,8 +306,6 @@ def test_the_kubernetes_objects_run_commands_the_cli_accepts_and_set_only_variab
             for variable in (e["name"] for e in c.get("env", [])):
                 assert _known_variable(variable), variable
             argv = [*c.get("command", []), *c.get("args", [])]
-            if argv[:2] == ["sh", "-c"]:
-                continue  # the ingester shards, below
             # Kubernetes expands $(VAR) from the container's environment
             argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in argv]
             _parses(argv)
@@ -318,35 +315,51 @@ def test_the_kubernetes_objects_run_commands_the_cli_accepts_and_set_only_variab
     assert ":serving" in inference["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
-def test_each_ingester_shard_runs_the_ingester_on_its_own_factories_with_its_own_session():
+def _shard_plan(argv: list[str], env: dict | None = None):
+    """The factories and session of the ingester these arguments (and environment) start, split as
+    the ingester splits them."""
+    from factory_assets.ingest.shards import ShardPlan
+    from factory_assets.vocabulary.mqtt import TopicPrefix
+
+    prefixes = [TopicPrefix.parse(argv[i + 1]) for i, a in enumerate(argv) if a == "--prefix"]
+    shard = _option(argv, "--shard") if "--shard" in argv else (env or {})["FACTORY_INGEST_SHARD"]
+    return ShardPlan.make(prefixes, shard=shard, shards=int(_option(argv, "--shards")))
+
+
+def _assert_every_factory_in_one_shard(plans, all_factories: set[str]) -> None:
+    owners: dict[str, int] = {}
+    for plan in plans:
+        for p in plan.own:
+            owners[p.factory_id] = owners.get(p.factory_id, 0) + 1
+    assert owners == {f: 1 for f in all_factories}, owners
+    assert len({plan.client_id for plan in plans}) == len(plans)  # a persistent session per shard
+
+
+def test_each_kubernetes_ingester_pod_owns_its_own_factories_under_its_own_session():
     objects = _k8s_objects()
     config_maps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
     (sts,) = [o for o in objects if o["kind"] == "StatefulSet"]
     container = sts["spec"]["template"]["spec"]["containers"][0]
-    script = " ".join(container["args"])
-    shards = config_maps[next(v["configMap"]["name"] for v in sts["spec"]["template"]["spec"]["volumes"])]
-    assert sorted(shards) == [str(i) for i in range(sts["spec"]["replicas"])]  # one entry per pod
     env = _env_of(container, config_maps)
-    owners: dict[str, list[int]] = {}
-    client_ids = set()
-    for ordinal in range(sts["spec"]["replicas"]):
-        hostname = f"{sts['metadata']['name']}-{ordinal}"
-        # what `sh -c` runs in pod <name>-<ordinal>
-        line = script.replace('$(cat "/etc/factory/shards/${HOSTNAME##*-}")', shards[str(ordinal)])
-        line = re.sub(r"\$\{?(\w+)\}?", lambda m: hostname if m.group(1) == "HOSTNAME" else env[m.group(1)], line)
-        argv = shlex.split(line)
-        assert argv[0] == "exec"
-        _parses(argv[1:])
-        client_ids.add(_option(argv, "--client-id"))
-        for i, a in enumerate(argv):
-            if a == "--prefix":
-                owners.setdefault(argv[i + 1].split("=")[1], []).append(ordinal)
-    assert len(client_ids) == sts["spec"]["replicas"]  # a persistent session per shard
-    assert all(len(o) == 1 for o in owners.values()), owners  # every factory in exactly one shard
+    replicas = sts["spec"]["replicas"]
+    plans = []
+    for ordinal in range(replicas):
+        pod_env = {**env, "FACTORY_INGEST_SHARD": f"{sts['metadata']['name']}-{ordinal}"}  # metadata.name
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: pod_env[m.group(1)], a) for a in container["command"]]
+        _parses(argv)
+        assert int(_option(argv, "--shards")) == replicas
+        plans.append(_shard_plan(argv, pod_env))
     api = next(o for o in objects if o["metadata"]["name"] == "factory-api")
     api_argv = api["spec"]["template"]["spec"]["containers"][0]["command"]
     api_factories = {api_argv[i + 1].split("=")[1] for i, a in enumerate(api_argv) if a == "--prefix"}
-    assert api_factories == set(owners)  # the API sends orders to the factories the shards follow
+    _assert_every_factory_in_one_shard(plans, api_factories)  # the factories the API sends orders to
+
+
+def test_each_compose_ingester_owns_its_own_factories_under_its_own_session(compose):
+    services = compose["services"]
+    plans = [_shard_plan(svc["command"]) for name, svc in sorted(services.items()) if name.startswith("ingester-")]
+    api = services["api"]["command"]
+    _assert_every_factory_in_one_shard(plans, {api[i + 1].split("=")[1] for i, a in enumerate(api) if a == "--prefix"})
 
 
 # --- ECS ----------------------------------------------------------------------------------------------
