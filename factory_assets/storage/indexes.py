@@ -1,4 +1,11 @@
-"""Indexes, created idempotently (create_index is a no-op when one exists)."""
+"""Indexes, created idempotently (create_index is a no-op when one exists).
+
+For a fleet (docs/fleet.md): every query that concerns one factory leads with ``factory_id``
+and is served by an index that starts with it (``factory_*`` below); these are also the
+indexes behind the shard keys docs/fleet.md names. The few reads that span the fleet on
+purpose (the frame ``seq`` cursor of the one live reader, a frame or inference by its id)
+keep their own indexes. ``storage/test_hot_paths.py`` explains every hot-path query.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,8 +15,9 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 log = logging.getLogger(__name__)
 
-# Named here, not imported from datasets.manifests, so connect() stays light.
+# Named here, not imported from datasets.manifests / twin.orders, so connect() stays light.
 SPLITS_COLLECTION = "dataset_splits"
+ORDERS_COLLECTION = "twin_orders"
 
 _done: set[tuple[int, str, str]] = set()
 
@@ -31,6 +39,8 @@ def ensure_indexes(fdb) -> None:
     fdb.frames.create_index([("ts", ASCENDING)], name="frame_ts")
     fdb.frames.create_index([("sha256", ASCENDING)], name="frame_sha")  # the importer's dedup lookup
     fdb.frames.create_index([("factory_id", ASCENDING), ("seq", DESCENDING)], name="factory_seq")
+    # one factory's frames of a time range (a factory x day partition); the shard key's index
+    fdb.frames.create_index([("factory_id", ASCENDING), ("ts", ASCENDING)], name="factory_ts")
     fdb.sensors.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     fdb.mqtt.create_index([("topic", ASCENDING), ("ts", DESCENDING)], name="topic_ts")
     # one factory's newest message on a topic (the twin's stock, station and order states)
@@ -38,6 +48,9 @@ def ensure_indexes(fdb) -> None:
                           name="factory_topic_ts")
     fdb.mqtt.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
     fdb.sensors.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
+    # one factory's readings of a topic over time
+    fdb.sensors.create_index([("factory_id", ASCENDING), ("topic", ASCENDING), ("ts", DESCENDING)],
+                             name="factory_topic_ts")
     fdb.quarantine.create_index([("fingerprint", ASCENDING)], unique=True, sparse=True, name="fingerprint")
     fdb.quarantine.create_index([("received_at", DESCENDING)], name="received_at")
     # One inference per frame and model version: the live and batch paths share work through it.
@@ -46,6 +59,8 @@ def ensure_indexes(fdb) -> None:
     fdb.inferences.create_index([("frame_ts", DESCENDING)], name="frame_ts")
     fdb.inferences.create_index([("frame_seq", ASCENDING)], name="frame_seq")
     fdb.inferences.create_index([("model_version", ASCENDING), ("frame_ts", DESCENDING)], name="model_frame_ts")
+    # one factory's inferences over time (the fleet page, a factory's drift and day); the shard key's index
+    fdb.inferences.create_index([("factory_id", ASCENDING), ("frame_ts", ASCENDING)], name="factory_frame_ts")
     # One label per frame and source (manual, import, auto).
     fdb.labels.create_index([("frame_id", ASCENDING), ("source", ASCENDING)], unique=True, name="frame_source")
     fdb.labels.create_index([("frame_ts", ASCENDING)], name="frame_ts")
@@ -55,7 +70,13 @@ def ensure_indexes(fdb) -> None:
     fdb.endpoints.create_index([("name", ASCENDING)], unique=True, name="name")
     # twin_live_sensor reads a factory's changes after the version it last saw.
     fdb.twin_history.create_index([("factory_id", ASCENDING), ("version", ASCENDING)], name="factory_version")
+    # a factory's changes over a time range (the fleet page's agreement over the last hour)
+    fdb.twin_history.create_index([("factory_id", ASCENDING), ("at", ASCENDING)], name="factory_at")
     fdb.twin.create_index([("updated_at", DESCENDING)], name="updated_at")
+    # a factory's next queued order (twin.orders.next_send names it as its hint: it must exist
+    # wherever the dispatcher runs, so it is made here too, not only by twin.orders.ensure_indexes)
+    fdb.db[ORDERS_COLLECTION].create_index([("factory_id", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING),
+                                            ("idx", ASCENDING)], name="factory_state_seq")
     _ensure_one_legacy_document_per_partition(fdb.twin_legacy)
     fdb.datasets.create_index([("built_at", DESCENDING)], name="built_at")
     # Sticky splits: the share of validation frames per label combination.

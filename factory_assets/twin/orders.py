@@ -610,7 +610,9 @@ def next_send(fdb, factory_id: str, rules: OrderRules | None = None, *, now: dat
             dispatch(fdb).update_one({"_id": factory_id}, {"$set": {"waiting": why}})
         if not ready or not connected:
             return None
-        nxt = orders(fdb).find_one({"factory_id": factory_id, "state": "queued"}, sort=[("seq", 1), ("idx", 1)])
+        # the factory's own index (a planner may otherwise take state_factory, which leads with the state)
+        nxt = orders(fdb).find_one({"factory_id": factory_id, "state": "queued"}, sort=[("seq", 1), ("idx", 1)],
+                                   hint="factory_state_seq")
         if nxt is None:
             return None
         twin = fdb.twin.find_one({"_id": factory_id}, {"reported": 1})

@@ -73,6 +73,7 @@ def fleet(fdb, mqtt_broker):
     from factory_assets.ingest.service import Ingestor
     from factory_assets.simulation.factory import FactorySimulator, Timings, iso_ms
     from factory_assets.simulation.fleet import fleet_plan, run_fleet
+    from factory_assets.storage.frames import FrameSequence
     from factory_assets.twin import orders as tw
     from factory_assets.twin.live import LiveTwinUpdater
     from factory_assets.twin.state import COLOURS, Observation, TwinRules
@@ -107,7 +108,9 @@ def fleet(fdb, mqtt_broker):
         sims.join(30)
         ingester.stop()
     assert "results" in out
-    LiveTwinUpdater(fdb, predictor=None, change_stream=False).step()  # stock, stations, order states
+    # the live updater before any model (its cursor at the newest frame): stock, stations, order states
+    fdb.counters.update_one({"_id": "cursor:twin-live"}, {"$set": {"seq": FrameSequence(fdb).horizon()}}, upsert=True)
+    LiveTwinUpdater(fdb, predictor=None, change_stream=False).step()
     rules = TwinRules(settle_s=0, persist_frames=3, persist_s=0.5)
     for fid, wrong in (("factory-1", None), ("factory-2", "blue")):
         reported = fdb.twin.find_one({"_id": fid})["reported"]["present"]

@@ -2,6 +2,7 @@
 ``explain`` on the real server), and an idle reader waits on a change stream instead of polling."""
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -253,3 +254,201 @@ def test_labeling_a_day_reads_only_index_ranges_whatever_the_history(recorded_fd
     recorder.recording.clear()
     assert summary.frames == 43
     assert_index_served(fdb, recorder.commands)
+
+
+# -- a fleet: every per-factory read leads with factory_id -------------------------------------
+
+def index_of(plan: dict) -> dict | None:
+    """The key pattern of the index a winning plan scans (IDHACK: the _id index), None for a collection scan."""
+    while plan:
+        if plan.get("stage") == "IXSCAN":
+            return plan.get("keyPattern")
+        if plan.get("stage") in ("IDHACK", "EXPRESS_IXSCAN", "CLUSTERED_IXSCAN"):
+            return {"_id": 1}
+        plan = plan.get("inputStage") or (plan.get("inputStages") or [None])[0]
+    return None
+
+
+def explained(fdb, cmd: dict, verbosity: str = "queryPlanner") -> tuple[str, dict, dict]:
+    """(collection, filter, explain) of a recorded find, or of an aggregate's leading $match."""
+    if "find" in cmd:
+        coll, flt = cmd["find"], cmd.get("filter", {})
+        body = {k: cmd[k] for k in ("find", "filter", "sort", "projection", "limit", "hint") if k in cmd}
+    else:
+        coll, stage = cmd["aggregate"], (cmd.get("pipeline") or [{}])[0]
+        flt = stage.get("$match", {})
+        body = {"find": coll, "filter": flt}
+    return coll, flt, fdb.db.command({"explain": body, "verbosity": verbosity})
+
+
+def fleet_wide_reads(fdb) -> dict[str, set[frozenset]]:
+    """The reads that span the fleet on purpose (collection -> filter field sets), each still an
+    index range: the one live reader's frame cursor, frames and inferences by their ids, the
+    twin documents (one per factory: the list of factories), models by version, the original
+    project's one-document twin (``_partition``: the Unity twin's, one factory's by nature)
+    and, at the API's start, its tokens."""
+    n = fdb.names
+    return {n.frames: {frozenset({"seq"})}, n.inferences: {frozenset({"frame_seq"}), frozenset({"frame_id"})},
+            n.twin: {frozenset(), frozenset({"orders.0"})}, n.models: {frozenset({"version"})},
+            n.endpoints: {frozenset({"name"})}, "twin_orders": {frozenset({"state"})},
+            n.twin_legacy: {frozenset({"_partition"})}, "api_tokens": {frozenset({"revoked_at", "active_name"})}}
+
+
+SMALL_COLLECTIONS = ("digital_twin", "api_tokens")  # read whole: one document per factory, per token
+
+
+def assert_fleet_ready(fdb, commands: list[dict]) -> int:
+    """Every recorded read is a primary-key lookup, leads with ``factory_id`` and is served by an
+    index starting with it, or is one of the fleet-wide reads above, served by an index (the
+    twin collection, one small document per factory, is read whole). Returns the reads checked."""
+    wide = fleet_wide_reads(fdb)
+    problems = []
+    for cmd in commands:
+        coll, flt, ex = explained(fdb, cmd)
+        index = index_of(ex["queryPlanner"]["winningPlan"])
+        fields = frozenset(flt)
+        if "_id" in fields:
+            ok = index is not None and next(iter(index)) == "_id"
+        elif "factory_id" in fields:
+            ok = index is not None and next(iter(index)) == "factory_id"
+        elif fields in wide.get(coll, ()):
+            ok = index is not None or coll in SMALL_COLLECTIONS
+        else:
+            ok = False
+        if not ok:
+            problems.append((coll, flt, index, ex["queryPlanner"]["winningPlan"].get("stage")))
+    assert not problems, f"reads that do not lead with factory_id (or are not served by such an index): {problems}"
+    return len(commands)
+
+
+def simulated_fleet(fdb, n: int = 3, seconds: float = 8.0, fps: float = 2.0, start: datetime = T0) -> list:
+    """``n`` simulated factories' messages (frames, stock reports, station and order states)
+    stored by the ingester's own path, each stamped with its factory."""
+    from factory_assets.ingest.service import Ingestor
+    from factory_assets.simulation.factory import FactorySimulator, Timings
+    from factory_assets.simulation.fleet import fleet_plan
+
+    plan = fleet_plan(n, seed=0)
+    ingestor = Ingestor(fdb)
+    for m in plan:
+        sim = FactorySimulator(m.seed, 1.0, start=start, pose=m.pose, clock_offset_s=m.clock_offset_s,
+                               timings=Timings(scale=0.05))
+        for k in range(int(seconds * fps)):
+            t = k / fps
+            cam, _ = sim.camera_message(t)
+            while sim.outbox:
+                msg = sim.outbox.popleft()
+                ingestor.handle_mqtt(msg.topic, json.dumps(msg.payload).encode(), {"kind": "test"},
+                                     received_at=start + timedelta(seconds=msg.t), factory_id=m.factory_id)
+            ingestor.handle_mqtt("i/cam", json.dumps(cam).encode(), {"kind": "test"},
+                                 received_at=start + timedelta(seconds=t), factory_id=m.factory_id)
+    ingestor.flush()
+    return plan
+
+
+def live_without_a_model(fdb):
+    """The live updater before any model: its frame cursor at the newest frame (nothing to infer);
+    it brings each factory's stock, stations and order state onto its twin."""
+    from factory_assets.twin.live import LiveTwinUpdater
+
+    fdb.counters.update_one({"_id": "cursor:twin-live"}, {"$set": {"seq": FrameSequence(fdb).horizon()}}, upsert=True)
+    return LiveTwinUpdater(fdb, predictor=None, change_stream=False, log=lambda *_: None)
+
+
+def test_every_per_factory_read_of_a_fleet_leads_with_factory_id_on_an_index_that_starts_with_it(recorded_fdb):
+    """The hot paths with three factories: ingest, the live twin (stock, stations, order states,
+    observations), the twin API (twin, history, orders, newest frame, the fleet page's summary,
+    its live reader) and the order dispatcher's passes."""
+    import urllib.request
+
+    from factory_assets.api.app import TwinApiServer
+    from factory_assets.api.fleet import FleetView
+    from factory_assets.twin import orders as tw
+    from factory_assets.twin.state import COLOURS, Observation
+    from factory_assets.twin.store import apply_observation
+
+    fdb, recorder = recorded_fdb
+    tw.ensure_indexes(fdb)
+    recorder.recording.set()
+    plan = simulated_fleet(fdb)
+    live_without_a_model(fdb).step()
+    for m in plan:
+        for f in fdb.frames.find({"factory_id": m.factory_id, "seq": {"$gt": 0}}, {"image": 0}):
+            apply_observation(fdb, Observation(m.factory_id, f["_id"], f["ts"], "v1", {c: 0.9 for c in COLOURS},
+                                               {c: True for c in COLOURS}, {c: 0.5 for c in COLOURS}, "live",
+                                               f["seq"]))
+        kind = next(t for t in fdb.twin.find_one({"_id": m.factory_id})["reported"]["slots"].values() if t)
+        tw.place_orders(fdb, m.factory_id, [kind])
+    for fid in tw.factories_with_work(fdb):
+        tw.follow(fdb, fid)
+        tw.next_send(fdb, fid, now=T0 + timedelta(seconds=60))
+    with TwinApiServer(fdb) as api:
+        for m in plan:
+            for path in ("/twin", "/twin/history?limit=5", "/orders"):
+                with urllib.request.urlopen(f"{api.url}/api/factories/{m.factory_id}{path}", timeout=10) as r:
+                    assert r.status == 200
+            with urllib.request.urlopen(f"{api.url}/api/frames/latest?factory={m.factory_id}", timeout=10) as r:
+                assert json.loads(r.read())["factory_id"] == m.factory_id
+        with urllib.request.urlopen(f"{api.url}/api/fleet", timeout=10) as r:
+            assert [f["id"] for f in json.loads(r.read())["factories"]] == ["factory-1", "factory-2", "factory-3"]
+    FleetView(fdb).summary()
+    recorder.recording.clear()
+    assert assert_fleet_ready(fdb, recorder.commands) > 50
+
+
+def test_the_fleet_summary_reads_what_arrived_whatever_the_history(recorded_fdb):
+    """executionStats on the real server: the summary's reads examine the same documents with 300
+    or 3000 older frames and history entries per fleet, and a refresh with nothing new reads no
+    frame again (only the last seconds of history, which a late writer may still append to)."""
+    from factory_assets.api.fleet import LATE_S, FleetView
+    from factory_assets.storage.indexes import ensure_indexes
+    from factory_assets.twin.state import COLOURS, Observation
+    from factory_assets.twin.store import apply_observation
+    from factory_assets.vocabulary import utcnow
+
+    base, recorder = recorded_fdb
+    client = base.db.client
+
+    def examined(fdb, view: FleetView) -> dict[str, int]:
+        recorder.commands.clear()
+        recorder.recording.set()
+        view.summary(now=utcnow())
+        recorder.recording.clear()
+        assert_fleet_ready(fdb, recorder.commands)
+        out: dict[str, int] = {}
+        for c in recorder.commands:
+            coll, _, ex = explained(fdb, c, "executionStats")
+            out[coll] = out.get(coll, 0) + ex["executionStats"]["totalDocsExamined"]
+        return out
+
+    def fleet_with_history(older: int) -> tuple[FactoryDB, dict, dict]:
+        fdb = FactoryDB(client[f"{base.db.name}_{older}"], base.names)
+        ensure_indexes(fdb)
+        if older:  # before the window: frames (lower seqs) and twin changes of hours ago
+            insert_frames(fdb, [{**frame(10_000 + i), "factory_id": f"factory-{1 + i % 3}"} for i in range(older)])
+            fdb.twin_history.insert_many([{"factory_id": f"factory-{1 + i % 3}", "version": -i, "kind": "reported",
+                                           "at": utcnow() - timedelta(hours=5, seconds=i), "changed": ["A1"],
+                                           "delta": {"red": "old"}} for i in range(older)])
+        simulated_fleet(fdb, seconds=6)
+        live_without_a_model(fdb).step()
+        for fid in ("factory-1", "factory-2", "factory-3"):
+            newest = max(fdb.frames.find({"factory_id": fid}, {"image": 0}), key=lambda d: d["seq"])
+            apply_observation(fdb, Observation(fid, newest["_id"], newest["ts"], "v1", {c: 0.9 for c in COLOURS},
+                                               {c: True for c in COLOURS}, {c: 0.5 for c in COLOURS}, "live",
+                                               newest["seq"]))
+        view = FleetView(fdb)
+        first = examined(fdb, view)
+        again = examined(fdb, view)
+        return fdb, first, again
+
+    try:
+        fdb, some, refresh = fleet_with_history(300)
+        recent = fdb.twin_history.count_documents({"at": {"$gte": utcnow() - timedelta(seconds=LATE_S + 60)}})
+        _, more, _ = fleet_with_history(3000)
+        assert more == some  # ten times the history, the same reads
+        assert some[fdb.names.frames] <= 64  # the newest slab of seqs (FRAME_SLABS[0]) at most
+        assert refresh.get(fdb.names.frames, 0) == 0
+        assert refresh[fdb.names.twin_history] <= recent < some[fdb.names.twin_history] + 1
+    finally:
+        for older in (300, 3000):
+            client.drop_database(f"{base.db.name}_{older}")
