@@ -84,13 +84,15 @@ SIMULATOR_TIME_SCALE = 0.6
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
                    dagster: bool = True, dagster_services: list | None = None, *, mqtt_url: str | None = None,
                    queue=None, camera_fps: float | None = None, simulator: bool = True,
-                   prefixes: list[str] | None = None, ingest_shards: int = 1) -> list[Service]:
+                   prefixes: list[str] | None = None, ingest_shards: int = 1, factories: int = 1) -> list[Service]:
     """The services ``up`` starts, in order. ``mqtt_url``: a broker of the user's own (none is
     started; the URL carries no password: children read ``FACTORY_MQTT_PASSWORD``). ``queue``:
     the started broker's offline queue (default sized for 30 minutes at ``fps``). ``camera_fps``:
     what the ingester asks the camera for (default ``fps``, the simulator's rate). ``prefixes``:
     the factories (``PREFIX[=FACTORY_ID]``), one simulator each; ``ingest_shards``: ingester
-    processes sharing them (``ingest/shards.py``; ``ValueError`` when they cannot be split)."""
+    processes sharing them (``ingest/shards.py``; ``ValueError`` when they cannot be split).
+    ``factories`` > 1: a simulated fleet (``simulation/fleet.py``), factory-k under ``fleet/factory-k/``,
+    simulated by one ``simulate --factories N`` (each factory with its own seed, camera pose and clock)."""
     from factory_assets.simulation.broker import QueueLimits, queue_argv
 
     py = sys.executable
@@ -99,6 +101,10 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     mqtt_url = mqtt_url or f"mqtt://127.0.0.1:{mqtt_port}"
     queue = queue or QueueLimits.for_outage(fps=fps)
     camera_fps = fps if camera_fps is None else camera_fps
+    if factories > 1 and not prefixes:
+        from factory_assets.simulation.fleet import fleet_plan
+
+        prefixes = [m.prefix_spec for m in fleet_plan(factories, seed)]
     services = []
     if own_broker:
         services.append(Service("mqtt-broker", [py, "-m", "factory_assets.simulation.broker", "--port",
@@ -120,16 +126,18 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
         simulate = cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}",
                           "--change-every", f"{SIMULATOR_CHANGE_EVERY_S:g}", "--time-scale", f"{SIMULATOR_TIME_SCALE:g}",
                           "--crane-travel", *(f"{s / SIMULATOR_TIME_SCALE:g}" for s in CRANE_TRAVEL_S)]
-        if not prefixes:
+        if factories > 1:  # the whole fleet in one process, each factory with its own pose and clock
+            services.append(Service("simulator", simulate + ["--seed", str(seed), "--factories", str(factories)]))
+        elif not prefixes:
             services.append(Service("simulator", simulate + ["--seed", str(seed)]))
-        for j, spec in enumerate(prefixes or ()):  # one simulated factory under each prefix
+        for j, spec in enumerate(prefixes if factories <= 1 and prefixes else ()):  # one factory under each prefix
             from factory_assets.vocabulary.mqtt import TopicPrefix
 
             prefix = TopicPrefix.parse(spec)
             services.append(Service(f"simulator-{j}", simulate + ["--seed", str(seed + j), "--prefix", prefix.prefix,
                                                                    *(["--factory-id", prefix.factory_id]
                                                                      if prefix.factory_id else [])]))
-    services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url)
+    services += extra_services(cli, serve_port=serve_port, mqtt_url=mqtt_url, prefixes=prefixes)
     if not dagster:
         return services
     if dagster_services is not None:  # --dagster-postgres: code server, webserver, daemon (cli/dagster_topology.py)
@@ -154,7 +162,7 @@ def broker_url_for_children(url: str, env: dict) -> str:
     return f"{'mqtts' if target.tls else 'mqtt'}://{login}{target.host}:{target.port}"
 
 
-def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Service]:
+def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str, prefixes: list[str] | None = None) -> list[Service]:
     """Services of later domains (inference server, live twin updater) when present."""
     import importlib.util
 
@@ -167,7 +175,8 @@ def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str) -> list[Se
                                                        f"http://127.0.0.1:{serve_port}"]))
     if importlib.util.find_spec("factory_assets.api"):
         api_port = free_port(8000)
-        services.append(Service("twin-api", cli + ["api", "--port", str(api_port), "--mqtt", mqtt_url], api_port))
+        services.append(Service("twin-api", cli + ["api", "--port", str(api_port), "--mqtt", mqtt_url]
+                                + [arg for spec in prefixes or () for arg in ("--prefix", spec)], api_port))
     return services
 
 
@@ -260,6 +269,17 @@ def up(args) -> int:
     from factory_assets.storage.embedded import EmbeddedMongo
     from factory_assets.storage.mongo import redact_uri
 
+    if args.factories != 1:  # a simulated fleet: its factories' prefixes (docs/fleet.md)
+        from factory_assets.simulation.fleet import fleet_plan
+
+        if args.prefix:
+            _say("error: --factories N simulates its own factories under fleet/factory-k/; leave out --prefix")
+            return 2
+        try:
+            args.prefix = [m.prefix_spec for m in fleet_plan(args.factories, args.seed)]
+        except ValueError as exc:
+            _say(f"error: --factories {args.factories}: {exc}")
+            return 2
     try:  # the factories must split into the shards asked for: said before anything starts
         from factory_assets.ingest.shards import split_prefixes
         from factory_assets.vocabulary.mqtt import TopicPrefix
@@ -301,7 +321,8 @@ def up(args) -> int:
             raise
     from factory_assets.simulation.broker import queue_limits
 
-    args.outage_fps = args.fps if args.outage_fps is None else args.outage_fps
+    # one ingester session takes every factory's frames: the queue holds them all
+    args.outage_fps = args.fps * max(1, len(args.prefix or ())) if args.outage_fps is None else args.outage_fps
     mqtt_url = broker_url_for_children(args.mqtt_url, env) if args.mqtt_url else None
     if mqtt_url:
         from factory_assets.vocabulary.mqtt import redact
@@ -310,7 +331,8 @@ def up(args) -> int:
     services = build_services(free_port(args.mqtt_port), args.port, serve_port, args.fps, args.seed,
                               dagster=not args.no_dagster, dagster_services=dagster_services, mqtt_url=mqtt_url,
                               queue=queue_limits(args), camera_fps=args.camera_fps,
-                              simulator=not args.no_simulator, prefixes=args.prefix, ingest_shards=args.ingest_shards)
+                              simulator=not args.no_simulator, prefixes=args.prefix, ingest_shards=args.ingest_shards,
+                              factories=args.factories)
     stopping = False
 
     def on_signal(signum, frame):
@@ -323,6 +345,8 @@ def up(args) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     links = {"Dagster UI": f"http://127.0.0.1:{args.port}"} if not args.no_dagster else {}
     links.update(service_links(services))
+    if "twin page & API (/docs)" in links:
+        links["fleet page"] = links["twin page & API (/docs)"] + "/fleet"
     code = 0
     console = None
     def start(svc: Service) -> subprocess.Popen:
@@ -382,6 +406,9 @@ def register(sub) -> None:
     p.add_argument("--prefix", action="append", default=None, metavar="PREFIX[=FACTORY_ID]",
                    help="a factory whose topics are under PREFIX (repeat for several): the ingester follows each, "
                         "and a simulated factory publishes under each (docs/mqtt.md)")
+    p.add_argument("--factories", type=int, default=1, metavar="N",
+                   help="simulate N factories through the broker, factory-1..N under fleet/factory-k/, each with its "
+                        "own seed, camera pose and clock; the ingester and the API follow each (docs/fleet.md)")
     p.add_argument("--ingest-shards", type=int, default=1, metavar="K",
                    help="run K ingester processes, each owning whole factories of the --prefix list (needs at least "
                         "K prefixed factories; docs/mqtt.md#shards-more-than-one-ingester)")
