@@ -52,12 +52,25 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far."""
+    if not pid:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def database_rate(client, database: str, images: list[bytes], n: int, t0: datetime) -> float:
-    """Journaled inserts of ``n`` complete frame documents in batches of 64, one client: frames/s."""
+def database_rate(client, database: str, images: list[bytes], n: int, t0: datetime,
+                  db_pid: int | None = None) -> tuple[float, float | None]:
+    """Journaled inserts of ``n`` complete frame documents in batches of 64, one client: frames/s,
+    and the database process's CPU milliseconds per frame."""
     from pymongo.write_concern import WriteConcern
 
     from factory_assets.storage.frames import build_frame
@@ -75,10 +88,25 @@ def database_rate(client, database: str, images: list[bytes], n: int, t0: dateti
                           source={"kind": "mqtt", "topic": "i/cam", "broker": "127.0.0.1:1883"})
         doc["seq"] = start_seq + i
         docs.append(doc)
+    cpu0 = cpu_seconds(db_pid)
     start = time.perf_counter()
     for i in range(0, n, BATCH):
         frames.insert_many(docs[i:i + BATCH], ordered=False)
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    cpu = cpu_seconds(db_pid)
+    return rate, (round((cpu - cpu0) * 1000 / n, 3) if cpu is not None and cpu0 is not None else None)
+
+
+def broker_process_pid(broker) -> int | None:
+    """Mosquitto's pid (the broker wrapper runs it as its child)."""
+    proc = getattr(broker, "_proc", None) or getattr(broker, "proc", None)
+    if proc is None:
+        return None
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        return proc.pid
+    return int(children[0]) if children else proc.pid
 
 
 def start_profile(pid: int, path: str) -> subprocess.Popen | None:
@@ -131,19 +159,28 @@ def main() -> None:
     client_db = fdb.db.client
     images = [jpeg_bytes(seed=i, quality=args.jpeg_quality) for i in range(50)]
     baseline = [database_rate(client_db, database + "_raw", images, args.frames,
-                              datetime(2025, 1, 1, tzinfo=timezone.utc))]
+                              datetime(2025, 1, 1, tzinfo=timezone.utc), db_pid)]
     broker = start_broker()
+    broker_pid = broker_process_pid(broker)
     argv = [sys.executable, "-m", "factory_assets.cli", "ingest", "mqtt", "--url", broker.url,
             "--progress-every", "0", "--camera-fps", "0"]
     if args.batch_size:
         argv += ["--batch-size", str(args.batch_size)]
     ingester = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     profilers = []
+    summary: dict = {}
+
+    def drain() -> None:
+        for line in ingester.stdout:
+            if line.startswith("summary: "):
+                summary.update(json.loads(line[len("summary: "):]))
+
     try:
         for line in ingester.stdout:  # connected and subscribed: nothing published from now on is missed
             if "MQTT subscribed" in line:
                 break
-        threading.Thread(target=lambda: [None for _ in ingester.stdout], daemon=True).start()
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         client.max_inflight_messages_set(100)
         client.connect(broker.host, broker.port)
@@ -166,18 +203,24 @@ def main() -> None:
             payloads = payloads_for(n, t0)
             sequence = FrameSequence(fdb)
             target = sequence.horizon() + n  # one number per frame: none of these is a duplicate
+            pids = {"ingester": ingester.pid, "database": db_pid, "broker": broker_pid, "benchmark": os.getpid()}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             start = time.perf_counter()
             infos = [client.publish("i/cam", payload, qos=args.qos) for _, payload in payloads]
             deadline = time.monotonic() + 300
             while sequence.horizon() < target and time.monotonic() < deadline:
                 time.sleep(0.01)
             end = time.perf_counter()
+            cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
             for info in infos:
                 info.wait_for_publish(60)
             stored = fdb.frames.count_documents({"ts": {"$gte": t0, "$lt": t0 + timedelta(days=1)}})
             cursor[0] = sequence.horizon()
             return {"frames": n, "stored": stored, "lost": n - stored, "seconds": round(end - start, 3),
-                    "frames_per_second": round(stored / (end - start), 1)}
+                    "frames_per_second": round(stored / (end - start), 1),
+                    # CPU per frame of each process (the benchmark's: publishing and polling)
+                    "cpu_ms_per_frame": {name: round((cpu[name] - cpu0[name]) * 1000 / n, 3) for name in pids
+                                         if cpu[name] is not None and cpu0[name] is not None}}
 
         def phase(n: int, rate: float, t0: datetime) -> dict:
             """Publish n frames at ``rate`` per second; time each from its publication to readable."""
@@ -222,12 +265,13 @@ def main() -> None:
             profiler.wait(60)
         steady = phase(args.steady_frames, args.steady_rate, datetime(2026, 1, 2, tzinfo=timezone.utc))
         baseline.append(database_rate(client_db, database + "_raw", images, args.frames,
-                                      datetime(2025, 1, 2, tzinfo=timezone.utc)))
-        reference = sum(baseline) / len(baseline)
+                                      datetime(2025, 1, 2, tzinfo=timezone.utc), db_pid))
+        reference = sum(rate for rate, _ in baseline) / len(baseline)
         result = {
             "benchmark": "ingest_mqtt_to_mongodb",
             "database_frames_per_second": round(reference, 1),
-            "database_runs": [round(b, 1) for b in baseline],
+            "database_runs": [round(rate, 1) for rate, _ in baseline],
+            "database_cpu_ms_per_frame": [cpu for _, cpu in baseline],
             "burst": {**burst, "qos": args.qos},
             "steady": {**steady, "rate_per_second": args.steady_rate},
             "frames_per_second": burst["frames_per_second"],
@@ -245,6 +289,11 @@ def main() -> None:
             "load_average_end": load_average(),
         }
         client.loop_stop()
+        ingester.terminate()
+        ingester.wait(30)
+        drainer.join(10)
+        if summary.get("frame_batches"):
+            result["ingester_frames_per_batch"] = round(summary["frames"] / summary["frame_batches"], 1)
     finally:
         for profiler in filter(None, profilers):
             if profiler.poll() is None:

@@ -26,10 +26,10 @@
   the cloud: ``/j1/txt/1/i/cam``) the ingester subscribes under each, strips the prefix and
   stamps each document with that prefix's factory id; ``source.topic`` keeps the full topic.
   A refused login is logged clearly (and again at most once a minute) and retried.
-- **Two threads, overlapping.** paho's network thread validates each message as it arrives
-  (``Ingestor.prepare_mqtt``: JSON, base64, the JPEG's headers, the document) and queues what it
-  becomes; the writer thread stores the queued records in batches and acknowledges them. So the
-  next batch is parsed while the database writes the one before.
+- **Three threads, overlapping.** paho's network thread only queues what arrives; a parser
+  thread validates each message in turn (``Ingestor.prepare_mqtt``: JSON, base64, the JPEG's
+  headers, the document); the writer thread stores the parsed records in batches and then
+  acknowledges them. So the next batch is parsed while the database writes the one before.
 - **Bounded memory, in bytes.** When the queued plus not-yet-stored payloads reach
   ``max_buffer_bytes`` (database slow or down) paho's thread blocks, so we stop reading the
   socket and the broker holds the rest.
@@ -65,6 +65,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from factory_assets.ingest.clock import ClockRecorder
 from factory_assets.ingest.service import Ingestor, Prepared, retry_store
@@ -100,12 +101,27 @@ def camera_command(fps: float) -> bytes:
 
 
 @dataclass
-class _Received:
-    prepared: Prepared  # what the message becomes: validated on paho's thread, stored by the writer
-    size: int  # payload bytes (the memory bound)
+class _Raw:
+    """A message as paho delivered it, waiting for the parser thread."""
+    topic: str  # the controller's topic (prefix stripped)
+    full_topic: str  # as the broker delivered it
+    payload: bytes
     mid: int
     qos: int
     connection: int  # which connection delivered it: only the current one may acknowledge
+    received_at: datetime
+    factory_id: str | None  # the prefix's factory, if it names one
+    retained: bool
+    attributed: bool  # under a factory of the fleet (or no prefixes at all): stored; else only acknowledged
+
+
+@dataclass
+class _Received:
+    prepared: Prepared  # what the message becomes (parser thread), stored by the writer
+    size: int  # payload bytes (the memory bound)
+    mid: int
+    qos: int
+    connection: int
 
 
 class MqttIngester:
@@ -149,7 +165,9 @@ class MqttIngester:
         self.unattributed = 0  # messages under no factory of the fleet (a filter left from another configuration)
         self.clock = ClockRecorder(ingestor.clock)
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Received] = collections.deque()
+        self._raw: collections.deque[_Raw] = collections.deque()  # paho -> parser
+        self._parsing = False  # the parser holds a message between the two queues
+        self._queue: collections.deque[_Received] = collections.deque()  # parser -> writer
         self._held_bytes = 0  # queued + taken by the writer but not yet stored
         self._taken = 0  # messages enqueued so far
         self._done = 0  # messages stored (and acknowledged when possible) so far
@@ -159,6 +177,7 @@ class MqttIngester:
         self._closed = threading.Event()  # disconnected: nothing more arrives, the writer ends when drained
         self._stop = threading.Event()  # the writer gives up retrying
         self._writer: threading.Thread | None = None
+        self._parser: threading.Thread | None = None
         self._client = None
         self._camera_mids: set[int] = set()
         self._broadcast_answered: dict[str, float] = {}  # prefix -> when we last answered its i/broadcast
@@ -284,16 +303,9 @@ class MqttIngester:
         if (topic == BROADCAST_TOPIC and self.camera_fps and not msg.retain
                 and (matched[0] in self.prefixes if matched else not self.prefixes)):
             self._answer_broadcast(client, matched[0] if matched else TopicPrefix())
-        if self.fleet and matched is None:
-            prepared = Prepared()  # under no factory of ours: acknowledged in turn, not stored
+        attributed = not self.fleet or matched is not None
+        if not attributed:
             self._unattributed(msg.topic)
-        else:
-            # Validated here, on paho's thread, while the writer stores the batch before (the two overlap:
-            # parsing, base64 and the image check cost as much as the database's write of a frame)
-            prepared = self.ingestor.prepare_mqtt(topic, payload, {"kind": "mqtt", "topic": msg.topic,
-                                                                   "broker": self._broker},
-                                                  received_at=received_at, factory_id=factory_id,
-                                                  retained=bool(msg.retain))
         with self._cond:
             # Bounded memory: wait for the writer to store; meanwhile paho reads nothing more and
             # the broker keeps the rest. One message larger than the limit still passes alone.
@@ -305,7 +317,8 @@ class MqttIngester:
                     waited = True
                 self._cond.wait(0.5)
             # kept also while stopping: a QoS 0 frame is not sent again
-            self._queue.append(_Received(prepared, len(payload), msg.mid, msg.qos, self._connection))
+            self._raw.append(_Raw(topic, msg.topic, payload, msg.mid, msg.qos, self._connection, received_at,
+                                  factory_id, bool(msg.retain), attributed))
             self._held_bytes += len(payload)
             self._taken += 1
             self._cond.notify_all()
@@ -353,6 +366,31 @@ class MqttIngester:
                 logger.warning("cannot record or tidy this session's subscriptions (%s: %s); retrying in %.0f s",
                                type(exc).__name__, str(exc)[:200], self.session_tend_every)
 
+    # -- parser thread -------------------------------------------------------------
+    def _parse_loop(self):
+        """Validate what paho delivered, in order, into the writer's queue. Its own thread: paho's keeps
+        reading the socket at once (a frame in our memory survives a broker restart, one in the socket
+        may not) and the parsing of the next batch overlaps the database's write of the one before."""
+        try:
+            while True:
+                with self._cond:
+                    while not self._raw and not self._closed.is_set():
+                        self._cond.wait(0.1)
+                    if not self._raw:
+                        return  # disconnected and everything parsed
+                    raw = self._raw.popleft()
+                    self._parsing = True
+                prepared = Prepared() if not raw.attributed else self.ingestor.prepare_mqtt(
+                    raw.topic, raw.payload, {"kind": "mqtt", "topic": raw.full_topic, "broker": self._broker},
+                    received_at=raw.received_at, factory_id=raw.factory_id, retained=raw.retained)
+                with self._cond:
+                    self._queue.append(_Received(prepared, len(raw.payload), raw.mid, raw.qos, raw.connection))
+                    self._parsing = False
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - a dead parser would silently stop storing
+            self.failed = exc
+            logger.exception("the MQTT parser failed; stopping (unacknowledged messages are redelivered)")
+
     def _take_batch(self) -> list[_Received]:
         with self._cond:
             if not self._queue:
@@ -377,8 +415,10 @@ class MqttIngester:
             if not batch:
                 if self._closed.is_set():
                     with self._cond:
-                        if not self._queue:
+                        if not self._queue and not self._raw and not self._parsing:
                             break
+                    if self._parser is not None and not self._parser.is_alive() and not self._queue:
+                        break  # the parser died (a bug): what it did not parse stays unacknowledged
                 continue
             for item in batch:
                 self.ingestor.add_prepared(item.prepared)
@@ -405,7 +445,7 @@ class MqttIngester:
 
     def _give_up(self, batch: list[_Received]) -> None:
         with self._cond:
-            left = batch + list(self._queue)
+            left = batch + list(self._queue) + list(self._raw)
         qos0 = sum(1 for item in left if item.qos == 0)
         self.lost_on_stop += qos0
         logger.warning("stopping with %d records not stored (database unavailable): the broker redelivers the "
@@ -441,6 +481,8 @@ class MqttIngester:
         client.on_unsubscribe = self._on_unsubscribe
         client.reconnect_delay_set(min_delay=0.1, max_delay=2)
         self._client = client
+        self._parser = threading.Thread(target=self._parse_loop, name="mqtt-parser", daemon=True)
+        self._parser.start()
         self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
         self._writer.start()
         client.connect_async(self.host, self.port, keepalive=self.keepalive)
@@ -475,6 +517,8 @@ class MqttIngester:
             if self._writer.is_alive():
                 self._stop.set()
                 self._writer.join(timeout=30)
+        if self._parser is not None:
+            self._parser.join(timeout=30)
         return self.ingestor.stats.summary()
 
     def run_forever(self, duration: float | None = None) -> dict:

@@ -136,6 +136,20 @@ def check_storable(doc: dict, what: str) -> None:
                                        "byte document limit")
 
 
+def check_frame_storable(frame: dict) -> None:
+    """``check_storable`` for a frame document without copying its image into BSON: the rest is
+    encoded (where a string could fail) and the image's length added (the frame is inserted, and
+    encoded, once more by the driver)."""
+    import bson
+
+    rest = {**frame, "image": b""}
+    check_storable(rest, "the frame document")
+    size = len(bson.encode(rest)) + len(frame["image"])  # exactly the full document's size
+    if size > MAX_DOCUMENT_BYTES:
+        raise BadMessage("unstorable", f"the frame document is {size} bytes as BSON, over MongoDB's "
+                                       f"{MAX_DOCUMENT_BYTES} byte document limit")
+
+
 def _short_id(doc: dict, key: str) -> str | None:
     """``camera_id`` / ``factory_id`` as a message may give it: absent, null or empty (the
     ingester's own is used) or a short string."""
@@ -156,6 +170,7 @@ class IngestStats:
     quarantined: int = 0
     bytes: int = 0
     store_failures: int = 0  # failed attempts to write (database down), each retried
+    frame_batches: int = 0  # frame inserts (frames / frame_batches: how full the batches were)
     started: float = field(default_factory=time.monotonic)
     reasons: dict = field(default_factory=dict)
 
@@ -170,6 +185,7 @@ class IngestStats:
     def summary(self) -> dict:
         return {"frames": self.frames, "duplicates": self.duplicates, "messages": self.messages,
                 "quarantined": self.quarantined, "bytes": self.bytes, "store_failures": self.store_failures,
+                "frame_batches": self.frame_batches,
                 "seconds": round(time.monotonic() - self.started, 3),
                 "frames_per_second": round(self.rate(), 2), "quarantine_reasons": dict(self.reasons)}
 
@@ -325,7 +341,7 @@ class Ingestor:
             frame = build_frame(image, ts=ts, camera_id=camera_id or self.camera_id,
                                 factory_id=factory_id or self.factory_id, content_type=info.content_type,
                                 width=info.width, height=info.height, source=source, received_at=received_at)
-            check_storable(frame, "the frame document")
+            check_frame_storable(frame)
         except FormatError as exc:
             return Prepared(quarantine=self._quarantine_record(exc.reason, str(exc), source,
                                                                raw if raw is not None else image, source.get("topic")))
@@ -425,6 +441,7 @@ class Ingestor:
 
     def _insert_frames(self, docs: list[dict]) -> None:
         result = insert_frames(self.fdb, docs, self.sequence)  # re-sequences on every call
+        self.stats.frame_batches += 1
         self.stats.frames += result.inserted
         self.stats.duplicates += result.duplicates
         if self.on_stored and result.inserted:
