@@ -162,7 +162,8 @@ def broker_url_for_children(url: str, env: dict) -> str:
     return f"{'mqtts' if target.tls else 'mqtt'}://{login}{target.host}:{target.port}"
 
 
-def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str, prefixes: list[str] | None = None) -> list[Service]:
+def extra_services(cli: list[str], *, serve_port: int, mqtt_url: str,
+                   prefixes: list[str] | None = None) -> list[Service]:
     """Services of later domains (inference server, live twin updater) when present."""
     import importlib.util
 

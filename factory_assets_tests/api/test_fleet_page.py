@@ -98,7 +98,8 @@ def fleet(fdb, mqtt_broker):
         client.connect("127.0.0.1", mqtt_broker.port)
         client.loop_start()
         ts = iso_ms(datetime.now(timezone.utc) + timedelta(seconds=plan[2].clock_offset_s))
-        client.publish(plan[2].prefix + "f/o/order", json.dumps({"ts": ts, "type": lacking}), qos=1).wait_for_publish(10)
+        order = json.dumps({"ts": ts, "type": lacking})
+        client.publish(plan[2].prefix + "f/o/order", order, qos=1).wait_for_publish(10)
         client.disconnect()
         client.loop_stop()
         _wait(lambda: fdb.mqtt.find_one({"factory_id": "factory-3", "topic": "f/i/state/hbw", "payload.code": 4}),
