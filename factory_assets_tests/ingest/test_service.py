@@ -117,3 +117,51 @@ def test_the_factory_of_a_prefix_wins_over_one_the_payload_names_and_the_full_to
     ing.flush()
     docs = {d["source"]["topic"]: d["factory_id"] for d in fdb.sensors.find()}
     assert docs == {"/j1/txt/1/i/ldr": "factory-7", "i/ldr": "named"}
+
+
+def test_a_camera_message_is_parsed_as_json_parses_it_whatever_surrounds_its_data_url():
+    # the data URL is cut out before parsing (the scanner need not walk the image): every other shape
+    # of message, escapes and traps included, gives json's own document or its own error
+    from factory_assets.ingest.service import BadMessage, _camera_json, _json_object
+
+    url = "data:image/jpeg;base64," + base64.b64encode(GOOD[:300]).decode()
+    payloads = [
+        json.dumps({"ts": "2026-11-23T10:00:00.123Z", "data": url}).encode(),
+        json.dumps({"data": url, "ts": "x", "camera_id": "c"}, indent=2).encode(),
+        json.dumps({"ts": "x", "data": url.replace("/", "\\/")}).encode().replace(b"\\\\/", b"\\/"),  # \/ escapes
+        json.dumps({"note": url, "data": "data:,"}).encode(),  # another key holds a data URL first
+        json.dumps({"note": url, "data": ""}).encode(),
+        b'{"data": "' + url.encode() + b'", "data": "data:,x"}',  # a repeated key: the last wins
+        json.dumps({"x": {"data": url}}).encode(),  # nested
+        json.dumps({"data:x": 1, "data": url}).encode(),  # a key that looks like one
+        json.dumps([url]).encode(),
+        b'{"data": "' + url.encode() + b'"',  # cut short
+        b'{"data": "' + url.encode() + b'\x01"}',  # a control character in the string
+        json.dumps({"ts": "\u00e9t\u00e9", "data": url}, ensure_ascii=False).encode(),
+        json.dumps({"ts": "x", "data": url}).encode("utf-16"),
+        b'\xef\xbb\xbf' + json.dumps({"data": url}).encode(),  # a UTF-8 byte order mark
+        b'{"data": "data:\xff"}',
+    ]
+
+    payloads += [
+        json.dumps({"data": "data:image/jpeg;base64,QUJD"}).encode(),  # bad padding: json reads it, base64 not
+        json.dumps({"data": "data:image/jpeg\u0001;base64,QUJD"}).encode(),
+        b'{"data": "data:image/jpeg\x01;base64,QUJD"}',  # a control character in the header
+        b'{"data": "data:image/jpeg;base64,QU\x00JD"}',
+    ]
+
+    def outcome(parse, payload):
+        try:
+            doc = parse(payload)
+            return doc[0] if isinstance(doc, tuple) else doc
+        except BadMessage as exc:
+            return exc.reason
+
+    fast = 0
+    for payload in payloads:
+        assert outcome(_camera_json, payload) == outcome(_json_object, payload), payload[:80]
+        try:
+            fast += _camera_json(payload)[1] is not None
+        except BadMessage:
+            pass
+    assert fast >= 3  # the plain ones were read apart
