@@ -272,7 +272,16 @@ def _not_retrained(context: dg.AssetExecutionContext, dataset: dict, model: dict
 
 
 def _validation_counts(dataset: dict) -> tuple[dict, dict]:
-    """Per class, the validation images that show it and that do not, from the dataset's counts."""
+    """Per class, the validation images that show it and that do not: from the dataset's
+    validation manifest on disk (what the model was evaluated on), else the counts its record
+    carries (a record need not have them: one written by hand or by older code)."""
+    from factory_assets.datasets.lst import read_lst
+
+    manifest = Path(dataset.get("path") or ".") / "valid-annots" / "valid.lst"
+    if dataset.get("path") and manifest.is_file():
+        rows = read_lst(manifest)
+        present = {c: sum(r.labels[i] for r in rows) for i, c in enumerate(CLASSES)}
+        return present, {c: len(rows) - n for c, n in present.items()}
     counts = (dataset.get("counts") or {}).get("valid") or {}
     images = int(counts.get("images", 0))
     present = {c: int(counts.get(c, 0)) for c in CLASSES}
