@@ -80,6 +80,7 @@ DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
 DEFAULT_CAMERA_FPS = 2.0
 REFUSAL_LOG_EVERY_S = 60.0
 SESSION_TEND_EVERY_S = 30.0  # how often a session's kept filters are looked at (ingest/shards.py)
+SESSION_FRESH_MIN_S = 10.0  # another session's record counts if refreshed within 3 looks (at least this)
 BROADCAST_ANSWER_EVERY_S = 1.0  # at most one c/cam per factory per second in answer to i/broadcast
 
 
@@ -352,7 +353,8 @@ class MqttIngester:
             self.released += released
             fleet_filters = {p.subscription for p in self.fleet} | set(self.subscriptions)
             for topic_filter in sorted(self._held - set(self.subscriptions) - leaving):
-                if topic_filter in fleet_filters and not self.sessions.held_elsewhere(self.client_id, topic_filter):
+                if topic_filter in fleet_filters and not self.sessions.held_elsewhere(
+                        self.client_id, topic_filter, max(3 * self.session_tend_every, SESSION_FRESH_MIN_S)):
                     continue  # its factory's new shard has not subscribed yet: keep receiving (and storing) it
                 client = self._client
                 with self._cond:  # held while paho may answer: the UNSUBACK finds its mid

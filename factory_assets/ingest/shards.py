@@ -18,16 +18,19 @@ order. docs/mqtt.md has the details.
 connections, so a shard restarted with fewer factories (the fleet list or the shard count
 changed) still receives the ones it gave up. Each shard records the topic filters its session
 holds in ``counters`` (``mqtt-session:<client id>``, written once the broker acknowledged the
-subscription). A filter the shard no longer owns is kept, and what arrives through it stored
-as usual (a duplicate of what its new owner stores is counted, not stored twice), until another
-session's record holds it or no factory of the fleet is under it any more; then the shard
-unsubscribes. So no message falls between the old owner letting go and the new one subscribing.
+subscription, and again at every look, about every 30 s). A filter the shard no longer owns is
+kept, and what arrives through it stored as usual (a duplicate of what its new owner stores is
+counted, not stored twice), until another session's fresh record holds it (refreshed in the last
+90 s: a removed shard's old record counts for nothing) or no factory of the fleet is under it
+any more; then the shard unsubscribes. So no message falls between the old owner letting go
+and the new one subscribing.
 """
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 from factory_assets.vocabulary import utcnow
 from factory_assets.vocabulary.mqtt import TopicPrefix
@@ -110,7 +113,12 @@ class SessionRecords:
         self.fdb.counters.update_one({"_id": SESSION_RECORD_PREFIX + client_id},
                                      {"$set": {"subscriptions": sorted(filters), "at": utcnow()}}, upsert=True)
 
-    def held_elsewhere(self, client_id: str, topic_filter: str) -> bool:
+    def held_elsewhere(self, client_id: str, topic_filter: str, max_age_s: float) -> bool:
+        """Another session's record, refreshed within ``max_age_s``, holds ``topic_filter``. A
+        record its shard stopped refreshing (a shard removed for good) counts for nothing: it
+        must not make a shard let go of a factory before the factory's new owner subscribed."""
+        fresh = utcnow() - timedelta(seconds=max_age_s)
         return self.fdb.counters.find_one({"_id": {"$regex": "^" + re.escape(SESSION_RECORD_PREFIX),
                                                    "$ne": SESSION_RECORD_PREFIX + client_id},
-                                           "subscriptions": topic_filter}, {"_id": 1}) is not None
+                                           "subscriptions": topic_filter, "at": {"$gte": fresh}},
+                                          {"_id": 1}) is not None

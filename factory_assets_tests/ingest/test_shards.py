@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 
 from factory_assets.ingest.shards import (SESSION_RECORD_PREFIX, ShardPlan, shard_client_id, shard_index,
                                           split_prefixes)
 from factory_assets.storage.frames import wait_until
+from factory_assets.vocabulary import utcnow
 from factory_assets.vocabulary.mqtt import TopicPrefix
 from factory_assets_tests.fixtures.mqtt import IngesterProcess, ingester_env
 from factory_assets_tests.helpers import cam_payload, jpeg_bytes
@@ -165,8 +167,8 @@ def test_two_shards_store_six_factories_once_each_in_order_when_one_is_killed_an
 
 def test_a_factory_handed_to_another_shard_is_let_go_only_once_that_shard_has_subscribed(fdb, broker):
     # a rescale: shard A owned both factories, now only the first. Its session still holds the second's
-    # subscription; it keeps storing what arrives there until shard B has subscribed, then unsubscribes:
-    # no frame falls between the two, none is stored twice
+    # subscription; it keeps storing what arrives there until shard B has subscribed (a stale record of a
+    # removed shard does not count), then unsubscribes: no frame falls between the two, none is stored twice
     from factory_assets.ingest.mqtt import MqttIngester
     from factory_assets.ingest.service import Ingestor
 
@@ -186,6 +188,9 @@ def test_a_factory_handed_to_another_shard_is_let_go_only_once_that_shard_has_su
     first = ingester(a_id, fleet)
     assert wait_until(lambda: recorded(a_id) == ["/site/a/#", "/site/b/#"], 30)
     first.stop()
+    # a shard removed long ago still has a record claiming factory-b: it must not count
+    fdb.counters.insert_one({"_id": SESSION_RECORD_PREFIX + f"gone-{uuid.uuid4().hex[:6]}",
+                             "subscriptions": ["/site/b/#"], "at": utcnow() - timedelta(hours=1)})
     a = ingester(a_id, fleet[:1])  # restarted owning factory-a only
     b = None
     plant = Controllers(broker)
