@@ -213,7 +213,8 @@ def test_a_factory_handed_to_another_shard_is_let_go_only_once_that_shard_has_su
         assert a.released == [] and recorded(a_id) == ["/site/a/#", "/site/b/#"]
         b = ingester(b_id, fleet[1:])
         assert wait_until(lambda: a.released == ["/site/b/#"], 30)  # once B's session holds it
-        assert recorded(a_id) == ["/site/a/#"] and recorded(b_id) == ["/site/b/#"]
+        assert wait_until(lambda: recorded(a_id) == ["/site/a/#"], 30) and recorded(b_id) == ["/site/b/#"]
+        assert wait_until(lambda: a.held_bytes == 0, 30)  # what reached A before its UNSUBACK is stored
         stored_by_a = a.ingestor.stats.frames
         assert wait_until(lambda: b.ingestor.stats.frames >= 5, 30)
         stop_publishing.set()
