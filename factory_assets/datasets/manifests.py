@@ -157,16 +157,35 @@ def _file_name(frame: dict, label: dict) -> str:
     return f"{ts}-{frame['_id']}{ext}"
 
 
+def labels_of(fdb, labels: list[dict], factory_id: str | None, camera_id: str | None) -> list[dict]:
+    """The labels whose frame is ``factory_id``'s (frames stored without one: the default
+    factory's) and, when given, ``camera_id``'s: the frames looked up by id, in batches."""
+    from factory_assets.vocabulary import DEFAULT_FACTORY_ID
+
+    keep = set()
+    ids = [lab["frame_id"] for lab in labels]
+    for lo in range(0, len(ids), FETCH_BATCH * 10):
+        for f in fdb.frames.find({"_id": {"$in": ids[lo:lo + FETCH_BATCH * 10]}}, {"factory_id": 1, "camera_id": 1}):
+            if (factory_id is None or (f.get("factory_id") or DEFAULT_FACTORY_ID) == factory_id) and \
+                    (camera_id is None or f.get("camera_id") == camera_id):
+                keep.add(f["_id"])
+    return [lab for lab in labels if lab["frame_id"] in keep]
+
+
 def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: datetime | None = None,
-                  days: list[str] | None = None) -> BuiltDataset:
+                  days: list[str] | None = None, factory_id: str | None = None,
+                  camera_id: str | None = None) -> BuiltDataset:
     """Write the dataset of the labelled frames in [start, end) (all when None); with
-    ``days`` (``YYYY-MM-DD``, UTC), only frames captured on those days."""
+    ``days`` (``YYYY-MM-DD``, UTC), only frames captured on those days; with ``factory_id``
+    (and ``camera_id``), only that factory's (camera's) frames: a model learns one camera's view."""
     from factory_assets.storage.frames import frame_image_bytes
 
     labels = effective_labels(fdb, start, end)
     if days is not None:
         wanted = set(days)
         labels = [lab for lab in labels if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
+    if factory_id is not None or camera_id is not None:
+        labels = labels_of(fdb, labels, factory_id, camera_id)
     if not labels:
         raise DatasetBuildError("no labelled frames in the selected days: label some first "
                                 "(auto labels come from labeled_images, or import / label manually)")
@@ -232,6 +251,8 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
         combos[combination(lab["present"])] = combos.get(combination(lab["present"]), 0) + 1
     doc = {"version": version, "path": str(final), "counts": counts, "sources": sources, "combinations": combos,
            "days": days, "range": {"start": start, "end": end}, "built_at": utcnow()}
+    if factory_id is not None or camera_id is not None:
+        doc.update({"factory_id": factory_id, "camera_id": camera_id})
     fdb.datasets.update_one({"_id": version}, {"$set": doc, "$setOnInsert": {"created_at": utcnow()}}, upsert=True)
     return BuiltDataset(version, final, counts, doc, reused)
 

@@ -1,5 +1,10 @@
-"""Partitions shared by the camera, dataset and inference assets: UTC days, from the day the
-data starts.
+"""Partitions shared by the camera, dataset, model and inference assets: factories and UTC days.
+
+Every factory is its own tenant (docs/fleet.md): ``factory_partitions`` is a dynamic partitions
+definition named ``factory`` whose keys are the ``factory_id`` s seen in MongoDB, registered by
+``factory_discovery_sensor`` (nobody configures them); ``factory_days`` crosses it with the
+days (``MultiPartitionsDefinition``, keys ``<day>|<factory_id>``) for frames, labels, manifests
+and inferences; the model and its deployment are partitioned by ``factory_partitions`` alone.
 
 The first day is ``FACTORY_PARTITIONS_START`` (``YYYY-MM-DD``), read once when the code
 location is loaded. ``factory-assets up`` (``make run``) sets it for Dagster to the day of the
@@ -46,6 +51,34 @@ def daily_partitions_from(start: str) -> dg.DailyPartitionsDefinition:
 
 daily_partitions = daily_partitions_from(partitions_start())
 FIRST_DAY = partitions_start()
+
+FACTORY_DIMENSION = "factory"
+DAY_DIMENSION = "day"
+# the factories seen in MongoDB (factory_discovery_sensor adds them; nothing removes them)
+factory_partitions = dg.DynamicPartitionsDefinition(name=FACTORY_DIMENSION)
+# one factory's day: the dimensions are ordered by name, so keys read "<day>|<factory_id>"
+factory_days = dg.MultiPartitionsDefinition({FACTORY_DIMENSION: factory_partitions, DAY_DIMENSION: daily_partitions})
+
+
+def factory_day_key(factory_id: str, day: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({FACTORY_DIMENSION: factory_id, DAY_DIMENSION: day})
+
+
+def factory_day_range_tags(factory_id: str, days: list[str]) -> dict[str, str]:
+    """The run tags of one run over ``days`` of one factory (a single-run range of ``factory_days``:
+    Dagster takes the cross product of each dimension's range, here one factory)."""
+    return {"dagster/asset_partition_range_start": str(factory_day_key(factory_id, days[0])),
+            "dagster/asset_partition_range_end": str(factory_day_key(factory_id, days[-1]))}
+
+
+def days_by_factory(partition_keys) -> dict[str, list[str]]:
+    """``factory_id -> [day, ...]`` (sorted) of the ``factory_days`` keys of a run (one key, or a range)."""
+    out: dict[str, set] = {}
+    for key in partition_keys:
+        dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else \
+            factory_days.get_partition_key_from_str(str(key)).keys_by_dimension
+        out.setdefault(dims[FACTORY_DIMENSION], set()).add(dims[DAY_DIMENSION])
+    return {f: sorted(days) for f, days in sorted(out.items())}
 
 
 def within_partitions(days: list[str], first_day: str | None = None) -> list[str]:

@@ -106,6 +106,10 @@ class InferenceServer:
         """Follow the MongoDB ``endpoints`` document named ``endpoint_name``."""
         if not self.endpoint_name:
             raise ValueError("an endpoint name is needed to follow the registry")
+        if not self.models.source:  # a server that follows the registry hosts its models by name too (as build_server)
+            from factory_assets.serving.models import RegistrySource, SourceChain
+
+            self.models.source = SourceChain([RegistrySource(uri=uri, database=database)])
         self.follower = EndpointFollower(self.slot, self.endpoint_name, uri=uri, database=database,
                                          poll_seconds=poll_seconds, server_url=self.url)
         try:

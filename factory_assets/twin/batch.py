@@ -60,14 +60,16 @@ def record_failed_attempt(fdb, frame: dict, model_version: str, *, reason: str, 
     return doc
 
 
-def given_up_frame_ids(fdb, frame_ids: list, model_version: str) -> set:
-    """Frames among ``frame_ids`` that ``model_version`` failed on too often: quarantined, not retried."""
+def given_up_frame_ids(fdb, frame_ids, model_version: str | None = None) -> set:
+    """Frames among ``frame_ids`` that ``model_version`` failed on too often: quarantined, not retried.
+    ``frame_ids`` may map each frame to its own model's version (frames of several factories)."""
     if not frame_ids:
         return set()
+    wanted = frame_ids if isinstance(frame_ids, dict) else {i: model_version for i in frame_ids}
     # by frame_id alone (index prefix), the rest checked here: SecantusDB plans no index for $in plus other fields
     return {d["frame_id"] for d in _attempts(fdb).find(
-        {"frame_id": {"$in": list(frame_ids)}}, {"frame_id": 1, "model_version": 1, "given_up": 1})
-        if d.get("model_version") == model_version and d.get("given_up") is True}
+        {"frame_id": {"$in": list(wanted)}}, {"frame_id": 1, "model_version": 1, "given_up": 1})
+        if d.get("model_version") == wanted.get(d["frame_id"]) and d.get("given_up") is True}
 
 
 def failed_attempts(fdb, frame_id, model_version: str) -> int:
@@ -94,19 +96,26 @@ def _endpoint_healthy(predictor) -> bool:
 
 
 def infer_frames(fdb, predictor, frames, *, model_version: str, source: str = "batch",
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, rules=None) -> BatchOutcome:
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, rules=None, target_model: str | None = None,
+                 router=None) -> BatchOutcome:
     """Infer ``frames`` (documents with their image) in order, storing each inference and
-    updating the twin. Raises ``EndpointUnavailable`` when the endpoint is down; every
-    stored inference is complete, so a retry resumes where this stopped."""
-    from factory_assets.serving.predictor import EndpointUnavailable
+    updating the twin; by the model named ``target_model`` (the frames' factory's, on a
+    multi-model endpoint) when given, else the endpoint's own model, which ``router`` must allow
+    for each frame's factory (``twin.live.ForeignModel`` otherwise). Raises
+    ``EndpointUnavailable`` when the endpoint is down (``UnknownModel`` when it cannot find the
+    named model); every stored inference is complete, so a retry resumes where this stopped."""
+    from factory_assets.serving.predictor import EndpointUnavailable, UnknownModel
     from factory_assets.twin.live import infer_frame
 
     outcome = BatchOutcome()
     cache: dict = {}
     for frame in frames:
         try:
-            doc = infer_frame(fdb, predictor, frame, source=source, thresholds_cache=cache, rules=rules)
+            doc = infer_frame(fdb, predictor, frame, source=source, thresholds_cache=cache, rules=rules,
+                              target_model=target_model, router=router)
             reason, error = "inference_rejected", "the endpoint rejected the frame as bad input"
+        except UnknownModel:
+            raise  # the factory's model, not the frame: no attempt is counted
         except EndpointUnavailable as exc:
             if not _endpoint_healthy(predictor):
                 raise
@@ -123,24 +132,39 @@ def infer_frames(fdb, predictor, frames, *, model_version: str, source: str = "b
     return outcome
 
 
-def sync_twin(fdb, predictor, model_version: str | None, *, reinfer_latest: bool = True,
-              rules=None) -> dict | None:
-    """Heal the twin: infer the newest frame when ``model_version`` has not seen it, apply
-    the newest inference of that version and the newest stock report (both guarded, never
+def sync_twin(fdb, predictor, model_version: str | None = None, *, reinfer_latest: bool = True,
+              rules=None, router=None) -> dict | None:
+    """Heal the twins: for each factory, infer its newest frame when its model (``router``: the
+    deployment of that frame's factory and camera, or the endpoint's own model before the fleet
+    has any deployment; without a router, ``model_version`` on the endpoint's own model) has not
+    seen it, apply that model's newest inference and the newest stock report (both guarded, never
     regressing), and the stations', order's and clock's latest states. Returns the twin document
-    (of the default factory)."""
+    of the default factory."""
     from factory_assets.storage.frames import latest_frame
     from factory_assets.storage.inferences import inferred_frame_ids, latest_inference
-    from factory_assets.twin.live import apply_controller_states, apply_latest_stock, infer_frame
+    from factory_assets.twin.live import (apply_controller_states, apply_latest_stock, frame_owner, infer_frame,
+                                          known_factories)
     from factory_assets.twin.state import Observation
     from factory_assets.twin.store import apply_observation, get_twin
 
-    latest = latest_frame(fdb)  # a bounded seq window, not every frame sorted by ts
-    if model_version is not None:
+    factories = known_factories(fdb) if router is not None else [None]
+    for factory_id in factories:
+        latest = latest_frame(fdb, factory_id=factory_id)  # a bounded seq window, not every frame sorted by ts
+        target, version = None, model_version
+        if router is not None:
+            if latest is None:
+                continue
+            choice = router.choice(*frame_owner(latest))
+            if choice is None:  # no model for this factory yet
+                continue
+            target, version = choice.target_model, choice.version
+        if version is None:
+            continue
         if reinfer_latest and latest is not None and predictor is not None \
-                and not inferred_frame_ids(fdb, [latest["_id"]], model_version):
-            infer_frame(fdb, predictor, latest, source="schedule", thresholds_cache={}, rules=rules)
-        newest = latest_inference(fdb, model_version)
+                and not inferred_frame_ids(fdb, [latest["_id"]], version):
+            infer_frame(fdb, predictor, latest, source="schedule", thresholds_cache={}, rules=rules,
+                        target_model=target, router=router)
+        newest = latest_inference(fdb, version)
         if newest is not None:
             apply_observation(fdb, Observation.from_inference(newest, "batch"), rules)
     apply_latest_stock(fdb, rules=rules)

@@ -77,18 +77,22 @@ def _reports_of(fdb, factory_id, lo, hi) -> list:
 
 
 def controller_disagreement(fdb, model_version: str, n: int = DRIFT_WINDOW,
-                            settle_s: float | None = None) -> Disagreement:
+                            settle_s: float | None = None, factory_id: str | None = None) -> Disagreement:
     """How often the latest ``n`` inferences of ``model_version`` differ from the stock
     *their own factory's* controller reported at that frame's time, on stable frames (none
     from ``STABLE_MARGIN_S`` before a reported change of that factory to ``settle_s`` after
-    it): slot by slot when the inferences and the reports carry slots, colour presence otherwise."""
+    it): slot by slot when the inferences and the reports carry slots, colour presence otherwise.
+    ``factory_id``: that factory's inferences only (a model deployed for it; read by the
+    ``factory_frame_ts`` index, factory first)."""
     from factory_assets.config import settle_seconds
 
     settle = timedelta(seconds=settle_seconds() if settle_s is None else settle_s)
     margin = timedelta(seconds=STABLE_MARGIN_S)
     # the newest n *stable* ones, from a bounded look back (frames in transit are passed over)
-    recent = list(fdb.inferences.find({"model_version": model_version},
-                                      {"frame_ts": 1, "present": 1, "slots": 1, "factory_id": 1})
+    query: dict = {"model_version": model_version}
+    if factory_id is not None:
+        query = {"factory_id": factory_id, **query}
+    recent = list(fdb.inferences.find(query, {"frame_ts": 1, "present": 1, "slots": 1, "factory_id": 1})
                   .sort("frame_ts", -1).limit(n * LOOKBACK_FACTOR))
     if not recent:
         return Disagreement(0.0, 0)
@@ -224,16 +228,24 @@ def situation_key(slots: dict) -> str:
 
 
 def _frames_between(fdb, factory_id, lo, hi) -> int:
-    """Frames of the factory with lo < ts < hi (an index range on ts; the factory checked here)."""
-    return sum(f.get("factory_id") == factory_id for f in
-               fdb.frames.find({"ts": {"$gt": lo, "$lt": hi}}, {"factory_id": 1}).limit(BOOTSTRAP_FRAMES_COUNTED))
+    """Frames of the factory with lo < ts < hi: an index range of that factory (``factory_ts``;
+    the default factory's frames stored without an id too), at most ``BOOTSTRAP_FRAMES_COUNTED``."""
+    owners = [factory_id, None] if factory_id == DEFAULT_FACTORY_ID else [factory_id]
+    n = 0
+    for owner in owners:
+        n += len(list(fdb.frames.find({"factory_id": owner, "ts": {"$gt": lo, "$lt": hi}}, {"_id": 1})
+                      .limit(BOOTSTRAP_FRAMES_COUNTED - n)))
+        if n >= BOOTSTRAP_FRAMES_COUNTED:
+            break
+    return n
 
 
-def bootstrap_situations(fdb, settle_s: float | None = None) -> list:
+def bootstrap_situations(fdb, settle_s: float | None = None, factory_id: str | None = None) -> list:
     """The stock situations a first dataset would hold now, in order of first appearance: per
-    factory, the stretches ``auto_label`` labels (``datasets.autolabel.stable_spans``: outside
-    every change's settle time, up to where the factory was heard) with the frames stored in
-    them, and the split each goes to (``dataset_situations`` as stored, new ones numbered on)."""
+    factory (``factory_id``: that one only, its reports read by ``factory_topic_ts``), the
+    stretches ``auto_label`` labels (``datasets.autolabel.stable_spans``: outside every change's
+    settle time, up to where the factory was heard) with the frames stored in them, and the split
+    each goes to (``dataset_situations`` as stored, new ones numbered on)."""
     from factory_assets.config import settle_seconds
     from factory_assets.datasets.autolabel import heard_until, stable_spans
     from factory_assets.datasets.manifests import SITUATIONS_COLLECTION, _situation_id
@@ -241,14 +253,25 @@ def bootstrap_situations(fdb, settle_s: float | None = None) -> list:
 
     settle_s = settle_seconds() if settle_s is None else settle_s
     margin = timedelta(seconds=STABLE_MARGIN_S)
+    projection = {"ts": 1, "payload": 1, "factory_id": 1}
+    if factory_id is None:
+        newest = list(fdb.mqtt.find({"topic": STOCK_TOPIC}, projection).sort("ts", -1)
+                      .limit(BOOTSTRAP_REPORTS_SCANNED))
+    else:  # this factory's and those of no factory (another tool's), each an index range (factory_topic_ts)
+        newest = sorted((m for fid in (factory_id, None) for m in fdb.mqtt.find(
+            {"factory_id": fid, "topic": STOCK_TOPIC}, projection).sort("ts", -1).limit(BOOTSTRAP_REPORTS_SCANNED)),
+            key=lambda m: m["ts"], reverse=True)[:BOOTSTRAP_REPORTS_SCANNED]
     by_factory: dict = {}
-    for msg in (fdb.mqtt.find({"topic": STOCK_TOPIC}, {"ts": 1, "payload": 1, "factory_id": 1}).sort("ts", -1)
-                .limit(BOOTSTRAP_REPORTS_SCANNED)):
+    for msg in newest:
         if isinstance(msg.get("payload"), dict) and isinstance(msg.get("ts"), datetime):
             by_factory.setdefault(msg.get("factory_id"), []).append((msg["ts"], stock_slots(msg["payload"])))
     shared = by_factory.pop(None, [])  # reports of no factory (another tool) count for every factory
     spans = []
-    for factory_id in (sorted(by_factory) or ([DEFAULT_FACTORY_ID] if shared else [])):
+    if factory_id is not None:
+        factories = [factory_id] if by_factory or shared else []
+    else:
+        factories = sorted(by_factory) or ([DEFAULT_FACTORY_ID] if shared else [])
+    for factory_id in factories:
         reports = sorted(by_factory.get(factory_id, []) + shared, key=lambda r: r[0])
         newest = latest_frame(fdb, {"ts": 1}, factory_id=factory_id)
         if newest is None:
@@ -272,9 +295,10 @@ def bootstrap_situations(fdb, settle_s: float | None = None) -> list:
     return list(merged.values())
 
 
-def bootstrap_readiness(fdb, settle_s: float | None = None) -> Readiness:
+def bootstrap_readiness(fdb, settle_s: float | None = None, factory_id: str | None = None) -> Readiness:
     """Whether the labelled frames a first training run would have now can train a model worth
     deploying (see :class:`Readiness`): judged on the stretches auto-labels will label and the
     splits the dataset will use, not on the reports alone (a slot whose change lies in the
-    settle time, or only in validation, places nothing)."""
-    return readiness_of(bootstrap_situations(fdb, settle_s))
+    settle time, or only in validation, places nothing). ``factory_id``: that factory's first
+    model (every factory has its own)."""
+    return readiness_of(bootstrap_situations(fdb, settle_s, factory_id))

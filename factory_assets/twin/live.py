@@ -15,6 +15,16 @@ stream (``ChangeWaiter``; an adaptive 50 ms-1 s poll where the server has none),
 every query it issues is a bounded index range, and it writes its cursor only
 when the cursor moves.
 
+Each frame is inferred with *its own factory's* model (docs/fleet.md): ``ModelRouter`` reads
+the deployment of the frame's factory and camera (``storage.models.deployments``, only for the
+factories of the page being read) and the frame is sent to the one multi-model endpoint under
+that model's name, ``<factory_id>--<camera_id>--<version>`` (docs/multi-model.md). A frame of a
+factory or camera without a deployment is passed (counted in ``no_model``) and left to the batch
+path, which infers it once its model is deployed; a model deployed for one factory is never used
+for another. Before the fleet has any deployment, the endpoint's own model (``/invocations``
+without a name, as before) infers every frame, unless that model is registered for another
+factory or camera.
+
 Besides the frames it keeps the controller's side of the twin current, per factory (reads by
 ``factory_id`` first, index ``factory_topic_ts``): the newest ``f/i/stock`` report, the newest
 ``f/i/state/<station>`` of each station, the newest ``f/i/order`` and the clock offset the
@@ -35,8 +45,9 @@ from factory_assets.storage.quarantine import quarantine
 from factory_assets.storage.clocks import clock_info
 from factory_assets.twin.state import COLOURS, Observation, Reported, TwinRules, reported_from_stock
 from factory_assets.twin.store import apply_controller_state, apply_observation, apply_reported
-from factory_assets.vocabulary import (DEFAULT_FACTORY_ID, ORDER_STATE_TOPIC, STATION_CODES, STATION_ERROR_CODES,
-                                       STATION_STATE_PREFIX, STATIONS, STOCK_TOPIC, parse_ts)
+from factory_assets.vocabulary import (DEFAULT_CAMERA_ID, DEFAULT_ENDPOINT, DEFAULT_FACTORY_ID, ORDER_STATE_TOPIC,
+                                       STATION_CODES, STATION_ERROR_CODES, STATION_STATE_PREFIX, STATIONS,
+                                       STOCK_TOPIC, parse_ts)
 from factory_assets.vocabulary.messages import parse_stock_report
 
 STATION_TOPICS: dict[str, str] = {STATION_STATE_PREFIX + s: s for s in STATIONS}
@@ -44,8 +55,113 @@ CONTROLLER_REFRESH_S = 2.0  # the stations, order and clock are looked at least 
 FACTORIES_REFRESH_S = 5.0   # and the set of factories to look at
 
 CURSOR_PREFIX = "cursor:"
+DEPLOYMENTS_REFRESH_S = 1.0  # a factory's deployments are read again at most this often
 
 logger = logging.getLogger(__name__)
+
+
+class ForeignModel(Exception):
+    """The endpoint answered with a model registered for another factory or camera than the frame's."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model that infers a frame: ``version``, asked for by ``target_model``; ``target_model``
+    None: the endpoint's own model (before the fleet has any deployment), ``version`` then the one
+    the endpoint document names, when known."""
+    version: str | None
+    target_model: str | None
+
+
+def frame_owner(doc: dict) -> tuple[str, str]:
+    """(factory_id, camera_id) of a frame (documents written before factories had ids: the defaults)."""
+    return doc.get("factory_id") or DEFAULT_FACTORY_ID, doc.get("camera_id") or DEFAULT_CAMERA_ID
+
+
+class ModelRouter:
+    """Which model infers a frame of (factory, camera): that camera's deployment on ``endpoint``,
+    by name; ``None`` when the fleet is served per factory and this camera has no model yet; the
+    endpoint's own model (a ``ModelChoice`` without a target) while no factory has a deployment.
+
+    Reads are bounded by what is asked: ``prepare(factory_ids)`` reads the deployments of those
+    factories only (one query), each at most every ``refresh_s``; whether the fleet has any
+    deployment is one indexed lookup, at most every ``refresh_s``."""
+
+    def __init__(self, fdb, endpoint: str = DEFAULT_ENDPOINT, refresh_s: float = DEPLOYMENTS_REFRESH_S,
+                 clock=time.monotonic):
+        self.fdb = fdb
+        self.endpoint = endpoint
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._versions: dict[str, tuple[float, dict]] = {}  # factory -> (read at, {camera: version})
+        self._fleet: tuple[float, bool] | None = None
+        self._legacy: tuple[float, str | None] | None = None  # the endpoint document's own model
+        self._owners: dict[str, tuple] = {}  # version -> (factory_id, camera_id) it is registered for
+
+    def prepare(self, factory_ids) -> None:
+        from factory_assets.storage.models import deployments, has_deployments
+
+        now = self.clock()
+        stale = sorted({f for f in factory_ids if now - self._versions.get(f, (float("-inf"),))[0] >= self.refresh_s})
+        if stale:
+            found: dict = {f: {} for f in stale}
+            for doc in deployments(self.fdb, endpoint=self.endpoint, factory_ids=stale):
+                if doc.get("model_version"):
+                    found[doc["factory_id"]][doc["camera_id"]] = doc["model_version"]
+            for f, cameras in found.items():
+                self._versions[f] = (now, cameras)
+        if self._fleet is None or now - self._fleet[0] >= self.refresh_s:
+            self._fleet = (now, has_deployments(self.fdb, endpoint=self.endpoint))
+
+    @property
+    def per_factory(self) -> bool:
+        """Whether the fleet is served per factory (some factory has a deployment)."""
+        if self._fleet is None:
+            self.prepare(())
+        return self._fleet[1]
+
+    def cameras(self, factory_id: str) -> dict[str, str]:
+        """camera_id -> deployed version of ``factory_id``."""
+        if factory_id not in self._versions:
+            self.prepare([factory_id])
+        return dict(self._versions[factory_id][1])
+
+    def deployed(self, factory_id: str, camera_id: str) -> str | None:
+        if factory_id not in self._versions:
+            self.prepare([factory_id])
+        return self._versions[factory_id][1].get(camera_id)
+
+    def choice(self, factory_id: str, camera_id: str) -> ModelChoice | None:
+        from factory_assets.serving.models import InvalidModelName, model_name
+
+        version = self.deployed(factory_id, camera_id)
+        if version is not None:
+            try:
+                return ModelChoice(version, model_name(factory_id, camera_id, version))
+            except InvalidModelName:  # an id no model name can hold: no model can be asked for
+                logger.warning("%s camera %s cannot be named in a model name; its frames are not inferred",
+                               factory_id, camera_id)
+                return None
+        if self.per_factory:
+            return None
+        now = self.clock()
+        if self._legacy is None or now - self._legacy[0] >= self.refresh_s:
+            from factory_assets.storage.models import served_version
+
+            self._legacy = (now, served_version(self.fdb, self.endpoint))
+        legacy = self._legacy[1]
+        if legacy is not None and not self.allows(legacy, factory_id, camera_id):
+            return None
+        return ModelChoice(legacy, None)
+
+    def allows(self, version: str, factory_id: str, camera_id: str) -> bool:
+        """Whether ``version`` may infer frames of (factory, camera): it is registered for them, or for
+        no factory (a model from before the fleet)."""
+        if version not in self._owners:
+            doc = self.fdb.models.find_one({"_id": version}, {"factory_id": 1, "camera_id": 1}) or {}
+            self._owners[version] = (doc.get("factory_id"), doc.get("camera_id"))
+        owner = self._owners[version]
+        return owner[0] is None or owner == (factory_id, camera_id)
 
 
 def load_cursor(fdb, name: str) -> int:
@@ -195,9 +311,13 @@ def thresholds_for(fdb, version: str, cache: dict) -> dict:
 
 
 def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: dict,
-                rules: TwinRules | None = None) -> dict | None:
+                rules: TwinRules | None = None, target_model: str | None = None, router: ModelRouter | None = None
+                ) -> dict | None:
     """Infer one frame, store the inference and update the twin.
 
+    ``target_model``: the model to ask for by name (the frame's factory's); without one, the
+    endpoint's own model, which ``router`` (when given) must allow for the frame's factory and
+    camera, else ``ForeignModel`` is raised and nothing is stored.
     Returns the inference document, or None when the frame was rejected as bad
     input (quarantined). Raises ``EndpointUnavailable`` when the endpoint is down."""
     from factory_assets.serving.predictor import BadInput
@@ -212,11 +332,17 @@ def infer_frame(fdb, predictor, frame: dict, *, source: str, thresholds_cache: d
         quarantine(fdb, reason="frame_unreadable", message=f"{exc.__class__.__name__}: {exc}", source=source_ref)
         return None
     try:
-        pred = predictor.predict(image, frame.get("content_type") or "image/jpeg")
+        if target_model:
+            pred = predictor.predict(image, frame.get("content_type") or "image/jpeg", target_model=target_model)
+        else:
+            pred = predictor.predict(image, frame.get("content_type") or "image/jpeg")
     except (BadInput, ImageDecodeError) as exc:
         quarantine(fdb, reason="inference_rejected", message=str(exc), source=source_ref)
         return None
     version = pred.model_version or "unknown"
+    if not target_model and router is not None and not router.allows(version, *frame_owner(frame)):
+        raise ForeignModel(f"the endpoint's model {version} is registered for another factory or camera than "
+                           f"{'/'.join(frame_owner(frame))}")
     thresholds = getattr(pred, "thresholds", None) or thresholds_for(fdb, version, thresholds_cache)
     # a per-slot model's slots travel with the inference, so the twin shows observed.slots and delta.slots
     doc = build_inference(frame, probabilities=dict(zip(COLOURS, pred.probabilities)), thresholds=thresholds,
@@ -235,6 +361,9 @@ class LiveStats:
     endpoint_errors: int = 0
     database_errors: int = 0  # reads or writes that failed because MongoDB was unreachable
     failed: int = 0  # frames an unexpected error stopped: left to the batch path
+    no_model: int = 0  # frames of a factory or camera without a deployed model: left to the batch path
+    unknown_model: int = 0  # frames whose factory's model the endpoint could not find: left to the batch path
+    foreign_model: int = 0  # frames the endpoint's own model may not infer (another factory's): passed
     # the most recent ones only: a process that runs for months must not keep every latency
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
@@ -242,9 +371,13 @@ class LiveStats:
 class LiveTwinUpdater:
     def __init__(self, fdb, predictor, *, cursor_name: str = "twin-live", batch: int = 32,
                  max_backlog: int = 200, poll_seconds: float = 0.05, log=None,
-                 max_idle_seconds: float = 1.0, change_stream: bool = True, rules: TwinRules | None = None):
+                 max_idle_seconds: float = 1.0, change_stream: bool = True, rules: TwinRules | None = None,
+                 endpoint: str = DEFAULT_ENDPOINT):
         # ``log`` is accepted for compatibility and ignored: progress goes to this module's logger.
+        # ``endpoint``: the fleet's endpoint whose per-factory deployments say which model infers a frame
         self.fdb = fdb
+        self.router = ModelRouter(fdb, endpoint)
+        self._warned: dict[str, float] = {}
         self.rules = rules or TwinRules.from_env()
         self.predictor = predictor
         self.cursor_name = cursor_name
@@ -268,6 +401,13 @@ class LiveTwinUpdater:
                                        "$in": [STOCK_TOPIC, ORDER_STATE_TOPIC, *STATION_TOPICS]}}},
                                    min_interval=poll_seconds, max_interval=max_idle_seconds,
                                    change_stream=change_stream)
+
+    def _warn(self, key: str, message: str, *args) -> None:
+        """One warning per key and minute (a factory whose model is missing must not flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(key, float("-inf")) >= 60:
+            self._warned[key] = now
+            logger.warning(message, *args)
 
     def _save_cursor(self) -> None:
         if self.cursor != self._saved_cursor:  # no write while nothing moves
@@ -332,7 +472,7 @@ class LiveTwinUpdater:
         """Process at most one page of new frames; returns how many were handled.
 
         ``changed``: the collections a wake-up reported (None: look at everything)."""
-        from factory_assets.serving.predictor import EndpointUnavailable
+        from factory_assets.serving.predictor import EndpointUnavailable, UnknownModel
         from factory_assets.storage.errors import is_transient
 
         now = time.monotonic()
@@ -356,15 +496,31 @@ class LiveTwinUpdater:
             self.cursor = page.cursor
             page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
         handled = 0
-        done_ids = set()
-        served = getattr(self.predictor, "model_version", None)
-        if served and page.frames:
-            done_ids = inferred_frame_ids(self.fdb, [f["_id"] for f in page.frames], served)
+        done: set = set()
+        if page.frames:
+            # the page's factories' deployments (one query), and which frame already has an inference
+            # by which model (one query by frame id: SecantusDB plans no index for $in with a second field)
+            self.router.prepare({frame_owner(f)[0] for f in page.frames})
+            done = {(d["frame_id"], d.get("model_version")) for d in self.fdb.inferences.find(
+                {"frame_id": {"$in": [f["_id"] for f in page.frames]}}, {"frame_id": 1, "model_version": 1})}
         for frame in page.frames:
-            if frame["_id"] not in done_ids:
+            choice = self.router.choice(*frame_owner(frame))
+            if choice is None:  # no model for this factory's camera yet: the batch path infers it later
+                self.stats.no_model += 1
+            elif choice.version is None or (frame["_id"], choice.version) not in done:
                 try:
                     doc = infer_frame(self.fdb, self.predictor, frame, source="live",
-                                      thresholds_cache=self._thresholds, rules=self.rules)
+                                      thresholds_cache=self._thresholds, rules=self.rules,
+                                      target_model=choice.target_model, router=self.router)
+                except UnknownModel as exc:  # this factory's model only: the others go on
+                    self.stats.unknown_model += 1
+                    self._warn(str(choice.target_model), "live: %s; frame %s left to the batch path", exc,
+                               frame["_id"])
+                    doc = False
+                except ForeignModel as exc:
+                    self.stats.foreign_model += 1
+                    self._warn("foreign", "live: %s; frame %s not inferred", exc, frame["_id"])
+                    doc = False
                 except EndpointUnavailable as exc:
                     # Do not move past a frame that was not inferred.
                     self.stats.endpoint_errors += 1

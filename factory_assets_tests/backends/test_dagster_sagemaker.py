@@ -8,6 +8,8 @@ import pytest
 from factory_assets_tests.backends.conftest import BYOC_IMAGE, ROLE, moto_training_job
 from factory_assets_tests.helpers import predict_once
 
+FACTORY = "factory-1"  # stock_model and model_endpoint are partitioned by factory
+
 
 @pytest.fixture(scope="module")
 def dagster_dataset(tmp_path_factory):
@@ -29,8 +31,15 @@ def _sagemaker_resource(cfg, **overrides):
 
 def _instance_with_dataset(fdb, dataset_dir, version: str) -> dg.DagsterInstance:
     """An instance where training_manifests has produced ``version`` (recorded in MongoDB)."""
+    from factory_assets.vocabulary.clock import utcnow
+
     instance = dg.DagsterInstance.ephemeral()
-    fdb.datasets.update_one({"_id": version}, {"$set": {"version": version, "path": str(dataset_dir)}}, upsert=True)
+    instance.add_dynamic_partitions("factory", [FACTORY])  # as factory_discovery_sensor does
+    # the dataset training_manifests built for the factory's camera (what stock_model of that factory trains on)
+    fdb.datasets.update_one({"_id": version}, {"$set": {"version": version, "path": str(dataset_dir),
+                                                        "factory_id": FACTORY, "camera_id": "txt-cam",
+                                                        "materialized_by": {"run_id": "earlier", "at": utcnow()}}},
+                            upsert=True)
     instance.report_runless_asset_event(dg.AssetMaterialization(
         asset_key="training_manifests", metadata={"dataset_version": version}))
     return instance
@@ -56,7 +65,7 @@ def test_stock_model_on_the_builtin_algorithm_shows_the_job_and_its_checks_block
     endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
                                 sagemaker=_sagemaker_resource(sm_config))
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-builtin")
-    result = dg.materialize([stock_model, model_endpoint], instance=instance, raise_on_error=False,
+    result = dg.materialize([stock_model, model_endpoint], instance=instance, partition_key=FACTORY, raise_on_error=False,
                             resources=_resources(mongo_uri, database_name, endpoint))
     md = result.asset_materializations_for_node("stock_model")[0].metadata
     job = md["training_job"].value
@@ -86,7 +95,7 @@ def test_a_training_job_that_never_finishes_fails_the_asset_with_a_clear_message
     endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
                                 sagemaker=_sagemaker_resource(sm_config, training_timeout_seconds=0.05))
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-slow")
-    result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+    result = dg.materialize([stock_model], instance=instance, partition_key=FACTORY, raise_on_error=False,
                             resources=_resources(mongo_uri, database_name, endpoint))
     assert not result.success
     assert f"SageMaker training job {name} did not finish within 0.05 s" in _failure(result)
@@ -101,7 +110,7 @@ def test_missing_role_and_bucket_fail_the_asset_before_any_aws_call(aws_env, fdb
     endpoint = EndpointResource(backend="sagemaker", sagemaker=SageMakerResource(
         sagemaker_endpoint_url="http://127.0.0.1:9", s3_endpoint_url="http://127.0.0.1:9"))
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-noconfig")
-    result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+    result = dg.materialize([stock_model], instance=instance, partition_key=FACTORY, raise_on_error=False,
                             resources=_resources(mongo_uri, database_name, endpoint))
     message = _failure(result)
     assert "FACTORY_SAGEMAKER_ROLE_ARN" in message and "FACTORY_SAGEMAKER_BUCKET" in message
@@ -118,7 +127,8 @@ def test_model_endpoint_deploys_a_sagemaker_model_and_the_predictor_reaches_it(
 
     model = small_model
     artifact = f"s3://{sm_config.bucket}/fa/models/byoc/job-1/output/model.tar.gz"
-    register_model(fdb, model.model, dataset_version="d1", code_version="c1", trainer="sagemaker-byoc")
+    register_model(fdb, model.model, dataset_version="d1", code_version="c1", trainer="sagemaker-byoc",
+                   factory_id=FACTORY, camera_id="txt-cam")
     annotate_model(fdb, model.version, {"sagemaker": {"algorithm": "byoc", "image": BYOC_IMAGE,
                                                       "s3_artifact": artifact, "training_job_name": "job-1"}})
     set_checks(fdb, model.version, True, {})
@@ -138,7 +148,10 @@ def _deploy_and_invoke(sm_config, fdb, mongo_uri, database_name, endpoint, model
     from factory_assets.defs.models.assets import model_endpoint
     from factory_assets.storage.models import get_endpoint
 
-    result = dg.materialize([model_endpoint], resources=_resources(mongo_uri, database_name, endpoint))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("factory", [FACTORY])
+    result = dg.materialize([model_endpoint], resources=_resources(mongo_uri, database_name, endpoint),
+                            partition_key=FACTORY, instance=instance)
     md = result.asset_materializations_for_node("model_endpoint")[0].metadata
     assert md["status"].value == "InService" and md["model_version"].value == model.version
     assert md["action"].value == "created" and md["instance_type"].value == "ml.m5.large"
@@ -167,7 +180,7 @@ def test_the_environment_chooses_the_backend_and_its_settings_at_run_time(aws_en
     monkeypatch.delenv("FACTORY_SAGEMAKER_BUCKET", raising=False)
     endpoint = EndpointResource(**backend_from_env())
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-env")
-    result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+    result = dg.materialize([stock_model], instance=instance, partition_key=FACTORY, raise_on_error=False,
                             resources=_resources(mongo_uri, database_name, endpoint))
     message = _failure(result)
     # the role came through dg.EnvVar; only the bucket is missing
@@ -192,7 +205,7 @@ def test_retrain_on_sagemaker_byoc_trains_checks_deploys_and_serves_through_the_
     sagemaker = _sagemaker_resource(sm_config, algorithm="byoc")
     endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker", sagemaker=sagemaker)
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-byoc")
-    result = dg.materialize([stock_model, model_endpoint], instance=instance,
+    result = dg.materialize([stock_model, model_endpoint], instance=instance, partition_key=FACTORY,
                             resources=_resources(mongo_uri, database_name, endpoint, min_per_label_accuracy=0.0))
     md = result.asset_materializations_for_node("stock_model")[0].metadata
     assert md["training_job"].value == name and md["backend"].value == "sagemaker (byoc)"
@@ -267,7 +280,7 @@ def test_a_failed_training_job_fails_stock_model_with_sagemakers_failure_reason(
                                     sagemaker=_sagemaker_resource(sm_config, algorithm="byoc",
                                                                   training_timeout_seconds=10))
         instance = _instance_with_dataset(fdb, dagster_dataset, "dg-fail")
-        result = dg.materialize([stock_model], instance=instance, raise_on_error=False,
+        result = dg.materialize([stock_model], instance=instance, partition_key=FACTORY, raise_on_error=False,
                                 resources=_resources(mongo_uri, database_name, endpoint))
     finally:
         jobs_logger.removeHandler(handler)

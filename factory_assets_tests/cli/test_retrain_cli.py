@@ -22,7 +22,7 @@ def test_retrain_builds_from_exactly_the_days_given_and_deploys_only_a_model_tha
     monkeypatch.setenv("FACTORY_ENDPOINT_URL", srv.url)
     day2 = (T0 + timedelta(days=1)).strftime("%Y-%m-%d")
     try:
-        code = main(["retrain", "--from", day2, "--to", day2])
+        code = main(["retrain", "--factory", "factory-1", "--from", day2, "--to", day2])
     finally:
         srv.stop()
     out = capsys.readouterr().out
@@ -33,7 +33,7 @@ def test_retrain_builds_from_exactly_the_days_given_and_deploys_only_a_model_tha
     assert n == fdb.labels.count_documents({})
     model = fdb.models.find_one()
     assert model is not None and model["dataset_version"] == dataset["version"]
-    endpoint = fdb.endpoints.find_one({"name": "factory-stock"})
+    endpoint = fdb.endpoints.find_one({"name": "factory-stock/factory-1/txt-cam"})  # the factory's camera's
     if model["passed_checks"]:
         assert code == 0 and "deployed model" in out and endpoint["model_version"] == model["_id"]
     else:

@@ -23,11 +23,13 @@ def test_a_retraining_range_is_cut_to_the_days_that_are_partitions():
         == ["2026-12-01", "2026-12-02"]
 
 
-def test_every_daily_asset_of_the_code_location_starts_on_the_configured_day(tmp_path):
+def test_every_factory_day_asset_of_the_code_location_starts_on_the_configured_day(tmp_path):
     # a fresh process, as dagster loads the code location: the variable is read at load
-    code = ("from factory_assets.definitions import defs\n"
-            "keys = {str(a.key.path[-1]): a.partitions_def.get_first_partition_key()\n"
-            "        for a in defs.resolve_all_asset_specs() if a.partitions_def}\n"
+    code = ("import dagster as dg\n"
+            "from factory_assets.definitions import defs\n"
+            "keys = {str(a.key.path[-1]): a.partitions_def.get_partitions_def_for_dimension('day')\n"
+            "        .get_first_partition_key() for a in defs.resolve_all_asset_specs()\n"
+            "        if isinstance(a.partitions_def, dg.MultiPartitionsDefinition)}\n"
             "print(sorted(set(keys.values())), sorted(keys))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={"FACTORY_PARTITIONS_START": "2026-12-01", "PATH": "/usr/bin:/bin"}).stdout

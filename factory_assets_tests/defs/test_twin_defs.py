@@ -1,5 +1,6 @@
-"""The twin domain's Dagster layer with real MongoDB, a real inference server and
-real Dagster instances: sensors through build_sensor_context, assets through materialize."""
+"""The twin domain's Dagster layer, per factory, with real MongoDB, a real inference server
+hosting the registry's models by name, and real Dagster instances: sensors through
+build_sensor_context, assets through materialize."""
 from __future__ import annotations
 
 import threading
@@ -14,10 +15,12 @@ from factory_assets.defs.twin.assets import stock_inferences, twin_state
 from factory_assets.defs.twin.sensors import RetrainWindow, load_frames_cursor, new_frames_sensor, twin_live_sensor
 from factory_assets.storage.frames import build_frame, insert_frames
 from factory_assets.storage.inferences import build_inference, record_inference
-from factory_assets.storage.models import register_model, report_served, set_checks, set_endpoint_version
+from factory_assets.storage.models import deploy_model, register_model, set_checks
+from factory_assets_tests.defs.fleet import instance_with, key, range_tags
 from factory_assets_tests.helpers import jpeg_bytes
 
 OLD = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
+F1 = "factory-1"
 
 
 def frame(ts: datetime, seed: int = 0, received_at: datetime | None = None) -> dict:
@@ -26,24 +29,34 @@ def frame(ts: datetime, seed: int = 0, received_at: datetime | None = None) -> d
                        received_at=received_at or ts)
 
 
-def deploy(fdb, model) -> str:
-    register_model(fdb, model, dataset_version="d", code_version="c")
+def deploy(fdb, model, factory_id: str = F1, camera_id: str = "cam-1") -> str:
+    """Register ``model`` for the factory's camera and deploy it there (model_endpoint's write)."""
+    register_model(fdb, model, dataset_version="d", code_version="c", factory_id=factory_id, camera_id=camera_id)
     set_checks(fdb, model.version, True, {})
-    set_endpoint_version(fdb, "factory-stock", model.version)
-    report_served(fdb, "factory-stock", model.version)
+    deploy_model(fdb, factory_id, camera_id, model.version, endpoint="factory-stock")
     return model.version
 
 
 @pytest.fixture
-def resources(mongo_uri, database_name, model_server):
+def fleet_server(mongo_uri, database_name):
+    """The fleet's inference server: every registered model by name, no model of its own."""
+    from factory_assets.serving.server import build_server
+
+    srv = build_server("127.0.0.1", 0, uri=mongo_uri, database=database_name, registry=True).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def resources(mongo_uri, database_name, fleet_server):
     return {"mongo": MongoResource(uri=mongo_uri, database=database_name),
-            "endpoint": EndpointResource(url=model_server.url)}
+            "endpoint": EndpointResource(url=fleet_server.url)}
 
 
 def tick(resources, cursor=None, instance=None):
     # a context manager: EndpointResource nests a resource, which Dagster opens and closes
     with dg.build_sensor_context(cursor=cursor, resources=resources,
-                                 instance=instance or dg.DagsterInstance.ephemeral()) as ctx:
+                                 instance=instance or instance_with(F1)) as ctx:
         return new_frames_sensor(ctx)
 
 
@@ -60,13 +73,15 @@ def test_the_sensor_skips_while_no_model_is_deployed(fdb, resources):
     assert isinstance(result, dg.SkipReason) and "No model deployed" in result.skip_message
 
 
-def test_uninferred_frames_get_one_run_per_day_with_a_deterministic_run_key(fdb, resources, trained_models):
+def test_uninferred_frames_get_one_run_per_factorys_day_with_a_deterministic_run_key(fdb, resources, trained_models):
     version = deploy(fdb, trained_models[0].model)
     insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(3)]
                   + [frame(OLD + timedelta(days=1, minutes=i), seed=10 + i) for i in range(2)])
     first, second = tick(resources), tick(resources)
-    keys = [(r.partition_key, r.run_key) for r in first.run_requests]
-    assert keys == [("2026-11-20", f"infer:{version}:2026-11-20:1"), ("2026-11-21", f"infer:{version}:2026-11-21:4")]
+    keys = [(r.partition_key, r.run_key, r.tags["factory"]) for r in first.run_requests]
+    assert keys == [("2026-11-20|factory-1", f"infer:factory-1:{version}:2026-11-20:1", F1),
+                    ("2026-11-21|factory-1", f"infer:factory-1:{version}:2026-11-21:4", F1)]
+    keys = [(k, rk) for k, rk, _ in keys]
     assert keys == [(r.partition_key, r.run_key) for r in second.run_requests]  # same frames, same keys
     assert load_frames_cursor(first.cursor)["seq"] == 0  # nothing inferred yet: the cursor does not pass a single frame
 
@@ -78,7 +93,7 @@ def test_frames_the_live_path_inferred_become_asset_events_and_move_the_cursor(f
     result = tick(resources)
     assert result.run_requests == [] and load_frames_cursor(result.cursor)["seq"] == 4
     [event] = result.asset_events
-    assert event.asset_key == dg.AssetKey("stock_inferences") and event.partition == "2026-11-20"
+    assert event.asset_key == dg.AssetKey("stock_inferences") and event.partition == "2026-11-20|factory-1"
     assert event.metadata["frames"].value == 4
 
 
@@ -106,13 +121,13 @@ def test_a_burst_from_two_concurrent_ingesters_is_covered_without_skipping_a_fra
     for t in threads:
         t.start()
     cursor = None
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance_with(F1)
     while True:
         writers_done = not any(t.is_alive() for t in threads)
         result = tick(resources, cursor, instance)
         requests = getattr(result, "run_requests", None) or []
         for request in requests:
-            start = datetime.fromisoformat(request.partition_key).replace(tzinfo=timezone.utc)
+            start = datetime.fromisoformat(request.partition_key.split("|")[0]).replace(tzinfo=timezone.utc)
             mark_inferred(fdb, list(fdb.frames.find({"ts": {"$gte": start, "$lt": start + timedelta(days=1)},
                                                     "seq": {"$exists": True}})), version)
         cursor = result.cursor if isinstance(result, dg.SensorResult) else cursor
@@ -129,11 +144,14 @@ def test_stock_inferences_infers_each_frame_of_the_day_once(fdb, resources, trai
     version = deploy(fdb, trained_models[0].model)
     insert_frames(fdb, [frame(OLD + timedelta(minutes=i), seed=i) for i in range(5)]
                   + [frame(OLD + timedelta(days=1), seed=99)])
-    result = dg.materialize([stock_inferences], partition_key="2026-11-20", resources=resources)
+    instance = instance_with(F1)
+    result = dg.materialize([stock_inferences], partition_key=key(F1, "2026-11-20"), resources=resources,
+                            instance=instance)
     md = result.asset_materializations_for_node("stock_inferences")[0].metadata
     assert md["inferred_now"].value == 5 and md["frames"].value == 5
     assert fdb.inferences.count_documents({"model_version": version}) == 5
-    again = dg.materialize([stock_inferences], partition_key="2026-11-20", resources=resources)
+    again = dg.materialize([stock_inferences], partition_key=key(F1, "2026-11-20"), resources=resources,
+                           instance=instance)
     md = again.asset_materializations_for_node("stock_inferences")[0].metadata
     assert md["inferred_now"].value == 0 and md["already_inferred"].value == 5
     assert fdb.inferences.count_documents({}) == 5
@@ -142,9 +160,8 @@ def test_stock_inferences_infers_each_frame_of_the_day_once(fdb, resources, trai
 def test_a_range_backfill_of_stock_inferences_is_one_run_over_every_day(fdb, resources, trained_models):
     deploy(fdb, trained_models[0].model)
     insert_frames(fdb, [frame(OLD + timedelta(days=d), seed=d) for d in range(3)])
-    result = dg.materialize([stock_inferences], resources=resources,
-                            tags={"dagster/asset_partition_range_start": "2026-11-20",
-                                  "dagster/asset_partition_range_end": "2026-11-22"})
+    result = dg.materialize([stock_inferences], resources=resources, instance=instance_with(F1),
+                            tags=range_tags(F1, "2026-11-20", "2026-11-22"))
     assert result.success and fdb.inferences.count_documents({}) == 3
 
 
@@ -156,8 +173,8 @@ def test_stock_inferences_fails_clearly_when_the_endpoint_is_down(fdb, mongo_uri
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = dg.materialize([stock_inferences], partition_key="2026-11-20", raise_on_error=False,
-                            resources={"mongo": MongoResource(uri=mongo_uri, database=database_name),
+    result = dg.materialize([stock_inferences], partition_key=key(F1, "2026-11-20"), raise_on_error=False,
+                            instance=instance_with(F1), resources={"mongo": MongoResource(uri=mongo_uri, database=database_name),
                                        "endpoint": EndpointResource(url=f"http://127.0.0.1:{port}", timeout_seconds=1)})
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
@@ -222,12 +239,13 @@ def test_stock_inferences_depends_on_the_deployed_model_without_being_started_by
     assert dg.AssetKey("model_endpoint") in graph.get(stock_inferences.key).parent_keys
     # what the daemon would do after a deployment: request nothing (stock_inferences has no
     # automation condition; twin_state follows stock_inferences only)
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance_with(F1)
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)  # the whole code location
-    instance.report_runless_asset_event(dg.AssetMaterialization("model_endpoint"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("model_endpoint", partition=F1))
     after_deploy = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert after_deploy.total_requested == 0
-    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition="2026-11-20"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences",
+                                                                partition=str(key(F1, "2026-11-20"))))
     after_inferences = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after_deploy.cursor)
     assert after_inferences.total_requested == 1 and after_inferences.get_num_requested(twin_state.key) == 1
 
@@ -294,7 +312,7 @@ def _bootstrap_tick(resources):
     from factory_assets.defs.twin.sensors import bootstrap_model_sensor
 
     with dg.build_sensor_context(resources={**resources, "retrain_window": RetrainWindow()},
-                                 instance=dg.DagsterInstance.ephemeral()) as ctx:
+                                 instance=instance_with(F1)) as ctx:
         return bootstrap_model_sensor(ctx)
 
 
@@ -303,22 +321,22 @@ def test_bootstrap_waits_for_varied_stock_then_requests_the_first_training_run(f
 
     simulate_day(fdb, seconds=60, change_every=1000)  # one stock situation only
     result = _bootstrap_tick(resources)
-    assert isinstance(result, dg.SkipReason) and "Waiting for data" in result.skip_message
+    assert not result.run_requests and "factory-1: waiting for data" in result.skip_reason.skip_message
     simulate_day(fdb, seconds=600, start=T0 + timedelta(minutes=5), seed=3, change_every=6)
-    request = _bootstrap_tick(resources)
-    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("bootstrap:")
-    # the first model trains on the last 7 days (today included), as one range run
+    [request] = _bootstrap_tick(resources).run_requests
+    assert request.run_key.startswith("bootstrap:factory-1:") and request.tags["factory"] == F1
+    # the factory's first model trains on its last 7 days (today included), as one range run
     from factory_assets.vocabulary.clock import recent_days
 
     days = recent_days(7)
     assert (request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]) \
-        == (days[0], days[-1])
+        == (f"{days[0]}|factory-1", f"{days[-1]}|factory-1")
 
 
 def test_a_deployed_model_that_disagrees_with_the_controller_triggers_retraining(fdb, resources, trained_models):
     from factory_assets_tests.datasets.test_labels import simulate_day
 
-    version = deploy(fdb, trained_models[0].model)
+    version = deploy(fdb, trained_models[0].model, camera_id="txt-cam")  # simulate_day's camera
     simulate_day(fdb, seconds=300, seed=3, change_every=6)  # over 100 stable frames outside the crane's travel
     frames = list(fdb.frames.find().sort("seq", 1))
     # inferences that agree with the controller: no retraining
@@ -332,12 +350,12 @@ def test_a_deployed_model_that_disagrees_with_the_controller_triggers_retraining
                                                   thresholds={"blue": 0.5, "red": 0.5, "white": 0.5},
                                                   model_version=version, latency_ms=1.0, source="test"))
     result = _bootstrap_tick(resources)
-    assert isinstance(result, dg.SkipReason)
-    assert "disagrees with the controller on 0% of its latest 100 frames" in result.skip_message
+    assert not result.run_requests
+    assert "disagrees with the controller on 0% of its latest 100 frames" in result.skip_reason.skip_message
     # the same frames seen by a model that never says red where red is stored
     fdb.inferences.update_many({"present.red": True}, {"$set": {"present.red": False}})
-    request = _bootstrap_tick(resources)
-    assert isinstance(request, dg.RunRequest) and request.run_key.startswith(f"drift:{version}:")
+    [request] = _bootstrap_tick(resources).run_requests
+    assert request.run_key.startswith(f"drift:factory-1:{version}:") and request.tags["factory"] == F1
 
 
 def test_twin_state_is_requested_when_one_day_of_inferences_is_materialized_and_others_are_missing(fdb):
@@ -346,10 +364,10 @@ def test_twin_state_is_requested_when_one_day_of_inferences_is_materialized_and_
 
     unused = {"mongo": MongoResource(), "endpoint": EndpointResource()}  # evaluation runs nothing
     defs = dg.Definitions(assets=[stock_inferences, twin_state], resources=unused)
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance_with(F1)
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert first.total_requested == 0
-    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition="2026-11-20"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition=str(key(F1, "2026-11-20"))))
     second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert second.get_num_requested(twin_state.key) == 1
     third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
@@ -360,9 +378,9 @@ def test_twin_state_is_requested_when_one_day_of_inferences_is_materialized_and_
         return None
 
     eager_defs = dg.Definitions(assets=[stock_inferences, eager_twin], resources=unused)
-    other = dg.DagsterInstance.ephemeral()
+    other = instance_with(F1)
     start = dg.evaluate_automation_conditions(defs=eager_defs, instance=other)
-    other.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition="2026-11-20"))
+    other.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition=str(key(F1, "2026-11-20"))))
     after = dg.evaluate_automation_conditions(defs=eager_defs, instance=other, cursor=start.cursor)
     assert after.get_num_requested(twin_state.key) == 0
     assert twin_state.get_asset_spec().automation_condition == TWIN_STATE_AUTOMATION
@@ -376,7 +394,7 @@ def test_a_poison_frame_is_quarantined_after_n_attempts_and_the_cursor_moves_pas
                          camera_id="cam-1", factory_id="factory-1", content_type="image/jpeg", width=320,
                          height=240, source={"kind": "test"}, received_at=OLD)
     insert_frames(fdb, [good, poison])
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance_with(F1)
     config = {"ops": {"stock_inferences": {"config": {"max_attempts_per_frame": 3}}}}
     keys = []
     for attempt in range(3):

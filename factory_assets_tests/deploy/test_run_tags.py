@@ -36,8 +36,8 @@ def test_the_platforms_jobs_run_as_the_fleet_unless_a_sensor_names_the_factory()
 
 
 @pytest.mark.slow
-def test_a_days_inference_run_is_tagged_with_the_factory_of_its_frames(fdb, mongo_uri, database_name, model_server,
-                                                                       trained_models):
+def test_an_inference_run_is_one_factorys_day_and_tagged_with_that_factory(fdb, mongo_uri, database_name,
+                                                                           model_server, trained_models):
     model = trained_models[0].model
     register_model(fdb, model, dataset_version="d", code_version="c")
     set_checks(fdb, model.version, True, {})
@@ -50,4 +50,5 @@ def test_a_days_inference_run_is_tagged_with_the_factory_of_its_frames(fdb, mong
     with dg.build_sensor_context(resources=resources, instance=dg.DagsterInstance.ephemeral()) as ctx:
         result = new_frames_sensor(ctx)
     tags = {r.partition_key: r.tags[FACTORY_TAG] for r in result.run_requests}
-    assert tags == {"2026-11-20": "factory-2", "2026-11-21": FLEET}
+    assert tags == {"2026-11-20|factory-2": "factory-2", "2026-11-21|factory-1": "factory-1",
+                    "2026-11-21|factory-3": "factory-3"}

@@ -1,5 +1,5 @@
 from factory_assets.serving.models import load_model
-from factory_assets.storage.models import (get_endpoint, latest_model, register_model,
+from factory_assets.storage.models import (get_endpoint, latest_model, register_external_model, register_model,
                                            rollback_endpoint, set_checks, set_endpoint_version)
 
 
@@ -98,3 +98,77 @@ def test_a_deploy_that_finishes_after_a_newer_one_does_not_mark_the_endpoint_in_
     report_served(fdb, "ep", "new")
     assert get_endpoint(fdb, "ep")["status"] == "InService"
     assert get_endpoint(fdb, "ep")["served_version"] == "new"
+
+
+# --- a fleet: models keyed by factory and camera, a deployment per factory's camera (docs/fleet.md) ---
+
+def _owned(fdb, versions_by_owner: dict) -> None:
+    for (factory_id, camera_id), versions in versions_by_owner.items():
+        for v in versions:
+            register_external_model(fdb, v, dataset_version="d", code_version="c", trainer="test",
+                                    fields={"factory_id": factory_id, "camera_id": camera_id})
+            set_checks(fdb, v, True, {})
+
+
+def test_a_model_keeps_the_factory_and_camera_it_was_registered_for(fdb, trained_models):
+    import pytest
+
+    from factory_assets.storage.models import WrongOwner, assign_model
+
+    model = trained_models[0].model
+    doc = register_model(fdb, model, dataset_version="d", code_version="c", factory_id="factory-1", camera_id="cam-a")
+    assert (doc["factory_id"], doc["camera_id"]) == ("factory-1", "cam-a")
+    register_model(fdb, model, dataset_version="d", code_version="c", factory_id="factory-1", camera_id="cam-a")
+    with pytest.raises(WrongOwner, match="registered for factory 'factory-1'"):
+        register_model(fdb, model, dataset_version="d", code_version="c", factory_id="factory-2", camera_id="cam-a")
+    with pytest.raises(WrongOwner):
+        assign_model(fdb, model.version, "factory-1", "cam-b")
+    with pytest.raises(ValueError, match="both factory_id and camera_id"):
+        register_model(fdb, model, dataset_version="d", code_version="c", factory_id="factory-1")
+    assert fdb.models.find_one({"_id": model.version})["factory_id"] == "factory-1"
+
+
+def test_the_newest_passing_model_is_chosen_per_factory_and_camera(fdb):
+    from factory_assets.storage.models import latest_model, model_cameras
+
+    _owned(fdb, {("factory-1", "cam-a"): ["a1", "a2"], ("factory-1", "cam-b"): ["b1"], ("factory-2", "cam-a"): ["c1"]})
+    set_checks(fdb, "a2", False, {})
+    assert latest_model(fdb, factory_id="factory-1", camera_id="cam-a")["_id"] == "a1"
+    assert latest_model(fdb, factory_id="factory-2", camera_id="cam-a")["_id"] == "c1"
+    assert latest_model(fdb, factory_id="factory-3") is None
+    assert model_cameras(fdb, "factory-1") == ["cam-a", "cam-b"]
+
+
+def test_a_model_is_deployed_only_for_its_own_factory_and_camera(fdb):
+    import pytest
+
+    from factory_assets.storage.models import WrongOwner, deploy_model, get_deployment
+
+    _owned(fdb, {("factory-1", "cam-a"): ["a1"], ("factory-2", "cam-a"): ["c1"]})
+    register_external_model(fdb, "legacy", dataset_version="d", code_version="c", trainer="test")
+    with pytest.raises(WrongOwner, match="cannot be deployed for 'factory-2'"):
+        deploy_model(fdb, "factory-2", "cam-a", "a1", endpoint="ep")
+    with pytest.raises(WrongOwner):  # a model whose factory is unknown belongs to no factory
+        deploy_model(fdb, "factory-1", "cam-a", "legacy", endpoint="ep")
+    assert get_deployment(fdb, "factory-2", "cam-a", endpoint="ep") is None
+
+
+def test_deploying_and_rolling_back_one_factory_leaves_every_other_deployment_as_it_was(fdb):
+    from factory_assets.storage.models import (deploy_model, deployments, get_deployment, has_deployments,
+                                               rollback_deployment)
+
+    _owned(fdb, {("factory-1", "cam-a"): ["a1", "a2"], ("factory-2", "cam-a"): ["c1", "c2"]})
+    assert not has_deployments(fdb, endpoint="ep")
+    deploy_model(fdb, "factory-1", "cam-a", "a1", endpoint="ep")
+    deploy_model(fdb, "factory-2", "cam-a", "c1", endpoint="ep")
+    deploy_model(fdb, "factory-2", "cam-a", "c2", endpoint="ep")
+    other = get_deployment(fdb, "factory-2", "cam-a", endpoint="ep")
+    assert has_deployments(fdb, endpoint="ep") and not has_deployments(fdb, endpoint="ep2")
+    deploy_model(fdb, "factory-1", "cam-a", "a2", endpoint="ep")
+    assert get_deployment(fdb, "factory-1", "cam-a", endpoint="ep")["previous_versions"] == ["a1"]
+    doc = rollback_deployment(fdb, "factory-1", "cam-a", endpoint="ep")
+    assert doc["model_version"] == "a1" and doc["rolled_back_from"] == "a2"
+    assert get_deployment(fdb, "factory-2", "cam-a", endpoint="ep") == other  # not a field touched
+    assert {(d["factory_id"], d["model_version"]) for d in deployments(fdb, endpoint="ep")} == {
+        ("factory-1", "a1"), ("factory-2", "c2")}
+    assert [d["model_version"] for d in deployments(fdb, endpoint="ep", factory_ids=["factory-2"])] == ["c2"]

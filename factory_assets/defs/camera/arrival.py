@@ -1,9 +1,11 @@
 """raw_frames kept honest without a click: the ingesters write frames, Dagster is told.
 
 ``raw_frames_sensor`` reads the frames stored since its last tick (by ``seq``, a bounded
-index range whatever the history) and reports one ``raw_frames`` materialization per day
-that received frames: the day's frames, the new ones, the newest frame's capture time and
-the capture rate (frames/s). So the root of the graph is green, shows when frames last
+index range whatever the history) and reports one ``raw_frames`` materialization per factory
+and day that received frames (partition ``<day>|<factory_id>``): the day's frames, the new
+ones, the newest frame's capture time and the capture rate (frames/s). A factory it reports
+on for the first time is registered as a partition in the same tick (as
+``factory_discovery_sensor`` would on its next one). So the root of the graph is green, shows when frames last
 arrived, and a downstream launch no longer warns that its upstream day is missing.
 
 ``frames_are_arriving`` (a check on ``raw_frames``) fails when no frame has been stored for
@@ -25,9 +27,9 @@ FRAMES_ARRIVING_CHECK = "frames_are_arriving"
 STALE_AFTER = timedelta(minutes=5)  # no frame stored for this long: the camera (or its ingester) is not delivering
 PAGE = 5000                          # frames read per query (seq, ts, received_at and camera only)
 MAX_PAGES = 10                       # per tick; a longer backlog is read over the next ticks
-KEEP_DAYS = 7                        # days whose running frame count the cursor keeps
+KEEP_DAYS = 7                        # days whose running frame count the cursor keeps (per factory)
 
-_PROJECTION = {"seq": 1, "ts": 1, "received_at": 1, "camera_id": 1}
+_PROJECTION = {"seq": 1, "ts": 1, "received_at": 1, "camera_id": 1, "factory_id": 1}
 
 
 def _utc(moment: datetime) -> datetime:
@@ -76,31 +78,37 @@ def frames_are_arriving(mongo: MongoResource) -> dg.AssetCheckResult:
 
 
 def load_cursor(text: str | None) -> dict:
-    """``{"seq", "days": {day: {"frames", "newest_ts"}}, "newest_arrival", "arriving"}``."""
+    """``{"seq", "days": {"<day>|<factory>": {"frames", "newest_ts"}}, "newest_arrival", "arriving"}``."""
     cursor = {"seq": None, "days": {}, "newest_arrival": None, "arriving": None}
     if text:
         cursor.update(json.loads(text))
+    # a cursor of the days before factories were partitions restarts its running counts
+    cursor["days"] = {k: v for k, v in cursor["days"].items() if "|" in k}
     return cursor
 
 
-def _count_day(fdb, day: str, up_to_seq: int) -> int:
-    """Frames of ``day`` already sequenced up to ``up_to_seq``: once per day the cursor does not know."""
-    from factory_assets.storage.frames import day_queries
+def _count_day(fdb, factory_id: str, day: str, up_to_seq: int) -> int:
+    """Frames of the factory's ``day`` already sequenced up to ``up_to_seq``: once per factory
+    and day the cursor does not know (an index range of that factory's day)."""
+    from factory_assets.defs.fleet import factory_queries
     from factory_assets.vocabulary.clock import parse_day
 
     start = parse_day(day)
     return sum(fdb.frames.count_documents({**q, "seq": {"$lte": up_to_seq}})
-               for q in day_queries(start, start + timedelta(days=1)))
+               for q in factory_queries(factory_id, start, start + timedelta(days=1)))
 
 
 @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
            asset_selection=[raw_frames])
 def raw_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
-    """Reports the frames the ingesters stored as ``raw_frames`` materializations, one per day
-    that received frames since the last tick (frames of the day, new frames, newest capture
-    time, frames/s), and ``frames_are_arriving`` whenever it changes. Runs nothing. Cursor:
-    the last ``seq`` read and a running count per recent day; a fresh cursor starts at most
-    ``PAGE * MAX_PAGES`` frames back (older days: materialize raw_frames for them)."""
+    """Reports the frames the ingesters stored as ``raw_frames`` materializations, one per
+    factory and day that received frames since the last tick (frames of the day, new frames,
+    newest capture time, frames/s), and ``frames_are_arriving`` whenever it changes. Runs
+    nothing. Cursor: the last ``seq`` read and a running count per factory's recent day; a
+    fresh cursor starts at most ``PAGE * MAX_PAGES`` frames back (older days: materialize
+    raw_frames for them)."""
+    from factory_assets.defs.fleet import factory_of, unregistered, valid_factory_id
+    from factory_assets.defs.partitions import factory_day_key, factory_partitions
     from factory_assets.storage.frames import FrameSequence, frame_ts, read_frames_after
     from factory_assets.vocabulary.clock import day_key, utcnow
 
@@ -112,6 +120,7 @@ def raw_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource)
         seq = max(0, sequence.horizon() - PAGE * MAX_PAGES)
     newest_arrival = datetime.fromisoformat(cursor["newest_arrival"]) if cursor["newest_arrival"] else None
     new: dict[str, dict] = {}
+    valid: dict[str, bool] = {}
     for _ in range(MAX_PAGES):
         page = read_frames_after(fdb, seq, limit=PAGE, projection=_PROJECTION, sequence=sequence)
         for f in page.frames:
@@ -119,7 +128,13 @@ def raw_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource)
                 ts = frame_ts(f)
             except (KeyError, TypeError, ValueError):  # no readable capture time: not a day's frame
                 continue
-            day = new.setdefault(day_key(ts), {"frames": 0, "first": ts, "newest": ts, "cameras": set()})
+            fid = factory_of(f)
+            if fid not in valid:
+                valid[fid] = valid_factory_id(fid)
+            if not valid[fid]:  # not a partition (factory_discovery_sensor says why)
+                continue
+            key = str(factory_day_key(fid, day_key(ts)))
+            day = new.setdefault(key, {"frames": 0, "first": ts, "newest": ts, "cameras": set()})
             day["frames"] += 1
             day["first"], day["newest"] = min(day["first"], ts), max(day["newest"], ts)
             day["cameras"].add(str(f.get("camera_id") or "unknown"))
@@ -133,12 +148,14 @@ def raw_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource)
     for key in sorted(new):
         got = new[key]
         known = days.get(key)
-        total = known["frames"] + got["frames"] if known else _count_day(fdb, key, seq)
+        day, factory_id = key.split("|")
+        total = known["frames"] + got["frames"] if known else _count_day(fdb, factory_id, day, seq)
         previous = datetime.fromisoformat(known["newest_ts"]) if known else None
         since = previous if previous is not None and previous < got["newest"] else got["first"]
         span = (got["newest"] - since).total_seconds()
         count = got["frames"] if since is previous else got["frames"] - 1
-        metadata = {"frames": dg.MetadataValue.int(total), "new_frames": dg.MetadataValue.int(got["frames"]),
+        metadata = {"factory_id": dg.MetadataValue.text(factory_id),
+                    "frames": dg.MetadataValue.int(total), "new_frames": dg.MetadataValue.int(got["frames"]),
                     "newest_frame_ts": dg.MetadataValue.timestamp(got["newest"]),
                     "cameras": dg.MetadataValue.text(", ".join(sorted(got["cameras"])))}
         if span > 0:
@@ -147,7 +164,8 @@ def raw_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource)
                                               description="frames stored by the ingesters (raw_frames_sensor)"))
         newest = max(got["newest"], previous) if previous else got["newest"]
         days[key] = {"frames": total, "newest_ts": newest.isoformat()}
-    for key in sorted(days)[:-KEEP_DAYS]:
+    recent = sorted({k.split("|")[0] for k in days})[-KEEP_DAYS:]
+    for key in [k for k in days if k.split("|")[0] not in recent]:
         del days[key]
     verdict = arrival_check(newest_arrival, utcnow())
     if verdict.passed != cursor["arriving"]:
@@ -156,4 +174,7 @@ def raw_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource)
                              "newest_arrival": newest_arrival.isoformat() if newest_arrival else None})
     if not events:
         return dg.SensorResult(skip_reason=dg.SkipReason("No new frame since the last tick."), cursor=new_cursor)
-    return dg.SensorResult(asset_events=events, cursor=new_cursor)
+    # the factories reported on are partitions by the end of this tick (their events name them)
+    new_factories = unregistered(context.instance, {k.split("|")[1] for k in new})
+    requests = [factory_partitions.build_add_request(new_factories)] if new_factories else []
+    return dg.SensorResult(asset_events=events, cursor=new_cursor, dynamic_partitions_requests=requests)

@@ -1,10 +1,19 @@
-"""Models domain: the trained stock model, its blocking checks, and the endpoint serving it."""
+"""Models domain, per factory: each factory's models (one per camera: its slot geometry and
+alignment reference), their blocking checks, and their deployment on the fleet's endpoint.
+
+``stock_model`` and ``model_endpoint`` are partitioned by the dynamic ``factory`` dimension:
+materializing factory F trains and deploys F's models only; no other factory's model, check
+or deployment is read or written. ``model_job`` runs both for one factory (the blocking checks
+keep a worse model off the endpoint); ``retrained_model_sensor`` launches it for each factory
+whose ``retrain_job`` run succeeded.
+"""
 from pathlib import Path
 
 import dagster as dg
 
 from factory_assets.defs.metadata import png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
+from factory_assets.defs.partitions import factory_partitions
 from factory_assets.defs.pools import SAGEMAKER_POOL
 from factory_assets.defs.resources import MongoResource
 from factory_assets.vocabulary import CLASSES
@@ -15,28 +24,32 @@ VALIDATION_CHECK = "validation_has_every_class"
 MODEL_CHECKS = (ACCURACY_CHECK, NO_REGRESSION_CHECK)
 UPSTREAM_DATASET = dg.AssetKey("training_manifests")
 DEPLOY_TIMEOUT_SECONDS = 120
-FRESH_DATA_HINT = ("To train on newer frames, materialize labeled_images and training_manifests for the days you "
-                   "want first (select stock_model with its upstream, or launch retrain_job over a date range).")
+FRESH_DATA_HINT = ("To train on newer frames, materialize labeled_images and training_manifests of the factory for the "
+                   "days you want first (select stock_model with its upstream, or launch retrain_job over a date "
+                   "range of that factory).")
 
-
-def dataset_of_upstream(context: dg.AssetExecutionContext, fdb) -> dict:
-    """The dataset ``training_manifests`` materialized in this run; when it was not part
-    of this run (a backfill runs the unpartitioned models after the partitioned days, or
-    stock_model is materialized alone), its latest materialization. Never "the dataset built
-    most recently by anyone". The document gets ``built_in_this_run``."""
-    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=UPSTREAM_DATASET),
-                                                      limit=50).records
-    if not records:
-        raise dg.Failure("No dataset yet: materialize labeled_images and training_manifests first (or launch "
-                         "retrain_job over a date range).", allow_retries=False)
-    same_run = [r for r in records if r.run_id == context.run.run_id]
-    record = (same_run or records)[0]
-    version = record.asset_materialization.metadata["dataset_version"].value
-    dataset = fdb.datasets.find_one({"_id": version})
-    if not dataset or not dataset.get("path") or not Path(dataset["path"]).is_dir():
-        raise dg.Failure(f"Dataset {version} of training_manifests (run {record.run_id}) is not on disk or not "
-                         "recorded: materialize training_manifests again.", allow_retries=False)
-    return {**dataset, "built_in_this_run": bool(same_run)}
+def factory_datasets(context: dg.AssetExecutionContext, fdb, factory_id: str) -> list[dict]:
+    """Per camera of ``factory_id``: the dataset ``training_manifests`` materialized for it in
+    this run, else the newest one it materialized for that camera (``materialized_by``). Never
+    "the dataset built most recently by anyone", nor another factory's. Each document gets
+    ``built_in_this_run``."""
+    docs = fdb.datasets.find({"factory_id": factory_id, "materialized_by": {"$exists": True}}).sort(
+        "materialized_by.at", -1)
+    per_camera: dict = {}
+    for doc in docs:
+        same_run = doc["materialized_by"].get("run_id") == context.run.run_id
+        current = per_camera.get(doc.get("camera_id"))
+        if current is None or (same_run and not current["built_in_this_run"]):
+            per_camera[doc.get("camera_id")] = {**doc, "built_in_this_run": same_run}
+    if not per_camera:
+        raise dg.Failure(f"No dataset of {factory_id} yet: materialize labeled_images and training_manifests for "
+                         "its days first (or launch retrain_job over a date range of that factory).",
+                         allow_retries=False)
+    missing = [d for d in per_camera.values() if not d.get("path") or not Path(d["path"]).is_dir()]
+    if missing:
+        raise dg.Failure(f"Dataset {missing[0]['_id']} of {factory_id} camera {missing[0].get('camera_id')} is not "
+                         "on disk: materialize training_manifests again.", allow_retries=False)
+    return [per_camera[c] for c in sorted(per_camera, key=str)]
 
 
 def dataset_metadata(dataset: dict) -> dict:
@@ -91,15 +104,10 @@ class StockModelConfig(dg.Config):
     retrain_same_dataset: bool = False  # train again all the same
 
 
-def _already_trained(context: dg.AssetExecutionContext, fdb, dataset: dict, seed: int, code: str) -> dict | None:
-    """The model the latest stock_model materialization trained on this dataset with this code
-    and seed, when it is still registered; else None."""
-    event = context.instance.get_latest_materialization_event(context.asset_key)
-    md = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    same = {"dataset_version": str(dataset["version"]), "code_version": code, "seed": seed}
-    if not md or any(k not in md or md[k].value != v for k, v in same.items()):
-        return None
-    return fdb.models.find_one({"_id": md["model_version"].value})
+def _already_trained(fdb, factory_id: str, camera_id: str, dataset: dict, seed: int, code: str) -> dict | None:
+    """The model of this factory's camera already trained on this dataset with this code and seed."""
+    return fdb.models.find_one({"factory_id": factory_id, "camera_id": camera_id,
+                                "dataset_version": str(dataset["version"]), "code_version": code, "seed": seed})
 
 
 def train_model(dataset_dir: Path, seed: int):
@@ -144,62 +152,17 @@ def slot_metadata(metrics: dict) -> dict:
             "slot_confusion": table(confusion)}
 
 
-@dg.asset(
-    deps=["training_manifests"],
-    group_name="models",
-    kinds={"python", "mongodb"},
-    pool=SAGEMAKER_POOL,  # a training job (on SageMaker with that backend; docs/scaling-out.md)
-    owners=["team:factory-data"],
-    output_required=False,  # nothing new to train: no materialization (see the docstring)
-    check_specs=[dg.AssetCheckSpec(ACCURACY_CHECK, asset="stock_model", blocking=True,
-                                   description="per-label accuracy on the validation split >= the policy minimum"),
-                 dg.AssetCheckSpec(NO_REGRESSION_CHECK, asset="stock_model", blocking=True,
-                                   description="not worse than the deployed model on the same validation split"),
-                 dg.AssetCheckSpec(VALIDATION_CHECK, asset="stock_model", blocking=False,
-                                   description="every class is present in some validation images and absent in "
-                                               "others (a warning: the scores of such a class mean nothing)")],
-)
-def stock_model(context: dg.AssetExecutionContext, config: StockModelConfig, mongo: MongoResource,
-                model_policy: ModelPolicyResource, endpoint: EndpointResource):
-    """The multi-label stock classifier (blue, red, white) trained on the train split of
-    the dataset its upstream ``training_manifests`` produced, registered in MongoDB
-    ``models`` (artifact in GridFS) with its metrics and thresholds: one model version
-    per (dataset, code, seed). Evaluated on the dataset's validation split; the two
-    blocking checks keep a model that is below the bar, or worse than the one
-    deployed, away from the endpoint; a third check warns when the validation split
-    lacks a class.
-
-    **Which data.** It trains on the dataset training_manifests built in the same run, else
-    on its latest one (metadata ``dataset_version``, ``dataset_built_at``, ``dataset_days``).
-    Materialized alone on the dataset its last model was already trained on (same code and
-    seed), it trains nothing and materializes nothing: it says so in the run's log and in an
-    observation on this asset, and reports that model's checks again. To train on newer
-    frames, materialize ``labeled_images`` and ``training_manifests`` for the days you want
-    first, or launch ``retrain_job`` over a date range; ``retrain_same_dataset: true`` in
-    the run config trains again on the same dataset."""
+def _train_locally(context, fdb, dataset: dict, factory_id: str, camera_id: str, model_policy,
+                   endpoint) -> dict:
+    """Train, register (for the factory's camera), evaluate and check one candidate on this machine."""
     import time
 
-    from factory_assets.serving.models import load_model
-    from factory_assets.storage.models import get_endpoint, register_model, set_checks
     from factory_assets.backends.local import evaluate
+    from factory_assets.serving.models import load_model
+    from factory_assets.storage.models import annotate_model, get_deployment, register_model, set_checks
     from factory_assets.vision.preview import confusion_png
     from factory_assets.vision.version import code_version
 
-    fdb = mongo.fdb()
-    dataset = dataset_of_upstream(context, fdb)
-    existing = None
-    if not dataset["built_in_this_run"] and not config.retrain_same_dataset:
-        existing = _already_trained(context, fdb, dataset, model_policy.seed, code_version())
-    if existing is not None:
-        yield from _not_retrained(context, dataset, existing)
-        return
-    if endpoint.backend == "sagemaker":  # same asset, checks and backfills; trained on AWS
-        from factory_assets.defs.models.sagemaker import sagemaker_stock_model
-
-        yield sagemaker_stock_model(context, fdb, endpoint, model_policy, dataset, MODEL_CHECKS, extra_metadata={
-            **dataset_metadata(dataset), "seed": dg.MetadataValue.int(model_policy.seed)})
-        yield validation_classes_check(*_validation_counts(dataset))
-        return
     dataset_dir = Path(dataset["path"])
     started = time.perf_counter()
     result, model_dir = train_model(dataset_dir, model_policy.seed)
@@ -210,25 +173,32 @@ def stock_model(context: dg.AssetExecutionContext, config: StockModelConfig, mon
     summary.update({k: metrics[k] for k in ("model_kind", "slots") if metrics.get(k) is not None})
     register_model(fdb, result.model, dataset_version=dataset["version"], code_version=code_version(),
                    metrics={"valid": summary, "train": result.metrics, "train_seconds": round(train_seconds, 2),
-                            "seed": model_policy.seed})
-
+                            "seed": model_policy.seed}, factory_id=factory_id, camera_id=camera_id)
+    annotate_model(fdb, result.version, {"seed": model_policy.seed})
     accuracy = float(metrics["per_label_accuracy"])
     accuracy_ok = accuracy >= model_policy.min_per_label_accuracy
-    deployed_version = (get_endpoint(fdb, endpoint.name) or {}).get("model_version")
+    # the baseline is this camera's deployed model: no other factory's or camera's
+    deployed_version = (get_deployment(fdb, factory_id, camera_id, endpoint=endpoint.name) or {}).get("model_version")
     baseline = None
     if deployed_version and deployed_version != result.version:
         baseline = float(evaluate(load_model(fdb, deployed_version), dataset_dir, "valid")["per_label_accuracy"])
     regression_ok = baseline is None or accuracy >= baseline - model_policy.max_regression
     set_checks(fdb, result.version, accuracy_ok and regression_ok,
                {ACCURACY_CHECK: accuracy_ok, NO_REGRESSION_CHECK: regression_ok})
-    context.log.info(f"model {result.version} on dataset {dataset['version']}: per-label accuracy {accuracy:.3f}, "
-                     f"exact match {metrics['exact_match']:.3f} on {metrics['n_images']} validation images")
+    context.log.info(f"model {result.version} of {factory_id} camera {camera_id} on dataset {dataset['version']}: "
+                     f"per-label accuracy {accuracy:.3f}, exact match {metrics['exact_match']:.3f} on "
+                     f"{metrics['n_images']} validation images")
     regression_md = {"per_label_accuracy": accuracy, "compared_with_deployed": baseline is not None}
     if baseline is not None:  # no sentinel when nothing is deployed: the key is absent
         regression_md.update({"deployed_version": deployed_version, "deployed_per_label_accuracy": baseline})
     counts = {c: metrics["confusion"][c] for c in metrics["classes"]}
-    yield dg.MaterializeResult(
-        metadata={
+    return {
+        "camera_id": camera_id, "version": result.version, "accuracy_ok": bool(accuracy_ok),
+        "regression_ok": bool(regression_ok),
+        "accuracy_md": {"per_label_accuracy": accuracy, "minimum": float(model_policy.min_per_label_accuracy)},
+        "regression_md": regression_md,
+        "validation": ({c: n["tp"] + n["fn"] for c, n in counts.items()}, {c: n["tn"] + n["fp"] for c, n in counts.items()}),
+        "metadata": {
             "model_version": dg.MetadataValue.text(result.version),
             **dataset_metadata(dataset),
             "code_version": dg.MetadataValue.text(code_version()),
@@ -242,33 +212,128 @@ def stock_model(context: dg.AssetExecutionContext, config: StockModelConfig, mon
             "model_dir": dg.MetadataValue.path(str(model_dir)),
             **slot_metadata(metrics),
         },
-        check_results=[
-            dg.AssetCheckResult(check_name=ACCURACY_CHECK, passed=bool(accuracy_ok), metadata={
-                "per_label_accuracy": accuracy, "minimum": float(model_policy.min_per_label_accuracy)}),
-            dg.AssetCheckResult(check_name=NO_REGRESSION_CHECK, passed=bool(regression_ok), metadata=regression_md),
-            validation_classes_check({c: n["tp"] + n["fn"] for c, n in counts.items()},
-                                     {c: n["tn"] + n["fp"] for c, n in counts.items()}),
-        ],
-    )
+    }
 
 
-def _not_retrained(context: dg.AssetExecutionContext, dataset: dict, model: dict):
-    """stock_model with nothing new to train on: an observation saying which model stands and
-    why, and that model's checks as they were decided (no materialization, so model_endpoint,
-    if selected, is skipped too)."""
+def _check_result(name: str, outcomes: list[dict], passed_key: str, md_key: str) -> dg.AssetCheckResult:
+    """One blocking check over the factory's candidates: passed when every camera's candidate passed
+    (each model's own verdict is in the registry); the figures of each camera in the metadata."""
+    if len(outcomes) == 1:
+        return dg.AssetCheckResult(check_name=name, passed=outcomes[0][passed_key], metadata=outcomes[0][md_key])
+    return dg.AssetCheckResult(check_name=name, passed=all(o[passed_key] for o in outcomes), metadata={
+        "per_camera": dg.MetadataValue.json({o["camera_id"]: {"passed": o[passed_key], "model_version": o["version"],
+                                                              **o[md_key]} for o in outcomes})})
+
+
+def _validation_result(outcomes: list[dict]) -> dg.AssetCheckResult:
+    checks = [(o["camera_id"], validation_classes_check(*o["validation"])) for o in outcomes]
+    if len(checks) == 1:
+        return checks[0][1]
+    failing = [(c, r) for c, r in checks if not r.passed]
+    return dg.AssetCheckResult(
+        check_name=VALIDATION_CHECK, passed=not failing, severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(f"camera {c}: {r.description}" for c, r in failing) if failing
+        else "Every class is present in some validation images and absent in others, for every camera.",
+        metadata={f"{c}_{k}": v for c, r in checks for k, v in r.metadata.items()})
+
+
+@dg.asset(
+    deps=["training_manifests"],
+    partitions_def=factory_partitions,
+    group_name="models",
+    kinds={"python", "mongodb"},
+    pool=SAGEMAKER_POOL,  # a training job (on SageMaker with that backend; docs/scaling-out.md)
+    owners=["team:factory-data"],
+    output_required=False,  # nothing new to train: no materialization (see the docstring)
+    check_specs=[dg.AssetCheckSpec(ACCURACY_CHECK, asset="stock_model", blocking=True,
+                                   description="per-label accuracy on the validation split >= the policy minimum "
+                                               "(every camera of the factory)"),
+                 dg.AssetCheckSpec(NO_REGRESSION_CHECK, asset="stock_model", blocking=True,
+                                   description="not worse than the model deployed for the same camera on the same "
+                                               "validation split"),
+                 dg.AssetCheckSpec(VALIDATION_CHECK, asset="stock_model", blocking=False,
+                                   description="every class is present in some validation images and absent in "
+                                               "others (a warning: the scores of such a class mean nothing)")],
+)
+def stock_model(context: dg.AssetExecutionContext, config: StockModelConfig, mongo: MongoResource,
+                model_policy: ModelPolicyResource, endpoint: EndpointResource):
+    """A factory's stock classifiers (blue, red, white; per slot when the labels carry slots),
+    one per camera, each trained on the train split of the dataset ``training_manifests``
+    built for that camera, registered in MongoDB ``models`` (artifact in GridFS) with its
+    factory, camera, metrics and thresholds: one model version per (dataset, code, seed).
+    Evaluated on the dataset's validation split; the two blocking checks keep a model that is
+    below the bar, or worse than the one deployed for the same camera, away from the endpoint
+    (with several cameras, every camera's candidate must pass); a third check warns when the
+    validation split lacks a class. Partitioned by factory: no other factory is read or touched.
+
+    **Which data.** Per camera, the dataset training_manifests built in the same run, else its
+    latest one for that camera (metadata ``dataset_version``, ``dataset_built_at``,
+    ``dataset_days``). Materialized alone on datasets its models were already trained on (same
+    code and seed), it trains nothing and materializes nothing: it says so in the run's log and
+    in an observation, and reports those models' checks again. To train on newer frames,
+    materialize ``labeled_images`` and ``training_manifests`` of the factory for the days you
+    want first, or launch ``retrain_job`` over a date range of it; ``retrain_same_dataset:
+    true`` in the run config trains again on the same dataset."""
+    from factory_assets.vision.version import code_version
+
+    fdb = mongo.fdb()
+    trained, kept = [], []
+    for factory_id in context.partition_keys:  # one factory (its backfills run one run per partition)
+        for dataset in factory_datasets(context, fdb, factory_id):
+            camera_id = dataset.get("camera_id")
+            existing = None
+            if not dataset["built_in_this_run"] and not config.retrain_same_dataset:
+                existing = _already_trained(fdb, factory_id, camera_id, dataset, model_policy.seed, code_version())
+            if existing is not None:
+                kept.append((factory_id, dataset, existing))
+            elif endpoint.backend == "sagemaker":  # same asset, checks and backfills; trained on AWS
+                from factory_assets.defs.models.sagemaker import sagemaker_train_camera
+
+                trained.append(sagemaker_train_camera(context, fdb, endpoint, model_policy, dataset, MODEL_CHECKS,
+                                                      factory_id, camera_id, extra_metadata={
+                                                          **dataset_metadata(dataset),
+                                                          "seed": dg.MetadataValue.int(model_policy.seed)}))
+                trained[-1]["validation"] = _validation_counts(dataset)
+            else:
+                trained.append(_train_locally(context, fdb, dataset, factory_id, camera_id, model_policy, endpoint))
+    for factory_id, dataset, model in kept:
+        yield _not_retrained(context, factory_id, dataset, model)
+    if not trained:
+        outcomes = [{"camera_id": d.get("camera_id"), "version": m["_id"],
+                     "accuracy_ok": bool((m.get("checks") or {}).get(ACCURACY_CHECK, m.get("passed_checks"))),
+                     "regression_ok": bool((m.get("checks") or {}).get(NO_REGRESSION_CHECK, m.get("passed_checks"))),
+                     "accuracy_md": {"model_version": m["_id"], "decided_at_training": True},
+                     "regression_md": {"model_version": m["_id"], "decided_at_training": True},
+                     "validation": _validation_counts(d)} for _, d, m in kept]
+        yield _check_result(ACCURACY_CHECK, outcomes, "accuracy_ok", "accuracy_md")
+        yield _check_result(NO_REGRESSION_CHECK, outcomes, "regression_ok", "regression_md")
+        yield _validation_result(outcomes)
+        return
+    factory_md = {"factory_id": dg.MetadataValue.text(", ".join(context.partition_keys)),
+                  "models": dg.MetadataValue.json([{"camera_id": o["camera_id"], "model_version": o["version"],
+                                                    "passed_checks": o["accuracy_ok"] and o["regression_ok"]}
+                                                   for o in trained])}
+    if len(trained) == 1:
+        factory_md.update({"camera_id": dg.MetadataValue.text(str(trained[0]["camera_id"])), **trained[0]["metadata"]})
+    yield dg.MaterializeResult(metadata=factory_md, check_results=[
+        _check_result(ACCURACY_CHECK, trained, "accuracy_ok", "accuracy_md"),
+        _check_result(NO_REGRESSION_CHECK, trained, "regression_ok", "regression_md"),
+        _validation_result(trained)])
+
+
+def _not_retrained(context: dg.AssetExecutionContext, factory_id: str, dataset: dict,
+                   model: dict) -> dg.AssetObservation:
+    """stock_model with nothing new to train on for a camera: an observation saying which model
+    stands and why (no materialization, so model_endpoint, if selected, is skipped too)."""
     version = model["_id"]
-    message = (f"Not retrained: the dataset {dataset['version']} of training_manifests was not built in this run, "
-               f"and model {version} was already trained on it with this code and seed. {FRESH_DATA_HINT} "
-               "Set retrain_same_dataset: true in the run config to train again all the same.")
+    message = (f"Not retrained: the dataset {dataset['version']} of {factory_id} camera {dataset.get('camera_id')} "
+               f"was not built in this run, and model {version} was already trained on it with this code and seed. "
+               f"{FRESH_DATA_HINT} Set retrain_same_dataset: true in the run config to train again all the same.")
     context.log.info(message)
-    yield dg.AssetObservation(asset_key=context.asset_key, description=message, metadata={
+    return dg.AssetObservation(asset_key=context.asset_key, partition=factory_id, description=message, metadata={
         "retrained": dg.MetadataValue.bool(False), "model_version": dg.MetadataValue.text(version),
+        "camera_id": dg.MetadataValue.text(str(dataset.get("camera_id"))),
         **dataset_metadata(dataset), "reason": dg.MetadataValue.text(message)})
-    checks = model.get("checks") or {}
-    for name in MODEL_CHECKS:
-        yield dg.AssetCheckResult(check_name=name, passed=bool(checks.get(name, model.get("passed_checks"))),
-                                  metadata={"model_version": version, "decided_at_training": True})
-    yield validation_classes_check(*_validation_counts(dataset))
 
 
 def _validation_counts(dataset: dict) -> tuple[dict, dict]:
@@ -288,8 +353,40 @@ def _validation_counts(dataset: dict) -> tuple[dict, dict]:
     return present, {c: images - n for c, n in present.items()}
 
 
+def _warm_up_jpeg() -> bytes:
+    import cv2
+    import numpy as np
+
+    return cv2.imencode(".jpg", np.full((240, 320, 3), 128, np.uint8))[1].tobytes()
+
+
+def _verify_served(url: str, name: str, version: str, timeout: float) -> None:
+    """The server at ``url`` answers a prediction by ``name`` with ``version`` (it loaded the model
+    from the registry): a deployment is in service only once a caller can use it."""
+    from factory_assets.serving.predictor import EndpointUnavailable, HttpEndpointPredictor, UnknownModel
+    from factory_assets.serving.rollout import ServerUnreachable, ping_version
+
+    try:
+        ping_version(url)
+    except ServerUnreachable as exc:  # transient: the retry policy tries again
+        raise dg.Failure(f"{exc}. Start it with `factory-assets serve --endpoint NAME` (make run does).") from exc
+    with HttpEndpointPredictor(url, timeout=timeout) as predictor:
+        try:
+            served = predictor.predict(_warm_up_jpeg(), target_model=name).model_version
+        except UnknownModel as exc:
+            raise dg.Failure(f"The server at {url} has no model {name}: it must host models by name from the "
+                             f"registry (`factory-assets serve --endpoint NAME` does): {exc}",
+                             allow_retries=False) from exc
+        except EndpointUnavailable as exc:
+            raise dg.Failure(f"The server at {url} could not serve {name}: {exc}") from exc
+    if served != version:
+        raise dg.Failure(f"The server at {url} answered {name} with model {served}, not {version}.",
+                         allow_retries=False)
+
+
 @dg.asset(
     deps=[stock_model],
+    partitions_def=factory_partitions,
     group_name="models",
     kinds={"mongodb"},
     pool=SAGEMAKER_POOL,  # an endpoint update (on SageMaker with that backend; docs/scaling-out.md)
@@ -299,41 +396,67 @@ def _validation_counts(dataset: dict) -> tuple[dict, dict]:
 )
 def model_endpoint(context: dg.AssetExecutionContext, mongo: MongoResource,
                    endpoint: EndpointResource) -> dg.MaterializeResult:
-    """The inference endpoint (MongoDB ``endpoints``, one document per endpoint) pointed
-    at the newest model that passed its checks. The server follows that document and
-    swaps models only once the new one is loaded, so deploying has no downtime; this
-    asset waits until the server reports the version and records ``InService``."""
-    from factory_assets.serving.rollout import ServerUnreachable, wait_for_served_version
-    from factory_assets.storage.models import get_endpoint, latest_model, mark_in_service, set_endpoint_version
+    """A factory's deployment on the fleet's endpoint: per camera, the ``endpoints`` document
+    ``<endpoint>/<factory_id>/<camera_id>`` pointed at the newest model of that camera that
+    passed its checks (the previous one kept for rollback). One inference server hosts every
+    factory's models (SageMaker multi-model style): callers name the model
+    ``<factory_id>--<camera_id>--<version>``, so deploying is one write and no server restarts;
+    this asset records ``InService`` once the server answers a prediction by that name.
+    Deploying or rolling back one factory leaves every other factory's deployment as it is."""
+    from factory_assets.serving.models import model_name
+    from factory_assets.storage.models import (deploy_model, deployment_name, get_deployment, latest_model,
+                                               mark_in_service, model_cameras)
 
     fdb = mongo.fdb()
-    if endpoint.backend == "sagemaker":  # after the same blocking checks; deployed on AWS
-        from factory_assets.defs.models.sagemaker import sagemaker_model_endpoint
+    rows = []
+    for factory_id in context.partition_keys:
+        cameras = model_cameras(fdb, factory_id)
+        for camera_id in cameras:
+            model = latest_model(fdb, passed_checks=True, factory_id=factory_id, camera_id=camera_id)
+            if model is None:
+                rows.append({"factory_id": factory_id, "camera_id": camera_id,
+                             "skipped": "no model of this camera passed its checks"})
+                continue
+            before = get_deployment(fdb, factory_id, camera_id, endpoint=endpoint.name) or {}
+            version, name = model["version"], model_name(factory_id, camera_id, model["version"])
+            if endpoint.backend == "sagemaker":  # after the same blocking checks; deployed on AWS
+                from factory_assets.defs.models.sagemaker import sagemaker_deploy_camera
 
-        return sagemaker_model_endpoint(context, fdb, endpoint)
-    model = latest_model(fdb, passed_checks=True)
-    if model is None:
-        raise dg.Failure("No model has passed its checks: nothing to deploy.", allow_retries=False)
-    version = model["version"]
-    before = get_endpoint(fdb, endpoint.name) or {}
-    url = endpoint.base_url()
-    if before.get("model_version") != version:
-        set_endpoint_version(fdb, endpoint.name, version, url=url)
-        context.log.info(f"endpoint {endpoint.name}: {before.get('model_version')} -> {version}")
-    try:
-        served = wait_for_served_version(url, version, timeout=DEPLOY_TIMEOUT_SECONDS)
-    except ServerUnreachable as exc:  # transient: the retry policy tries again
-        raise dg.Failure(f"{exc}. Start it with `factory-assets serve --endpoint NAME` (make run does).") from exc
-    if served != version:
-        raise dg.Failure(f"The server at {url} still serves {served} {DEPLOY_TIMEOUT_SECONDS} s after the switch "
-                         f"to {version}.")
-    after = mark_in_service(fdb, endpoint.name, version) or {}
-    metadata = {
-        "endpoint": dg.MetadataValue.text(endpoint.name),
-        "status": dg.MetadataValue.text(str(after.get("status", "InService"))),
-        "model_version": dg.MetadataValue.text(version),
-        "url": dg.MetadataValue.url(url),
-    }
-    if before.get("model_version"):
-        metadata["previous_version"] = dg.MetadataValue.text(before["model_version"])
+                row = sagemaker_deploy_camera(context, fdb, endpoint, model, factory_id, camera_id)
+            else:
+                url = endpoint.base_url()
+                if before.get("model_version") != version:
+                    deploy_model(fdb, factory_id, camera_id, version, endpoint=endpoint.name, url=url)
+                    context.log.info(f"{factory_id} camera {camera_id}: {before.get('model_version')} -> {version}")
+                _verify_served(url, name, version, timeout=DEPLOY_TIMEOUT_SECONDS)
+                after = mark_in_service(fdb, deployment_name(factory_id, camera_id, endpoint.name), version) or {}
+                row = {"status": str(after.get("status", "InService")), "url": url}
+            rows.append({"factory_id": factory_id, "camera_id": camera_id, "model_version": version,
+                         "target_model": name, "previous_version": before.get("model_version"), **row})
+    deployed = [r for r in rows if "model_version" in r]
+    if not deployed:
+        raise dg.Failure(f"No model of {', '.join(context.partition_keys)} has passed its checks: nothing to deploy "
+                         f"({'; '.join(r['camera_id'] + ': ' + r['skipped'] for r in rows) or 'no model trained'}).",
+                         allow_retries=False)
+    metadata = {"endpoint": dg.MetadataValue.text(endpoint.name), "deployments": dg.MetadataValue.json(rows)}
+    if len(deployed) == 1:  # one camera: its figures at a glance
+        row = deployed[0]
+        metadata.update({"factory_id": dg.MetadataValue.text(row["factory_id"]),
+                         "camera_id": dg.MetadataValue.text(row["camera_id"]),
+                         "status": dg.MetadataValue.text(str(row.get("status"))),
+                         "model_version": dg.MetadataValue.text(row["model_version"]),
+                         "target_model": dg.MetadataValue.text(row["target_model"])})
+        if row.get("previous_version"):
+            metadata["previous_version"] = dg.MetadataValue.text(row["previous_version"])
+        for key, value in row.items():  # what the backend did (SageMaker: action, config, console...)
+            if key in metadata or key in ("factory_id", "camera_id", "previous_version") or value is None:
+                continue
+            if key in ("url", "console"):
+                metadata[key] = dg.MetadataValue.url(str(value))
+            elif isinstance(value, bool):
+                metadata[key] = dg.MetadataValue.bool(value)
+            elif isinstance(value, float):
+                metadata[key] = dg.MetadataValue.float(value)
+            else:
+                metadata[key] = dg.MetadataValue.text(str(value))
     return dg.MaterializeResult(metadata=metadata)

@@ -26,7 +26,11 @@ class EndpointResource(dg.ConfigurableResource):
     sagemaker: Optional[SageMakerResource] = Field(default=None, description="AWS settings for backend=sagemaker")
 
     def base_url(self) -> str:
-        return self.url or DEFAULT_URL
+        """``url``, else ``FACTORY_ENDPOINT_URL`` of the process running the step (read now, not when
+        the code location was loaded: ``factory-assets retrain`` sets it for its own runs), else the default."""
+        import os
+
+        return self.url or os.environ.get("FACTORY_ENDPOINT_URL") or DEFAULT_URL
 
     def predictor(self):
         from factory_assets.serving.predictor import HttpEndpointPredictor, SageMakerRuntimePredictor

@@ -101,14 +101,17 @@ def _job_metadata(job: dict) -> dict:
     }
 
 
-def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, model_policy, dataset: dict,
-                          checks: tuple[str, str], extra_metadata: dict | None = None) -> dg.MaterializeResult:
-    """``stock_model`` on SageMaker: train (built-in or byoc), evaluate, register, check.
-    ``extra_metadata`` (which dataset, the seed) is added to the materialization's."""
+def sagemaker_train_camera(context: dg.AssetExecutionContext, fdb, endpoint, model_policy, dataset: dict,
+                           checks: tuple[str, str], factory_id: str, camera_id: str,
+                           extra_metadata: dict | None = None) -> dict:
+    """``stock_model`` on SageMaker for one factory's camera: train (built-in or byoc), evaluate,
+    register (for that factory and camera), check against the model deployed for that camera.
+    Returns the camera's outcome as ``stock_model`` assembles it. ``extra_metadata`` (which
+    dataset, the seed) is added to the materialization's."""
     from factory_assets.backends.sagemaker import SageMakerTrainer, TrainingJobFailed, TrainingJobTimeout
     from factory_assets.backends.sagemaker.registry import record_model
     from factory_assets.serving.models import load_model
-    from factory_assets.storage.models import get_endpoint, get_model, set_checks
+    from factory_assets.storage.models import annotate_model, assign_model, get_deployment, get_model, set_checks
     from factory_assets.vision.version import code_version
 
     accuracy_check, regression_check = checks
@@ -139,8 +142,10 @@ def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, mode
                        "valid": {"per_label_accuracy": accuracy} if accuracy is not None else {}}
     record_model(fdb, result, dataset_version=str(dataset["version"]), code_version=code_version(),
                  metrics=metrics, region=cfg.region)
+    assign_model(fdb, result.version, factory_id, camera_id)  # the factory and camera it was trained for
+    annotate_model(fdb, result.version, {"seed": model_policy.seed})
     accuracy_ok = accuracy is not None and accuracy >= model_policy.min_per_label_accuracy
-    deployed_version = (get_endpoint(fdb, endpoint.name) or {}).get("model_version")
+    deployed_version = (get_deployment(fdb, factory_id, camera_id, endpoint=endpoint.name) or {}).get("model_version")
     baseline = None
     if deployed_version and deployed_version != result.version:
         deployed = get_model(fdb, deployed_version) or {}
@@ -153,61 +158,79 @@ def sagemaker_stock_model(context: dg.AssetExecutionContext, fdb, endpoint, mode
     regression_ok = baseline is None or (accuracy is not None and accuracy >= baseline - model_policy.max_regression)
     set_checks(fdb, result.version, accuracy_ok and regression_ok,
                {accuracy_check: accuracy_ok, regression_check: regression_ok})
-    context.log.info(f"model {result.version} from {result.job['training_job_name']}: per-label accuracy "
+    context.log.info(f"model {result.version} of {factory_id} camera {camera_id} from "
+                     f"{result.job['training_job_name']}: per-label accuracy "
                      f"{accuracy if accuracy is not None else 'not reported'}")
-    return dg.MaterializeResult(
-        metadata={"model_version": dg.MetadataValue.text(result.version),
-                  "backend": dg.MetadataValue.text(f"sagemaker ({result.algorithm})"),
-                  "dataset_version": dg.MetadataValue.text(str(dataset["version"])),
-                  "code_version": dg.MetadataValue.text(code_version()),
-                  "per_label_accuracy": dg.MetadataValue.float(float(accuracy if accuracy is not None else -1.0)),
-                  **_job_metadata(result.job), **(extra_metadata or {})},
-        check_results=[
-            dg.AssetCheckResult(check_name=accuracy_check, passed=bool(accuracy_ok), metadata={
-                "per_label_accuracy": float(accuracy if accuracy is not None else -1.0),
-                "minimum": float(model_policy.min_per_label_accuracy),
-                "note": "" if accuracy is not None else "the training job reported no validation:accuracy"}),
-            dg.AssetCheckResult(check_name=regression_check, passed=bool(regression_ok), metadata={
-                "deployed_version": deployed_version or "none",
-                "deployed_per_label_accuracy": float(baseline) if baseline is not None else -1.0}),
-        ])
+    return {
+        "camera_id": camera_id, "version": result.version, "accuracy_ok": bool(accuracy_ok),
+        "regression_ok": bool(regression_ok),
+        "accuracy_md": {"per_label_accuracy": float(accuracy if accuracy is not None else -1.0),
+                        "minimum": float(model_policy.min_per_label_accuracy),
+                        "note": "" if accuracy is not None else "the training job reported no validation:accuracy"},
+        "regression_md": {"deployed_version": deployed_version or "none",
+                          "deployed_per_label_accuracy": float(baseline) if baseline is not None else -1.0},
+        "metadata": {"model_version": dg.MetadataValue.text(result.version),
+                     "backend": dg.MetadataValue.text(f"sagemaker ({result.algorithm})"),
+                     "dataset_version": dg.MetadataValue.text(str(dataset["version"])),
+                     "code_version": dg.MetadataValue.text(code_version()),
+                     "per_label_accuracy": dg.MetadataValue.float(float(accuracy if accuracy is not None else -1.0)),
+                     **_job_metadata(result.job), **(extra_metadata or {})},
+    }
 
 
-def sagemaker_model_endpoint(context: dg.AssetExecutionContext, fdb, endpoint) -> dg.MaterializeResult:
-    """``model_endpoint`` on SageMaker: deploy the newest model that passed its checks."""
-    from factory_assets.backends.sagemaker import EndpointFailed, EndpointTimeout, SageMakerConfigError, deploy
+def sagemaker_deploy_camera(context: dg.AssetExecutionContext, fdb, endpoint, model: dict, factory_id: str,
+                            camera_id: str) -> dict:
+    """``model_endpoint`` on SageMaker for one factory's camera (after the same blocking checks).
+
+    A multi-model endpoint (``FACTORY_SAGEMAKER_ENDPOINT_MODE=multi``, the fleet's): the endpoint
+    is created once over its S3 prefix and the model is uploaded as ``<name>.tar.gz`` under it
+    (SageMaker loads it on its first invocation); no other factory's model is touched. A
+    single-model endpoint serves one factory's camera: it is refused when another one's model
+    is on it."""
+    from factory_assets.backends.sagemaker import (EndpointFailed, EndpointTimeout, SageMakerConfigError, deploy,
+                                                   deploy_multi_model, upload_target_model)
     from factory_assets.backends.sagemaker.registry import model_image, record_deployment
-    from factory_assets.storage.models import get_endpoint, latest_model
+    from factory_assets.serving.models import model_name
+    from factory_assets.storage.models import (ModelNotFound, deploy_model, deployment_name, get_endpoint, get_model,
+                                               load_model_bytes, mark_in_service)
 
-    model = latest_model(fdb, passed_checks=True)
-    if model is None:
-        raise dg.Failure("No model has passed its checks: nothing to deploy.", allow_retries=False)
-    sm_info = model.get("sagemaker") or {}
-    if not sm_info.get("s3_artifact"):
-        raise dg.Failure(f"model {model['version']} was not trained on SageMaker (no S3 artifact): "
-                         "train it with FACTORY_MODEL_BACKEND=sagemaker first", allow_retries=False)
     cfg = endpoint.sagemaker.to_config() if endpoint.sagemaker is not None else SageMakerConfig.from_env()
     cfg.endpoint_name = endpoint.name
-    before = get_endpoint(fdb, endpoint.name) or {}
+    sm_info = model.get("sagemaker") or {}
+    version, name = model["version"], model_name(factory_id, camera_id, model["version"])
     try:
+        if cfg.endpoint_mode == "multi":
+            try:
+                artifact = load_model_bytes(fdb, version)
+            except ModelNotFound:
+                raise dg.Failure(f"model {version} has no artifact in the registry (SageMaker's built-in algorithm): "
+                                 "a multi-model endpoint serves our BYOC models only", allow_retries=False) from None
+            state = deploy_multi_model(cfg.sagemaker_client(), cfg, log=context.log.info)
+            uploaded = upload_target_model(cfg.s3_client(), cfg, name, artifact=artifact, log=context.log.info)
+            deploy_model(fdb, factory_id, camera_id, version, endpoint=endpoint.name)
+            mark_in_service(fdb, deployment_name(factory_id, camera_id, endpoint.name), version)
+            return {"backend": "sagemaker (multi-model)", "status": str(state["status"]), "action": state["action"],
+                    "s3_uri": uploaded["uri"], "uploaded": bool(uploaded["uploaded"]),
+                    "console": state.get("console_url")}
+        if not sm_info.get("s3_artifact"):
+            raise dg.Failure(f"model {version} was not trained on SageMaker (no S3 artifact): "
+                             "train it with FACTORY_MODEL_BACKEND=sagemaker first", allow_retries=False)
+        current = get_model(fdb, (get_endpoint(fdb, endpoint.name) or {}).get("model_version") or "") or {}
+        if current.get("factory_id") not in (None, factory_id) or current.get("camera_id") not in (None, camera_id):
+            raise dg.Failure(f"the single-model SageMaker endpoint {endpoint.name} serves {current['factory_id']} "
+                             f"camera {current['camera_id']}: a fleet needs one multi-model endpoint "
+                             "(FACTORY_SAGEMAKER_ENDPOINT_MODE=multi)", allow_retries=False)
         cfg.validate(training=False, algorithm=sm_info.get("algorithm"))
-        state = deploy(cfg.sagemaker_client(), cfg, version=model["version"], image=model_image(model, cfg),
+        state = deploy(cfg.sagemaker_client(), cfg, version=version, image=model_image(model, cfg),
                        model_data_url=sm_info["s3_artifact"], log=context.log.info)
     except SageMakerConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     except (EndpointFailed, EndpointTimeout) as exc:
         raise dg.Failure(str(exc)) from exc
-    record_deployment(fdb, endpoint.name, model["version"], state)
-    return dg.MaterializeResult(metadata={
-        "endpoint": dg.MetadataValue.text(endpoint.name),
-        "backend": dg.MetadataValue.text("sagemaker"),
-        "status": dg.MetadataValue.text(str(state["status"])),
-        "model_version": dg.MetadataValue.text(model["version"]),
-        "previous_version": dg.MetadataValue.text(str(before.get("model_version"))),
-        "endpoint_config": dg.MetadataValue.text(str(state["config"])),
-        "previous_config": dg.MetadataValue.text(str(state["previous_config"])),
-        "action": dg.MetadataValue.text(state["action"]),
-        "instance_type": dg.MetadataValue.text(state["instance_type"]),
-        "estimated_usd_per_hour": dg.MetadataValue.float(float(state["estimated_usd_per_hour"] or 0.0)),
-        "console": dg.MetadataValue.url(state["console_url"]),
-    })
+    record_deployment(fdb, endpoint.name, version, state)  # the single endpoint's document, as before the fleet
+    deploy_model(fdb, factory_id, camera_id, version, endpoint=endpoint.name)
+    mark_in_service(fdb, deployment_name(factory_id, camera_id, endpoint.name), version)
+    return {"backend": "sagemaker", "status": str(state["status"]), "endpoint_config": str(state["config"]),
+            "previous_config": str(state["previous_config"]), "action": state["action"],
+            "instance_type": state["instance_type"],
+            "estimated_usd_per_hour": float(state["estimated_usd_per_hour"] or 0.0), "console": state["console_url"]}

@@ -11,10 +11,10 @@ import dagster as dg
 
 from factory_assets.defs.metadata import json_value
 from factory_assets.defs.models.resources import EndpointResource
-from factory_assets.defs.partitions import FIRST_DAY, within_partitions
-from factory_assets.defs.pools import factory_tags
+from factory_assets.defs.partitions import FIRST_DAY, factory_day_range_tags, within_partitions
+from factory_assets.defs.pools import FACTORY_TAG, FLEET
 from factory_assets.defs.resources import MongoResource
-from factory_assets.defs.twin.jobs import retrain_job, stock_inference_job
+from factory_assets.defs.twin.jobs import model_job, retrain_job, stock_inference_job
 from factory_assets.defs.twin.picture import twin_markdown
 
 MAX_RUN_ATTEMPTS = 10
@@ -45,65 +45,111 @@ def _bucket(ts: datetime) -> datetime:
 
 
 def load_frames_cursor(text: str | None) -> dict:
-    """``{"seq": int, "live": {day: {frames, first_seq, last_seq, first_ts}}}``; an old integer cursor is its seq."""
-    if not text:
-        return {"seq": 0, "live": {}}
-    value = json.loads(text)
-    return {"seq": int(value), "live": {}} if isinstance(value, int) else value
+    """``{"seq": int, "live": {"<day>|<factory>": {frames, first_seq, last_seq, first_ts, model_version}},
+    "owed": {"<factory>|<camera>": first day}}``; an old integer cursor is its seq."""
+    cursor: dict = {"seq": 0, "live": {}, "owed": {}}
+    if text:
+        value = json.loads(text)
+        cursor.update({"seq": int(value)} if isinstance(value, int) else value)
+    cursor["live"] = {k: v for k, v in cursor["live"].items() if "|" in k}  # days before factories were partitions
+    cursor.setdefault("owed", {})
+    return cursor
 
 
 @dg.sensor(job=stock_inference_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_frames_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource):
-    """Reacts to new frames in MongoDB ``factory_camera``. Cursor: the frame ``seq``
-    (never skips a frame, even with concurrent ingesters). Frames nobody inferred get a
-    ``stock_inferences`` run for their day, with a deterministic run key (which counts
-    the failed attempts of its first frame, so a frame that keeps failing gets a new run
-    until it is quarantined). Frames the live updater inferred are reported as one
-    ``stock_inferences`` event per day and ``REPORT_INTERVAL``."""
-    from factory_assets.vocabulary.clock import day_key, utcnow
+    """Reacts to new frames in MongoDB ``factory_camera``, each with its own factory's model.
+    Cursor: the frame ``seq`` (never skips a frame, even with concurrent ingesters). Frames
+    nobody inferred get a ``stock_inferences`` run for their factory's day (partition
+    ``<day>|<factory>``, tag ``factory``), with a deterministic run key (which counts the failed
+    attempts of its first frame, so a frame that keeps failing gets a new run until it is
+    quarantined). Frames of a factory or camera with no model yet do not hold the cursor: the
+    first day they were seen is kept (``owed``) and, once that camera's model is deployed, its
+    factory's days from then are requested. Frames the live updater inferred are reported as one
+    ``stock_inferences`` event per factory's day and ``REPORT_INTERVAL``. Cost: a page of the frames
+    that arrived, their inferences, and the deployments of their factories (one query), however
+    many factories are registered."""
+    from factory_assets.defs.fleet import unregistered, valid_factory_id
+    from factory_assets.defs.partitions import factory_day_key, factory_partitions
     from factory_assets.storage.frames import frame_ts
     from factory_assets.storage.models import served_version
     from factory_assets.twin.batch import failed_attempts
+    from factory_assets.twin.live import ModelRouter, frame_owner
     from factory_assets.twin.planning import plan_frames
+    from factory_assets.vocabulary.clock import day_key, day_range, utcnow
 
     fdb = mongo.fdb()
     cursor = load_frames_cursor(context.cursor)
-    version = served_version(fdb, endpoint.name)
-    if version is None:
+    router = ModelRouter(fdb, endpoint.name)
+    if not router.per_factory and served_version(fdb, endpoint.name) is None:
         return dg.SkipReason("No model deployed yet: frames wait for the first model.")
-    plan = plan_frames(fdb, cursor["seq"], version)
+
+    def version_of(frame: dict) -> str | None:
+        factory_id, camera_id = frame_owner(frame)
+        choice = router.choice(factory_id, camera_id) if valid_factory_id(factory_id) else None
+        return choice.version if choice is not None else None
+
+    plan = plan_frames(fdb, cursor["seq"], version_of,
+                       prepare=lambda frames: router.prepare({frame_owner(f)[0] for f in frames}))
+    owed = cursor["owed"]
+    for f in plan.unmodelled:
+        key = "|".join(frame_owner(f))
+        owed[key] = min(owed.get(key, "9999-99-99"), day_key(frame_ts(f)))
     live = cursor["live"]
     for f in plan.inferred:
-        day = day_key(frame_ts(f))
-        agg = live.setdefault(day, {"frames": 0, "first_seq": f["seq"], "first_ts": frame_ts(f).isoformat()})
+        partition = str(factory_day_key(frame_owner(f)[0], day_key(frame_ts(f))))
+        agg = live.setdefault(partition, {"frames": 0, "first_seq": f["seq"], "first_ts": frame_ts(f).isoformat()})
         agg["frames"] += 1
         agg["last_seq"] = f["seq"]
+        agg["model_version"] = version_of(f)
     now = utcnow()
     events = []
-    for day in sorted(live):
-        agg = live[day]
-        if now - datetime.fromisoformat(agg["first_ts"]) >= REPORT_INTERVAL or day < day_key(now):
+    for partition in sorted(live):
+        agg = live[partition]
+        if now - datetime.fromisoformat(agg["first_ts"]) >= REPORT_INTERVAL or partition.split("|")[0] < day_key(now):
             events.append(dg.AssetMaterialization(
-                asset_key="stock_inferences", partition=day,
-                metadata={"path": "live updater", "frames": agg["frames"], "model_version": version,
-                          "first_seq": agg["first_seq"], "last_seq": agg["last_seq"]}))
-            del live[day]
+                asset_key="stock_inferences", partition=partition,
+                metadata={"path": "live updater", "factory_id": partition.split("|")[1], "frames": agg["frames"],
+                          "model_version": agg.get("model_version") or "", "first_seq": agg["first_seq"],
+                          "last_seq": agg["last_seq"]}))
+            del live[partition]
     run_requests = []
-    for day, frames in sorted(plan.pending_by_day().items()):
+    for (factory_id, day), frames in sorted(plan.pending_by_factory_day().items()):
+        version = version_of(frames[0])
         attempts = failed_attempts(fdb, frames[0]["_id"], version)
-        base = f"infer:{version}:{day}:{frames[0]['seq']}" + (f":attempt{attempts + 1}" if attempts else "")
+        base = f"infer:{factory_id}:{version}:{day}:{frames[0]['seq']}" + (
+            f":attempt{attempts + 1}" if attempts else "")
         key = run_key_for(context.instance, base)
         if key is None:
-            context.log.error(f"{len(frames)} frames of {day}: {MAX_RUN_ATTEMPTS} runs failed")
+            context.log.error(f"{len(frames)} frames of {factory_id} on {day}: {MAX_RUN_ATTEMPTS} runs failed")
             continue
-        factories = fdb.frames.distinct("factory_id", {"_id": {"$in": [f["_id"] for f in frames]}})
-        run_requests.append(dg.RunRequest(run_key=key, partition_key=day, tags={"factory/frames": str(len(frames)),
-                                                                                 **factory_tags(factories)}))
-    new_cursor = json.dumps({"seq": plan.cursor, "live": live})
+        run_requests.append(dg.RunRequest(run_key=key, partition_key=str(factory_day_key(factory_id, day)),
+                                          tags={"factory/frames": str(len(frames)), FACTORY_TAG: factory_id}))
+    if owed:  # frames passed while their camera had no model: its factory's days, once it has one
+        router.prepare({k.split("|")[0] for k in owed})
+        for key in sorted(owed):
+            factory_id, camera_id = key.split("|")
+            version = router.deployed(factory_id, camera_id)
+            if version is None:
+                continue
+            for day in within_partitions(day_range(owed[key], day_key(now))):
+                run_requests.append(dg.RunRequest(
+                    run_key=f"infer-owed:{factory_id}:{camera_id}:{version}:{day}",
+                    partition_key=str(factory_day_key(factory_id, day)),
+                    tags={FACTORY_TAG: factory_id, "factory/reason": f"frames of {camera_id} from before its model"}))
+            del owed[key]
+    new_cursor = json.dumps({"seq": plan.cursor, "live": live, "owed": owed})
     if not events and not run_requests:
-        return dg.SensorResult(skip_reason=dg.SkipReason(
-            f"No frames to infer ({plan.waiting} just arrived, left to the live updater)."), cursor=new_cursor)
-    return dg.SensorResult(run_requests=run_requests, asset_events=events, cursor=new_cursor)
+        waiting = f"{plan.waiting} just arrived, left to the live updater"
+        if plan.unmodelled:
+            waiting += f"; {len(plan.unmodelled)} of factories without a model yet"
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"No frames to infer ({waiting})."), cursor=new_cursor)
+    # the factories named are partitions by the end of this tick
+    new_factories = unregistered(context.instance, {str(r.partition_key).split("|")[1] for r in run_requests}
+                                 | {e.partition.split("|")[1] for e in events})
+    return dg.SensorResult(run_requests=run_requests, asset_events=events, cursor=new_cursor,
+                           dynamic_partitions_requests=[factory_partitions.build_add_request(new_factories)]
+                           if new_factories else [])
 
 
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
@@ -158,54 +204,150 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
                            cursor=json.dumps(cursor))
 
 
-def _range_request(run_key: str, days: list[str], reason: str) -> dg.RunRequest:
-    return dg.RunRequest(run_key=run_key, tags={"dagster/asset_partition_range_start": days[0],
-                                                "dagster/asset_partition_range_end": days[-1],
+def _range_request(run_key: str, factory_id: str, days: list[str], reason: str) -> dg.RunRequest:
+    """One ``retrain_job`` run over ``days`` of one factory (a single-run range of ``factory_days``)."""
+    return dg.RunRequest(run_key=run_key, tags={**factory_day_range_tags(factory_id, days), FACTORY_TAG: factory_id,
                                                 "factory/reason": reason})
+
+
+SEQ_WINDOW = 200_000  # frame seqs one bootstrap tick looks at; a longer backlog is read over the next ticks
+DRIFT_CHECK_FRAMES = 60  # a factory's drift is looked at again after this many of its new frames
+
+
+def _load_bootstrap_cursor(text: str | None) -> dict:
+    """``{"seq", "frames": {factory: frames seen}, "unchecked": {factory: frames since its last drift look}}``."""
+    cursor: dict = {"seq": None, "frames": {}, "unchecked": {}}
+    if text:
+        cursor.update(json.loads(text))
+    return cursor
+
+
+def _busy_factories(instance) -> set[str]:
+    """Factories with a retraining or model run queued or in progress (two run-storage queries)."""
+    busy = set()
+    for job in (retrain_job.name, model_job.name):
+        for run in instance.get_runs(filters=dg.RunsFilter(job_name=job, statuses=[
+                dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED]), limit=1000):
+            busy.add(run.tags.get(FACTORY_TAG, FLEET))
+    return busy
 
 
 @dg.sensor(job=retrain_job, minimum_interval_seconds=BOOTSTRAP_INTERVAL_S,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource,
                            retrain_window: RetrainWindow):
-    """Keeps a model on the endpoint with no clicks. On a fresh start (no model), once the
-    frames auto-labels would label can train a model worth deploying (``twin.drift.Readiness``:
-    train situations whose changed slots span two rows and two columns, so the per-slot model
-    can place the rack, or every colour seen both in stock and absent; validation frames to
-    check it on), it trains the first model from automatic labels and deploys it. Afterwards,
-    when the deployed model disagrees with the controller's stock reports on more than 20% of
-    its latest 100 stable frames, it retrains. Both use the last ``retrain_window.days`` days (one run over that partition
-    range). A new run key every 300 frames, so a model that fails its checks is retried
-    with more data."""
-    from factory_assets.vocabulary.clock import recent_days
-    from factory_assets.storage.models import served_version
+    """Keeps every factory's cameras on a model of their own with no clicks, factory by factory.
+    It looks at the factories whose frames arrived since its last tick (one aggregation over the
+    ``seq`` range of what arrived: the cost of a tick follows what arrived, not the number of
+    factories or the history). A factory with no deployed model: once the frames auto-labels
+    would label can train a model worth deploying (``twin.drift.Readiness``: train situations
+    whose changed slots span two rows and two columns, so the per-slot model can place the rack,
+    or every colour seen both in stock and absent; validation frames to check it on), its first
+    model is trained from automatic labels. A factory with deployed models: when one disagrees
+    with its own controller's stock reports on more than 20% of its latest 100 stable frames
+    (looked at every ``DRIFT_CHECK_FRAMES`` new frames of that factory), it is retrained. Each
+    request is one ``retrain_job`` run over that factory's last ``retrain_window.days`` days,
+    tagged ``factory``; ``retrained_model_sensor`` then trains and deploys its models. A new run
+    key every 300 frames (of that factory), so a model that fails its checks is retried with
+    more data; a factory with a retraining run in progress is left alone."""
+    from factory_assets.defs.fleet import valid_factory_id
+    from factory_assets.storage.frames import FrameSequence
     from factory_assets.twin.drift import bootstrap_readiness, controller_disagreement
+    from factory_assets.twin.live import ModelRouter
+    from factory_assets.vocabulary import DEFAULT_FACTORY_ID
+    from factory_assets.vocabulary.clock import recent_days
 
     fdb = mongo.fdb()
-    active = context.instance.get_runs(filters=dg.RunsFilter(job_name=retrain_job.name, statuses=[
-        dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]), limit=1)
-    if active:
-        return dg.SkipReason("A retraining run is in progress.")
+    cursor = _load_bootstrap_cursor(context.cursor)
+    horizon = FrameSequence(fdb).horizon()
+    after = horizon - 1000 if cursor["seq"] is None else int(cursor["seq"])  # a fresh cursor: the recent frames
+    upto = min(horizon, max(after, 0) + SEQ_WINDOW)
+    arrived: dict[str, int] = {}
+    if upto > after:  # per factory, how many frames arrived: one aggregation over the seq range
+        for row in fdb.frames.aggregate([{"$match": {"seq": {"$gt": after, "$lte": upto}}},
+                                         {"$group": {"_id": "$factory_id", "n": {"$sum": 1}}}]):
+            factory_id = row["_id"] if isinstance(row["_id"], str) else DEFAULT_FACTORY_ID
+            arrived[factory_id] = arrived.get(factory_id, 0) + int(row["n"])
+    frames, unchecked = cursor["frames"], cursor["unchecked"]
+    for factory_id, n in arrived.items():
+        frames[factory_id] = frames.get(factory_id, 0) + n
+        unchecked[factory_id] = unchecked.get(factory_id, 0) + n
+    new_cursor = json.dumps({"seq": upto, "frames": frames, "unchecked": unchecked})
+    if not arrived:
+        return dg.SensorResult(skip_reason=dg.SkipReason("No new frame since the last look."), cursor=new_cursor)
     # never before the first partition day (FACTORY_PARTITIONS_START): such a range could not run
     days = within_partitions(recent_days(retrain_window.days))
     if not days:
-        return dg.SkipReason(f"No partition day in the last {retrain_window.days} days: the partitions start "
-                             f"{FIRST_DAY} (FACTORY_PARTITIONS_START).")
-    frames = fdb.frames.estimated_document_count()
-    deployed = served_version(fdb, endpoint.name)
-    if deployed:
-        drift = controller_disagreement(fdb, deployed)
-        if not drift.drifted:
-            return dg.SkipReason(f"Model {deployed} is deployed; it disagrees with the controller on "
-                                 f"{drift.share:.0%} of {_what(drift)}.")
-        return _range_request(f"drift:{deployed}:{frames // 300}", days,
-                              f"disagrees with the controller on {drift.share:.0%} of {_what(drift)}")
-    readiness = bootstrap_readiness(fdb)
-    if not readiness.ready:
-        return dg.SkipReason(f"Waiting for data: {readiness.describe()}.")
-    return _range_request(f"bootstrap:{frames // 300}", days,
-                          f"no model deployed yet; a {readiness.model} model can be trained from "
-                          f"{readiness.train_frames} frames (slots that changed: {', '.join(readiness.slots_varied)})")
+        return dg.SensorResult(cursor=new_cursor, skip_reason=dg.SkipReason(
+            f"No partition day in the last {retrain_window.days} days: the partitions start {FIRST_DAY} "
+            "(FACTORY_PARTITIONS_START)."))
+    router = ModelRouter(fdb, endpoint.name)
+    router.prepare(arrived)
+    busy = _busy_factories(context.instance)
+    requests, notes = [], []
+    for factory_id in sorted(arrived):
+        if not valid_factory_id(factory_id):
+            continue
+        if factory_id in busy:
+            notes.append(f"{factory_id}: a retraining run is in progress")
+            continue
+        deployed = router.cameras(factory_id)
+        if deployed:
+            if unchecked.get(factory_id, 0) < DRIFT_CHECK_FRAMES:
+                continue
+            unchecked[factory_id] = 0
+            for camera_id, version in sorted(deployed.items()):
+                drift = controller_disagreement(fdb, version, factory_id=factory_id)
+                if not drift.drifted:
+                    notes.append(f"{factory_id} {camera_id}: model {version} disagrees with the controller on "
+                                 f"{drift.share:.0%} of {_what(drift)}")
+                    continue
+                requests.append(_range_request(
+                    f"drift:{factory_id}:{version}:{frames[factory_id] // 300}", factory_id, days,
+                    f"{camera_id}'s model {version} disagrees with the controller on {drift.share:.0%} of "
+                    f"{_what(drift)}"))
+                break  # one retraining covers every camera of the factory
+            continue
+        readiness = bootstrap_readiness(fdb, factory_id=factory_id)
+        if not readiness.ready:
+            notes.append(f"{factory_id}: waiting for data: {readiness.describe()}")
+            continue
+        requests.append(_range_request(
+            f"bootstrap:{factory_id}:{readiness.train_frames // 300}", factory_id, days,
+            f"no model deployed for {factory_id} yet; a {readiness.model} model can be trained from "
+            f"{readiness.train_frames} frames (slots that changed: {', '.join(readiness.slots_varied)})"))
+    new_cursor = json.dumps({"seq": upto, "frames": frames, "unchecked": unchecked})
+    for note in notes:
+        context.log.info(note)
+    if not requests:
+        return dg.SensorResult(cursor=new_cursor, skip_reason=dg.SkipReason("; ".join(notes)[:1000] or
+                                                                           "Nothing to (re)train."))
+    return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+
+
+@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[retrain_job], request_job=model_job,
+                      default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=BOOTSTRAP_INTERVAL_S)
+def retrained_model_sensor(context: dg.RunStatusSensorContext):
+    """When a ``retrain_job`` run succeeded, one ``model_job`` run per factory it built datasets
+    for: trains that factory's models on them and deploys those that pass their checks. Run key
+    ``model:<factory>:<run id>``, tag ``factory``."""
+    from factory_assets.defs.partitions import days_by_factory, factory_days
+
+    tags = context.dagster_run.tags
+    if "dagster/asset_partition_range_start" in tags:
+        keys = factory_days.get_partition_keys_in_range(
+            dg.PartitionKeyRange(tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]),
+            dynamic_partitions_store=context.instance)
+    elif "dagster/partition" in tags:
+        keys = [tags["dagster/partition"]]
+    else:
+        return dg.SkipReason(f"run {context.dagster_run.run_id} names no partition")
+    run_id = context.dagster_run.run_id
+    return [dg.RunRequest(run_key=f"model:{factory_id}:{run_id}", partition_key=factory_id,
+                          tags={FACTORY_TAG: factory_id, "factory/reason": f"retrain_job run {run_id[:8]} built its "
+                                                                          f"datasets from {days[0]}..{days[-1]}"})
+            for factory_id, days in days_by_factory(keys).items()]
 
 
 def _what(drift) -> str:
