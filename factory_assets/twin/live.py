@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from factory_assets.storage.frames import (ChangeWaiter, assign_missing_seqs, frame_image_bytes, parse_ts,
                                            read_frames_after)
-from factory_assets.storage.inferences import build_inference, inferred_frame_ids, record_inference
+from factory_assets.storage.inferences import build_inference, record_inference
 from factory_assets.storage.quarantine import quarantine
 from factory_assets.storage.clocks import clock_info
 from factory_assets.twin.state import COLOURS, Observation, Reported, TwinRules, reported_from_stock

@@ -65,7 +65,8 @@ def test_stock_model_on_the_builtin_algorithm_shows_the_job_and_its_checks_block
     endpoint = EndpointResource(name=sm_config.endpoint_name, backend="sagemaker",
                                 sagemaker=_sagemaker_resource(sm_config))
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-builtin")
-    result = dg.materialize([stock_model, model_endpoint], instance=instance, partition_key=FACTORY, raise_on_error=False,
+    result = dg.materialize([stock_model, model_endpoint], instance=instance, partition_key=FACTORY,
+                            raise_on_error=False,
                             resources=_resources(mongo_uri, database_name, endpoint))
     md = result.asset_materializations_for_node("stock_model")[0].metadata
     job = md["training_job"].value

@@ -39,7 +39,8 @@ def test_raw_frames_reports_the_factorys_days_frames_cameras_bytes_quarantine_an
 
 
 def test_raw_frames_of_an_empty_day_succeeds_with_zero_frames(fdb, mongo_uri, database_name):
-    result = dg.materialize([raw_frames], partition_key=key("factory-1", "2026-11-20"), instance=instance_with("factory-1"),
+    result = dg.materialize([raw_frames], partition_key=key("factory-1", "2026-11-20"),
+                            instance=instance_with("factory-1"),
                             resources={"mongo": MongoResource(uri=mongo_uri, database=database_name)})
     md = result.asset_materializations_for_node("raw_frames")[0].metadata
     assert md["frames"].value == 0 and "latest_frame" not in md
@@ -116,6 +117,7 @@ def test_frames_are_arriving_fails_while_no_frame_is_stored_and_passes_again_whe
     # the same check, executed from the UI with the day's stock-taking
     from factory_assets.defs.camera.arrival import frames_are_arriving
 
-    result = dg.materialize([raw_frames, frames_are_arriving], partition_key=key("f", datetime.now(timezone.utc).strftime(
-        "%Y-%m-%d")), instance=instance_with("f"), resources={"mongo": MongoResource(uri=mongo_uri, database=database_name)})
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    result = dg.materialize([raw_frames, frames_are_arriving], partition_key=key("f", today), instance=instance_with("f"),
+                            resources={"mongo": MongoResource(uri=mongo_uri, database=database_name)})
     assert [e.passed for e in result.get_asset_check_evaluations()] == [True]

@@ -220,20 +220,25 @@ def _sensor_reads(mongo_uri: str, database: str, fdb, n_factories: int) -> dict:
     then the same arrivals (70 frames of factory-1, inferred live) and one tick of each sensor,
     counted."""
     from factory_assets.defs.camera.arrival import raw_frames_sensor
-    from factory_assets.defs.twin.sensors import RetrainWindow, bootstrap_model_sensor, new_frames_sensor
+    from factory_assets.defs.twin.sensors import (RetrainWindow, bootstrap_model_sensor, new_frames_sensor,
+                                                  twin_live_sensor)
 
     factories = [f"factory-{k}" for k in range(1, n_factories + 1)]
     for k, factory_id in enumerate(factories):
         history = frames(factory_id, 3, T0 - timedelta(days=3), seed=100 * k)
         insert_frames(fdb, history)
         _inferred(fdb, history, _own(fdb, factory_id, f"v{k + 1}"))
+        # each factory's twin, its changes of a day ago (reported by the first tick)
+        fdb.twin.insert_one({"_id": factory_id, "version": 1, "updated_at": T0 - timedelta(days=1)})
+        fdb.twin_history.insert_one({"factory_id": factory_id, "version": 1, "at": T0 - timedelta(days=1),
+                                     "kind": "reported", "changed": ["A1"]})
     instance = instance_with(*factories)
     # the counting client: its own URI, so a client made after the listener was registered
     uri = mongo_uri + ("&" if "?" in mongo_uri else "?") + "connectTimeoutMS=20001"
     resources = {"mongo": MongoResource(uri=uri, database=database),
                  "endpoint": EndpointResource(url="http://127.0.0.1:9"), "retrain_window": RetrainWindow()}
     sensors = {"discovery": factory_discovery_sensor, "raw_frames": raw_frames_sensor,
-               "new_frames": new_frames_sensor, "bootstrap": bootstrap_model_sensor}
+               "new_frames": new_frames_sensor, "bootstrap": bootstrap_model_sensor, "twin_live": twin_live_sensor}
     cursors: dict = {}
 
     def tick(name):
@@ -248,6 +253,9 @@ def _sensor_reads(mongo_uri: str, database: str, fdb, n_factories: int) -> dict:
     arrivals = frames("factory-1", 70, now - timedelta(minutes=5), seed=7)
     insert_frames(fdb, arrivals)
     _inferred(fdb, arrivals, "v1")
+    fdb.twin.update_one({"_id": "factory-1"}, {"$set": {"version": 2, "updated_at": now}})  # factory-1's twin moved
+    fdb.twin_history.insert_one({"factory_id": "factory-1", "version": 2, "at": now - timedelta(hours=1),
+                                 "kind": "reported", "changed": ["A2"]})
     return {name: COUNTER.count(lambda n=name: tick(n)) for name in sensors}
 
 

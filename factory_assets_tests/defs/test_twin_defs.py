@@ -174,7 +174,8 @@ def test_stock_inferences_fails_clearly_when_the_endpoint_is_down(fdb, mongo_uri
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = dg.materialize([stock_inferences], partition_key=key(F1, "2026-11-20"), raise_on_error=False,
-                            instance=instance_with(F1), resources={"mongo": MongoResource(uri=mongo_uri, database=database_name),
+                            instance=instance_with(F1),
+                            resources={"mongo": MongoResource(uri=mongo_uri, database=database_name),
                                        "endpoint": EndpointResource(url=f"http://127.0.0.1:{port}", timeout_seconds=1)})
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
@@ -296,7 +297,7 @@ def test_the_live_sensor_reports_each_ended_interval_of_twin_changes_once_with_i
 def test_the_live_sensor_does_not_pass_a_version_of_an_open_interval_held_by_a_slow_writer(fdb, resources):
     # a writer that took its ``at`` early and won its swap late holds the higher version with the earlier ``at``
     open_at = datetime.now(timezone.utc) + timedelta(days=1)
-    fdb.twin.insert_one({"_id": "factory-1", "version": 2})
+    fdb.twin.insert_one({"_id": "factory-1", "version": 2, "updated_at": datetime.now(timezone.utc)})
     fdb.twin_history.insert_many([
         {"factory_id": "factory-1", "version": 1, "at": open_at, "kind": "reported", "changed": ["A1"]},
         {"factory_id": "factory-1", "version": 2, "at": OLD, "kind": "reported", "changed": ["A2"]}])
@@ -367,7 +368,8 @@ def test_twin_state_is_requested_when_one_day_of_inferences_is_materialized_and_
     instance = instance_with(F1)
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert first.total_requested == 0
-    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences", partition=str(key(F1, "2026-11-20"))))
+    instance.report_runless_asset_event(dg.AssetMaterialization("stock_inferences",
+                                                                partition=str(key(F1, "2026-11-20"))))
     second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert second.get_num_requested(twin_state.key) == 1
     third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
@@ -427,3 +429,25 @@ def test_a_flagged_disagreement_with_its_since_time_is_shown_not_a_failed_run(fd
                                  "changed": ["A2"], "delta": delta})
     [event] = twin_live_sensor(dg.build_sensor_context(resources={"mongo": resources["mongo"]})).asset_events
     assert event.metadata["delta"].value["slots"]["A2"]["since"] == since.isoformat()
+
+
+def test_the_live_sensor_looks_only_at_the_twins_that_changed_since_its_last_look(fdb, resources):
+    # (what a tick reads at 1 and at 50 factories: test_fleet_tenancy.py)
+    now = datetime.now(timezone.utc)
+    for k in range(1, 51):  # 50 factories whose twins last changed a day ago, reported already
+        fdb.twin.insert_one({"_id": f"factory-{k}", "version": 1, "updated_at": now - timedelta(days=1)})
+        fdb.twin_history.insert_one({"factory_id": f"factory-{k}", "version": 1, "at": OLD, "kind": "reported",
+                                     "changed": ["A1"]})
+    first = twin_live_sensor(dg.build_sensor_context(resources={"mongo": resources["mongo"]}))
+    assert len(first.asset_events) == 50
+    # one factory changes: the next look reads that factory's history only
+    fdb.twin.update_one({"_id": "factory-7"}, {"$set": {"version": 2, "updated_at": now}})
+    fdb.twin_history.insert_one({"factory_id": "factory-7", "version": 2, "at": OLD, "kind": "reported",
+                                 "changed": ["A2"]})
+    import json
+
+    looked = json.loads(first.cursor)
+    second = twin_live_sensor(dg.build_sensor_context(cursor=first.cursor, resources={"mongo": resources["mongo"]}))
+    [event] = second.asset_events
+    assert event.metadata["factory_id"].value == "factory-7" and event.metadata["last_version"].value == 2
+    assert json.loads(second.cursor)["factory-7"] == 2 and "@looked_at" in looked

@@ -35,7 +35,8 @@ def factory_labels(fdb, factory_id: str, days: list[str], camera_id: str | None 
 
     start, end = _bounds(days)
     wanted = set(days)
-    labels = [lab for lab in effective_labels(fdb, start, end) if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
+    labels = [lab for lab in effective_labels(fdb, start, end)
+              if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
     return labels_of(fdb, labels, factory_id, camera_id)
 
 

@@ -28,6 +28,7 @@ FRESH_DATA_HINT = ("To train on newer frames, materialize labeled_images and tra
                    "days you want first (select stock_model with its upstream, or launch retrain_job over a date "
                    "range of that factory).")
 
+
 def factory_datasets(context: dg.AssetExecutionContext, fdb, factory_id: str) -> list[dict]:
     """Per camera of ``factory_id``: the dataset ``training_manifests`` materialized for it in
     this run, else the newest one it materialized for that camera (``materialized_by``). Never
@@ -197,7 +198,8 @@ def _train_locally(context, fdb, dataset: dict, factory_id: str, camera_id: str,
         "regression_ok": bool(regression_ok),
         "accuracy_md": {"per_label_accuracy": accuracy, "minimum": float(model_policy.min_per_label_accuracy)},
         "regression_md": regression_md,
-        "validation": ({c: n["tp"] + n["fn"] for c, n in counts.items()}, {c: n["tn"] + n["fp"] for c, n in counts.items()}),
+        "validation": ({c: n["tp"] + n["fn"] for c, n in counts.items()},
+                       {c: n["tn"] + n["fp"] for c, n in counts.items()}),
         "metadata": {
             "model_version": dg.MetadataValue.text(result.version),
             **dataset_metadata(dataset),

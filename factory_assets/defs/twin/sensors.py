@@ -20,6 +20,7 @@ from factory_assets.defs.twin.picture import twin_markdown
 MAX_RUN_ATTEMPTS = 10
 BOOTSTRAP_INTERVAL_S = 15  # bootstrap and drift look this often (each look: a few index ranges)
 REPORT_INTERVAL = timedelta(minutes=10)
+LOOKED_AT = "@looked_at"  # twin_live_sensor's cursor: when it last looked (no factory id holds "@")
 
 
 class RetrainWindow(dg.ConfigurableResource):
@@ -160,14 +161,23 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
     with the number of changes, the version range and the last observation's provenance
     (frame, frame time, model); a factory's newest event of a tick also carries ``twin``,
     the small inline picture of the twin as it is when reported (the full PNG is left to
-    ``twin_state`` runs). Cursor: the last twin version reported per factory."""
+    ``twin_state`` runs). Cursor: the last twin version reported per factory, and when it last
+    looked. Only the twins updated since two intervals before its last look are looked at (the
+    ``updated_at`` index), so a tick costs the factories whose twin changed, not every factory."""
     from factory_assets.vocabulary.clock import utcnow
 
     fdb = mongo.fdb()
     cursor = json.loads(context.cursor) if context.cursor else {}
-    closed_before = _bucket(utcnow())  # only intervals that have ended
+    now = utcnow()
+    looked = cursor.pop(LOOKED_AT, None)
+    # an interval ends REPORT_INTERVAL after its first change: a twin last updated before
+    # (last look - 2 intervals) has no open interval left that the last look did not report
+    query = {} if looked is None else {"updated_at": {"$gte": datetime.fromisoformat(looked) - 2 * REPORT_INTERVAL}}
+    changed = [d["_id"] for d in fdb.twin.find(query, {"_id": 1, "version": 1})
+               if int(d.get("version") or 0) > int(cursor.get(str(d["_id"]), 0))]
+    closed_before = _bucket(now)  # only intervals that have ended
     events = []
-    for factory_id in sorted(fdb.twin.distinct("_id"), key=str):
+    for factory_id in sorted(changed, key=str):
         last = int(cursor.get(str(factory_id), 0))
         history = fdb.twin_history.find({"factory_id": factory_id, "version": {"$gt": last}}
                                         ).sort("version", 1).limit(5000)
@@ -198,6 +208,7 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
                                  "present": json_value(h["present"])})
             events.append(dg.AssetMaterialization(asset_key="twin_state", metadata=metadata))
             cursor[str(factory_id)] = entries[-1]["version"]
+    cursor[LOOKED_AT] = now.isoformat()
     if events:
         return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor))
     return dg.SensorResult(skip_reason=dg.SkipReason("No ended interval with twin changes."),
@@ -337,7 +348,8 @@ def retrained_model_sensor(context: dg.RunStatusSensorContext):
     tags = context.dagster_run.tags
     if "dagster/asset_partition_range_start" in tags:
         keys = factory_days.get_partition_keys_in_range(
-            dg.PartitionKeyRange(tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]),
+            dg.PartitionKeyRange(tags["dagster/asset_partition_range_start"],
+                                 tags["dagster/asset_partition_range_end"]),
             dynamic_partitions_store=context.instance)
     elif "dagster/partition" in tags:
         keys = [tags["dagster/partition"]]
