@@ -62,8 +62,11 @@ class StatusProbe:
             if self._last is not None and now > self._last[0]:
                 status.frames_per_second = max(0.0, (allocated - self._last[1]) / (now - self._last[0]))
             self._last = (now, allocated)
-            endpoint = fdb.endpoints.find_one({"name": self.endpoint},
-                                              {"model_version": 1, "served_version": 1, "status": 1}) or {}
+            # the factory's own deployment (a fleet: <endpoint>/<factory>/<camera>), else the endpoint's own model
+            shown = {"model_version": 1, "served_version": 1, "status": 1}
+            prefix = f"{self.endpoint}/{self.factory_id}/"
+            endpoint = (fdb.endpoints.find_one({"name": {"$gte": prefix, "$lt": prefix + "\uffff"}}, shown)
+                        or fdb.endpoints.find_one({"name": self.endpoint}, shown) or {})
             status.model_version = endpoint.get("served_version") or endpoint.get("model_version")
             status.endpoint_status = endpoint.get("status")
             twin = fdb.twin.find_one({"_id": self.factory_id},
