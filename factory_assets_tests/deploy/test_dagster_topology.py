@@ -131,7 +131,11 @@ def _request_run(topo, name: str):
 
     def run_of_request():
         records = topo.instance.get_run_records(dg.RunsFilter(tags={"dagster/run_key": name}))
-        return records[0] if records and records[0].dagster_run.is_finished else None
+        if not records or not records[0].dagster_run.is_finished:
+            return None
+        # the run worker writes one more event after the run's status: "Process for run exited"
+        logs = topo.instance.all_logs(records[0].dagster_run.run_id)
+        return records[0] if any("Process for run exited" in (e.message or "") for e in logs) else None
 
     return wait_for(run_of_request, RUN_TIMEOUT, f"the run requested by {name}")
 
