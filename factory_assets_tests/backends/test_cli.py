@@ -16,6 +16,7 @@ def sm_env(sm_config, monkeypatch):
     monkeypatch.setenv("FACTORY_SAGEMAKER_ENDPOINT_NAME", sm_config.endpoint_name)
     monkeypatch.setenv("FACTORY_SAGEMAKER_ENDPOINT_URL", sm_config.sagemaker_endpoint_url)
     monkeypatch.setenv("FACTORY_S3_ENDPOINT_URL", sm_config.s3_endpoint_url)
+    monkeypatch.setenv("FACTORY_SAGEMAKER_POLL_SECONDS", "0.01")  # moto shows an update as Updating once
     return sm_config
 
 

@@ -178,8 +178,10 @@ def test_the_environment_chooses_the_backend_and_its_settings_at_run_time(aws_en
     monkeypatch.setenv("FACTORY_MODEL_BACKEND", "sagemaker")
     monkeypatch.setenv("FACTORY_SAGEMAKER_ROLE_ARN", ROLE)
     monkeypatch.setenv("FACTORY_SAGEMAKER_EPOCHS", "3")
+    monkeypatch.setenv("FACTORY_SAGEMAKER_POLL_SECONDS", "0.5")
     monkeypatch.delenv("FACTORY_SAGEMAKER_BUCKET", raising=False)
     endpoint = EndpointResource(**backend_from_env())
+    assert endpoint.sagemaker.poll_seconds == 0.5  # a float setting, given as its value (no EnvVar.float)
     instance = _instance_with_dataset(fdb, dagster_dataset, "dg-env")
     result = dg.materialize([stock_model], instance=instance, partition_key=FACTORY, raise_on_error=False,
                             resources=_resources(mongo_uri, database_name, endpoint))

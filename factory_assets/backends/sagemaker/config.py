@@ -46,6 +46,7 @@ ENV = {
     "runtime_endpoint_url": "FACTORY_SAGEMAKER_RUNTIME_URL",
     "endpoint_mode": "FACTORY_SAGEMAKER_ENDPOINT_MODE",
     "model_cache_bytes": "FACTORY_SAGEMAKER_MODEL_CACHE_BYTES",
+    "poll_seconds": "FACTORY_SAGEMAKER_POLL_SECONDS",
 }
 BACKEND_ENV = "FACTORY_MODEL_BACKEND"
 
@@ -101,7 +102,8 @@ class SageMakerConfig:
         for name, var in ENV.items():
             raw = environ.get(var)
             if raw not in (None, ""):
-                values[name] = int(raw) if types[name] in ("int", "int | None") else raw
+                values[name] = int(raw) if types[name] in ("int", "int | None") else \
+                    float(raw) if types[name] == "float" else raw
         if "region" not in values:
             region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
             if region:

@@ -49,7 +49,8 @@ def sagemaker_resource_from_env() -> SageMakerResource:
     """Each setting bound with ``dg.EnvVar`` when its variable is set (the UI shows the
     variable, not its value), the default otherwise."""
     fields = SageMakerResource.model_fields
-    bound = {name: dg.EnvVar.int(var) if fields[name].annotation is int else dg.EnvVar(var)
+    bound = {name: dg.EnvVar.int(var) if fields[name].annotation is int else
+             float(os.environ[var]) if fields[name].annotation is float else dg.EnvVar(var)  # no EnvVar.float
              for name, var in ENV.items() if name in fields and os.environ.get(var)}
     if "region" not in bound:
         for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
