@@ -11,7 +11,7 @@ import pytest
 
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.resources import MongoResource
-from factory_assets.defs.twin.assets import stock_inferences, twin_state
+from factory_assets.defs.twin.assets import StockInferencesConfig, stock_inferences, twin_state
 from factory_assets.defs.twin.sensors import RetrainWindow, load_frames_cursor, new_frames_sensor, twin_live_sensor
 from factory_assets.storage.frames import build_frame, insert_frames
 from factory_assets.storage.inferences import build_inference, record_inference
@@ -173,13 +173,12 @@ def test_stock_inferences_fails_clearly_when_the_endpoint_is_down(fdb, mongo_uri
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = dg.materialize([stock_inferences], partition_key=key(F1, "2026-11-20"), raise_on_error=False,
-                            instance=instance_with(F1),
-                            resources={"mongo": MongoResource(uri=mongo_uri, database=database_name),
-                                       "endpoint": EndpointResource(url=f"http://127.0.0.1:{port}", timeout_seconds=1)})
-    assert not result.success
-    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
-    assert "Endpoint unavailable" in str(failure.event_specific_data.error)
+    # the asset's body, as a run's step executes it (a run would then retry it 3 times, 2 + 4 + 8 s apart)
+    context = dg.build_asset_context(partition_key=key(F1, "2026-11-20"), instance=instance_with(F1))
+    with pytest.raises(dg.Failure, match="Endpoint unavailable") as failure:
+        stock_inferences(context, StockInferencesConfig(), mongo=MongoResource(uri=mongo_uri, database=database_name),
+                         endpoint=EndpointResource(url=f"http://127.0.0.1:{port}", timeout_seconds=1))
+    assert failure.value.allow_retries is not False and stock_inferences.op.retry_policy.max_retries == 3
     assert fdb.inferences.count_documents({}) == 0
 
 
