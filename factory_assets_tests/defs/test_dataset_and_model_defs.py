@@ -104,6 +104,16 @@ def _import_range_tags(fdb) -> dict:
     return range_tags(IMPORTED, day_key(first), day_key(last))
 
 
+@pytest.fixture(scope="module")
+def imported_dataset(tmp_path_factory):
+    """A simulated dataset to import, big enough for training_manifests' split to hold every class
+    present and absent in validation, small enough to import and train in a few seconds (what
+    these tests check is the assets' plumbing and checks, not the model's quality)."""
+    from factory_assets.simulation.datasets import write_simulated_dataset
+
+    return write_simulated_dataset(tmp_path_factory.mktemp("imported") / "dataset", n_train=120, n_valid=24, seed=1)
+
+
 def _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance=None):
     from factory_assets.datasets.importer import import_dataset
 
@@ -112,11 +122,11 @@ def _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance=None):
                           instance=instance)
 
 
-def test_a_model_below_the_bar_is_registered_but_never_deployed(fdb, sim_dataset, tmp_path, resources,
+def test_a_model_below_the_bar_is_registered_but_never_deployed(fdb, imported_dataset, tmp_path, resources,
                                                                 monkeypatch, model_server):
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
     instance = instance_with(IMPORTED)
-    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance)
+    _imported_sim_dataset(fdb, imported_dataset, tmp_path, resources, instance)
     res = {**resources, "model_policy": ModelPolicyResource(min_per_label_accuracy=1.01),
            "endpoint": EndpointResource(url=model_server.url)}
     result = dg.materialize([stock_model, model_endpoint], resources=res, raise_on_error=False, instance=instance,
@@ -131,7 +141,7 @@ def test_a_model_below_the_bar_is_registered_but_never_deployed(fdb, sim_dataset
 
 
 def test_a_good_model_is_deployed_for_its_factory_and_the_server_serves_it_by_name(
-        fdb, sim_dataset, tmp_path, resources, monkeypatch, mongo_uri, database_name, sim_jpeg):
+        fdb, imported_dataset, tmp_path, resources, monkeypatch, mongo_uri, database_name, sim_jpeg):
     from factory_assets.serving.models import model_name
     from factory_assets.serving.predictor import HttpEndpointPredictor
     from factory_assets.serving.server import InferenceServer
@@ -139,7 +149,7 @@ def test_a_good_model_is_deployed_for_its_factory_and_the_server_serves_it_by_na
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
     instance = instance_with(IMPORTED)
-    _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance)
+    _imported_sim_dataset(fdb, imported_dataset, tmp_path, resources, instance)
     srv = InferenceServer("127.0.0.1", 0, endpoint_name="factory-stock", log=lambda *_: None)
     srv.follow(mongo_uri, database_name, poll_seconds=0.1)
     srv.start()
@@ -190,12 +200,12 @@ def test_model_endpoint_fails_clearly_when_the_server_is_unreachable(fdb, traine
 
 
 def test_stock_model_trains_on_its_upstreams_dataset_not_the_newest_built_by_anyone(
-        fdb, sim_dataset, tmp_path, resources, monkeypatch, model_server):
+        fdb, imported_dataset, tmp_path, resources, monkeypatch, model_server):
     from factory_assets.datasets.manifests import build_dataset, current_dataset
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
     instance = instance_with(IMPORTED)
-    upstream = _imported_sim_dataset(fdb, sim_dataset, tmp_path, resources, instance)
+    upstream = _imported_sim_dataset(fdb, imported_dataset, tmp_path, resources, instance)
     upstream_version = upstream.asset_materializations_for_node("training_manifests")[0].metadata[
         "dataset_version"].value
     # someone else (the CLI, another run) builds a different, newer dataset afterwards
