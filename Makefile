@@ -18,9 +18,10 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/factory-assets up
 
-## Run the whole test suite against real services started by the fixtures.
+## Run the whole test suite against real services started by the fixtures, one pytest-xdist
+## worker per core (at most 4), each test file on one worker (its module fixtures started once).
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 validate: install
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
