@@ -3,38 +3,12 @@ every name but 127.0.0.1 fails to resolve, and every request the browser makes i
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / ".factory"
-
-
-@pytest.fixture
-def offline_browser():
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("Chromium is absent: `apt-get install chromium chromium-driver` (.ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is absent (pip install '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,1000",
-                "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-domain-reliability", "--disable-sync",
-                # the network is off: no name resolves but the server's own address
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+from factory_assets_tests.fixtures.chromium import SCREENSHOT_DIR, offline_browser  # noqa: F401
 
 
 def _requests_made(driver) -> list[str]:

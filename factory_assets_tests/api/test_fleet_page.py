@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from factory_assets.api.fleet import Entry, agreement
-from factory_assets_tests.api.test_page import SCREENSHOT_DIR, browser  # noqa: F401 (the Chromium fixture)
+from factory_assets_tests.fixtures.chromium import SCREENSHOT_DIR, browser  # noqa: F401 (the Chromium fixture)
 from factory_assets_tests.fixtures.mqtt import mqtt_broker  # noqa: F401
 
 SEED = 0  # factory-3 (seed 2) holds no RED piece: an order for one faults its warehouse

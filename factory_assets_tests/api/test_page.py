@@ -1,35 +1,12 @@
 """The live page in a real headless Chromium (Debian's chromium + chromium-driver, nothing downloaded)."""
 from __future__ import annotations
 
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from factory_assets_tests.api.conftest import BASE_TS, report
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / ".factory"
-
-
-@pytest.fixture
-def browser():
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("Chromium is absent: `apt-get install chromium chromium-driver` (.ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is absent (pip install '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,1000",
-                "--disable-gpu", "--no-first-run"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+from factory_assets_tests.fixtures.chromium import SCREENSHOT_DIR, browser  # noqa: F401
 
 
 def _seed_frame_and_observation(fdb, seconds=(30, 31, 32)):
