@@ -15,8 +15,8 @@ exactly what it was. The tests hold the two to the same answers on generated and
 """
 from __future__ import annotations
 
-from factory_assets.vision.decode import (GENERIC_CONTENT_TYPES, JPEG, SUPPORTED_CONTENT_TYPES, ImageDecodeError,
-                                          ImageInfo, inspect_image, sniff_content_type)
+from factory_assets.vision.decode import (JPEG, ImageInfo, check_size_and_type, inspect_image,
+                                          sniff_content_type)
 
 _SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # SOF0 baseline, SOF1 extended sequential
 _SKIPPED = tuple(range(0xE0, 0xF0)) + (0xFE, 0xDD)  # APPn, COM, DRI: read past
@@ -140,12 +140,7 @@ def _ends_with_eoi(data: bytes) -> bool:
 def inspect_frame(data: bytes, declared_type: str | None = None, max_bytes: int | None = None) -> ImageInfo:
     """``inspect_image(data, declared_type, max_bytes)``, reading a sequential JPEG's headers
     instead of decoding it; the same :class:`ImageDecodeError` reasons."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageDecodeError("oversize", f"image is {len(data)} bytes, over the limit of {max_bytes}")
-    if declared_type:
-        declared = declared_type.split(";")[0].strip().lower()
-        if declared not in SUPPORTED_CONTENT_TYPES + GENERIC_CONTENT_TYPES:
-            raise ImageDecodeError("unsupported_content_type", f"content type {declared_type!r} is not supported")
+    check_size_and_type(data, declared_type, max_bytes)
     if sniff_content_type(data) == JPEG and _ends_with_eoi(data):
         size = _jpeg_size(data)
         if size is not None:

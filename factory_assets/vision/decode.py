@@ -64,14 +64,19 @@ def decode_image(data: bytes):
     return img
 
 
-def inspect_image(data: bytes, declared_type: str | None = None, max_bytes: int | None = None) -> ImageInfo:
-    """Validate an image for storage; raises ImageDecodeError with a reason code."""
+def check_size_and_type(data: bytes, declared_type: str | None = None, max_bytes: int | None = None) -> None:
+    """The checks made before any image byte is read: the size limit and the declared content type."""
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageDecodeError("oversize", f"image is {len(data)} bytes, over the limit of {max_bytes}")
     if declared_type:
         declared = declared_type.split(";")[0].strip().lower()
         if declared not in SUPPORTED_CONTENT_TYPES + GENERIC_CONTENT_TYPES:
             raise ImageDecodeError("unsupported_content_type", f"content type {declared_type!r} is not supported")
+
+
+def inspect_image(data: bytes, declared_type: str | None = None, max_bytes: int | None = None) -> ImageInfo:
+    """Validate an image for storage; raises ImageDecodeError with a reason code."""
+    check_size_and_type(data, declared_type, max_bytes)
     sniffed = sniff_content_type(data)
     if sniffed is None:
         raise ImageDecodeError("unknown_content_type", "bytes are neither JPEG nor PNG")
