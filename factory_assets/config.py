@@ -38,19 +38,25 @@ def max_image_bytes() -> int:
     return int(value) if value else DEFAULT_MAX_IMAGE_BYTES
 
 
+def env_number(name: str, default: float, kind=float):
+    """A number >= 0 from the environment variable ``name`` (``default`` when unset or empty);
+    a clear ValueError naming the variable otherwise. ``kind=int`` asks for a whole number."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, not {value!r}") from None
+    if not number >= 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+    return number
+
+
 def settle_seconds() -> float:
     """``FACTORY_SETTLE_S``: seconds after a reported stock change while the crane may still be
     moving (default ``vocabulary.DEFAULT_SETTLE_S``): no frame in it is auto-labelled, and the
     twin marks a vision/controller disagreement in it as ``in_transit`` (docs/twin.md)."""
     from factory_assets.vocabulary import DEFAULT_SETTLE_S
 
-    value = os.environ.get("FACTORY_SETTLE_S")
-    if not value:
-        return DEFAULT_SETTLE_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"FACTORY_SETTLE_S must be a number of seconds, not {value!r}") from None
-    if not seconds >= 0:
-        raise ValueError(f"FACTORY_SETTLE_S must be >= 0 seconds, not {value!r}")
-    return seconds
+    return float(env_number("FACTORY_SETTLE_S", DEFAULT_SETTLE_S))

@@ -18,7 +18,6 @@ Two rules keep ``delta`` to what a person should act on (``assess``, ``TwinRules
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -30,19 +29,6 @@ __all__ = ["COLOURS", "SLOTS", "TYPE_TO_COLOUR", "Assessment", "Observation", "R
 
 DEFAULT_PERSIST_FRAMES = 3   # a disagreement is flagged once seen on this many consecutive frames...
 DEFAULT_PERSIST_S = 2.0      # ...spanning at least this many seconds
-
-
-def _env_number(name: str, default: float, kind=float):
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        number = kind(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, not {value!r}") from None
-    if not number >= 0:
-        raise ValueError(f"{name} must be >= 0, not {value!r}")
-    return number
 
 
 @dataclass(frozen=True)
@@ -62,7 +48,7 @@ class TwinRules:
     def from_env(cls, **overrides) -> "TwinRules":
         """``FACTORY_SETTLE_S``, ``FACTORY_DISAGREEMENT_FRAMES``, ``FACTORY_DISAGREEMENT_S``
         (read when called); ``overrides`` that are not None win."""
-        from factory_assets.config import settle_seconds
+        from factory_assets.config import env_number as _env_number, settle_seconds
 
         values = {"settle_s": settle_seconds(),
                   "persist_frames": _env_number("FACTORY_DISAGREEMENT_FRAMES", DEFAULT_PERSIST_FRAMES, int),

@@ -106,7 +106,7 @@ def test_the_settle_time_comes_from_the_environment(fdb, monkeypatch):
     auto_label(fdb, T0, T0 + timedelta(days=1))
     assert min(lab["frame_ts"] for lab in effective_labels(fdb)) == T0 + timedelta(seconds=11)
     monkeypatch.setenv("FACTORY_SETTLE_S", "soon")
-    with pytest.raises(ValueError, match="FACTORY_SETTLE_S must be a number of seconds"):
+    with pytest.raises(ValueError, match="FACTORY_SETTLE_S must be a number"):
         auto_label(fdb, T0, T0 + timedelta(days=1))
 
 
