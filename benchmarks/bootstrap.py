@@ -187,7 +187,8 @@ def main(argv=None) -> int:
                     readiness = readiness_of(situations_at(ft)[3])
                     ticks.append({"t": round(ft, 1), "ready": readiness.ready, "model": readiness.model,
                                   "train_frames": readiness.train_frames, "valid_frames": readiness.valid_frames,
-                                  "slots_varied": list(readiness.slots_varied)})
+                                  "slots_varied": list(readiness.slots_varied),
+                                  "slots_held": list(readiness.slots_held)})
                 if not pending and ((readiness is not None and readiness.ready) or drifted):
                     k += 1
                     result, info, labelled = train_at(ft, root, k)
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
         "frames_showing_another_rack_than_reported": sum(f[3] != f[2] for f in frames),
         "stable_frames": len(stable_frames),
         "first_ready": first_ready,
+        "sensor_ticks_until_ready": ticks[:ticks.index(first_ready) + 1] if first_ready else ticks,
         "time_to_first_model_s": round(first_deploy, 1) if first_deploy is not None else None,
         "time_to_first_model_min": round(first_deploy / 60, 2) if first_deploy is not None else None,
         "agreement_exact_all_versions": round(total_a / total_c, 4) if total_c else None,

@@ -15,7 +15,8 @@ model worth deploying: it replays the auto-label rule (``datasets.autolabel.stab
 outside every change's settle time, up to where the factory was heard) and the dataset's
 split (``datasets.manifests``: whole stock situations, the 2nd, 7th... to validation), and
 waits until the *train* situations show slots both empty and occupied in two rows and two
-columns (the per-slot model places the rack from them), or every colour both in stock and
+columns, or one of them holds pieces in two rows and two columns (the per-slot model places the
+rack from either: ``vision.slots.SlotGeometry.fit``), or every colour both in stock and
 absent (a presence model), with validation frames to check it on. Judging the reports alone
 trained presence models on a handful of frames whose changes lay in the settle time or only
 in validation, and drift replaced them minutes later.
@@ -154,6 +155,7 @@ class Readiness:
     situations: int        # situations with at least BOOTSTRAP_MIN_SITUATION_FRAMES labelled frames
     colours_varied: int    # colours both in stock and absent among the train situations
     slots_varied: tuple = ()  # slots both empty and occupied among the train situations
+    slots_held: tuple = ()  # the occupied slots of the train situation whose pieces span the most rows x columns
 
     @property
     def frames(self) -> int:
@@ -161,9 +163,10 @@ class Readiness:
 
     @property
     def placed(self) -> bool:
-        """The per-slot model can place the rack: the slots that changed state span two rows and
-        two columns (``vision.slots.SlotGeometry.fit``)."""
-        return len({s[0] for s in self.slots_varied}) >= 2 and len({s[1] for s in self.slots_varied}) >= 2
+        """The per-slot model can place the rack (``vision.slots.SlotGeometry.fit``): the slots that
+        changed state span two rows and two columns, or the pieces of one train situation do (the
+        rack placed from where each reported colour shows) and some train slot is empty."""
+        return _spans(self.slots_varied) or (_spans(self.slots_held) and len(self.slots_held) < len(SLOTS))
 
     @property
     def model(self) -> str | None:
@@ -183,10 +186,17 @@ class Readiness:
 
     def describe(self) -> str:
         varied = ", ".join(self.slots_varied) or "none"
+        held = ", ".join(self.slots_held) or "none"
         return (f"{self.train_frames} labelled train frames (need {BOOTSTRAP_MIN_TRAIN_FRAMES}) and "
                 f"{self.valid_frames} validation frames in {self.situations} stock situations; slots seen "
-                f"both empty and occupied: {varied} (the per-slot model needs two rows and two columns); "
+                f"both empty and occupied: {varied}; pieces of one situation: {held} (the per-slot model "
+                f"needs either in two rows and two columns); "
                 f"{self.colours_varied} of {len(COLOURS)} colours seen both in stock and absent")
+
+
+def _spans(slots) -> bool:
+    """Slots (``'B3'``...) in at least two rows and two columns."""
+    return len({s[0] for s in slots}) >= 2 and len({s[1] for s in slots}) >= 2
 
 
 def readiness_of(situations: list) -> Readiness:
@@ -200,9 +210,12 @@ def readiness_of(situations: list) -> Readiness:
             filled.setdefault(slot, set()).add(s.slots.get(slot) is not None)
         for c, v in reported_presence(s.slots).items():
             seen[c].add(v)
+    held = [tuple(slot for slot in SLOTS if s.slots.get(slot) is not None) for s in train]
     return Readiness(sum(s.frames for s in train), sum(s.frames for s in counted if s.split == "valid"),
                      len(counted), sum(len(v) == 2 for v in seen.values()),
-                     tuple(slot for slot in SLOTS if len(filled.get(slot, ())) == 2))
+                     tuple(slot for slot in SLOTS if len(filled.get(slot, ())) == 2),
+                     max(held, key=lambda h: (_spans(h), len({x[0] for x in h}) * len({x[1] for x in h})),
+                         default=()))
 
 
 def planned_splits(keys: list, known: dict, counter: int) -> dict:

@@ -66,3 +66,25 @@ def test_only_frames_that_were_taken_count_a_camera_switched_off_labels_nothing(
     frames_at(fdb, range(400, 420), start=T0)  # switched on again much later: the newest report's frames
     readiness = bootstrap_readiness(fdb)
     assert readiness.situations == 2 and not readiness.ready
+
+
+def test_the_pieces_of_one_train_situation_in_two_rows_and_two_columns_place_the_rack_before_any_change(fdb):
+    # A factory's first stock already holds pieces in rows B and C, columns 2 and 3: the per-slot
+    # model places the rack from where each reported colour shows (vision.slots), so the first
+    # change only has to give the validation situation.
+    for n, (t, slots) in enumerate([(0, rack(B2="BLUE", B3="WHITE", C2="RED")), (100, rack(B2="BLUE", B3="WHITE"))]):
+        stock_report(fdb, T0 + timedelta(seconds=t), slots, n)
+    frames_at(fdb, range(0, 200), start=T0)
+    readiness = bootstrap_readiness(fdb)
+    assert readiness.slots_varied == () and readiness.slots_held == ("B2", "B3", "C2")
+    assert readiness.placed and readiness.model == "slots" and readiness.ready
+    assert "pieces of one situation: B2, B3, C2" in readiness.describe()
+
+
+def test_a_full_rack_places_nothing_from_its_colours_the_model_needs_an_empty_slot_too(fdb):
+    full = {s: "BLUE" for s in SLOTS}
+    for n, (t, slots) in enumerate([(0, full), (100, full | {"A1": None})]):
+        stock_report(fdb, T0 + timedelta(seconds=t), slots, n)
+    frames_at(fdb, range(0, 200), start=T0)
+    readiness = bootstrap_readiness(fdb)
+    assert len(readiness.slots_held) == 9 and not readiness.placed
