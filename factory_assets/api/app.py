@@ -124,7 +124,7 @@ def create_app(fdb, settings: ApiSettings | None = None):
     from starlette.websockets import WebSocketDisconnect
 
     from factory_assets.api import tokens as tok
-    from factory_assets.api.hub import TwinHub, follow, history_json, to_json, twin_json
+    from factory_assets.api.hub import TwinHub, follow, history_json, history_page, to_json, twin_json
     from factory_assets.api.orders import MqttOrderLink, OrderDispatcher
     from factory_assets.twin import desired as des
     from factory_assets.twin import orders as tw
@@ -282,16 +282,12 @@ def create_app(fdb, settings: ApiSettings | None = None):
                 cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$",
                                                     description="next_cursor of the previous page")] = None,
                 order: Literal["asc", "desc"] = "desc"):
-        known_factory(factory_id)
+        twin = known_factory(factory_id)
         t0, t1 = _parse_time(since, "since"), _parse_time(until, "until")
-        query: dict = {"factory_id": factory_id}
-        if cursor is not None:
-            query["version"] = {"$lt" if order == "desc" else "$gt": int(cursor)}
-        if t0 or t1:
-            query["at"] = {**({"$gte": t0} if t0 else {}), **({"$lt": t1} if t1 else {})}
-        rows = list(fdb.twin_history.find(query).sort("version", -1 if order == "desc" else 1).limit(limit + 1))
-        more = len(rows) > limit
-        rows = rows[:limit]
+        # version ranges of this factory next to the page (index factory_version), never its whole history
+        top = (twin or {}).get("version")
+        rows, more = history_page(fdb, factory_id, top if isinstance(top, int) else 0, limit=limit,
+                                  cursor=None if cursor is None else int(cursor), order=order, since=t0, until=t1)
         return {"factory_id": factory_id, "items": [history_json(r) for r in rows],
                 "next_cursor": str(rows[-1]["version"]) if more and rows else None}
 

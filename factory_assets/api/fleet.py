@@ -1,6 +1,7 @@
 """The fleet at a glance: what ``GET /api/fleet`` answers and the page ``/fleet`` shows.
 
-For every factory (each twin document, and the API's default factories):
+For every factory (each twin document, each factory of ``storage.factories``, and the API's
+default factories):
 
 * ``twin``: its version, when it last changed and how long ago;
 * ``model``: the model version behind the twin's camera view (``observed``);
@@ -20,7 +21,8 @@ What it reads, per refresh (at most every :data:`REFRESH_S`, whatever the number
 all of it index ranges that start with ``factory_id`` and are bounded by what arrived, never
 by the history (proved by the explain tests in ``storage/test_hot_paths.py``):
 
-* the twin documents: one small document per factory (``_id`` is the factory id);
+* the twin documents and the ``factories`` documents: one small document per factory each
+  (``_id`` is the factory id);
 * ``twin_history`` ``{factory_id, at >= t}`` (index ``factory_at``): the first time the last
   hour and :data:`LOOKBACK_S` before it, then only what was appended since (a little overlap:
   a writer stamps ``at`` a moment before it appends);
@@ -177,8 +179,11 @@ class FleetView:
             if now is None and self._cached is not None and mono - self._cached_at < self.refresh_s:
                 return self._cached
             now = now or utcnow()
+            from factory_assets.storage.factories import known_factories
+
             twins = {d["_id"]: d for d in self.fdb.twin.find({}, TWIN_PROJECTION) if isinstance(d.get("_id"), str)}
-            ids = sorted(set(twins) | set(self.default_factories), key=natural_key)
+            # the factories heard of (one small document each), also those without a twin yet
+            ids = sorted(set(twins) | set(known_factories(self.fdb)) | set(self.default_factories), key=natural_key)
             horizon = FrameSequence(self.fdb).horizon()
             rows = [self._row(fid, twins.get(fid), now, horizon, mono) for fid in ids]
             self._cached = {"now": now.isoformat().replace("+00:00", "Z"), "window_s": self.window.total_seconds(),

@@ -24,7 +24,7 @@ import logging
 import time
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 from bson import ObjectId
 
@@ -285,10 +285,19 @@ class TwinHub:
             fid = doc["_id"]
             if fid not in self._versions:
                 self._versions[fid] = doc.get("version", 0)
-                last = self.fdb.twin_history.find_one({"factory_id": fid}, {"version": 1},
-                                                      sort=[("version", -1)])
-                self._history[fid] = (last or {}).get("version", 0)
+                self._history[fid] = self._newest_history(fid, doc.get("version", 0))
                 self._recent[fid] = set(range(self._history[fid] - LATE_WINDOW, self._history[fid] + 1))
+
+    def _newest_history(self, fid, version) -> int:
+        """The newest history version of ``fid`` at or below its twin's ``version``, looked for among
+        the last ``LATE_WINDOW`` versions only (a range of ``factory_version``, not the factory's
+        history); ``version - LATE_WINDOW`` when none is there (older entries are never emitted)."""
+        if not isinstance(version, int) or isinstance(version, bool):
+            return 0
+        recent = [d.get("version") for d in self.fdb.twin_history.find(
+            {"factory_id": fid, "version": {"$gt": version - LATE_WINDOW, "$lte": version}}, {"version": 1})]
+        recent = [v for v in recent if isinstance(v, int)]
+        return max(recent) if recent else max(0, version - LATE_WINDOW)
 
     def _watch(self) -> bool:
         """Follow a change stream; False when the server has none (then poll)."""
@@ -358,18 +367,20 @@ class TwinHub:
             return None
 
     def _check_frames(self) -> None:
-        """The newest camera frame (``frame_seq`` index, no image bytes) -> ``frame`` events."""
-        query = {"seq": {"$gt": self._frame_seq}} if self._frame_seq is not None else {"seq": {"$gte": -1}}
-        head = self.fdb.frames.find_one(query, {"seq": 1, "ts": 1, "camera_id": 1, "factory_id": 1},
-                                        sort=[("seq", -1)])
-        if head is None:
-            if self._frame_seq is None:
-                self._frame_seq = -1  # no frame yet: the first one to arrive is news
+        """The newest camera frame that arrived since the last look (``frame_seq`` index, a range of
+        what arrived, no image bytes) -> ``frame`` events; only frames from the first look on are news."""
+        if self._frame_seq is None:
+            # the first look: news start at the frames settled now (not the newest of every frame
+            # stored: a server that applies limit after the range would read them all)
+            from factory_assets.storage.frames import FrameSequence
+
+            self._frame_seq = FrameSequence(self.fdb).horizon()
             return
-        first = self._frame_seq is None
+        head = self.fdb.frames.find_one({"seq": {"$gt": self._frame_seq}},
+                                        {"seq": 1, "ts": 1, "camera_id": 1, "factory_id": 1}, sort=[("seq", -1)])
+        if head is None:
+            return
         self._frame_seq = head["seq"]
-        if first:
-            return  # only frames that arrive from now on are news
         frame = to_json(head)
         frame["id"] = frame.pop("_id")
         frame["url"] = f"/api/frames/{frame['id']}.jpg"
@@ -485,11 +496,11 @@ def _catch_up(fdb, factory_id: str, last_id: int | None) -> list[dict]:
         return [snapshot_message(twin)]
     if last_id == version:
         return []
-    entries = [history_json(e) for e in fdb.twin_history.find(
-        {"factory_id": factory_id, "version": {"$gt": last_id, "$lte": version}}).sort("version", 1)
-        .limit(MAX_REPLAY + 1)]
-    if len(entries) > MAX_REPLAY:
+    # ranges of versions after last_id, until more than a replay holds (not every entry since)
+    rows, more = history_page(fdb, factory_id, version, limit=MAX_REPLAY, cursor=last_id, order="asc")
+    if more:
         return [snapshot_message(twin)]
+    entries = [history_json(e) for e in rows]
     if expects_history(raw) and not (entries and entries[-1]["version"] == version):
         # The newest version's history entry is still being written: replay what is stored
         # and leave that version to the hub, which emits it once its entry exists (the
@@ -499,3 +510,85 @@ def _catch_up(fdb, factory_id: str, last_id: int | None) -> list[dict]:
     out.append({"type": "update", "version": version, "twin": twin,
                 "changes": [e for e in entries if e["version"] == version]})
     return out
+
+
+# -- a page of a factory's history, bounded by the page -----------------------------------------
+
+HISTORY_SLAB = 64  # the first range of versions a page looks at (history is sparse: not every version has an entry)
+HISTORY_TIME_SLAB_S = 600.0  # the first time range looked at for a since/until boundary
+MAX_TIME_DOUBLINGS = 24  # 600 s x 2^24: three centuries
+
+
+def _as_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _boundary_version(fdb, factory_id: str, t: datetime, *, before: bool, now: datetime) -> int | None:
+    """The newest version with ``at < t`` (``before``), or the oldest with ``at >= t``: time ranges
+    of ``factory_at`` next to ``t``, doubling while empty (an empty range reads no key), so what is
+    read is the first non-empty range, not the history. None when there is none."""
+    from datetime import timedelta
+
+    span = timedelta(seconds=HISTORY_TIME_SLAB_S)
+    for _ in range(MAX_TIME_DOUBLINGS):
+        rng = {"$gte": t - span, "$lt": t} if before else {"$gte": t, "$lt": t + span}
+        versions = [v for v in (_as_int(d.get("version")) for d in fdb.twin_history.find(
+            {"factory_id": factory_id, "at": rng}, {"version": 1})) if v is not None]
+        if versions:
+            return max(versions) if before else min(versions)
+        if not before and t + span > now:
+            return None  # nothing from t up to now
+        span *= 2
+    return None
+
+
+def history_page(fdb, factory_id: str, top: int, *, limit: int, cursor: int | None = None, order: str = "desc",
+                 since: datetime | None = None, until: datetime | None = None,
+                 now: datetime | None = None) -> tuple[list[dict], bool]:
+    """One page of ``factory_id``'s history: up to ``limit`` entries (``order`` by version) after
+    ``cursor`` and with ``since <= at < until``, and whether there are more. ``top``: the twin's
+    version (no entry is newer).
+
+    Every read is a range of ``factory_version`` of this factory, next to the page, never "sorted,
+    limit n" over the whole history (a server that applies ``limit`` after reading the range, as
+    SecantusDB does, would read every entry): ranges of versions from the cursor on, widened while
+    they hold too few entries (an empty range reads no key), and for ``since``/``until`` without a
+    cursor, the version at that time found by :func:`_boundary_version` first."""
+    from factory_assets.vocabulary import utcnow
+
+    now = now or utcnow()
+    since, until = (t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc) for t in (since, until))
+    desc = order == "desc"
+    if desc:
+        edge = min(top, cursor - 1) if cursor is not None else top  # the newest version the page may hold
+        if cursor is None and until is not None:
+            found = _boundary_version(fdb, factory_id, until, before=True, now=now)
+            edge = min(edge, found) if found is not None else 0
+    else:
+        edge = max(0, cursor) if cursor is not None else 0  # the page starts after this version
+        if cursor is None and since is not None:
+            found = _boundary_version(fdb, factory_id, since, before=False, now=now)
+            edge = found - 1 if found is not None else top
+    rows: list[dict] = []
+    width, scanned, passed = HISTORY_SLAB, 0, False
+    while len(rows) <= limit and not passed and (edge > 0 if desc else edge < top):
+        lo, hi = (max(0, edge - width), edge) if desc else (edge, min(top, edge + width))
+        for doc in fdb.twin_history.find({"factory_id": factory_id, "version": {"$gt": lo, "$lte": hi}}):
+            at = doc.get("at")
+            if isinstance(at, datetime):
+                at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+                if since is not None and at < since:
+                    passed = passed or desc  # older than the page's time range: the rest is older still
+                    continue
+                if until is not None and at >= until:
+                    passed = passed or not desc
+                    continue
+            rows.append(doc)
+        scanned += hi - lo
+        edge = lo if desc else hi
+        need = limit + 1 - len(rows)
+        # wider while empty; else as wide as the density seen says the rest needs (at most 8x at once)
+        estimate = width * 8 if not rows else int(need * scanned / len(rows) * 1.25) + 1
+        width = max(HISTORY_SLAB, min(width * 8, estimate))
+    rows.sort(key=lambda d: d.get("version", 0), reverse=desc)
+    return rows[:limit], len(rows) > limit

@@ -51,7 +51,8 @@ from factory_assets.vocabulary import (DEFAULT_FACTORY_ID, NFC_TOPIC, ORDER_STAT
 CONTROLLER_TOPICS: tuple[str, ...] = (STOCK_TOPIC, ORDER_STATE_TOPIC, NFC_TOPIC,
                                       *(STATION_STATE_PREFIX + s for s in STATIONS))
 FRAME_EVIDENCE_LAG_S = 10.0  # a frame this much later than frame + margin shows the factory was heard
-FRAME_EVIDENCE_LOOK_S = 60.0  # how far past the range a frame is looked for (an index range of frame_ts)
+FRAME_EVIDENCE_LOOK_S = 60.0  # how far past the range a frame or a message is looked for (an index range)
+NEWEST_LOOK_S = 60.0  # the first time range looked back through for a factory's newest message
 
 
 @dataclass
@@ -71,16 +72,70 @@ class _FactoryReports:
     changes: list   # times of the reports that changed the stock
 
 
-def _stock_reports(fdb, lo: datetime, hi: datetime) -> dict:
-    """The readable reports with lo <= ts < hi, by factory (None: reports without one)."""
+def _stock_reports(fdb, lo: datetime, hi: datetime, factory_id: str | None = None) -> dict:
+    """The readable reports with lo <= ts < hi, by factory (None: reports without one); with
+    ``factory_id``, that factory's and those without one (index ranges of ``factory_topic_ts``)."""
     groups: dict = {}
-    query = {"topic": STOCK_TOPIC, "ts": {"$gte": lo, "$lt": hi}}
-    for msg in fdb.mqtt.find(query, {"ts": 1, "payload": 1, "message_id": 1, "factory_id": 1}).sort("ts", 1):
+    window = {"ts": {"$gte": lo, "$lt": hi}}
+    queries = [{"topic": STOCK_TOPIC, **window}] if factory_id is None else \
+        [{"factory_id": owner, "topic": STOCK_TOPIC, **window} for owner in (factory_id, None)]
+    projection = {"ts": 1, "payload": 1, "message_id": 1, "factory_id": 1}
+    for msg in sorted((m for q in queries for m in fdb.mqtt.find(q, projection)),
+                      key=lambda m: (m["ts"], str(m["_id"])) if isinstance(m.get("ts"), datetime) else (lo, "")):
         if not isinstance(msg.get("payload"), dict) or not isinstance(msg.get("ts"), datetime):
             continue
         groups.setdefault(msg.get("factory_id"), []).append(
             (msg["ts"], stock_slots(msg["payload"]), msg.get("message_id") or str(msg["_id"])))
     return groups
+
+
+def _day_frames(fdb, start: datetime, end: datetime, factory_id: str | None, projection: dict):
+    """The frames captured in [start, end): the fleet's (the ``frame_ts`` index), or with
+    ``factory_id`` that factory's (``factory_ts``; the default factory also owns frames stored
+    without an id). ``ts`` stored as ISO text in original documents is a second range."""
+    from factory_assets.storage.frames import day_queries, iter_day_frames
+
+    if factory_id is None:
+        yield from iter_day_frames(fdb, start, end, projection)
+        return
+    owners = [factory_id, None] if factory_id == DEFAULT_FACTORY_ID else [factory_id]
+    for owner in owners:
+        for query in day_queries(start, end):
+            yield from fdb.frames.find({"factory_id": owner, **query}, projection)
+
+
+def _heard_after(fdb, factory_id, bound: datetime) -> bool:
+    """Whether the factory's controller sent something stamped at or after ``bound``: per topic a
+    range of ``factory_topic_ts``, in time ranges from ``bound`` on that double while empty (an
+    empty range reads no key), so what is read is the first non-empty range, not all since."""
+    from factory_assets.vocabulary import utcnow
+
+    last = utcnow() + timedelta(days=1)  # a controller's clock may run ahead of ours
+    span, lo = timedelta(seconds=FRAME_EVIDENCE_LOOK_S), bound
+    while lo <= last:
+        hi = lo + span
+        for topic in CONTROLLER_TOPICS:  # one equality per topic: a tight range of factory_topic_ts
+            if fdb.mqtt.find_one({"factory_id": factory_id, "topic": topic, "ts": {"$gte": lo, "$lt": hi}},
+                                 {"_id": 1}) is not None:
+                return True
+        lo, span = hi, span * 2
+    return False
+
+
+def _newest_before(coll, query: dict, lo: datetime, bound: datetime):
+    """The newest ``ts`` of ``query`` in [lo, bound): time ranges back from ``bound``, doubling
+    while empty (an empty range reads no key), so what is read is the newest non-empty range,
+    not everything since ``lo``. None if none."""
+    span = timedelta(seconds=NEWEST_LOOK_S)
+    hi = bound
+    while hi > lo:
+        start = max(lo, hi - span)
+        times = [d["ts"] for d in coll.find({**query, "ts": {"$gte": start, "$lt": hi}}, {"ts": 1})
+                 if isinstance(d.get("ts"), datetime)]
+        if times:
+            return max(times)
+        hi, span = start, span * 2
+    return None
 
 
 def _report_before(fdb, factory_id, before: datetime):
@@ -98,21 +153,21 @@ def heard_until(fdb, factory_id, lo: datetime, bound: datetime, newest_frame: da
     report the controller sent before the returned time is stored (see the module). ``bound``
     or later when something after it is stored; else the newest evidence from ``lo`` on
     (``newest_frame``: the newest frame of the factory the caller saw there); None if none.
-    Index ranges only (``factory_topic_ts``, ``frame_ts``), never the whole history."""
+    Index ranges of this factory only (``factory_topic_ts``, ``factory_ts``), each next to
+    ``bound``, never the whole history nor the fleet's frames."""
     lag = timedelta(seconds=FRAME_EVIDENCE_LAG_S)
     best = None
-    for topic in CONTROLLER_TOPICS:  # one equality per topic: a tight range of factory_topic_ts
-        hit = fdb.mqtt.find_one({"factory_id": factory_id, "topic": topic, "ts": {"$gte": bound}}, {"ts": 1})
-        if hit is not None:
-            return max(bound, hit["ts"])
-    # frames a little past the range (by time alone: the frame_ts index; the factory is checked here)
+    if _heard_after(fdb, factory_id, bound):
+        return bound
+    # the factory's frames a little past the range (factory_ts; the default factory's without an id too)
     look = {"$gte": bound + lag, "$lt": bound + lag + timedelta(seconds=FRAME_EVIDENCE_LOOK_S)}
-    if any(f.get("factory_id") == factory_id for f in fdb.frames.find({"ts": look}, {"factory_id": 1})):
+    owners = [factory_id, None] if factory_id in (DEFAULT_FACTORY_ID, None) else [factory_id]
+    if any(fdb.frames.find_one({"factory_id": owner, "ts": look}, {"_id": 1}) is not None for owner in owners):
         return bound
     for topic in CONTROLLER_TOPICS:
-        for hit in fdb.mqtt.find({"factory_id": factory_id, "topic": topic, "ts": {"$gte": lo, "$lt": bound}},
-                                 {"ts": 1}):
-            best = hit["ts"] if best is None else max(best, hit["ts"])
+        hit = _newest_before(fdb.mqtt, {"factory_id": factory_id, "topic": topic}, lo, bound)
+        if hit is not None:
+            best = hit if best is None else max(best, hit)
     if newest_frame is not None:
         best = newest_frame - lag if best is None else max(best, newest_frame - lag)
     return best
@@ -164,7 +219,7 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float | None = 
     """Label the frames with ``start <= ts < end`` from the stock reports (see the module).
     ``factory_id``: only that factory's frames."""
     from factory_assets.config import settle_seconds
-    from factory_assets.storage.frames import frame_ts, iter_day_frames
+    from factory_assets.storage.frames import frame_ts
 
     settle_s = settle_seconds() if settle_s is None else float(settle_s)
     if not (margin_s >= 0 and settle_s >= 0 and (window_s is None or window_s >= 0)):
@@ -174,12 +229,13 @@ def auto_label(fdb, start: datetime, end: datetime, *, window_s: float | None = 
     after = timedelta(seconds=max(settle_s, margin_s))  # a change this long before a frame makes it unstable
     lo = start - after - margin
     bound = end + margin
-    groups = _stock_reports(fdb, lo, bound)
+    groups = _stock_reports(fdb, lo, bound, factory_id)
     per_factory: dict = {}
     newest: dict = {}  # factory -> its newest frame seen in the range (evidence it was heard)
     summary = AutoLabelSummary()
     candidates, rejected = [], []  # (factory, ts, label) waiting for what was heard after them
-    for frame in iter_day_frames(fdb, start, end, {"image": 0, "data": 0}):  # index-served; $or is not
+    # index-served ($or is not): the factory's own frames when one is given, not the fleet's
+    for frame in _day_frames(fdb, start, end, factory_id, {"image": 0, "data": 0}):
         if frame.get("camera_id") == "import":
             continue
         fid = frame.get("factory_id") or DEFAULT_FACTORY_ID

@@ -15,7 +15,7 @@ from pathlib import Path
 from bson import ObjectId
 from pymongo import UpdateOne
 
-from factory_assets.vocabulary import CLASSES
+from factory_assets.vocabulary import CLASSES, DEFAULT_FACTORY_ID
 from factory_assets.vocabulary import utcnow
 
 PRIORITY = {"manual": 3, "import": 2, "auto": 1}
@@ -37,7 +37,9 @@ def label_doc(frame: dict, present: dict, source: str, *, provenance: dict, slot
         raise LabelError(f"unknown label source {source!r} (one of {', '.join(PRIORITY)})")
     from factory_assets.storage.frames import frame_ts
 
+    # the frame's factory and camera: a factory's (camera's) labels are an index range of their own
     doc = {"frame_id": frame["_id"], "frame_ts": frame_ts(frame), "frame_sha256": frame.get("sha256"),
+           "factory_id": frame.get("factory_id") or DEFAULT_FACTORY_ID, "camera_id": frame.get("camera_id"),
            "source": source, "priority": PRIORITY[source],
            "present": {c: bool(present.get(c, False)) for c in CLASSES},
            "provenance": provenance}
@@ -61,14 +63,25 @@ def upsert_labels(fdb, docs: list[dict]) -> dict:
             "unchanged": len(docs) - result.upserted_count - result.modified_count}
 
 
-def effective_labels(fdb, start: datetime | None = None, end: datetime | None = None) -> list[dict]:
-    """One label per frame, its highest-priority source, ordered by frame time."""
+def effective_labels(fdb, start: datetime | None = None, end: datetime | None = None, *,
+                     factory_id: str | None = None, camera_id: str | None = None) -> list[dict]:
+    """One label per frame, its highest-priority source, ordered by frame time; with
+    ``factory_id`` (and ``camera_id``), only that factory's (camera's) frames: an index range of
+    that factory (``factory_frame_ts``), not the fleet's labels. Labels stored before they carried
+    their frame's factory are looked up once through their frames and given it."""
     query: dict = {}
     if start is not None or end is not None:
         query["frame_ts"] = {k: v for k, v in (("$gte", start), ("$lt", end)) if v is not None}
+    if factory_id is None:  # the fleet's (camera_id alone: see datasets.manifests.labels_of)
+        docs = list(fdb.labels.find(query))
+    else:
+        docs = [d for d in fdb.labels.find({"factory_id": factory_id, **query})
+                if camera_id is None or d.get("camera_id") == camera_id]
+        docs += [d for d in _adopt_legacy(fdb, query)
+                 if d["factory_id"] == factory_id and (camera_id is None or d.get("camera_id") == camera_id)]
     best: dict = {}
     imported_split: dict = {}
-    for doc in fdb.labels.find(query):
+    for doc in docs:
         if doc.get("split") in ("train", "valid"):
             imported_split[doc["frame_id"]] = doc["split"]
         cur = best.get(doc["frame_id"])
@@ -78,6 +91,34 @@ def effective_labels(fdb, start: datetime | None = None, end: datetime | None = 
         # a person corrected an imported frame's label: the frame stays on its imported side
         best[frame_id].setdefault("split", split)
     return sorted(best.values(), key=lambda d: (d["frame_ts"], str(d["frame_id"])))
+
+
+LEGACY_BATCH = 2000
+
+
+def _adopt_legacy(fdb, query: dict) -> list[dict]:
+    """Labels of ``query``'s range stored without a ``factory_id`` (before labels carried it; the
+    null keys of ``factory_frame_ts``): each given its frame's factory and camera, read by frame id,
+    and written back, so the next read finds them in their factory's range. A label whose frame is
+    gone is left as it is (and not returned)."""
+    legacy = list(fdb.labels.find({"factory_id": None, **query}))
+    out = []
+    for lo in range(0, len(legacy), LEGACY_BATCH):
+        batch = legacy[lo:lo + LEGACY_BATCH]
+        frames = {f["_id"]: f for f in fdb.frames.find({"_id": {"$in": list({d["frame_id"] for d in batch})}},
+                                                      {"factory_id": 1, "camera_id": 1})}
+        ops = []
+        for doc in batch:
+            frame = frames.get(doc["frame_id"])
+            if frame is None:
+                continue
+            owner = {"factory_id": frame.get("factory_id") or DEFAULT_FACTORY_ID, "camera_id": frame.get("camera_id")}
+            doc.update(owner)
+            out.append(doc)
+            ops.append(UpdateOne({"_id": doc["_id"]}, {"$set": owner}))
+        if ops:
+            fdb.labels.bulk_write(ops, ordered=False)
+    return out
 
 
 # ---------------------------------------------------------------------------

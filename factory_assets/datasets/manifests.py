@@ -159,15 +159,19 @@ def _file_name(frame: dict, label: dict) -> str:
 
 def labels_of(fdb, labels: list[dict], factory_id: str | None, camera_id: str | None) -> list[dict]:
     """The labels whose frame is ``factory_id``'s (frames stored without one: the default
-    factory's) and, when given, ``camera_id``'s: the frames looked up by id, in batches."""
+    factory's) and, when given, ``camera_id``'s: by the label's own ``factory_id`` and
+    ``camera_id``; labels stored before they carried them by their frames, looked up by id."""
     from factory_assets.vocabulary import DEFAULT_FACTORY_ID
 
-    keep = set()
-    ids = [lab["frame_id"] for lab in labels]
+    def wanted(owner: dict) -> bool:
+        return (factory_id is None or (owner.get("factory_id") or DEFAULT_FACTORY_ID) == factory_id) and \
+            (camera_id is None or owner.get("camera_id") == camera_id)
+
+    keep = {lab["frame_id"] for lab in labels if "factory_id" in lab and wanted(lab)}
+    ids = [lab["frame_id"] for lab in labels if "factory_id" not in lab]
     for lo in range(0, len(ids), FETCH_BATCH * 10):
         for f in fdb.frames.find({"_id": {"$in": ids[lo:lo + FETCH_BATCH * 10]}}, {"factory_id": 1, "camera_id": 1}):
-            if (factory_id is None or (f.get("factory_id") or DEFAULT_FACTORY_ID) == factory_id) and \
-                    (camera_id is None or f.get("camera_id") == camera_id):
+            if wanted(f):
                 keep.add(f["_id"])
     return [lab for lab in labels if lab["frame_id"] in keep]
 
@@ -180,12 +184,13 @@ def build_dataset(fdb, root: Path, *, start: datetime | None = None, end: dateti
     (and ``camera_id``), only that factory's (camera's) frames: a model learns one camera's view."""
     from factory_assets.storage.frames import frame_image_bytes
 
-    labels = effective_labels(fdb, start, end)
+    # a factory's (camera's) labels: an index range of that factory (labels carry their frame's factory)
+    labels = effective_labels(fdb, start, end, factory_id=factory_id, camera_id=camera_id)
     if days is not None:
         wanted = set(days)
         labels = [lab for lab in labels if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
-    if factory_id is not None or camera_id is not None:
-        labels = labels_of(fdb, labels, factory_id, camera_id)
+    if factory_id is None and camera_id is not None:
+        labels = labels_of(fdb, labels, None, camera_id)
     if not labels:
         raise DatasetBuildError("no labelled frames in the selected days: label some first "
                                 "(auto labels come from labeled_images, or import / label manually)")

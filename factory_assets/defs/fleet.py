@@ -7,8 +7,8 @@ factory appears in the UI, and its assets can run, by itself. Its cursor is the 
 a tick asks MongoDB for the distinct factories of the frames stored since the last one (one
 ``distinct`` over an index range of what arrived, whatever the history or the number of
 factories) and the instance only about those factories. The very first tick (no cursor) reads
-the factories already in the database by a skip scan of the ``factory_seq`` index (one index
-lookup per factory, once).
+the factories already in the database from the ``factories`` collection (one small document per
+factory), after the frame horizon: the ingester records a factory before it stores its frames.
 
 A factory id must be usable as a partition key, in a run tag and in a model name
 (``<factory_id>--<camera_id>--<version>``): letters, digits, ``_``, and ``.`` or ``-`` between
@@ -70,17 +70,12 @@ def unregistered(instance, factory_ids) -> list[str]:
 
 
 def factories_in_database(fdb) -> set[str]:
-    """Every factory with a frame: a skip scan of ``factory_seq`` (one lookup per factory)."""
-    ids, last = set(), ""
-    while True:
-        doc = fdb.frames.find_one({"factory_id": {"$gt": last}}, {"factory_id": 1}, sort=[("factory_id", 1)])
-        if doc is None or not isinstance(doc.get("factory_id"), str):
-            break
-        last = doc["factory_id"]
-        ids.add(last)
-    if fdb.frames.find_one({"factory_id": None}, {"_id": 1}) is not None:
-        ids.add(DEFAULT_FACTORY_ID)
-    return ids
+    """Every factory with a frame: one read of the ``factories`` collection (one small document
+    per factory, written by the ingester before it stores a factory's first frame;
+    ``storage.factories``), whatever the history."""
+    from factory_assets.storage.factories import factories_with_frames
+
+    return factories_with_frames(fdb)
 
 
 def factories_between(fdb, after: int, upto: int) -> set[str]:
@@ -108,7 +103,7 @@ def factory_discovery_sensor(context: dg.SensorEvaluationContext, mongo: MongoRe
     fdb = mongo.fdb()
     cursor = json.loads(context.cursor) if context.cursor else None
     horizon = FrameSequence(fdb).horizon()
-    if cursor is None:  # the first tick: the factories already stored, by a skip scan
+    if cursor is None:  # the first tick: the factories already stored (read after the horizon)
         seen, upto = factories_in_database(fdb), horizon
     else:
         after = int(cursor["seq"])

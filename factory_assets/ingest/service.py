@@ -32,6 +32,7 @@ from datetime import datetime
 from factory_assets import config
 from factory_assets.ingest.clock import ClockEstimator
 from factory_assets.storage.errors import DUPLICATE_KEY, is_transient
+from factory_assets.storage.factories import FactoryNotes
 from factory_assets.storage.frames import FrameSequence, build_frame, insert_frames, settle_earlier_blocks
 from factory_assets.storage.quarantine import quarantine_many, quarantine_update
 from factory_assets.ingest.images import inspect_frame
@@ -293,6 +294,9 @@ class Ingestor:
         self._quarantine_logged: dict[str, tuple[float, int]] = {}  # reason -> (last WARNING, quiet since)
         # each factory's clock offset, from the (ts, received_at) of the messages it stores
         self.clock = ClockEstimator()
+        # the fleet's ``factories`` collection: a write when a factory, camera or prefix is new to this
+        # process, else a factory's last_seen at most every minute (storage.factories)
+        self.factory_notes = FactoryNotes()
 
     # -- entry points ------------------------------------------------------------
     def handle_mqtt(self, topic: str, payload: bytes, source: dict | None = None, *,
@@ -423,6 +427,7 @@ class Ingestor:
         ``DatabaseRefused``. A write the database refuses for any other reason is bisected to
         the record(s) it refuses; each is quarantined with reason ``unstorable`` and the error,
         the rest is stored."""
+        self._note_factories()
         self._write_isolating(self._frames, self._insert_frames, self._frame_refused)
         if self.sequence.unsettled:
             # blocks of refused attempts: every frame they held is now stored or quarantined and
@@ -439,6 +444,42 @@ class Ingestor:
                                   self._message_refused)
             del self._messages[coll]
         self._write_isolating(self._quarantine, self._write_quarantine, self._quarantine_refused)
+
+    def _note_factories(self) -> None:
+        """Record the factories of the pending batch in ``factories`` before it is stored (so a
+        factory is listed by the time any of its documents can be read): cheap, see FactoryNotes.
+        A refused write is logged and passed (the batch matters more); a transient error propagates."""
+        seen: dict = {}
+        for doc in self._frames:
+            self._seen(seen, doc, doc.get("camera_id"), CAMERA_TOPIC)
+        for docs in self._messages.values():
+            for doc, _ in docs:
+                self._seen(seen, doc, None, doc.get("topic"))
+        if not seen:
+            return
+        try:
+            self.factory_notes.record(self.fdb, seen)
+        except Exception as exc:  # noqa: BLE001 - classified: transient propagates
+            if is_transient(exc):
+                raise
+            logger.warning("factories: could not record %s (%s: %s)", ", ".join(sorted(seen)),
+                           type(exc).__name__, str(exc)[:200])
+
+    @staticmethod
+    def _seen(seen: dict, doc: dict, camera_id, topic) -> None:
+        fid = doc.get("factory_id")
+        if not isinstance(fid, str):
+            return
+        at, cameras, prefixes = seen.get(fid) or (doc.get("received_at"), set(), set())
+        received = doc.get("received_at")
+        if isinstance(received, datetime) and (not isinstance(at, datetime) or received > at):
+            at = received
+        if isinstance(camera_id, str):
+            cameras.add(camera_id)
+        wire = (doc.get("source") or {}).get("topic") if isinstance(doc.get("source"), dict) else None
+        if isinstance(wire, str) and isinstance(topic, str) and wire.endswith(topic) and len(wire) > len(topic):
+            prefixes.add(wire[:-len(topic)])
+        seen[fid] = (at if isinstance(at, datetime) else None, cameras, prefixes)
 
     @property
     def pending(self) -> int:

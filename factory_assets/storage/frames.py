@@ -306,7 +306,7 @@ def latest_frame(fdb, projection: dict | None = None, window: int = 64,
     ``window`` settled seqs, of ``factory_id`` when given: an index range whatever the
     history (``find_one(sort=...)`` reads every frame on a server that applies ``limit``
     after the whole range, as SecantusDB does). Only the chosen frame is fetched with
-    ``projection``. Falls back to the unbounded query when the window holds none."""
+    ``projection``. When the window holds none: ranges of seqs further back, doubling while empty."""
     horizon = (sequence or FrameSequence(fdb)).horizon()
     if horizon <= 0:
         return None
@@ -316,10 +316,15 @@ def latest_frame(fdb, projection: dict | None = None, window: int = 64,
     if recent:
         key = (lambda d: d["seq"]) if by == "seq" else (lambda d: (frame_ts(d), d["seq"]))
         return fdb.frames.find_one({"_id": max(recent, key=key)["_id"]}, projection)
-    query: dict = {"seq": {"$exists": True}}
-    if factory_id is not None:
-        query["factory_id"] = factory_id
-    return fdb.frames.find_one(query, projection, sort=[("seq" if by == "seq" else "ts", -1)])
+    # further back: ranges of seqs back from the horizon, doubling while empty (factory_seq), not every frame
+    from factory_assets.storage.ranges import newest_by_seq
+
+    older = newest_by_seq(fdb.frames, {"factory_id": factory_id} if factory_id is not None else {},
+                          max(0, horizon - window), projection={"_id": 1, "seq": 1, "ts": 1}, first_span=window)
+    if not older:
+        return None
+    key = (lambda d: d["seq"]) if by == "seq" else (lambda d: (frame_ts(d), d["seq"]))
+    return fdb.frames.find_one({"_id": max(older, key=key)["_id"]}, projection)
 
 
 def day_query(day_start: datetime, day_end: datetime) -> dict:

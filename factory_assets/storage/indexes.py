@@ -64,6 +64,9 @@ def ensure_indexes(fdb) -> None:
     # One label per frame and source (manual, import, auto).
     fdb.labels.create_index([("frame_id", ASCENDING), ("source", ASCENDING)], unique=True, name="frame_source")
     fdb.labels.create_index([("frame_ts", ASCENDING)], name="frame_ts")
+    # one factory's labels over a time range (its dataset of some days); the shard key's index.
+    # Labels from before they carried factory_id sit under its null keys until adopted (datasets.labels)
+    fdb.labels.create_index([("factory_id", ASCENDING), ("frame_ts", ASCENDING)], name="factory_frame_ts")
     fdb.models.create_index([("created_at", DESCENDING)], name="created_at")
     fdb.models.create_index([("version", ASCENDING)], name="version")
     fdb.models.create_index([("passed_checks", ASCENDING), ("created_at", DESCENDING)], name="passed_created")

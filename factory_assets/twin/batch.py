@@ -170,3 +170,29 @@ def sync_twin(fdb, predictor, model_version: str | None = None, *, reinfer_lates
     apply_latest_stock(fdb, rules=rules)
     apply_controller_states(fdb)
     return get_twin(fdb)
+
+
+RECENT_TWINS = 50  # the twins a materialization's metadata shows: the most recently updated
+
+
+def recent_twins(fdb, limit: int = RECENT_TWINS) -> list[dict]:
+    """The ``limit`` most recently updated twins, newest first, as rows: ``factory``, ``version``,
+    ``updated`` (ISO-8601), ``in_stock`` (the colours the camera sees, else the controller reports:
+    ``blue+red``, ``empty``; None before either), ``model`` (the model behind the camera view). One
+    range of the ``updated_at`` index over the twin documents (one small document per factory),
+    projected to these fields."""
+    from factory_assets.twin.state import COLOURS
+
+    rows = []
+    projection = {"version": 1, "updated_at": 1, "observed.model_version": 1, "reported.present": 1,
+                  **{f"observed.{c}.present": 1 for c in COLOURS}}
+    for doc in fdb.twin.find({"updated_at": {"$exists": True}}, projection).sort("updated_at", -1).limit(limit):
+        observed, reported = doc.get("observed") or {}, (doc.get("reported") or {}).get("present") or {}
+        seen = {c: (observed.get(c) or {}).get("present") for c in COLOURS if isinstance(observed.get(c), dict)}
+        present = seen or {c: reported.get(c) for c in COLOURS if c in reported}
+        updated = doc.get("updated_at")
+        rows.append({"factory": str(doc["_id"]), "version": int(doc.get("version") or 0),
+                     "updated": updated.isoformat().replace("+00:00", "Z") if hasattr(updated, "isoformat") else None,
+                     "in_stock": ("+".join(c for c in COLOURS if present.get(c)) or "empty") if present else None,
+                     "model": observed.get("model_version")})
+    return rows

@@ -263,16 +263,17 @@ def bootstrap_situations(fdb, settle_s: float | None = None, factory_id: str | N
     from factory_assets.datasets.autolabel import heard_until, stable_spans
     from factory_assets.datasets.manifests import SITUATIONS_COLLECTION, _situation_id
     from factory_assets.storage.frames import frame_ts, latest_frame
+    from factory_assets.storage.ranges import newest_by_time
 
     settle_s = settle_seconds() if settle_s is None else settle_s
     margin = timedelta(seconds=STABLE_MARGIN_S)
     projection = {"ts": 1, "payload": 1, "factory_id": 1}
+    # the newest reports as time ranges back from now (storage.ranges), not "sorted, limit n" over every one
     if factory_id is None:
-        newest = list(fdb.mqtt.find({"topic": STOCK_TOPIC}, projection).sort("ts", -1)
-                      .limit(BOOTSTRAP_REPORTS_SCANNED))
+        newest = newest_by_time(fdb.mqtt, {"topic": STOCK_TOPIC}, BOOTSTRAP_REPORTS_SCANNED, projection=projection)
     else:  # this factory's and those of no factory (another tool's), each an index range (factory_topic_ts)
-        newest = sorted((m for fid in (factory_id, None) for m in fdb.mqtt.find(
-            {"factory_id": fid, "topic": STOCK_TOPIC}, projection).sort("ts", -1).limit(BOOTSTRAP_REPORTS_SCANNED)),
+        newest = sorted((m for fid in (factory_id, None) for m in newest_by_time(
+            fdb.mqtt, {"factory_id": fid, "topic": STOCK_TOPIC}, BOOTSTRAP_REPORTS_SCANNED, projection=projection)),
             key=lambda m: m["ts"], reverse=True)[:BOOTSTRAP_REPORTS_SCANNED]
     by_factory: dict = {}
     for msg in newest:

@@ -181,17 +181,12 @@ MAX_UNREADABLE_REPORTS = 10  # unreadable newest reports apply_latest_stock pass
 
 
 def known_factories(fdb) -> list[str]:
-    """The factories the twin follows: every ``factory_id`` the ingester stamped on a message
-    (a skip scan of the ``factory_topic_ts`` index: one index lookup per factory, whatever the
-    history), and the default one."""
-    ids, last = {DEFAULT_FACTORY_ID}, ""
-    while True:
-        doc = fdb.mqtt.find_one({"factory_id": {"$gt": last}}, {"factory_id": 1}, sort=[("factory_id", 1)])
-        if doc is None or not isinstance(doc.get("factory_id"), str):
-            break
-        last = doc["factory_id"]
-        ids.add(last)
-    return sorted(ids)
+    """The factories the twin follows: every factory the ingester stored something of (the
+    ``factories`` collection, one small document per factory: ``storage.factories``), and the
+    default one. One read whatever the history."""
+    from factory_assets.storage.factories import known_factories as stored
+
+    return sorted({DEFAULT_FACTORY_ID, *stored(fdb)})
 
 
 def apply_latest_stock(fdb, factory_id: str | None = None, after=_TWIN_REPORT_TIME,

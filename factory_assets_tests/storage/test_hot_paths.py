@@ -74,7 +74,7 @@ def plans_of(fdb, commands: list[dict]) -> list[tuple[str, dict, list[str]]]:
     for cmd in commands:
         if "find" not in cmd:
             continue
-        explain_cmd = {k: cmd[k] for k in ("find", "filter", "sort", "projection", "limit") if k in cmd}
+        explain_cmd = {k: cmd[k] for k in ("find", "filter", "sort", "projection", "limit", "hint") if k in cmd}
         explained = fdb.db.command({"explain": explain_cmd, "verbosity": "queryPlanner"})
         result.append((cmd["find"], cmd.get("filter", {}), stages(explained["queryPlanner"]["winningPlan"])))
     return result
@@ -285,16 +285,18 @@ def fleet_wide_reads(fdb) -> dict[str, set[frozenset]]:
     """The reads that span the fleet on purpose (collection -> filter field sets), each still an
     index range: the one live reader's frame cursor, frames and inferences by their ids, the
     twin documents (one per factory: the list of factories), models by version, the original
-    project's one-document twin (``_partition``: the Unity twin's, one factory's by nature)
-    and, at the API's start, its tokens."""
+    project's one-document twin (``_partition``: the Unity twin's, one factory's by nature),
+    the ``factories`` documents (one per factory: the list of factories) and, at the API's start,
+    its tokens."""
     n = fdb.names
     return {n.frames: {frozenset({"seq"})}, n.inferences: {frozenset({"frame_seq"}), frozenset({"frame_id"})},
             n.twin: {frozenset(), frozenset({"orders.0"})}, n.models: {frozenset({"version"})},
             n.endpoints: {frozenset({"name"})}, "twin_orders": {frozenset({"state"})},
-            n.twin_legacy: {frozenset({"_partition"})}, "api_tokens": {frozenset({"revoked_at", "active_name"})}}
+            n.twin_legacy: {frozenset({"_partition"})}, "api_tokens": {frozenset({"revoked_at", "active_name"})},
+            "factories": {frozenset()}}
 
 
-SMALL_COLLECTIONS = ("digital_twin", "api_tokens")  # read whole: one document per factory, per token
+SMALL_COLLECTIONS = ("digital_twin", "api_tokens", "factories")  # read whole: one document per factory, per token
 
 
 def assert_fleet_ready(fdb, commands: list[dict]) -> int:

@@ -29,15 +29,14 @@ def _bounds(days: list[str]):
 
 
 def factory_labels(fdb, factory_id: str, days: list[str], camera_id: str | None = None) -> list[dict]:
-    """The effective labels of ``factory_id``'s frames captured on ``days`` (one per frame)."""
+    """The effective labels of ``factory_id``'s frames captured on ``days`` (one per frame): an index
+    range of that factory's labels (``factory_frame_ts``)."""
     from factory_assets.datasets.labels import effective_labels
-    from factory_assets.datasets.manifests import labels_of
 
     start, end = _bounds(days)
     wanted = set(days)
-    labels = [lab for lab in effective_labels(fdb, start, end)
-              if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
-    return labels_of(fdb, labels, factory_id, camera_id)
+    return [lab for lab in effective_labels(fdb, start, end, factory_id=factory_id, camera_id=camera_id)
+            if lab["frame_ts"].astimezone(timezone.utc).strftime("%Y-%m-%d") in wanted]
 
 
 def label_cameras(fdb, labels: list[dict]) -> dict:

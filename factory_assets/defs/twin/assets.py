@@ -191,8 +191,12 @@ def twin_state(context: dg.AssetExecutionContext, config: TwinStateConfig, mongo
     Materializing syncs each factory's twin with the newest inference of its own model and its
     newest stock report (re-inferring a factory's newest frame when its model has not seen it),
     never regressing. The metadata shows the default factory's twin: the small picture of the
-    rack (``twin``) inline on every event, the full one (``twin_detail``) only when it changed."""
-    from factory_assets.twin.batch import sync_twin
+    rack (``twin``) inline on every event, the full one (``twin_detail``) only when it changed;
+    and every factory as a table (``factories``: factory, version, updated, in stock, model), the
+    ``RECENT_TWINS`` most recently updated, so the metadata does not grow with the fleet."""
+    import pandas as pd
+
+    from factory_assets.twin.batch import RECENT_TWINS, recent_twins, sync_twin
     from factory_assets.twin.live import ModelRouter
 
     fdb = mongo.fdb()
@@ -201,4 +205,11 @@ def twin_state(context: dg.AssetExecutionContext, config: TwinStateConfig, mongo
     last = context.instance.get_latest_materialization_event(context.asset_key)
     last_md = last.asset_materialization.metadata if last and last.asset_materialization else {}
     changed = "version" not in last_md or last_md["version"].value != int((twin or {}).get("version", 0))
-    return dg.MaterializeResult(metadata=twin_metadata(twin, picture=changed))
+    metadata = twin_metadata(twin, picture=changed)
+    rows = recent_twins(fdb, RECENT_TWINS)
+    columns = ["factory", "version", "updated", "in_stock", "model"]
+    metadata["factories"] = table(pd.DataFrame(rows, columns=columns).astype(
+        {"factory": str, "version": int, "updated": object, "in_stock": object, "model": object}),
+        f"the {RECENT_TWINS} most recently updated twins")
+    metadata["factories_total"] = dg.MetadataValue.int(fdb.twin.estimated_document_count())
+    return dg.MaterializeResult(metadata=metadata)
