@@ -32,6 +32,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--factories", type=int, default=1, metavar="N",
                    help="simulate N factories through the broker, factory-1..N, each under its own prefix with its "
                         "own seed, camera pose and clock (docs/fleet.md); 1 (default): one unprefixed factory")
+    p.add_argument("--cameras", type=int, default=1, metavar="K",
+                   help="K cameras on each factory's rack, each at its own pose: camera 1 is the controller's "
+                        "({ts, data}: the ingester's --camera-id names it), camera k publishes i/cam under the "
+                        "same prefix with \"camera_id\": \"cam-k\" (docs/fleet.md; default 1)")
     p.add_argument("--fps", type=float, default=None,
                    help="camera frames per second, whatever c/cam asks (default: the rate c/cam asks for)")
     p.add_argument("--camera-on", action="store_true",
@@ -91,8 +95,17 @@ def run(args: argparse.Namespace) -> int:
     rate = f"{args.fps:g} fps" if args.fps else "the fps c/cam asks for"
     if args.factories != 1:
         return _run_fleet(args, timings, stop, rate)
+    from factory_assets.simulation.fleet import fleet_plan
+
+    try:
+        [member] = fleet_plan(1, args.seed, cameras=args.cameras)
+    except ValueError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
     print(f"simulating factory {args.factory_id} (camera {args.camera_id}, seed {args.seed}, {rate}) "
           f"-> {redact(args.mqtt)}{' under ' + args.prefix if args.prefix else ''}", flush=True)
+    for extra in member.extra_cameras:
+        print(f"  camera {extra.camera_id}: {extra.pose.describe()}", flush=True)
     try:
         result = run_simulation(args.mqtt, fps=args.fps, duration_s=args.duration, max_frames=args.frames,
                                 seed=args.seed, stock_interval_s=args.stock_interval or None,
@@ -102,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                                 timings=timings, clock_offset_s=args.clock_offset, prefix=args.prefix,
                                 ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
                                 customer=not args.no_customer, arrivals=not args.no_arrivals,
-                                busy_orders=args.busy_orders)
+                                busy_orders=args.busy_orders, extra_cameras=member.extra_cameras)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         return 130
@@ -114,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(result) -> str:
-    return (f"{result.frames} frames, {result.stock_changes} stock changes, {result.stock_reports} stock "
+    cameras = f" from {result.cameras} cameras" if result.cameras > 1 else ""
+    return (f"{result.frames} frames{cameras}, {result.stock_changes} stock changes, {result.stock_reports} stock "
             f"reports, {result.orders} orders taken ({result.customer_orders} by the other customer), "
             f"{result.ignored_orders} ignored, {result.faults} warehouse faults, {result.sensor_reports} sensor "
             f"messages, {result.dropped_frames} dropped frames, {result.connects} connection(s) in "
@@ -127,7 +141,8 @@ def _run_fleet(args: argparse.Namespace, timings, stop, rate: str) -> int:
     from factory_assets.vocabulary.mqtt import redact
 
     try:
-        plan = fleet_plan(args.factories, args.seed, root=args.prefix or FLEET_PREFIX, clock_offset_s=args.clock_offset)
+        plan = fleet_plan(args.factories, args.seed, root=args.prefix or FLEET_PREFIX,
+                          clock_offset_s=args.clock_offset, cameras=args.cameras)
     except ValueError as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2

@@ -84,7 +84,8 @@ SIMULATOR_TIME_SCALE = 0.6
 def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: float, seed: int,
                    dagster: bool = True, dagster_services: list | None = None, *, mqtt_url: str | None = None,
                    queue=None, camera_fps: float | None = None, simulator: bool = True,
-                   prefixes: list[str] | None = None, ingest_shards: int = 1, factories: int = 1) -> list[Service]:
+                   prefixes: list[str] | None = None, ingest_shards: int = 1, factories: int = 1,
+                   cameras: int = 1) -> list[Service]:
     """The services ``up`` starts, in order. ``mqtt_url``: a broker of the user's own (none is
     started; the URL carries no password: children read ``FACTORY_MQTT_PASSWORD``). ``queue``:
     the started broker's offline queue (default sized for 30 minutes at ``fps``). ``camera_fps``:
@@ -92,7 +93,8 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
     the factories (``PREFIX[=FACTORY_ID]``), one simulator each; ``ingest_shards``: ingester
     processes sharing them (``ingest/shards.py``; ``ValueError`` when they cannot be split).
     ``factories`` > 1: a simulated fleet (``simulation/fleet.py``), factory-k under ``fleet/factory-k/``,
-    simulated by one ``simulate --factories N`` (each factory with its own seed, camera pose and clock)."""
+    simulated by one ``simulate --factories N`` (each factory with its own seed, camera pose and clock).
+    ``cameras`` > 1: each simulated factory has that many cameras (``simulate --cameras K``)."""
     from factory_assets.simulation.broker import QueueLimits, queue_argv
 
     py = sys.executable
@@ -126,6 +128,8 @@ def build_services(mqtt_port: int, dagster_port: int, serve_port: int, fps: floa
         simulate = cli + ["simulate", "--mqtt", mqtt_url, "--fps", f"{fps:g}",
                           "--change-every", f"{SIMULATOR_CHANGE_EVERY_S:g}", "--time-scale", f"{SIMULATOR_TIME_SCALE:g}",
                           "--crane-travel", *(f"{s / SIMULATOR_TIME_SCALE:g}" for s in CRANE_TRAVEL_S)]
+        if cameras > 1:  # further cameras publish i/cam with their camera_id: the ingester needs nothing more
+            simulate += ["--cameras", str(cameras)]
         if factories > 1:  # the whole fleet in one process, each factory with its own pose and clock
             services.append(Service("simulator", simulate + ["--seed", str(seed), "--factories", str(factories)]))
         elif not prefixes:
@@ -281,6 +285,11 @@ def up(args) -> int:
         except ValueError as exc:
             _say(f"error: --factories {args.factories}: {exc}")
             return 2
+    from factory_assets.simulation.fleet import MAX_CAMERAS
+
+    if not 1 <= args.cameras <= MAX_CAMERAS:
+        _say(f"error: --cameras {args.cameras}: a factory has 1 to {MAX_CAMERAS} cameras")
+        return 2
     try:  # the factories must split into the shards asked for: said before anything starts
         from factory_assets.ingest.shards import split_prefixes
         from factory_assets.vocabulary.mqtt import TopicPrefix
@@ -323,7 +332,8 @@ def up(args) -> int:
     from factory_assets.simulation.broker import queue_limits
 
     # one ingester session takes every factory's frames: the queue holds them all
-    args.outage_fps = args.fps * max(1, len(args.prefix or ())) if args.outage_fps is None else args.outage_fps
+    args.outage_fps = (args.fps * max(1, len(args.prefix or ())) * max(1, args.cameras) if args.outage_fps is None
+                       else args.outage_fps)
     mqtt_url = broker_url_for_children(args.mqtt_url, env) if args.mqtt_url else None
     if mqtt_url:
         from factory_assets.vocabulary.mqtt import redact
@@ -333,7 +343,7 @@ def up(args) -> int:
                               dagster=not args.no_dagster, dagster_services=dagster_services, mqtt_url=mqtt_url,
                               queue=queue_limits(args), camera_fps=args.camera_fps,
                               simulator=not args.no_simulator, prefixes=args.prefix, ingest_shards=args.ingest_shards,
-                              factories=args.factories)
+                              factories=args.factories, cameras=args.cameras)
     stopping = False
 
     def on_signal(signum, frame):
@@ -410,6 +420,9 @@ def register(sub) -> None:
     p.add_argument("--factories", type=int, default=1, metavar="N",
                    help="simulate N factories through the broker, factory-1..N under fleet/factory-k/, each with its "
                         "own seed, camera pose and clock; the ingester and the API follow each (docs/fleet.md)")
+    p.add_argument("--cameras", type=int, default=1, metavar="K",
+                   help="each simulated factory has K cameras on its rack, each at its own pose, each with a model "
+                        "of its own (docs/fleet.md#several-cameras-in-one-factory; default 1)")
     p.add_argument("--ingest-shards", type=int, default=1, metavar="K",
                    help="run K ingester processes, each owning whole factories of the --prefix list (needs at least "
                         "K prefixed factories; docs/mqtt.md#shards-more-than-one-ingester)")

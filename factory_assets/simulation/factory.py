@@ -8,7 +8,8 @@ publishes it over MQTT; ``docs/simulator.md`` tells the whole behaviour.
 Payloads as the controller writes them (every ``ts`` in the controller's clock,
 ``YYYY-MM-DDTHH:MM:SS.fffZ``):
 
-* ``i/cam``     ``{"ts", "data": "data:image/jpeg;base64,..."}``: a 320x240 JPEG;
+* ``i/cam``     ``{"ts", "data": "data:image/jpeg;base64,..."}``: a 320x240 JPEG (a factory's
+  further cameras, :class:`Camera`, add their ``"camera_id"``: the controller has one camera);
 * ``f/i/stock`` ``{"ts", "stockItems": [{"workpiece": {"id", "type", "state"} | null, "location"}, ...]}``,
   the nine slots A1..C3;
 * ``f/i/order`` ``{"ts", "state", "type"}``; ``f/i/state/<station>`` ``{"ts", "station", "code",
@@ -132,6 +133,16 @@ class StockChange:
         return self.t <= t < self.seen_at
 
 
+@dataclass(frozen=True)
+class Camera:
+    """A further camera looking at the factory's rack, beside the controller's own: ``camera_id``
+    is what its ``i/cam`` messages carry (the ingester stamps its frames with it), ``pose`` where
+    it looks from. The controller's own camera is the simulator's ``pose``; its messages carry no
+    id (the ingester's ``--camera-id`` names it)."""
+    camera_id: str
+    pose: CameraPose
+
+
 class Message(NamedTuple):
     t: float  # seconds since the start
     topic: str  # unprefixed controller topic
@@ -158,7 +169,8 @@ class FactorySimulator:
                  initial_fill: float = 0.5, lighting_period_s: float = 300.0, jpeg_quality: int = 85,
                  camera_id: str | None = None, factory_id: str | None = None, timings: Timings | None = None,
                  clock_offset_s: float = 0.0, arrivals: bool = True, demand: bool = True,
-                 busy_orders: str = "latch", pose: CameraPose | None = None):
+                 busy_orders: str = "latch", pose: CameraPose | None = None,
+                 extra_cameras: tuple[Camera, ...] = ()):
         if change_every_s <= 0:
             raise ValueError("change_every_s must be > 0")
         if busy_orders not in BUSY_ORDER_POLICIES:
@@ -176,6 +188,11 @@ class FactorySimulator:
         self.demand = demand
         self.busy_orders = busy_orders
         self.pose = pose or CameraPose()  # where this factory's camera looks at the rack
+        self.extra_cameras = tuple(extra_cameras)  # cameras beside the controller's: camera 1, 2... of frame()
+        ids = [c.camera_id for c in self.extra_cameras]
+        if len(set(ids)) != len(ids) or not all(ids) or (camera_id and camera_id in ids):
+            raise ValueError(f"each camera of a factory needs an id of its own, got {ids}"
+                             + (f" beside {camera_id!r}" if camera_id else ""))
         self.customer_hook: Callable[[dict, float], dict | None] | None = None
         self._rng = np.random.default_rng([self.seed, 1])  # the factory's own schedule only
         self._env_phase = float(np.random.default_rng([self.seed, 2]).uniform(0, 2 * math.pi))
@@ -591,17 +608,37 @@ class FactorySimulator:
         return {s: (w["type"] if w else None) for s, w in self.shown.items()}
 
     # -- pictures and messages -----------------------------------------------------
-    def frame(self, ts: float | datetime) -> tuple[bytes, dict[str, str | None]]:
-        """The camera's JPEG at ``ts`` and the rack it shows (advances the factory to ``ts``)."""
+    @property
+    def cameras(self) -> int:
+        """How many cameras look at the rack: the controller's own and ``extra_cameras``."""
+        return 1 + len(self.extra_cameras)
+
+    def frame(self, ts: float | datetime, camera: int = 0) -> tuple[bytes, dict[str, str | None]]:
+        """The JPEG of ``camera`` (0: the controller's own, k: ``extra_cameras[k - 1]``) at ``ts``
+        and the rack it shows (advances the factory to ``ts``). Every camera sees the same rack,
+        each through its own pose and with its own sensor noise."""
         t = self._seconds(ts)
         self.advance(t)
         stock = self.shown_stock
-        img = render_warehouse(stock, rng=self._env_rng(t, 3), lighting=self.lighting(t), pose=self.pose)
+        if camera:
+            pose = self.extra_cameras[camera - 1].pose
+            rng = np.random.default_rng([self.seed, 3, int(round(t * 1000)), camera])
+        else:
+            pose, rng = self.pose, self._env_rng(t, 3)
+        img = render_warehouse(stock, rng=rng, lighting=self.lighting(t), pose=pose)
         return encode_jpeg(img, self.jpeg_quality), stock
 
-    def camera_message(self, ts: float | datetime) -> tuple[dict, dict[str, str | None]]:
-        jpeg, stock = self.frame(ts)
+    def camera_message(self, ts: float | datetime, camera: int = 0) -> tuple[dict, dict[str, str | None]]:
+        """``i/cam`` of ``camera`` (as :meth:`frame`) at ``ts``, and the rack it shows. A further
+        camera's message carries its ``camera_id``; the controller's carries none (unless the
+        simulator was given ``camera_id``)."""
+        jpeg, stock = self.frame(ts, camera)
         msg = {"ts": self.ts_string(ts), "data": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")}
+        if camera:
+            msg["camera_id"] = self.extra_cameras[camera - 1].camera_id
+            if self.factory_id:
+                msg["factory_id"] = self.factory_id
+            return msg, stock
         return self._ids(msg), stock
 
     def stock_message(self, ts: float | datetime) -> dict:

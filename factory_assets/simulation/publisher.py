@@ -7,7 +7,9 @@ the crane is back), ``f/i/order``, ``f/i/state/<station>``, ``i/bme680`` and ``i
 ``sensor_interval_s``, 60 s like the controller). It takes ``f/o/order`` and
 ``f/o/state/ack`` by the controller's rules (:class:`~factory_assets.simulation.factory.FactorySimulator`).
 Another customer (``customer=True``) is a second MQTT client that sends its own ``f/o/order``
-through the broker. Every topic, published or subscribed, is under ``prefix``.
+through the broker. Every topic, published or subscribed, is under ``prefix``. A factory's
+further cameras (``extra_cameras``) publish their own ``i/cam`` beside the controller's, each
+message with its ``camera_id``, on the same schedule (switched by the same ``c/cam``).
 
 ``run_simulation`` stamps messages with ``start + scheduled offset`` (plus ``clock_offset_s``,
 the controller's clock error), so the same seed and fps give the same stocks and images
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from factory_assets.simulation.factory import FactorySimulator, StockChange, Timings
+from factory_assets.simulation.factory import Camera, FactorySimulator, StockChange, Timings
 from factory_assets.vocabulary import (BME680_TOPIC, BROADCAST_TOPIC, CAMERA_CONTROL_TOPIC, CAMERA_TOPIC,
                                        DEFAULT_QOS, LDR_TOPIC, ORDER_TOPIC, STOCK_TOPIC, TOPIC_QOS)
 from factory_assets.vocabulary.mqtt import MqttTarget, TopicPrefix
@@ -39,7 +41,7 @@ CAMERA_DEFAULT_FPS = 15.0  # the TXT camera's rate when c/cam switches it on wit
 
 @dataclass
 class SimulationResult:
-    frames: int = 0
+    frames: int = 0  # every camera's
     stock_reports: int = 0
     sensor_reports: int = 0
     stock_changes: int = 0  # changes reported (each in .changes with its report and arrival time)
@@ -53,6 +55,7 @@ class SimulationResult:
     published: dict = field(default_factory=dict)  # topic (unprefixed) -> messages published
     elapsed_s: float = 0.0
     changes: list[StockChange] = field(default_factory=list)
+    cameras: int = 1  # cameras that published (the controller's and its further ones)
 
 
 class _Camera:
@@ -61,6 +64,7 @@ class _Camera:
     def __init__(self, on: bool, fps: float, follow: bool):
         self.on, self.fps, self.follow = on, fps, follow
         self.anchor, self.k = 0.0, 0
+        self.shots = 0  # frame times published
 
     def next_t(self) -> float:
         return self.anchor + self.k / self.fps if self.on else math.inf
@@ -87,7 +91,8 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
                    password_env: str | None = None, customer: bool = True, arrivals: bool = True,
                    busy_orders: str = "latch", customer_timeout_s: float = 5.0,
-                   broadcast_retry_s: float = 5.0, pose=None) -> SimulationResult:
+                   broadcast_retry_s: float = 5.0, pose=None,
+                   extra_cameras: tuple[Camera, ...] = ()) -> SimulationResult:
     """Publish the simulated factory to ``mqtt_url`` until ``duration_s``, ``max_frames`` or ``stop_event``.
 
     ``mqtt_url`` is anything :meth:`MqttTarget.parse` takes (logins, ``mqtts://``, with
@@ -103,7 +108,10 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
     Like the controller it announces itself on ``i/broadcast`` at start, again every
     ``broadcast_retry_s`` until a message for it (c/cam, an order) arrives. ``pose`` (a
     :class:`~factory_assets.simulation.render.CameraPose`; default the reference camera) is
-    where this factory's camera looks at its rack.
+    where this factory's camera looks at its rack. ``extra_cameras``: further cameras on the
+    same rack (:class:`~factory_assets.simulation.factory.Camera`), each publishing ``i/cam``
+    with its ``camera_id`` at every frame time of the controller's camera; ``max_frames`` and
+    ``dropped_frames`` count frame times, ``frames`` every camera's frames.
     Survives broker restarts: paho reconnects and resubscribes; QoS 1 messages published
     meanwhile are queued and sent after the reconnection, QoS 0 frames are lost meanwhile.
     """
@@ -189,7 +197,8 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                                camera_id=camera_id if include_ids else None,
                                factory_id=factory_id if include_ids else None, timings=timings,
                                clock_offset_s=clock_offset_s, arrivals=arrivals, demand=customer,
-                               busy_orders=busy_orders, pose=pose)
+                               busy_orders=busy_orders, pose=pose, extra_cameras=extra_cameras)
+        result.cameras = sim.cameras
         camera = _Camera(camera_on, fps if fps is not None else CAMERA_DEFAULT_FPS, follow=fps is None)
         t0 = time.monotonic()
 
@@ -277,7 +286,7 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
             while deferred:
                 handle(deferred.pop(0))
             next_frame = camera.next_t()
-            if max_frames is not None and result.frames >= max_frames:
+            if max_frames is not None and camera.shots >= max_frames:
                 break
             if heard.is_set() and next_broadcast > 0:
                 next_broadcast = math.inf
@@ -314,11 +323,13 @@ def run_simulation(mqtt_url: str, fps: float | None = 2.0, duration_s: float | N
                     result.dropped_frames += skipped
                     camera.k += skipped
                     continue
-                msg, stock = sim.camera_message(next_frame)
-                drain()
-                publish(CAMERA_TOPIC, msg, stock)
-                result.frames += 1
+                for j in range(sim.cameras):  # the controller's camera, then each further one
+                    msg, stock = sim.camera_message(next_frame, j)
+                    drain()
+                    publish(CAMERA_TOPIC, msg, stock)
+                    result.frames += 1
                 camera.k += 1
+                camera.shots += 1
                 if progress_every_s and next_frame - last_progress >= progress_every_s:
                     last_progress = next_frame
                     logger.info("%st=%.1fs frames=%d stock_changes=%d orders=%d dropped=%d stock=%s", who,

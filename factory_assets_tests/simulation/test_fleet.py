@@ -1,9 +1,11 @@
 """A fleet of simulated factories: each under its own prefix with its own seed, camera pose and
-clock (simulation/fleet.py, render.CameraPose), run by ``simulate --factories N`` through a real
-broker, and what ``up --factories N`` starts for it."""
+clock (simulation/fleet.py, render.CameraPose), and with ``--cameras K`` further cameras on each
+rack; run by ``simulate --factories N`` through a real broker, and what ``up --factories N`` starts
+for it."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import subprocess
 import sys
@@ -167,3 +169,73 @@ def test_a_fleet_message_stream_is_the_controllers_format_under_each_prefix(mqtt
         member = next(m for m in plan if topic.startswith(m.prefix))
         inner = topic[len(member.prefix):]
         assert problems(inner, json.loads(payload)) == [], (topic, payload[:200])
+
+
+# -- several cameras in one factory ------------------------------------------------------------
+
+def test_more_cameras_give_each_factory_further_cameras_at_poses_of_their_own_and_change_nothing_else():
+    one, three = fleet_plan(3, seed=7), fleet_plan(3, seed=7, cameras=3)
+    assert [dataclasses.replace(m, extra_cameras=()) for m in three] == one  # the first camera, seed, clock: as before
+    assert all(m.extra_cameras == () and m.cameras == 1 for m in one)
+    for m in three:
+        assert m.cameras == 3 and [c.camera_id for c in m.extra_cameras] == ["cam-2", "cam-3"]
+        poses = [m.pose] + [c.pose for c in m.extra_cameras]
+        assert len(set(poses)) == 3
+        for p in poses[1:]:
+            for name, (lo, hi) in POSE_RANGES.items():
+                assert lo <= getattr(p, name) <= hi
+    assert fleet_plan(3, seed=7, cameras=2) == [dataclasses.replace(m, extra_cameras=m.extra_cameras[:1])
+                                                for m in three]  # deterministic; more cameras add cameras
+    assert fleet_plan(1, seed=7, cameras=2)[0].extra_cameras[0].camera_id == "cam-2"  # a lone factory too
+    for bad in (0, 17):
+        with pytest.raises(ValueError):
+            fleet_plan(2, cameras=bad)
+
+
+def test_each_camera_of_a_factory_photographs_the_same_rack_through_its_own_pose_and_names_itself_but_the_controllers():
+    [member] = fleet_plan(1, seed=3, cameras=2)
+    sim = FactorySimulator(member.seed, pose=member.pose, extra_cameras=member.extra_cameras)
+    (own, stock), (other, other_stock) = sim.camera_message(0.0, 0), sim.camera_message(0.0, 1)
+    assert "camera_id" not in own and other["camera_id"] == "cam-2"  # the TXT's i/cam is {ts, data}
+    assert own["ts"] == other["ts"] and stock == other_stock
+    for msg, pose in ((own, member.pose), (other, member.extra_cameras[0].pose)):
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(msg["data"].split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+        assert read_stock(unposed(img, pose)) == stock
+    assert own["data"] != other["data"]
+    # the controller's camera is the picture it always was
+    assert sim.frame(0.0)[0] == FactorySimulator(member.seed, pose=member.pose).frame(0.0)[0]
+    with pytest.raises(ValueError):  # two cameras of one factory cannot share an id
+        FactorySimulator(0, extra_cameras=member.extra_cameras * 2)
+
+
+def test_simulate_cameras_publishes_each_cameras_frames_under_its_factorys_prefix_the_further_ones_named(mqtt_broker):
+    base = [sys.executable, "-m", "factory_assets.cli", "simulate", "--mqtt", mqtt_broker.url, "--seed", "4",
+            "--cameras", "2", "--camera-on", "--fps", "4", "--frames", "3", "--time-scale", "0.01",
+            "--progress-every", "0", "--no-customer"]
+    for factories, plan in ((1, fleet_plan(1, seed=4, cameras=2)), (2, fleet_plan(2, seed=4, cameras=2))):
+        with MqttRecorder(mqtt_broker.url, topics=("#",)) as rec:
+            done = subprocess.run(base + ["--factories", str(factories)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        for m in plan:
+            frames = rec.payloads(m.prefix + "i/cam")
+            assert [f.get("camera_id") for f in frames] == [None, "cam-2"] * 3, m.factory_id
+            assert frames[0]["ts"] == frames[1]["ts"]  # both cameras at every frame time
+            expected = FactorySimulator(m.seed, pose=m.pose, extra_cameras=m.extra_cameras).frame(0.0, 1)[0]
+            assert base64.b64decode(frames[1]["data"].split(",", 1)[1]) == expected, m.factory_id
+        assert done.stdout.count("6 frames from 2 cameras") == factories
+        assert "cam-2 shift" in done.stdout or "camera cam-2:" in done.stdout
+
+
+def test_up_with_cameras_asks_the_simulator_for_them_and_nothing_else_changes():
+    from factory_assets.cli.up import build_services
+
+    def argv(services, name):
+        return next(s.argv for s in services if s.name == name)
+
+    for factories in (1, 3):
+        plain = build_services(1883, 3000, 8080, 1.0, 5, dagster=False, factories=factories)
+        two = build_services(1883, 3000, 8080, 1.0, 5, dagster=False, factories=factories, cameras=2)
+        sim = argv(two, "simulator")
+        assert sim[sim.index("--cameras") + 1] == "2" and "--cameras" not in argv(plain, "simulator")
+        # the ingester stamps each frame with the camera id its message names: it is started as before
+        assert argv(two, "ingester") == argv(plain, "ingester")
