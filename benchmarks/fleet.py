@@ -636,6 +636,7 @@ def run_fleet_size(n: int, args) -> dict:
             **pooled, "per_factory_p95_ms_max": None if math.isinf(max(p95s)) else round(max(p95s), 1),
             "per_factory_p95_ms_median": round(sorted(p95s)[len(p95s) // 2], 1)
             if not math.isinf(sorted(p95s)[len(p95s) // 2]) else None,
+            "p95_ms_of_frames_shown": latency_summary([v for vs in per_factory.values() for v in vs])["p95_ms"],
             "worst_factory": worst, "worst_factory_figures": each[worst],
             "watcher_error": watcher.error}
         out["frames"] = {"stored_in_window": stored, "stored_per_s": round(stored / window_s, 2),
