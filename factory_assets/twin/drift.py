@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 DRIFT_WINDOW = 100            # latest inferences compared with the controller's stock reports
 DRIFT_MAX_DISAGREEMENT = 0.2  # above this share, retrain on the newer labelled frames
-BOOTSTRAP_MIN_TRAIN_FRAMES = 60  # labelled frames of train situations the first model needs
+BOOTSTRAP_MIN_TRAIN_FRAMES = 24  # labelled train frames the first model needs (12 s at 2 frames/s)
 BOOTSTRAP_MIN_SITUATION_FRAMES = 4  # a situation counts with this many labelled frames (2 s at 2 fps)
 BOOTSTRAP_REPORTS_SCANNED = 500  # the newest stock reports read
 BOOTSTRAP_FRAMES_COUNTED = 1000  # frames read per stretch when counting them (enough to decide)
