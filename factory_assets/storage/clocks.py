@@ -48,3 +48,13 @@ def factory_now(fdb, factory_id: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc)
     offset = clock_offset(fdb, factory_id)
     return now + timedelta(seconds=offset or 0.0)
+
+
+UPDATED_AT_INDEX = [("updated_at", 1)]
+
+
+def clocks_updated_since(fdb, after: datetime) -> list[dict]:
+    """The estimates written after ``after`` (``{_id: factory_id, offset_s, ..., updated_at}``): a
+    range of the ``updated_at`` index, hinted, so a look costs the estimates that moved. Fleet-wide
+    on purpose ("whose clock moved?"), hence not led by ``factory_id``."""
+    return list(clocks(fdb).find({"updated_at": {"$gt": after}}).hint(UPDATED_AT_INDEX))

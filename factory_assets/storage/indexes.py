@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # Named here, not imported from datasets.manifests / twin.orders, so connect() stays light.
 SPLITS_COLLECTION = "dataset_splits"
 ORDERS_COLLECTION = "twin_orders"
+CLOCKS_COLLECTION = "factory_clocks"  # storage.clocks
 
 _done: set[tuple[int, str, str]] = set()
 
@@ -47,6 +48,11 @@ def ensure_indexes(fdb) -> None:
     fdb.mqtt.create_index([("factory_id", ASCENDING), ("topic", ASCENDING), ("ts", DESCENDING)],
                           name="factory_topic_ts")
     fdb.mqtt.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
+    # What arrived since the live updater's last look is an ``_id`` range (storage.arrivals: the
+    # ObjectId the ingester's write gets, on the ``_id`` index every collection has): fleet-wide on
+    # purpose like the frames' seq, so not led by factory_id; each factory's reads that follow are.
+    # Whose clock estimate moved since the last look: fleet-wide too (one document per factory).
+    fdb.db[CLOCKS_COLLECTION].create_index([("updated_at", ASCENDING)], name="updated_at")
     fdb.sensors.create_index([("message_id", ASCENDING)], unique=True, sparse=True, name="message_id")
     # one factory's readings of a topic over time
     fdb.sensors.create_index([("factory_id", ASCENDING), ("topic", ASCENDING), ("ts", DESCENDING)],

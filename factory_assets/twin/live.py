@@ -30,6 +30,19 @@ Besides the frames it keeps the controller's side of the twin current, per facto
 ``f/i/state/<station>`` of each station, the newest ``f/i/order`` and the clock offset the
 ingester estimated (``storage.clocks``). The settle and persistence rules (``TwinRules``,
 ``FACTORY_SETTLE_S``...) decide which disagreements the twin flags.
+
+A step's controller work costs what arrived, not the fleet's size or the history: the first step
+catches up once with every known factory (its newest report, station, order and clock: what was
+stored while the updater was down included); after that a step reads the stock, station and order
+messages stored since its last look (``storage.arrivals.ArrivalCursor``, one ``_id`` range of the
+``mqtt`` collection, with the fields the twin needs) and applies them to exactly their factories,
+keeping each topic's newest message by ``ts`` (an older one arriving late does not regress the
+twin). Every ``CONTROLLER_REFRESH_S`` it also re-reads the last few seconds of ids (a message a
+slower or other writer made visible late) and the clock estimates that moved
+(``storage.clocks.clocks_updated_since``: the clock changes without a message). A factory heard for
+the first time is caught up like at the start. A message stored by another tool with an ``_id``
+that is not an ObjectId is applied at the updater's next start (or with its factory's next message
+of that topic, when it is the newest by ``ts``).
 """
 from __future__ import annotations
 
@@ -37,20 +50,26 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from factory_assets.storage.frames import (ChangeWaiter, assign_missing_seqs, frame_image_bytes, parse_ts,
                                            read_frames_after)
 from factory_assets.storage.inferences import build_inference, record_inference
 from factory_assets.storage.quarantine import quarantine
-from factory_assets.storage.clocks import clock_info
+from factory_assets.storage.arrivals import LATE_S, ArrivalCursor
+from factory_assets.storage.clocks import clock_info, clocks_updated_since
 from factory_assets.twin.state import COLOURS, Observation, Reported, TwinRules, reported_from_stock
-from factory_assets.twin.store import apply_controller_state, apply_observation, apply_reported
+from factory_assets.twin.store import (CLOCK_SHOWN_TOLERANCE_S, _station_key, apply_controller_state,
+                                       apply_observation, apply_reported)
 from factory_assets.vocabulary import (DEFAULT_CAMERA_ID, DEFAULT_ENDPOINT, DEFAULT_FACTORY_ID, ORDER_STATE_TOPIC,
                                        STATION_CODES, STATION_ERROR_CODES, STATION_STATE_PREFIX, STATIONS,
-                                       STOCK_TOPIC, parse_ts)
+                                       STOCK_TOPIC, parse_ts, utcnow)
 from factory_assets.vocabulary.messages import parse_stock_report
 
 STATION_TOPICS: dict[str, str] = {STATION_STATE_PREFIX + s: s for s in STATIONS}
+CONTROLLER_TOPICS = (*STATION_TOPICS, ORDER_STATE_TOPIC)
+TWIN_TOPICS = (STOCK_TOPIC, *CONTROLLER_TOPICS)  # the messages the twin follows
+ARRIVAL_FIELDS = {"factory_id": 1, "topic": 1, "ts": 1, "payload": 1, "message_id": 1}
 CONTROLLER_REFRESH_S = 2.0  # the stations, order and clock are looked at least this often
 FACTORIES_REFRESH_S = 5.0   # and the set of factories to look at
 
@@ -246,21 +265,48 @@ def controller_state(fdb, factory_id: str) -> dict:
     """The newest state of each station, the newest ``f/i/order`` and the clock estimate of
     ``factory_id``: ``{"stations": {...}, "order": {...} | None, "clock": {...} | None}``.
     One bounded index lookup per topic (``factory_topic_ts``), one by ``_id`` for the clock."""
-    stations = {}
-    for topic, station in STATION_TOPICS.items():
+    return controller_state_from(newest_controller_messages(fdb, factory_id), clock_info(fdb, factory_id))
+
+
+def newest_controller_messages(fdb, factory_id: str) -> dict[str, dict]:
+    """topic -> the newest (by ``ts``) stored message of each station's and the order's topic."""
+    newest = {}
+    for topic in CONTROLLER_TOPICS:
         msg = fdb.mqtt.find_one({"factory_id": factory_id, "topic": topic}, {"payload": 1, "ts": 1},
                                 sort=[("ts", -1)])
+        if msg is not None:
+            newest[topic] = msg
+    return newest
+
+
+def controller_state_from(messages: dict[str, dict], clock: dict | None) -> dict:
+    """``controller_state`` of the newest message of each topic (topic -> message) and the clock."""
+    stations = {}
+    for topic, station in STATION_TOPICS.items():
+        msg = messages.get(topic)
         state = station_state((msg or {}).get("payload"))
         if state is not None:
             state["ts"] = state["ts"] or msg.get("ts")
             stations[station] = state
     order = None
-    msg = fdb.mqtt.find_one({"factory_id": factory_id, "topic": ORDER_STATE_TOPIC}, {"payload": 1, "ts": 1},
-                            sort=[("ts", -1)])
+    msg = messages.get(ORDER_STATE_TOPIC)
     if msg is not None and isinstance(msg.get("payload"), dict) and msg["payload"].get("state"):
         order = {"state": str(msg["payload"]["state"]), "type": msg["payload"].get("type") or None,
                  "ts": _payload_ts(msg["payload"]) or msg.get("ts")}
-    return {"stations": stations, "order": order, "clock": clock_info(fdb, factory_id)}
+    return {"stations": stations, "order": order, "clock": clock}
+
+
+def _newer(ts, than) -> bool:
+    """Whether a message time ``ts`` is newer than ``than`` (None: nothing seen yet). Times another
+    tool stored in a type that does not compare count as newer (the twin's own guards decide)."""
+    if than is None:
+        return True
+    if ts is None:
+        return False
+    try:
+        return ts > than
+    except TypeError:
+        return True
 
 
 def apply_controller_states(fdb, factory_ids=None) -> None:
@@ -388,7 +434,12 @@ class LiveTwinUpdater:
         self._factories: list[str] = []
         self._factories_at = float("-inf")
         self._controller_at = float("-inf")
+        # what arrived since the last look (storage.arrivals); the first step catches up instead
+        self.arrivals = ArrivalCursor(fdb.mqtt, {"topic": {"$in": list(TWIN_TOPICS)}}, ARRIVAL_FIELDS)
+        self._caught_up = False
+        self._newest: dict = {}  # factory -> topic -> the newest station/order message seen (by ts)
         self._controller_shown: dict = {}  # factory -> the controller state last applied
+        self._clocks_after = None  # the newest clock estimate's updated_at seen
         self._more = False
         # Between frames: a change stream where the server offers one, else a 50 ms-1 s poll.
         # Stock, station and order messages wake it too.
@@ -416,39 +467,107 @@ class LiveTwinUpdater:
             self._factories_at = now
         return self._factories
 
-    def _apply_stock(self) -> None:
-        for fid in self.factories():
-            if fid not in self._stock_after:
-                self._stock_after[fid] = latest_stock_ts(self.fdb, fid)
-            query: dict = {"factory_id": fid, "topic": STOCK_TOPIC}
-            if self._stock_after[fid] is not None:
-                query["ts"] = {"$gt": self._stock_after[fid]}  # only reports newer than the last one seen
-            msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
-            if not msg:
-                continue
-            self._guarded(lambda m=msg: self._apply_report(m), f"stock report {msg.get('_id')}")
-            if msg.get("ts") is not None:
-                self._stock_after[fid] = msg["ts"]  # an unreadable report is quarantined and passed, never retried
+    def _catch_up(self, fid: str) -> None:
+        """A factory's newest report, station and order states and clock, read by its index ranges
+        (``factory_topic_ts``): once per factory, at the first step or when first heard."""
+        if fid not in self._stock_after:
+            self._stock_after[fid] = latest_stock_ts(self.fdb, fid)
+        query: dict = {"factory_id": fid, "topic": STOCK_TOPIC}
+        if self._stock_after[fid] is not None:
+            query["ts"] = {"$gt": self._stock_after[fid]}  # only reports newer than the twin shows
+        msg = self.fdb.mqtt.find_one(query, sort=[("ts", -1)])
+        if msg:
+            self._apply_stock_message(fid, msg)
+        self._newest[fid] = newest_controller_messages(self.fdb, fid)
+        self._show(fid, controller_state_from(self._newest[fid], clock_info(self.fdb, fid)))
+
+    def _apply_stock_message(self, fid: str, msg: dict) -> None:
+        self._guarded(lambda m=msg: self._apply_report(m), f"stock report {msg.get('_id')}")
+        if msg.get("ts") is not None:
+            self._stock_after[fid] = msg["ts"]  # an unreadable report is quarantined and passed, never retried
 
     def _apply_report(self, msg: dict) -> None:
         rep = reported_or_quarantine(self.fdb, msg)
         if rep is not None:
             apply_reported(self.fdb, rep, self.rules)
 
-    def _apply_controller(self, changed: set | None, now: float) -> None:
-        """The stations, order state and clock: when a message may have arrived, and at least
-        every ``CONTROLLER_REFRESH_S`` (the clock estimate changes without a message)."""
-        woken = changed is None or "*" in changed or self.fdb.names.mqtt in changed
-        if not woken and now - self._controller_at < CONTROLLER_REFRESH_S:
-            return
-        self._controller_at = now
-        for fid in self.factories(now):
-            state = controller_state(self.fdb, fid)
-            if self._controller_shown.get(fid) == state or not (state["stations"] or state["order"] or state["clock"]):
-                continue
-            if self._guarded(lambda f=fid, s=state: apply_controller_state(self.fdb, f, **s),
-                             f"controller state of {fid}"):
+    def _show(self, fid: str, state: dict) -> None:
+        """Apply what differs from the controller state last applied (all of it the first time:
+        ``apply_controller_state`` compares with the twin and writes only what changed)."""
+        shown = self._controller_shown.get(fid)
+        if shown is None:
+            if not (state["stations"] or state["order"] or state["clock"]):
                 self._controller_shown[fid] = state
+                return
+            change = state
+        else:
+            stations = {name: st for name, st in state["stations"].items()
+                        if _station_key(st) != _station_key(shown["stations"].get(name))}
+            order = state["order"] if state["order"] is not None and (
+                (state["order"].get("state"), state["order"].get("type"))
+                != ((shown["order"] or {}).get("state"), (shown["order"] or {}).get("type"))) else None
+            clock, was = state["clock"] or {}, shown["clock"] or {}
+            moved = clock.get("offset_s") is not None and (
+                was.get("offset_s") is None
+                or abs(float(clock["offset_s"]) - float(was["offset_s"])) >= CLOCK_SHOWN_TOLERANCE_S)
+            if not (stations or order or moved):
+                # nothing a person would see: remembered, no read or write of the twin
+                self._controller_shown[fid] = {**state, "clock": state["clock"] if moved else shown["clock"]}
+                return
+            change = {"stations": stations, "order": order, "clock": state["clock"] if moved else None}
+        if self._guarded(lambda c=change: apply_controller_state(self.fdb, fid, **c), f"controller state of {fid}"):
+            self._controller_shown[fid] = state if shown is None or change["clock"] is not None \
+                else {**state, "clock": shown["clock"]}
+
+    def _follow_controller(self, changed: set | None, now: float) -> None:
+        """The stock reports, stations, order states and clocks: of the factories whose messages
+        arrived since the last look (when a message may have arrived), and at least every
+        ``CONTROLLER_REFRESH_S`` the late ones and the clock estimates that moved."""
+        if not self._caught_up:
+            self.arrivals.start()  # before the catch-up's reads: what arrives meanwhile is read next
+            self._clocks_after = utcnow() - timedelta(seconds=LATE_S)
+            for fid in self.factories(now):
+                self._catch_up(fid)
+            self._caught_up = True
+            self._controller_at = now
+            return
+        woken = changed is None or "*" in changed or self.fdb.names.mqtt in changed
+        sweep = now - self._controller_at >= CONTROLLER_REFRESH_S
+        if not (woken or sweep):
+            return
+        heard: dict[str, list] = {}
+        for msg in self.arrivals.read(sweep=sweep):
+            heard.setdefault(msg.get("factory_id") or DEFAULT_FACTORY_ID, []).append(msg)
+        clocks: dict = {}
+        if sweep:
+            # re-read a few seconds back: an estimate written slowly becomes visible late
+            for doc in clocks_updated_since(self.fdb, self._clocks_after - timedelta(seconds=LATE_S)):
+                if isinstance(doc.get("_id"), str):
+                    clocks[doc.pop("_id")] = doc
+                    if doc.get("updated_at") is not None and _newer(doc["updated_at"], self._clocks_after):
+                        self._clocks_after = doc["updated_at"]
+        for fid in sorted(set(heard) | set(clocks)):
+            if fid not in self._newest:  # first heard: caught up like at the start
+                self._catch_up(fid)
+                continue
+            stock = None
+            moved = fid in clocks
+            for msg in heard.get(fid, ()):
+                if msg.get("topic") == STOCK_TOPIC:
+                    if _newer(msg.get("ts"), self._stock_after.get(fid)) and (
+                            stock is None or _newer(msg.get("ts"), stock.get("ts"))):
+                        stock = msg
+                elif _newer(msg.get("ts"), (self._newest[fid].get(msg.get("topic")) or {}).get("ts")):
+                    self._newest[fid][msg["topic"]] = msg
+                    moved = True
+            if stock is not None:
+                self._apply_stock_message(fid, stock)
+            if moved:
+                clock = clocks[fid] if fid in clocks else (self._controller_shown.get(fid) or {}).get("clock")
+                self._show(fid, controller_state_from(self._newest[fid], clock))
+        self.arrivals.commit()
+        if sweep:
+            self._controller_at = now
 
     def _guarded(self, apply, what: str) -> bool:
         try:
@@ -475,8 +594,7 @@ class LiveTwinUpdater:
         if frames_changed or now - self._last_housekeeping > 2.0:
             assign_missing_seqs(self.fdb)  # frames written by other tools (an index lookup)
             self._last_housekeeping = now
-        self._apply_stock()
-        self._apply_controller(changed, now)
+        self._follow_controller(changed, now)
         page = read_frames_after(self.fdb, self.cursor, limit=self.batch)
         if page.horizon - self.cursor > self.max_backlog:
             # A long backlog (e.g. frames that arrived before the first model): jump to the

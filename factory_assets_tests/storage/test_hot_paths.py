@@ -286,14 +286,15 @@ def fleet_wide_reads(fdb) -> dict[str, set[frozenset]]:
     index range: the one live reader's frame cursor, frames and inferences by their ids, the
     twin documents (one per factory: the list of factories), models by version, the original
     project's one-document twin (``_partition``: the Unity twin's, one factory's by nature),
-    the ``factories`` documents (one per factory: the list of factories) and, at the API's start,
-    its tokens."""
+    the ``factories`` documents (one per factory: the list of factories), the clock estimates that
+    moved (the live updater's periodic look) and, at the API's start, its tokens. (What arrived in
+    ``mqtt`` is an ``_id`` range: checked as a primary-key read.)"""
     n = fdb.names
     return {n.frames: {frozenset({"seq"})}, n.inferences: {frozenset({"frame_seq"}), frozenset({"frame_id"})},
             n.twin: {frozenset(), frozenset({"orders.0"})}, n.models: {frozenset({"version"})},
             n.endpoints: {frozenset({"name"})}, "twin_orders": {frozenset({"state"})},
             n.twin_legacy: {frozenset({"_partition"})}, "api_tokens": {frozenset({"revoked_at", "active_name"})},
-            "factories": {frozenset()}}
+            "factories": {frozenset()}, "factory_clocks": {frozenset({"updated_at"})}}
 
 
 SMALL_COLLECTIONS = ("digital_twin", "api_tokens", "factories")  # read whole: one document per factory, per token
