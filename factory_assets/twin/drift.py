@@ -19,7 +19,9 @@ columns, or one of them holds pieces in two rows and two columns (the per-slot m
 rack from either: ``vision.slots.SlotGeometry.fit``), or every colour both in stock and
 absent (a presence model), with validation frames to check it on. Judging the reports alone
 trained presence models on a handful of frames whose changes lay in the settle time or only
-in validation, and drift replaced them minutes later.
+in validation, and drift replaced them minutes later. Each camera of a factory gets its own first
+model, so readiness is counted on that camera's frames (a camera added to a factory that has its
+models included); the stock reports are its factory's.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from factory_assets.twin.state import COLOURS, SLOTS, observed_slots, reported_presence, stock_slots
-from factory_assets.vocabulary import DEFAULT_FACTORY_ID, STOCK_TOPIC
+from factory_assets.vocabulary import DEFAULT_CAMERA_ID, DEFAULT_FACTORY_ID, STOCK_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ BOOTSTRAP_REPORTS_SCANNED = 500  # the newest stock reports read
 BOOTSTRAP_FRAMES_COUNTED = 1000  # frames read per stretch when counting them (enough to decide)
 STABLE_MARGIN_S = 2.0         # a frame this close before a reported stock change is not compared
 LOOKBACK_FACTOR = 4           # inferences read to find the latest DRIFT_WINDOW stable ones
+FACTORY_TS = [("factory_id", 1), ("ts", 1)]  # the frames index of a factory's time range (storage.indexes)
 
 
 @dataclass(frozen=True)
@@ -240,25 +243,37 @@ def situation_key(slots: dict) -> str:
     return situation_of({"slots": slots, "present": reported_presence(slots)})
 
 
-def _frames_between(fdb, factory_id, lo, hi) -> int:
-    """Frames of the factory with lo < ts < hi: an index range of that factory (``factory_ts``;
-    the default factory's frames stored without an id too), at most ``BOOTSTRAP_FRAMES_COUNTED``."""
+def _camera_filter(camera_id: str | None) -> dict:
+    """The frames of one camera (the default camera's stored without an id too); all cameras when None."""
+    if camera_id is None:
+        return {}
+    return {"camera_id": {"$in": [camera_id, None]} if camera_id == DEFAULT_CAMERA_ID else camera_id}
+
+
+def _frames_between(fdb, factory_id, lo, hi, camera_id: str | None = None) -> int:
+    """Frames of the factory (of its camera ``camera_id`` when given) with lo < ts < hi: an index
+    range of that factory (``factory_ts``, hinted: SecantusDB plans a collection scan once the camera
+    is a filter beside it; the default factory's frames stored without an id too), at most
+    ``BOOTSTRAP_FRAMES_COUNTED``. With a camera it examines the factory's frames of the range, every
+    camera's (no frames index leads with factory and camera; a factory has a few cameras)."""
     owners = [factory_id, None] if factory_id == DEFAULT_FACTORY_ID else [factory_id]
     n = 0
     for owner in owners:
-        n += len(list(fdb.frames.find({"factory_id": owner, "ts": {"$gt": lo, "$lt": hi}}, {"_id": 1})
-                      .limit(BOOTSTRAP_FRAMES_COUNTED - n)))
+        query = {"factory_id": owner, "ts": {"$gt": lo, "$lt": hi}, **_camera_filter(camera_id)}
+        n += len(list(fdb.frames.find(query, {"_id": 1}).hint(FACTORY_TS).limit(BOOTSTRAP_FRAMES_COUNTED - n)))
         if n >= BOOTSTRAP_FRAMES_COUNTED:
             break
     return n
 
 
-def bootstrap_situations(fdb, settle_s: float | None = None, factory_id: str | None = None) -> list:
+def bootstrap_situations(fdb, settle_s: float | None = None, factory_id: str | None = None,
+                         camera_id: str | None = None) -> list:
     """The stock situations a first dataset would hold now, in order of first appearance: per
     factory (``factory_id``: that one only, its reports read by ``factory_topic_ts``), the
     stretches ``auto_label`` labels (``datasets.autolabel.stable_spans``: outside every change's
-    settle time, up to where the factory was heard) with the frames stored in them, and the split
-    each goes to (``dataset_situations`` as stored, new ones numbered on)."""
+    settle time, up to where the factory was heard) with the frames stored in them (``camera_id``:
+    that camera's only, as its own dataset would hold them), and the split each goes to
+    (``dataset_situations`` as stored, new ones numbered on)."""
     from factory_assets.config import settle_seconds
     from factory_assets.datasets.autolabel import heard_until, stable_spans
     from factory_assets.datasets.manifests import SITUATIONS_COLLECTION, _situation_id
@@ -292,7 +307,7 @@ def bootstrap_situations(fdb, settle_s: float | None = None, factory_id: str | N
             continue
         until = heard_until(fdb, factory_id, reports[0][0], frame_ts(newest) + margin, frame_ts(newest))
         for lo, hi, slots in stable_spans(reports, until, settle_s=settle_s, margin_s=STABLE_MARGIN_S):
-            n = _frames_between(fdb, factory_id, lo, hi)
+            n = _frames_between(fdb, factory_id, lo, hi, camera_id)
             if n:
                 spans.append((lo, slots, n))
     spans.sort(key=lambda sp: sp[0])
@@ -309,10 +324,12 @@ def bootstrap_situations(fdb, settle_s: float | None = None, factory_id: str | N
     return list(merged.values())
 
 
-def bootstrap_readiness(fdb, settle_s: float | None = None, factory_id: str | None = None) -> Readiness:
+def bootstrap_readiness(fdb, settle_s: float | None = None, factory_id: str | None = None,
+                        camera_id: str | None = None) -> Readiness:
     """Whether the labelled frames a first training run would have now can train a model worth
     deploying (see :class:`Readiness`): judged on the stretches auto-labels will label and the
     splits the dataset will use, not on the reports alone (a slot whose change lies in the
     settle time, or only in validation, places nothing). ``factory_id``: that factory's first
-    model (every factory has its own)."""
-    return readiness_of(bootstrap_situations(fdb, settle_s, factory_id))
+    model (every factory has its own); ``camera_id``: that camera's first model, counted on its
+    own frames (every camera has its own dataset and model)."""
+    return readiness_of(bootstrap_situations(fdb, settle_s, factory_id, camera_id))

@@ -30,6 +30,7 @@ class SimulatedFactory:
                                     extra_cameras=member.extra_cameras)
         self.ingestor = Ingestor(fdb)  # camera_id txt-cam, as `ingest mqtt` by default
         self.frame_every_s = frame_every_s  # the cameras' period; the controller's messages every second
+        self.sending = self.sim.cameras  # the first ``sending`` cameras publish (a camera added later: raise it)
         self.t = 0
         self.truth: dict = {}  # frame time -> the rack the cameras show
 
@@ -43,7 +44,7 @@ class SimulatedFactory:
             self.sim.advance(ts)
             self._controller()
             if self.t % self.frame_every_s == 0:
-                for camera in range(self.sim.cameras):
+                for camera in range(self.sending):
                     msg, shown = self.sim.camera_message(ts, camera)
                     self.ingestor.handle_mqtt("i/cam", json.dumps(msg).encode(), factory_id=self.factory_id)
                 self.truth[ts] = shown
@@ -147,9 +148,13 @@ class Daemon:
 
     def bootstrap(self) -> list:
         """One tick of ``bootstrap_model_sensor``: its run requests."""
+        return list(self.tick_bootstrap().run_requests or ())
+
+    def tick_bootstrap(self) -> dg.SensorResult:
+        """One tick of ``bootstrap_model_sensor``: its result (run requests or why none)."""
         from factory_assets.defs.twin.sensors import bootstrap_model_sensor
 
-        return list(self.tick(bootstrap_model_sensor).run_requests or ())
+        return self.tick(bootstrap_model_sensor)
 
     def retrain_then_deploy(self, request) -> dg.ExecuteInProcessResult:
         """``retrain_job`` as requested, then the ``model_job`` run ``retrained_model_sensor``
@@ -192,6 +197,28 @@ def bootstrap(daemon: Daemon, fleet: list[SimulatedFactory], newcomers: set[str]
             for row in rows:  # the server is asked for it by its name, which pairs it with its factory and camera
                 assert row["target_model"] == model_name(factory_id, row["camera_id"], row["model_version"])
     return versions
+
+
+def bootstrap_camera(daemon: Daemon, fleet: list[SimulatedFactory], factory_id: str, camera_id: str,
+                     chunk_s: int = 30, limit_s: int = 900) -> tuple[dg.RunRequest, dict, list]:
+    """The fleet runs on, ``chunk_s`` seconds at a time, the sensors ticking after each chunk, until
+    ``bootstrap_model_sensor`` requests a run for ``camera_id`` of ``factory_id``, which runs
+    (``retrain_job`` then ``model_job``). Every request must be that one. Returns the request, the
+    ``model_endpoint`` materialization's deployment rows and the sensor's skip reasons until then."""
+    waited, waiting = 0, []
+    while True:
+        assert waited < limit_s, f"{factory_id} {camera_id} not bootstrapped after {limit_s} s: {waiting[-1:]}"
+        run_fleet(fleet, chunk_s)
+        waited += chunk_s
+        daemon.discover()
+        result = daemon.tick_bootstrap()
+        if not result.run_requests:
+            waiting.append(result.skip_reason.skip_message if result.skip_reason else "")
+            continue
+        [request] = result.run_requests
+        assert request.tags["factory"] == factory_id and request.tags["factory/cameras"] == camera_id, request.tags
+        deployed = daemon.retrain_then_deploy(request).asset_materializations_for_node("model_endpoint")
+        return request, deployed[0].metadata["deployments"].value, waiting
 
 
 def slot_accuracy(fdb, factory: SimulatedFactory, since, camera_id: str | None = None) -> tuple[float, set]:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from factory_assets.twin.drift import bootstrap_readiness, bootstrap_situations
 from factory_assets.vocabulary import SLOTS
 from factory_assets_tests.datasets.test_labels import frames_at, stock_report
+from factory_assets_tests.storage.test_hot_paths import assert_fleet_ready, recorded_fdb  # noqa: F401
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
 EMPTY = {s: None for s in SLOTS}
@@ -88,3 +89,34 @@ def test_a_full_rack_places_nothing_from_its_colours_the_model_needs_an_empty_sl
     frames_at(fdb, range(0, 200), start=T0)
     readiness = bootstrap_readiness(fdb)
     assert len(readiness.slots_held) == 9 and not readiness.placed
+
+
+def camera_frames_at(fdb, seconds, camera_id: str) -> None:
+    from factory_assets.storage.frames import build_frame, insert_frames
+    from factory_assets_tests.helpers import jpeg_bytes
+
+    insert_frames(fdb, [build_frame(jpeg_bytes(seed=i, size=(32, 24)), ts=T0 + timedelta(seconds=i),
+                                    camera_id=camera_id, factory_id="factory-1", content_type="image/jpeg",
+                                    width=32, height=24, source={"kind": "test"}) for i in seconds])
+
+
+def test_a_cameras_readiness_counts_its_own_frames_only_each_read_factory_first(recorded_fdb):  # noqa: F811
+    # the same factory's reports for both cameras; cam-2 was added late, after the train situation
+    fdb, recorder = recorded_fdb
+    for n, (t, slots) in enumerate([(0, rack(B2="BLUE", B3="WHITE", C2="RED")), (100, rack(B2="BLUE", B3="WHITE"))]):
+        stock_report(fdb, T0 + timedelta(seconds=t), slots, n)
+    camera_frames_at(fdb, range(0, 200), "cam-1")
+    camera_frames_at(fdb, range(150, 200), "cam-2")
+    recorder.recording.set()
+    first = bootstrap_readiness(fdb, factory_id="factory-1", camera_id="cam-1")
+    added = bootstrap_readiness(fdb, factory_id="factory-1", camera_id="cam-2")
+    recorder.recording.clear()
+    assert first.ready and not added.ready
+    # cam-2's frames hold one situation (which its own dataset would train on) and nothing to validate on
+    assert (added.situations, added.valid_frames) == (1, 0) and 0 < added.frames < first.frames
+    assert bootstrap_readiness(fdb, factory_id="factory-1").frames == first.frames + added.frames
+    assert_fleet_ready(fdb, recorder.commands)  # every read leads with factory_id on a factory_* index
+    # frames stored without a camera id are the default camera's (the ingester's txt-cam)
+    camera_frames_at(fdb, range(0, 200), "txt-cam")
+    fdb.frames.update_many({"camera_id": "txt-cam"}, {"$unset": {"camera_id": 1}})
+    assert bootstrap_readiness(fdb, factory_id="factory-1", camera_id="txt-cam") == first

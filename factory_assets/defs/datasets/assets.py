@@ -20,6 +20,14 @@ from factory_assets.defs.resources import MongoResource
 
 PREVIEW_FRAMES = 8
 MANIFEST_CHECK = "training_manifests_match_their_version"
+# run tag: the cameras a run is for ("cam-2" or "cam-2,txt-cam"): a camera's first model leaves the others' as they are
+CAMERAS_TAG = "factory/cameras"
+
+
+def run_cameras(run) -> set[str] | None:
+    """The cameras a run's datasets, models and deployments are limited to (``CAMERAS_TAG``); None: every camera."""
+    value = (run.tags or {}).get(CAMERAS_TAG)
+    return {c for c in value.split(",") if c} if value else None
 
 
 def _bounds(days: list[str]):
@@ -144,7 +152,8 @@ def training_manifests(context: dg.AssetExecutionContext, mongo: MongoResource,
     complete; the version is a content hash recorded in MongoDB ``datasets`` with its factory
     and camera, and the run that materialized it (what ``stock_model`` of that factory trains
     on). A camera whose labels cannot fill both splits gets no dataset (said in the metadata);
-    the run fails only when no camera got one."""
+    the run fails only when no camera got one. A run tagged ``factory/cameras`` (a new camera's
+    first model, ``bootstrap_model_sensor``) builds those cameras' datasets only."""
     from factory_assets.datasets.manifests import build_dataset, record_upload, upload_to_s3
     from factory_assets.datasets.summary import split_table
     from factory_assets.vocabulary import CLASSES
@@ -152,10 +161,15 @@ def training_manifests(context: dg.AssetExecutionContext, mongo: MongoResource,
 
     fdb = mongo.fdb()
     built_rows, refused = [], {}
+    wanted = run_cameras(context.run)
     for factory_id, days in days_by_factory(context.partition_keys).items():
         start, end = _bounds(days)
         cameras = label_cameras(fdb, factory_labels(fdb, factory_id, days))
-        if not cameras:
+        if wanted is not None:
+            cameras = {c: n for c, n in cameras.items() if c in wanted}
+            for camera_id in sorted(wanted - set(cameras)):
+                refused[f"{factory_id} {camera_id}"] = f"no labelled frames on {days[0]}..{days[-1]}"
+        elif not cameras:
             refused[factory_id] = f"no labelled frames on {days[0]}..{days[-1]} (materialize labeled_images first)"
         for camera_id in sorted(cameras):
             try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from factory_assets.defs.datasets.assets import run_cameras
 from factory_assets.defs.metadata import png_markdown, table
 from factory_assets.defs.models.resources import EndpointResource, ModelPolicyResource
 from factory_assets.defs.partitions import factory_partitions
@@ -275,13 +276,20 @@ def stock_model(context: dg.AssetExecutionContext, config: StockModelConfig, mon
     in an observation, and reports those models' checks again. To train on newer frames,
     materialize ``labeled_images`` and ``training_manifests`` of the factory for the days you
     want first, or launch ``retrain_job`` over a date range of it; ``retrain_same_dataset:
-    true`` in the run config trains again on the same dataset."""
+    true`` in the run config trains again on the same dataset. A run tagged ``factory/cameras``
+    (a new camera's first model) trains those cameras' models only."""
     from factory_assets.vision.version import code_version
 
     fdb = mongo.fdb()
     trained, kept = [], []
+    wanted = run_cameras(context.run)  # a new camera's first model: the others' are not looked at
     for factory_id in context.partition_keys:  # one factory (its backfills run one run per partition)
-        for dataset in factory_datasets(context, fdb, factory_id):
+        datasets = [d for d in factory_datasets(context, fdb, factory_id)
+                    if wanted is None or d.get("camera_id") in wanted]
+        if not datasets:
+            raise dg.Failure(f"No dataset of {factory_id} camera {', '.join(sorted(wanted))} yet: launch retrain_job "
+                             "over a date range of that factory.", allow_retries=False)
+        for dataset in datasets:
             camera_id = dataset.get("camera_id")
             existing = None
             if not dataset["built_in_this_run"] and not config.retrain_same_dataset:
@@ -404,15 +412,17 @@ def model_endpoint(context: dg.AssetExecutionContext, mongo: MongoResource,
     factory's models (SageMaker multi-model style): callers name the model
     ``<factory_id>--<camera_id>--<version>``, so deploying is one write and no server restarts;
     this asset records ``InService`` once the server answers a prediction by that name.
-    Deploying or rolling back one factory leaves every other factory's deployment as it is."""
+    Deploying or rolling back one factory leaves every other factory's deployment as it is; a run
+    tagged ``factory/cameras`` (a new camera's first model) writes those cameras' deployments only."""
     from factory_assets.serving.models import model_name
     from factory_assets.storage.models import (deploy_model, deployment_name, get_deployment, latest_model,
                                                mark_in_service, model_cameras)
 
     fdb = mongo.fdb()
     rows = []
+    wanted = run_cameras(context.run)  # a new camera's first model: the others' deployments stay as they are
     for factory_id in context.partition_keys:
-        cameras = model_cameras(fdb, factory_id)
+        cameras = [c for c in model_cameras(fdb, factory_id) if wanted is None or c in wanted]
         for camera_id in cameras:
             model = latest_model(fdb, passed_checks=True, factory_id=factory_id, camera_id=camera_id)
             if model is None:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from factory_assets.defs.datasets.assets import CAMERAS_TAG
 from factory_assets.defs.metadata import json_value
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.partitions import FIRST_DAY, factory_day_range_tags, within_partitions
@@ -215,10 +216,14 @@ def twin_live_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
                            cursor=json.dumps(cursor))
 
 
-def _range_request(run_key: str, factory_id: str, days: list[str], reason: str) -> dg.RunRequest:
-    """One ``retrain_job`` run over ``days`` of one factory (a single-run range of ``factory_days``)."""
-    return dg.RunRequest(run_key=run_key, tags={**factory_day_range_tags(factory_id, days), FACTORY_TAG: factory_id,
-                                                "factory/reason": reason})
+def _range_request(run_key: str, factory_id: str, days: list[str], reason: str,
+                   cameras: list[str] | None = None) -> dg.RunRequest:
+    """One ``retrain_job`` run over ``days`` of one factory (a single-run range of ``factory_days``);
+    ``cameras``: for those cameras only (``factory/cameras``: their datasets, models and deployments)."""
+    tags = {**factory_day_range_tags(factory_id, days), FACTORY_TAG: factory_id, "factory/reason": reason}
+    if cameras:
+        tags[CAMERAS_TAG] = ",".join(cameras)
+    return dg.RunRequest(run_key=run_key, tags=tags)
 
 
 SEQ_WINDOW = 200_000  # frame seqs one bootstrap tick looks at; a longer backlog is read over the next ticks
@@ -248,25 +253,29 @@ def _busy_factories(instance) -> set[str]:
            default_status=dg.DefaultSensorStatus.RUNNING)
 def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, endpoint: EndpointResource,
                            retrain_window: RetrainWindow):
-    """Keeps every factory's cameras on a model of their own with no clicks, factory by factory.
-    It looks at the factories whose frames arrived since its last tick (one aggregation over the
-    ``seq`` range of what arrived: the cost of a tick follows what arrived, not the number of
-    factories or the history). A factory with no deployed model: once the frames auto-labels
-    would label can train a model worth deploying (``twin.drift.Readiness``: train situations
-    whose changed slots span two rows and two columns, so the per-slot model can place the rack,
-    or every colour seen both in stock and absent; validation frames to check it on), its first
-    model is trained from automatic labels. A factory with deployed models: when one disagrees
-    with its own controller's stock reports on more than 20% of its latest 100 stable frames
-    (looked at every ``DRIFT_CHECK_FRAMES`` new frames of that factory), it is retrained. Each
-    request is one ``retrain_job`` run over that factory's last ``retrain_window.days`` days,
-    tagged ``factory``; ``retrained_model_sensor`` then trains and deploys its models. A new run
-    key every 300 frames (of that factory), so a model that fails its checks is retried with
-    more data; a factory with a retraining run in progress is left alone."""
+    """Keeps every factory's cameras on a model of their own with no clicks, camera by camera.
+    It looks at the factories and cameras whose frames arrived since its last tick (one
+    aggregation over the ``seq`` range of what arrived: the cost of a tick follows what arrived,
+    not the number of factories or the history). A camera with no deployed model of its own (a
+    new factory's, or one added to a factory that has models): once the frames of that camera
+    auto-labels would label can train a model worth deploying (``twin.drift.Readiness`` counted on
+    its own frames: train situations whose changed slots span two rows and two columns, so the
+    per-slot model can place the rack, or every colour seen both in stock and absent; validation
+    frames to check it on), its first model is trained from automatic labels, by a run tagged
+    ``factory/cameras`` with it (the factory's cameras ready in the same tick share one run):
+    that run builds, trains and deploys those cameras' datasets, models and deployments only, the
+    factory's other cameras keep theirs untouched. A factory with deployed models: when one
+    disagrees with its own controller's stock reports on more than 20% of its latest 100 stable
+    frames (looked at every ``DRIFT_CHECK_FRAMES`` new frames of that factory), it is retrained,
+    every camera. Each request is one ``retrain_job`` run over that factory's last
+    ``retrain_window.days`` days, tagged ``factory``; ``retrained_model_sensor`` then trains and
+    deploys its models. Run keys: ``bootstrap:<factory>:<cameras>:<n>`` and
+    ``drift:<factory>:<version>:<n>``, a new ``n`` every 300 frames, so a model that fails its
+    checks is retried with more data; a factory with a retraining run in progress is left alone."""
     from factory_assets.defs.fleet import valid_factory_id
     from factory_assets.storage.frames import FrameSequence
-    from factory_assets.twin.drift import bootstrap_readiness, controller_disagreement
-    from factory_assets.twin.live import ModelRouter
-    from factory_assets.vocabulary import DEFAULT_FACTORY_ID
+    from factory_assets.twin.drift import bootstrap_readiness
+    from factory_assets.twin.live import ModelRouter, frame_owner
     from factory_assets.vocabulary.clock import recent_days
 
     fdb = mongo.fdb()
@@ -274,16 +283,19 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
     horizon = FrameSequence(fdb).horizon()
     after = horizon - 1000 if cursor["seq"] is None else int(cursor["seq"])  # a fresh cursor: the recent frames
     upto = min(horizon, max(after, 0) + SEQ_WINDOW)
-    arrived: dict[str, int] = {}
-    if upto > after:  # per factory, how many frames arrived: one aggregation over the seq range
+    arrived: dict[str, dict[str, int]] = {}  # factory -> camera -> frames that arrived
+    if upto > after:  # per factory and camera, how many frames arrived: one aggregation over the seq range
         for row in fdb.frames.aggregate([{"$match": {"seq": {"$gt": after, "$lte": upto}}},
-                                         {"$group": {"_id": "$factory_id", "n": {"$sum": 1}}}]):
-            factory_id = row["_id"] if isinstance(row["_id"], str) else DEFAULT_FACTORY_ID
-            arrived[factory_id] = arrived.get(factory_id, 0) + int(row["n"])
+                                         {"$group": {"_id": {"factory": "$factory_id", "camera": "$camera_id"},
+                                                     "n": {"$sum": 1}}}]):
+            owner = {f"{k}_id": v for k, v in (row["_id"] or {}).items() if isinstance(v, str)}
+            factory_id, camera_id = frame_owner(owner)  # stored without ids: the default factory's, camera's
+            cameras = arrived.setdefault(factory_id, {})
+            cameras[camera_id] = cameras.get(camera_id, 0) + int(row["n"])
     frames, unchecked = cursor["frames"], cursor["unchecked"]
-    for factory_id, n in arrived.items():
-        frames[factory_id] = frames.get(factory_id, 0) + n
-        unchecked[factory_id] = unchecked.get(factory_id, 0) + n
+    for factory_id, cameras in arrived.items():
+        frames[factory_id] = frames.get(factory_id, 0) + sum(cameras.values())
+        unchecked[factory_id] = unchecked.get(factory_id, 0) + sum(cameras.values())
     new_cursor = json.dumps({"seq": upto, "frames": frames, "unchecked": unchecked})
     if not arrived:
         return dg.SensorResult(skip_reason=dg.SkipReason("No new frame since the last look."), cursor=new_cursor)
@@ -304,30 +316,31 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
             notes.append(f"{factory_id}: a retraining run is in progress")
             continue
         deployed = router.cameras(factory_id)
-        if deployed:
-            if unchecked.get(factory_id, 0) < DRIFT_CHECK_FRAMES:
-                continue
+        if deployed and unchecked.get(factory_id, 0) >= DRIFT_CHECK_FRAMES:
             unchecked[factory_id] = 0
-            for camera_id, version in sorted(deployed.items()):
-                drift = controller_disagreement(fdb, version, factory_id=factory_id)
-                if not drift.drifted:
-                    notes.append(f"{factory_id} {camera_id}: model {version} disagrees with the controller on "
-                                 f"{drift.share:.0%} of {_what(drift)}")
-                    continue
-                requests.append(_range_request(
-                    f"drift:{factory_id}:{version}:{frames[factory_id] // 300}", factory_id, days,
-                    f"{camera_id}'s model {version} disagrees with the controller on {drift.share:.0%} of "
-                    f"{_what(drift)}"))
-                break  # one retraining covers every camera of the factory
-            continue
-        readiness = bootstrap_readiness(fdb, factory_id=factory_id)
-        if not readiness.ready:
-            notes.append(f"{factory_id}: waiting for data: {readiness.describe()}")
-            continue
-        requests.append(_range_request(
-            f"bootstrap:{factory_id}:{readiness.train_frames // 300}", factory_id, days,
-            f"no model deployed for {factory_id} yet; a {readiness.model} model can be trained from "
-            f"{readiness.train_frames} frames (slots that changed: {', '.join(readiness.slots_varied)})"))
+            request = _drift_request(fdb, factory_id, deployed, frames[factory_id], days, notes)
+            if request is not None:  # one retraining covers every camera of the factory
+                requests.append(request)
+                continue
+        # each camera with frames and no model of its own: its first model, once its own frames can train one
+        ready = []
+        for camera_id in sorted(c for c in arrived[factory_id] if c not in deployed):
+            if not _nameable(factory_id, camera_id):
+                notes.append(f"{factory_id}: camera {camera_id!r} cannot be part of a model name")
+                continue
+            readiness = bootstrap_readiness(fdb, factory_id=factory_id, camera_id=camera_id)
+            if readiness.ready:
+                ready.append((camera_id, readiness))
+            else:
+                notes.append(f"{factory_id}: waiting for data of camera {camera_id}: {readiness.describe()}")
+        if ready:
+            cameras = [c for c, _ in ready]
+            requests.append(_range_request(
+                f"bootstrap:{factory_id}:{'+'.join(cameras)}:{min(r.train_frames for _, r in ready) // 300}",
+                factory_id, days, "; ".join(
+                    f"no model deployed for {factory_id} camera {c} yet; a {r.model} model can be trained from "
+                    f"{r.train_frames} of its frames (slots that changed: {', '.join(r.slots_varied) or 'none'})"
+                    for c, r in ready), cameras=cameras))
     new_cursor = json.dumps({"seq": upto, "frames": frames, "unchecked": unchecked})
     for note in notes:
         context.log.info(note)
@@ -342,7 +355,8 @@ def bootstrap_model_sensor(context: dg.SensorEvaluationContext, mongo: MongoReso
 def retrained_model_sensor(context: dg.RunStatusSensorContext):
     """When a ``retrain_job`` run succeeded, one ``model_job`` run per factory it built datasets
     for: trains that factory's models on them and deploys those that pass their checks. Run key
-    ``model:<factory>:<run id>``, tag ``factory``."""
+    ``model:<factory>:<run id>``, tag ``factory`` (and ``factory/cameras`` when the retraining
+    run was for some cameras only: their models only)."""
     from factory_assets.defs.partitions import days_by_factory, factory_days
 
     tags = context.dagster_run.tags
@@ -356,10 +370,41 @@ def retrained_model_sensor(context: dg.RunStatusSensorContext):
     else:
         return dg.SkipReason(f"run {context.dagster_run.run_id} names no partition")
     run_id = context.dagster_run.run_id
+    cameras = {CAMERAS_TAG: tags[CAMERAS_TAG]} if tags.get(CAMERAS_TAG) else {}  # a new camera's: its model only
     return [dg.RunRequest(run_key=f"model:{factory_id}:{run_id}", partition_key=factory_id,
-                          tags={FACTORY_TAG: factory_id, "factory/reason": f"retrain_job run {run_id[:8]} built its "
-                                                                          f"datasets from {days[0]}..{days[-1]}"})
+                          tags={FACTORY_TAG: factory_id, **cameras,
+                                "factory/reason": f"retrain_job run {run_id[:8]} built its datasets from "
+                                                  f"{days[0]}..{days[-1]}"})
             for factory_id, days in days_by_factory(keys).items()]
+
+
+def _drift_request(fdb, factory_id: str, deployed: dict, frames: int, days: list[str],
+                   notes: list) -> dg.RunRequest | None:
+    """A retraining of the factory when one of its cameras' deployed models disagrees with its
+    own controller (``twin.drift.controller_disagreement`` on that model's inferences, factory first)."""
+    from factory_assets.twin.drift import controller_disagreement
+
+    for camera_id, version in sorted(deployed.items()):
+        drift = controller_disagreement(fdb, version, factory_id=factory_id)
+        if not drift.drifted:
+            notes.append(f"{factory_id} {camera_id}: model {version} disagrees with the controller on "
+                         f"{drift.share:.0%} of {_what(drift)}")
+            continue
+        return _range_request(f"drift:{factory_id}:{version}:{frames // 300}", factory_id, days,
+                              f"{camera_id}'s model {version} disagrees with the controller on {drift.share:.0%} "
+                              f"of {_what(drift)}")
+    return None
+
+
+def _nameable(factory_id: str, camera_id: str) -> bool:
+    """Whether the camera's models can be named (``<factory_id>--<camera_id>--<version>``)."""
+    from factory_assets.serving.models import InvalidModelName, model_name
+
+    try:
+        model_name(factory_id, camera_id, "v")
+    except InvalidModelName:
+        return False
+    return True
 
 
 def _what(drift) -> str:
