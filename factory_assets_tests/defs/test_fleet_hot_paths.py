@@ -9,27 +9,17 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pytest
-from pymongo import MongoClient
 
 from factory_assets.defs.models.resources import EndpointResource
 from factory_assets.defs.resources import MongoResource
 from factory_assets.storage.indexes import ensure_indexes
 from factory_assets.storage.mongo import FactoryDB
 from factory_assets_tests.defs.fleet import instance_with
-from factory_assets_tests.storage.test_hot_paths import FindRecorder, assert_fleet_ready, explained, simulated_fleet
+from factory_assets_tests.storage.test_hot_paths import (assert_fleet_ready, explained,  # noqa: F401 (recorded_fdb: a fixture)
+                                                         recorded_fdb, simulated_fleet)
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
 FLEET = ["factory-1", "factory-2", "factory-3"]
-
-
-@pytest.fixture
-def recorded(mongo_uri, database_name, fdb):
-    recorder = FindRecorder()
-    client = MongoClient(mongo_uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        yield FactoryDB(client[database_name], fdb.names), recorder
-    finally:
-        client.close()
 
 
 def reads(fdb, recorder, call):
@@ -68,11 +58,11 @@ def fleet_behind_others(client, name: str, others: int, start: datetime = T0) ->
     return fdb
 
 
-def test_factory_discovery_reads_the_factories_collection_on_its_first_tick_not_the_frames(recorded, mongo_uri,
+def test_factory_discovery_reads_the_factories_collection_on_its_first_tick_not_the_frames(recorded_fdb, mongo_uri,
                                                                                           database_name):
     from factory_assets.defs.fleet import factory_discovery_sensor
 
-    fdb, recorder = recorded
+    fdb, recorder = recorded_fdb
     simulated_fleet(fdb, n=3, seconds=2)
     resources = {"mongo": MongoResource(uri=mongo_uri, database=database_name)}
     result = factory_discovery_sensor(dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
@@ -86,12 +76,12 @@ def test_factory_discovery_reads_the_factories_collection_on_its_first_tick_not_
     assert examined["factories"] == 3 and set(examined) <= {"factories", "counters"}
 
 
-def test_a_factorys_readiness_for_its_first_model_reads_the_same_whatever_the_rest_of_the_fleet(recorded):
+def test_a_factorys_readiness_for_its_first_model_reads_the_same_whatever_the_rest_of_the_fleet(recorded_fdb):
     """executionStats: factory-2's readiness examines the same documents with 0 or 12 other
     factories (and their history) in the database, each read factory first."""
     from factory_assets.twin.drift import bootstrap_readiness
 
-    base, recorder = recorded
+    base, recorder = recorded_fdb
     client = base.db.client
     costs, found = [], []
     for others in (0, 12):
@@ -119,11 +109,11 @@ def test_the_bootstrap_sensor_asks_each_factory_that_sent_frames_for_itself(fdb,
     assert [f"{f}: waiting for data" in result.skip_reason.skip_message for f in FLEET] == [True] * 3
 
 
-def test_labels_carry_their_frames_factory_and_camera_and_a_factorys_labels_are_its_own_index_range(recorded):
+def test_labels_carry_their_frames_factory_and_camera_and_a_factorys_labels_are_its_own_index_range(recorded_fdb):
     from factory_assets.datasets.autolabel import auto_label
     from factory_assets.datasets.labels import effective_labels
 
-    base, recorder = recorded
+    base, recorder = recorded_fdb
     client = base.db.client
     costs, labelled = [], []
     for others in (0, 12):

@@ -9,7 +9,8 @@ import pytest
 
 from factory_assets.api.hub import history_page
 from factory_assets.storage.mongo import FactoryDB
-from factory_assets_tests.storage.test_hot_paths import FindRecorder, assert_fleet_ready, explained
+from factory_assets_tests.storage.test_hot_paths import (assert_fleet_ready, explained,  # noqa: F401 (recorded_fdb: a fixture)
+                                                         recorded_fdb)
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
 EVERY = 7  # one history entry per 7 twin versions (a frame moves the version, a change writes an entry)
@@ -31,18 +32,6 @@ def expected(entries, *, limit, cursor=None, order="desc", since=None, until=Non
     return [e["version"] for e in rows[:limit]], len(rows) > limit
 
 
-@pytest.fixture
-def recorded(mongo_uri, database_name, fdb):
-    from pymongo import MongoClient
-
-    recorder = FindRecorder()
-    client = MongoClient(mongo_uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        yield FactoryDB(client[database_name], fdb.names), recorder
-    finally:
-        client.close()
-
-
 def examined(fdb, recorder, read) -> tuple[object, int]:
     recorder.commands.clear()
     recorder.recording.set()
@@ -59,12 +48,12 @@ PAGES = [dict(limit=20), dict(limit=5, cursor=1400), dict(limit=20, order="asc",
          dict(limit=10, order="asc", cursor=1000, until=T0 + timedelta(seconds=1100))]
 
 
-def test_a_history_page_is_the_right_page_and_costs_the_same_with_ten_times_the_history(recorded):
+def test_a_history_page_is_the_right_page_and_costs_the_same_with_ten_times_the_history(recorded_fdb):
     """Newest first, after a cursor, since or until a time, oldest first: the same recent 1500
     versions of factory-2 behind 0 or 14,000 older ones (and another factory's history)."""
     from factory_assets.storage.indexes import ensure_indexes
 
-    fdb, recorder = recorded
+    fdb, recorder = recorded_fdb
     costs: dict = {}
     for shift, name in ((0, "a"), (14_000, "b")):  # a multiple of EVERY: the same pattern of entries
         db = FactoryDB(fdb.db.client[f"{fdb.db.name}_{name}"], fdb.names)
@@ -86,13 +75,13 @@ def test_a_history_page_is_the_right_page_and_costs_the_same_with_ten_times_the_
         assert few <= 4 * (PAGES[k]["limit"] + 1) + 64, PAGES[k]  # about the page (ranges widen 8x at most)
 
 
-def test_the_history_route_and_a_streams_catch_up_read_ranges_next_to_the_page(recorded):
+def test_the_history_route_and_a_streams_catch_up_read_ranges_next_to_the_page(recorded_fdb):
     import httpx
 
     from factory_assets.api.app import TwinApiServer
     from factory_assets.api.hub import _catch_up
 
-    fdb, recorder = recorded
+    fdb, recorder = recorded_fdb
     entries = fill(fdb, "factory-2", 5000)
     with TwinApiServer(fdb) as api:
         recorder.recording.set()
@@ -110,10 +99,10 @@ def test_the_history_route_and_a_streams_catch_up_read_ranges_next_to_the_page(r
     assert [m["type"] for m in out] == ["snapshot"] and cost <= 4 * 500
 
 
-def test_the_hub_starts_from_the_newest_entries_without_reading_the_history(recorded):
+def test_the_hub_starts_from_the_newest_entries_without_reading_the_history(recorded_fdb):
     from factory_assets.api.hub import TwinHub
 
-    fdb, recorder = recorded
+    fdb, recorder = recorded_fdb
     fill(fdb, "factory-2", 5000)
     hub = TwinHub(fdb)
     (_, cost) = examined(fdb, recorder, lambda: (hub._prime(), hub._check_frames()))
@@ -121,7 +110,7 @@ def test_the_hub_starts_from_the_newest_entries_without_reading_the_history(reco
     assert hub._history["factory-2"] == 4998 and cost <= 1 + 8 + 1
 
 
-def test_the_newest_frame_of_a_quiet_factory_is_read_from_its_latest_seqs_not_all_its_frames(recorded):
+def test_the_newest_frame_of_a_quiet_factory_is_read_from_its_latest_seqs_not_all_its_frames(recorded_fdb):
     """factory-2 last sent frames before 100 of factory-1's: found by ranges of seqs back from the
     horizon (factory_seq), reading about two windows of seqs with 20 or 400 older frames of its own."""
     from factory_assets.storage.frames import build_frame, insert_frames, latest_frame
@@ -132,7 +121,7 @@ def test_the_newest_frame_of_a_quiet_factory_is_read_from_its_latest_seqs_not_al
                             camera_id="cam-1", factory_id=fid, content_type="image/jpeg", width=16, height=12,
                             source={"kind": "test"}) for i in range(n)]
 
-    base, recorder = recorded
+    base, recorder = recorded_fdb
     costs = []
     for older in (20, 400):
         from factory_assets.storage.indexes import ensure_indexes
