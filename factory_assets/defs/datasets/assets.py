@@ -24,9 +24,13 @@ MANIFEST_CHECK = "training_manifests_match_their_version"
 CAMERAS_TAG = "factory/cameras"
 
 
-def run_cameras(run) -> set[str] | None:
+def run_cameras(context) -> set[str] | None:
     """The cameras a run's datasets, models and deployments are limited to (``CAMERAS_TAG``); None: every camera."""
-    value = (run.tags or {}).get(CAMERAS_TAG)
+    try:
+        tags = context.run.tags
+    except dg.DagsterError:  # the asset's body invoked directly (no run): every camera
+        return None
+    value = (tags or {}).get(CAMERAS_TAG)
     return {c for c in value.split(",") if c} if value else None
 
 
@@ -161,7 +165,7 @@ def training_manifests(context: dg.AssetExecutionContext, mongo: MongoResource,
 
     fdb = mongo.fdb()
     built_rows, refused = [], {}
-    wanted = run_cameras(context.run)
+    wanted = run_cameras(context)
     for factory_id, days in days_by_factory(context.partition_keys).items():
         start, end = _bounds(days)
         cameras = label_cameras(fdb, factory_labels(fdb, factory_id, days))

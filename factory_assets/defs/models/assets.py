@@ -282,7 +282,7 @@ def stock_model(context: dg.AssetExecutionContext, config: StockModelConfig, mon
 
     fdb = mongo.fdb()
     trained, kept = [], []
-    wanted = run_cameras(context.run)  # a new camera's first model: the others' are not looked at
+    wanted = run_cameras(context)  # a new camera's first model: the others' are not looked at
     for factory_id in context.partition_keys:  # one factory (its backfills run one run per partition)
         datasets = [d for d in factory_datasets(context, fdb, factory_id)
                     if wanted is None or d.get("camera_id") in wanted]
@@ -420,7 +420,7 @@ def model_endpoint(context: dg.AssetExecutionContext, mongo: MongoResource,
 
     fdb = mongo.fdb()
     rows = []
-    wanted = run_cameras(context.run)  # a new camera's first model: the others' deployments stay as they are
+    wanted = run_cameras(context)  # a new camera's first model: the others' deployments stay as they are
     for factory_id in context.partition_keys:
         cameras = [c for c in model_cameras(fdb, factory_id) if wanted is None or c in wanted]
         for camera_id in cameras:
