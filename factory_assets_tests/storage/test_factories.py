@@ -3,48 +3,24 @@ before it stores a factory's first documents, read instead of scanning messages 
 from __future__ import annotations
 
 import json
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from pymongo import MongoClient, monitoring
 
 from factory_assets.storage.factories import (BUILT_MARKER, FactoryNotes, factories, factories_with_frames,
                                               known_factories)
 from factory_assets.storage.frames import build_frame, insert_frames
-from factory_assets.storage.mongo import FactoryDB
+from factory_assets_tests.fixtures.mongo import CommandRecorder, recorded_client
 from factory_assets_tests.helpers import jpeg_bytes
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
 
 
-class Commands(monitoring.CommandListener):
-    def __init__(self):
-        self.commands: list[dict] = []
-        self.recording = threading.Event()
-
-    def started(self, event):
-        if self.recording.is_set():
-            self.commands.append({"name": event.command_name, **dict(event.command)})
-
-    def succeeded(self, event):
-        pass
-
-    def failed(self, event):
-        pass
-
-    def on(self, name: str, collection: str) -> list[dict]:
-        return [c for c in self.commands if c["name"] == name and c.get(name) == collection]
-
-
 @pytest.fixture
 def watched(mongo_uri, database_name, fdb):
-    listener = Commands()
-    client = MongoClient(mongo_uri, tz_aware=True, event_listeners=[listener])
-    try:
-        yield FactoryDB(client[database_name], fdb.names), listener
-    finally:
-        client.close()
+    listener = CommandRecorder()
+    with recorded_client(mongo_uri, database_name, fdb, listener) as db:
+        yield db, listener
 
 
 def camera_message(i: int) -> bytes:
@@ -87,7 +63,7 @@ def test_the_ingester_records_each_factory_with_its_cameras_and_prefixes_before_
     assert docs["factory-2"]["first_seen"] == T0 and docs["factory-2"]["last_seen"] == T0
     assert docs["factory-7"]["cameras"] == ["cam-9"]
     # five batches of factory-2 by one ingester: one write; the factory is written before its frames
-    names = [(c["name"], c.get(c["name"])) for c in listener.commands if c["name"] in ("update", "insert")]
+    names = [(name, coll) for name, coll, _ in listener.sent if name in ("update", "insert")]
     assert names.count(("update", "factories")) == 2
     assert names.index(("update", "factories")) < names.index(("insert", fdb.names.frames))
 
@@ -113,14 +89,14 @@ def test_listing_the_factories_reads_one_document_per_factory_whatever_the_histo
     fdb, listener = watched
 
     def examined() -> tuple[list[str], int]:
-        listener.commands.clear()
+        listener.clear()
         listener.recording.set()
         ids = known_factories(fdb)
         listener.recording.clear()
-        reads = [c for c in listener.commands if c["name"] in ("find", "aggregate", "distinct")]
-        assert {c[c["name"]] for c in reads} <= {"factories", fdb.names.counters}
+        reads = [(coll, c) for name, coll, c in listener.sent if name in ("find", "aggregate", "distinct")]
+        assert {coll for coll, _ in reads} <= {"factories", fdb.names.counters}
         total = 0
-        for c in reads:
+        for _, c in reads:
             body = {k: c[k] for k in ("find", "filter", "projection") if k in c}
             total += fdb.db.command({"explain": body, "verbosity": "executionStats"})["executionStats"][
                 "totalDocsExamined"]
@@ -153,17 +129,17 @@ def test_a_database_from_before_the_collection_gets_it_built_once_from_what_is_s
     assert factories_with_frames(fdb) == {"factory-1", "factory-4", "factory-5"}
     assert fdb.counters.find_one({"_id": BUILT_MARKER})["factories"] == 4
     listener.recording.clear()
-    assert len([c for c in listener.commands if c["name"] == "distinct"]) == 2  # once, not per call
+    assert len([name for name, _, _ in listener.sent if name == "distinct"]) == 2  # once, not per call
 
     # another process (a fresh client) finds the marker: no distinct again
-    listener.commands.clear()
+    listener.clear()
     from factory_assets.storage import factories as module
 
     module._built.clear()
     listener.recording.set()
     assert known_factories(fdb) == ["factory-1", "factory-4", "factory-5", "factory-6"]
     listener.recording.clear()
-    assert not [c for c in listener.commands if c["name"] == "distinct"]
+    assert not [name for name, _, _ in listener.sent if name == "distinct"]
 
 
 def test_the_live_updater_lists_the_factories_from_the_collection_not_the_messages(watched):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from pymongo import MongoClient, monitoring
 
 from factory_assets.storage.frames import (
     CHANGE_STREAM_PREFIX,
@@ -21,6 +19,7 @@ from factory_assets.storage.frames import (
     read_frames_after,
 )
 from factory_assets.storage.mongo import FactoryDB
+from factory_assets_tests.fixtures.mongo import CommandRecorder, recorded_client
 from factory_assets_tests.helpers import jpeg_bytes
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
@@ -32,33 +31,12 @@ def frame(i: int) -> dict:
                        source={"kind": "test"}, received_at=T0 + timedelta(seconds=i))
 
 
-class FindRecorder(monitoring.CommandListener):
-    """Every read command a piece of code sends, to be explained afterwards."""
-
-    def __init__(self):
-        self.commands: list[dict] = []
-        self.recording = threading.Event()
-
-    def started(self, event):
-        if self.recording.is_set() and event.command_name in ("find", "aggregate"):
-            self.commands.append(dict(event.command))
-
-    def succeeded(self, event):
-        pass
-
-    def failed(self, event):
-        pass
-
-
 @pytest.fixture
 def recorded_fdb(mongo_uri, database_name, fdb):
     """The test's database through a client that records the reads it issues (fdb made the indexes)."""
-    recorder = FindRecorder()
-    client = MongoClient(mongo_uri, tz_aware=True, event_listeners=[recorder])
-    try:
-        yield FactoryDB(client[database_name], fdb.names), recorder
-    finally:
-        client.close()
+    recorder = CommandRecorder(names=("find", "aggregate"))
+    with recorded_client(mongo_uri, database_name, fdb, recorder) as db:
+        yield db, recorder
 
 
 def stages(plan: dict) -> list[str]:
@@ -413,7 +391,7 @@ def test_the_fleet_summary_reads_what_arrived_whatever_the_history(recorded_fdb)
     client = base.db.client
 
     def examined(fdb, view: FleetView) -> dict[str, int]:
-        recorder.commands.clear()
+        recorder.clear()
         recorder.recording.set()
         view.summary(now=utcnow())
         recorder.recording.clear()

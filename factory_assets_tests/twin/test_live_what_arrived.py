@@ -4,12 +4,10 @@ collection) and applies them to exactly their factories, so a step at 50 factori
 factory's report arrived sends the same commands as at one factory. Real MongoDB (the fixtures)."""
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from bson import ObjectId
-from pymongo import MongoClient, monitoring
 
 from factory_assets.storage.factories import note_seen
 from factory_assets.storage.mongo import FactoryDB
@@ -17,38 +15,17 @@ from factory_assets.twin import live
 from factory_assets.twin.live import LiveTwinUpdater
 from factory_assets.twin.store import get_twin
 from factory_assets.vocabulary import SLOTS, STOCK_TOPIC
+from factory_assets_tests.fixtures.mongo import CommandRecorder, recorded_client
 from factory_assets_tests.storage.test_hot_paths import index_of
 
 T0 = datetime(2026, 12, 6, 9, 0, tzinfo=timezone.utc)
-CHATTER = {"hello", "ismaster", "isMaster", "ping", "endSessions", "buildInfo", "getMore", "killCursors"}
-
-
-class Commands(monitoring.CommandListener):
-    """Every command a piece of code sends: (name, collection, the command)."""
-
-    def __init__(self):
-        self.sent: list[tuple[str, str, dict]] = []
-        self.recording = threading.Event()
-
-    def started(self, event):
-        if self.recording.is_set() and event.command_name not in CHATTER:
-            self.sent.append((event.command_name, str(event.command.get(event.command_name)), dict(event.command)))
-
-    def succeeded(self, event):
-        pass
-
-    def failed(self, event):
-        pass
 
 
 @pytest.fixture
 def watched(mongo_uri, database_name, fdb):
-    commands = Commands()
-    client = MongoClient(mongo_uri, tz_aware=True, event_listeners=[commands])
-    try:
-        yield FactoryDB(client[database_name], fdb.names), commands
-    finally:
-        client.close()
+    commands = CommandRecorder()
+    with recorded_client(mongo_uri, database_name, fdb, commands) as db:
+        yield db, commands
 
 
 def ts(t: float) -> str:
@@ -108,7 +85,7 @@ def test_a_step_where_one_factorys_report_arrived_costs_the_same_at_one_and_at_f
     monkeypatch.setattr(live, "CONTROLLER_REFRESH_S", 3600.0)  # no periodic look in the measured step
     fdb, commands = watched
     at_one = one_report_step(fdb, commands, 1)
-    commands.sent.clear()
+    commands.clear()
     other = FactoryDB(fdb.db.client[fdb.db.name + "_50"], fdb.names)
     connect(mongo_uri, other.db.name)  # its indexes
     try:
