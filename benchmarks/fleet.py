@@ -364,15 +364,6 @@ def live_backlog(fdb) -> int:
     return FrameSequence(fdb).horizon() - load_cursor(fdb, "twin-live")
 
 
-def wait_for(predicate, timeout: float, every: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
-
-
 # --- sensors ------------------------------------------------------------------------------------------------------
 
 
@@ -430,6 +421,7 @@ def join_new_factory(fdb, stack: Stack, sensors: Sensors, n: int, seed: int, fps
     """Factory n+1 starts publishing; the platform's bootstrap path (sensors, then its runs) gives it a model."""
     from factory_assets.defs.partitions import FACTORY_DIMENSION
     from factory_assets.simulation.fleet import fleet_plan
+    from factory_assets.storage.frames import wait_until
     from factory_assets.vocabulary import DEFAULT_ENDPOINT
 
     member = fleet_plan(n + 1, seed)[n]
@@ -463,8 +455,8 @@ def join_new_factory(fdb, stack: Stack, sensors: Sensors, n: int, seed: int, fps
                 continue
             time.sleep(max(0.0, next_tick - time.monotonic()))
         if version is not None:
-            wait_for(lambda: fdb.inferences.find_one({"factory_id": factory, "model_version": version}) is not None,
-                     90, 0.5)
+            by_its_model = {"factory_id": factory, "model_version": version}
+            wait_until(lambda: fdb.inferences.find_one(by_its_model) is not None, 90, 0.5)
     finally:
         try:
             os.killpg(sim.pid, signal.SIGTERM)
@@ -554,7 +546,7 @@ def agreement_by_factory(fdb, factories: list[str]) -> dict:
 def run_fleet_size(n: int, args) -> dict:
     from factory_assets.simulation.fleet import fleet_plan
     from factory_assets.storage.embedded import EmbeddedMongo
-    from factory_assets.storage.frames import FrameSequence
+    from factory_assets.storage.frames import FrameSequence, wait_until
     from factory_assets.storage.mongo import connect
     from factory_assets.vocabulary import DEFAULT_CAMERA_ID
 
@@ -579,8 +571,8 @@ def run_fleet_size(n: int, args) -> dict:
         watcher.start()
         watcher.ready.wait(30)
         t0 = time.monotonic()
-        warm = wait_for(lambda: fdb.twin.count_documents({"_id": {"$in": factories}, "observed.model_version":
-                                                          {"$exists": True}}) >= n, 120 + 3 * n)
+        observed = {"_id": {"$in": factories}, "observed.model_version": {"$exists": True}}
+        warm = wait_until(lambda: fdb.twin.count_documents(observed) >= n, 120 + 3 * n, 1.0)
         out["warm_up_s"] = round(time.monotonic() - t0, 1)
         if not warm:
             out["warm_up_error"] = (f"only {fdb.twin.count_documents({'observed.model_version': {'$exists': True}})} "
@@ -611,7 +603,7 @@ def run_fleet_size(n: int, args) -> dict:
         cpu = {name: round(tree_cpu_s(after, pid) - tree_cpu_s(before, pid), 2) for name, pid in pids.items()}
         cpu["database"] = round(tree_cpu_s(after, status.pid) - tree_cpu_s(before, status.pid), 2)
         cpu["benchmark_process"] = round((own1.user + own1.system) - (own0.user + own0.system), 2)
-        wait_for(lambda: live_backlog(fdb) <= 0 or FrameSequence(fdb).horizon() > seq1 + 5 * n, 30, 0.5)
+        wait_until(lambda: live_backlog(fdb) <= 0 or FrameSequence(fdb).horizon() > seq1 + 5 * n, 30, 0.5)
         time.sleep(2)
         out["window"] = {"seconds": round(window_s, 1), "load_average_start": load0, "load_average_end": load1}
         # --- frame -> twin
