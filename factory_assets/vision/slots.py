@@ -129,7 +129,7 @@ class SlotGeometry:
                 continue
             r, c = slot_grid(slot)
             peaks.append((r, c, float(x), float(y), float(diff[y, x]), diff))
-        if len({p[0] for p in peaks}) < 2 or len({p[1] for p in peaks}) < 2:
+        if not _two_rows_and_columns((p[0], p[1]) for p in peaks):
             # the slots seen changing do not span two rows and two columns (yet): place the rack
             # from where each reported colour shows in the frames of each situation instead
             try:
@@ -163,6 +163,15 @@ COLOUR_BLOB_MIN_PX, COLOUR_BLOB_MAX_PX = 6, 600  # a workpiece's blob in the 160
 COLOUR_BLOB_EXTRA = 3  # blobs of a colour considered beyond the number of slots reported holding it
 
 
+def _two_rows_and_columns(cells) -> bool:
+    """``(row, col)`` pairs in at least two rows and two columns: enough to place the lattice."""
+    rows, cols = set(), set()
+    for r, c in cells:
+        rows.add(r)
+        cols.add(c)
+    return len(rows) >= 2 and len(cols) >= 2
+
+
 def _colour_blobs(mean_maps: np.ndarray, k: int, n: int) -> list[tuple[float, float, float]]:
     """Where colour ``k`` stands out in a situation's mean evidence maps: the ``n`` heaviest
     workpiece-sized blobs of (colour k's evidence - the strongest other colour's), as
@@ -193,9 +202,10 @@ def _colour_lattice(maps: np.ndarray, states: np.ndarray, tolerance: float) -> S
     2.5 px on the simulated factory's first 40 s for ten stocks and the extreme camera poses."""
     from itertools import combinations
 
-    situations: dict = {}
+    situations: dict = {}  # slot states -> the frames showing them
     for i, row in enumerate(states):
         situations.setdefault(tuple(int(v) for v in row), []).append(i)
+    frames_of = [len(idx) for idx in situations.values()]
     observed = []  # (situation, row, col, blobs of the slot's reported colour in its situation)
     for n, (key, idx) in enumerate(situations.items()):
         mean = maps[idx].mean(axis=0)
@@ -204,12 +214,12 @@ def _colour_lattice(maps: np.ndarray, states: np.ndarray, tolerance: float) -> S
             if held:
                 blobs = _colour_blobs(mean, k, len(held) + COLOUR_BLOB_EXTRA)
                 observed.extend((n, *slot_grid(SLOTS[s]), blobs) for s in held)
-    if len({o[1] for o in observed}) < 2 or len({o[2] for o in observed}) < 2:
+    if not _two_rows_and_columns((o[1], o[2]) for o in observed):
         raise GeometryError("the slots reported occupied do not span two rows and two columns")
 
     def spread(n):  # rows x columns its occupied slots span, then its frames
         rows, cols = {o[1] for o in observed if o[0] == n}, {o[2] for o in observed if o[0] == n}
-        return min(len(rows), 2) * min(len(cols), 2), len(rows) * len(cols), len(list(situations.values())[n])
+        return min(len(rows), 2) * min(len(cols), 2), len(rows) * len(cols), frames_of[n]
 
     # lattices are proposed from one situation (bounded work), judged on all of them
     chosen = max({o[0] for o in observed}, key=spread)
@@ -231,7 +241,7 @@ def _colour_lattice(maps: np.ndarray, states: np.ndarray, tolerance: float) -> S
         key = (len(inliers), -round(skew, 2), sum(p[4] for p in inliers))
         if best_key is None or key > best_key:
             best, best_key = inliers, key
-    if not best or len({p[0] for p in best}) < 2 or len({p[1] for p in best}) < 2:
+    if not best or not _two_rows_and_columns((p[0], p[1]) for p in best):
         raise GeometryError("the reported colours were not found in two rows and two columns of the frames")
     g = _lstsq_lattice(best)
     if g is None or not _plausible(g):
