@@ -25,7 +25,7 @@ FLEET = ["factory-1", "factory-2", "factory-3"]
 def reads(fdb, recorder, call):
     """``call()``'s result and the documents its reads examined, by collection (every read checked
     to lead with factory_id on an index starting with it, or to be a fleet-wide read on purpose)."""
-    recorder.commands.clear()
+    recorder.clear()
     recorder.recording.set()
     result = call()
     recorder.recording.clear()

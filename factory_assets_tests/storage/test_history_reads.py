@@ -33,7 +33,7 @@ def expected(entries, *, limit, cursor=None, order="desc", since=None, until=Non
 
 
 def examined(fdb, recorder, read) -> tuple[object, int]:
-    recorder.commands.clear()
+    recorder.clear()
     recorder.recording.set()
     result = read()
     recorder.recording.clear()
